@@ -1,0 +1,35 @@
+# The two entry points: `make pipeline` and `make test`. Both install into .venv first.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROFILE ?= smoke
+INPUT  ?= input
+SIIM   := $(INPUT)/siim-covid19-detection
+
+.PHONY: install pipeline data test clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# Synthetic data only when no competition data is in input/.
+data: install
+	@if [ -f $(SIIM)/train_study_level.csv ]; then \
+		echo "using the data in $(INPUT)/"; \
+	else \
+		$(VENV)/bin/covidkit synth --out $(INPUT) --seed 0; \
+	fi
+
+pipeline: data
+	$(VENV)/bin/covidkit pipeline --profile $(PROFILE) --input $(INPUT)
+
+test: install
+	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

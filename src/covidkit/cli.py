@@ -1,0 +1,143 @@
+"""The ``covidkit`` command line: thin wrappers around the same functions the notebooks call.
+
+Heavy imports (torch, pydicom, pandas) happen inside each command so that ``covidkit --help``
+answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from covidkit.synth import SynthConfig, write_all
+
+    cfg = SynthConfig(
+        seed=args.seed,
+        train_studies=args.train_studies,
+        test_studies=args.test_studies,
+        nih_images=args.nih_images,
+        rsna_images=args.rsna_images,
+        max_size=args.max_size,
+    )
+    write_all(Path(args.out), cfg)
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from covidkit.prepare import prepare
+
+    summary = prepare(
+        Path(args.input_dir), Path(args.output_dir),
+        size=args.size, split=args.split, workers=args.workers, folds=args.folds, seed=args.seed,
+    )
+    return 1 if args.strict and summary.failed else 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from covidkit.metrics import format_scores, score_files
+
+    scores = score_files(args.image_level, args.study_level, args.submission)
+    print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from covidkit.submission import validate_files
+
+    problems = validate_files(args.submission, args.sample)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"{args.submission}: INVALID ({len(problems)} problems)", file=sys.stderr)
+        return 1
+    print(f"{args.submission}: valid")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from covidkit import bench
+
+    if args.what == "prepare":
+        bench.bench_prepare(
+            images=args.images, size=args.size, workers=args.workers,
+            input_dir=Path(args.input) if args.input else None,
+        )
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from covidkit.pipeline import run_pipeline
+
+    run_pipeline(
+        profile=args.profile, input_dir=Path(args.input),
+        run_dir=Path(args.out) if args.out else None, only=args.only,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="covidkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic dataset in the Kaggle layouts")
+    p.add_argument("--out", required=True, help="folder to write the dataset folders into (e.g. input)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-studies", type=int, default=240)
+    p.add_argument("--test-studies", type=int, default=80)
+    p.add_argument("--nih-images", type=int, default=400)
+    p.add_argument("--rsna-images", type=int, default=200)
+    p.add_argument("--max-size", type=int, default=2500,
+                   help="largest side of a synthetic SIIM DICOM, in pixels (real data: up to ~4000)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("prepare", help="convert a competition folder's DICOMs to PNG, with meta.csv and folds.csv")
+    p.add_argument("input_dir", help="competition folder in the Kaggle layout (train/, test/, the CSVs)")
+    p.add_argument("output_dir")
+    p.add_argument("--size", type=int, default=512, help="side of the square output PNG")
+    p.add_argument("--split", choices=["train", "test", "all"], default="all")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--folds", type=int, default=5, help="K of the grouped, stratified folds")
+    p.add_argument("--seed", type=int, default=42, help="seed of the fold assignment")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any image failed")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("score", help="the competition metric of a submission")
+    p.add_argument("--image-level", required=True, help="image-level labels CSV (train_image_level.csv format)")
+    p.add_argument("--study-level", required=True, help="study-level labels CSV (train_study_level.csv format)")
+    p.add_argument("--submission", required=True)
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("validate", help="check a submission against sample_submission.csv")
+    p.add_argument("submission")
+    p.add_argument("--sample", required=True, help="the competition's sample_submission.csv")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("bench", help="benchmarks (throughput, ratios against baselines)")
+    p.add_argument("what", choices=["prepare"])
+    p.add_argument("--images", type=int, default=48, help="number of DICOMs to time")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--input", default=None,
+                   help="a competition folder to take the DICOMs from (default: synthetic ones in a temp dir)")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("pipeline", help="run the numbered notebooks in order with papermill")
+    p.add_argument("--profile", default="smoke", help="parameter profile in notebooks/profiles/ (smoke, full)")
+    p.add_argument("--input", default="input", help="folder holding the dataset folders")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<profile>)")
+    p.add_argument("--only", nargs="*", default=None, help="run only these notebooks (name prefixes, e.g. 00)")
+    p.set_defaults(func=_cmd_pipeline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets and file layouts, one module per source (SIIM, NIH, RSNA)."""

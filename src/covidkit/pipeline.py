@@ -1,0 +1,111 @@
+"""Run the numbered notebooks in order with papermill, with the parameters of a profile.
+
+A profile is ``notebooks/profiles/<name>.yaml``: a ``common`` section of values every
+notebook may declare (``input_dir``, ``run_dir``, ``seed`` ...) and one section per notebook,
+named after it without ``.ipynb``. A notebook receives the common values it declares in its
+``parameters`` cell plus its own section; a key in its own section that the notebook does not
+declare is an error (a typo in a profile must not pass silently).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class PipelineError(RuntimeError):
+    """A notebook failed, or a profile does not fit the notebooks."""
+
+
+def notebooks_dir() -> Path:
+    """The ``notebooks/`` folder of the repository (``COVIDKIT_NOTEBOOKS`` overrides it)."""
+    path = Path(os.environ.get("COVIDKIT_NOTEBOOKS", REPO_ROOT / "notebooks"))
+    if not path.is_dir():
+        raise PipelineError(f"no notebooks folder at {path}; set COVIDKIT_NOTEBOOKS to the repository's notebooks/")
+    return path
+
+
+def load_profile(name: str) -> dict:
+    """The parsed profile ``notebooks/profiles/<name>.yaml``."""
+    path = notebooks_dir() / "profiles" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise PipelineError(f"unknown profile {name!r}; known: {', '.join(known)}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def list_notebooks(only: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks, in order; ``only`` keeps those whose name starts with one of its items."""
+    books = sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        books = [b for b in books if any(b.stem.startswith(prefix) for prefix in only)]
+        if not books:
+            raise PipelineError(f"no notebook matches {only}")
+    return books
+
+
+def notebook_parameters(notebook: Path, profile: dict, overrides: dict) -> dict:
+    """The parameters papermill injects into ``notebook``: common values it declares, its section, overrides."""
+    import papermill
+
+    declared = set(papermill.inspect_notebook(str(notebook)))
+    section = profile.get(notebook.stem) or {}
+    unknown = sorted(set(section) - declared)
+    if unknown:
+        raise PipelineError(f"profile section {notebook.stem} sets {unknown}, which {notebook.name} does not declare")
+    merged = {**(profile.get("common") or {}), **section, **overrides}
+    return {k: v for k, v in merged.items() if k in declared}
+
+
+@dataclass
+class NotebookRun:
+    name: str
+    output: Path
+    seconds: float
+
+
+def run_notebook(notebook: Path, profile: dict, run_dir: Path, overrides: dict) -> NotebookRun:
+    """Execute one notebook; the executed copy goes to ``run_dir/notebooks/``."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    out = run_dir / "notebooks" / notebook.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = notebook_parameters(notebook, profile, overrides)
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(out), parameters=params, kernel_name="python3",
+            cwd=str(REPO_ROOT), progress_bar=False,
+        )
+    except PapermillExecutionError as err:
+        raise PipelineError(
+            f"{notebook.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+            f"executed copy with the traceback: {out}"
+        ) from None
+    return NotebookRun(notebook.stem, out, time.perf_counter() - start)
+
+
+def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_dir: Path | None = None,
+                 only: list[str] | None = None) -> list[NotebookRun]:
+    """Run the numbered notebooks (all, or ``only``) with ``profile``; stop at the first failure."""
+    from tqdm.auto import tqdm
+
+    params = load_profile(profile)
+    run_dir = Path(run_dir or REPO_ROOT / "runs" / profile).resolve()
+    overrides = {"input_dir": str(Path(input_dir).resolve()), "run_dir": str(run_dir)}
+    books = list_notebooks(only)
+    runs = []
+    with tqdm(books, desc=f"pipeline [{profile}]", unit="notebook") as bar:
+        for book in bar:
+            bar.set_postfix_str(book.stem)
+            runs.append(run_notebook(book, params, run_dir, overrides))
+            tqdm.write(f"{book.stem}: done in {runs[-1].seconds:.0f} s")
+    print(f"run folder: {run_dir}")
+    print(f"executed notebooks: {run_dir / 'notebooks'}")
+    return runs

@@ -1,0 +1,89 @@
+"""The notebook runner, the profiles, and notebook 00 run end to end on synthetic data."""
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pandas as pd
+import pytest
+
+from covidkit.data import siim
+from covidkit.pipeline import (PipelineError, list_notebooks, load_profile, notebook_parameters,
+                               notebooks_dir, run_pipeline)
+
+
+def test_profiles_cover_the_notebooks_they_name():
+    books = {b.stem: b for b in list_notebooks()}
+    for name in ("smoke", "full"):
+        profile = load_profile(name)
+        assert {"input_dir", "run_dir", "seed"} <= set(profile["common"])
+        for section in set(profile) - {"common"}:
+            assert section in books, f"{name}.yaml has a section for a missing notebook {section}"
+            notebook_parameters(books[section], profile, {})  # raises on keys the notebook does not declare
+
+
+def test_every_notebook_has_a_profile_section_in_each_profile():
+    for name in ("smoke", "full"):
+        profile = load_profile(name)
+        missing = [b.stem for b in list_notebooks() if b.stem not in profile]
+        assert not missing, f"{name}.yaml lacks sections for {missing}"
+
+
+def test_notebooks_are_committed_clean_with_a_parameters_cell():
+    for book in list_notebooks():
+        nb = nbformat.read(book, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{book.name} has outputs"
+        assert "parameters" in code[0].metadata.get("tags", []), f"{book.name}: first code cell is not tagged"
+
+
+def test_unknown_profile_and_unknown_keys_are_clear_errors(tmp_path):
+    with pytest.raises(PipelineError, match="unknown profile 'nope'.*smoke"):
+        load_profile("nope")
+    book = list_notebooks(["00"])[0]
+    with pytest.raises(PipelineError, match="does not declare"):
+        notebook_parameters(book, {"00_prepare_data": {"imgae_size": 3}}, {})
+    with pytest.raises(PipelineError, match="no notebook matches"):
+        list_notebooks(["99"])
+
+
+def test_notebook_parameters_merge_common_section_and_overrides():
+    book = list_notebooks(["00"])[0]
+    profile = {"common": {"seed": 1, "run_dir": "a", "not_declared_by_00": 5},
+               "00_prepare_data": {"image_size": 64, "seed": 2}}
+    params = notebook_parameters(book, profile, {"run_dir": "b"})
+    assert params == {"seed": 2, "run_dir": "b", "image_size": 64}
+
+
+@pytest.mark.slow
+def test_prepare_notebook_runs_on_synthetic_data(tiny_input, tmp_path):
+    run_dir = tmp_path / "run"
+    runs = run_pipeline("smoke", input_dir=tiny_input, run_dir=run_dir, only=["00"])
+    assert [r.name for r in runs] == ["00_prepare_data"]
+    executed = nbformat.read(run_dir / "notebooks" / "00_prepare_data.ipynb", as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "image_size = 256" in injected[0].source
+    prepared = run_dir / "prepared"
+    meta = pd.read_csv(prepared / "meta.csv")
+    n_dicoms = sum(len(siim.dicom_paths(tiny_input / siim.COMPETITION, s)) for s in ("train", "test"))
+    assert len(meta) == n_dicoms and (meta["status"] == "ok").all()
+    assert len(list((prepared / "train").glob("*.png"))) == (meta["split"] == "train").sum()
+    folds = pd.read_csv(prepared / "folds.csv")
+    assert sorted(folds["fold"].unique()) == list(range(5))
+    assert (run_dir / "prepared_examples.png").stat().st_size > 10_000
+    assert json.dumps(executed.metadata["papermill"]["parameters"])  # papermill recorded the run
+
+
+def test_a_failing_notebook_names_itself_and_its_cell(tmp_path, monkeypatch):
+    books = tmp_path / "notebooks"
+    (books / "profiles").mkdir(parents=True)
+    (books / "profiles" / "smoke.yaml").write_text("common: {}\n")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("raise ValueError('boom')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, books / "01_broken.ipynb")
+    monkeypatch.setenv("COVIDKIT_NOTEBOOKS", str(books))
+    assert notebooks_dir() == books
+    with pytest.raises(PipelineError, match=r"01_broken.ipynb failed in cell 2: ValueError: boom"):
+        run_pipeline("smoke", input_dir=tmp_path, run_dir=tmp_path / "run")
