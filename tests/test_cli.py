@@ -46,3 +46,14 @@ def test_synth_and_prepare_run_with_networking_off(tmp_path):
     assert done.returncode == 0, done.stderr
     meta = pd.read_csv(tmp_path / "prep" / "meta.csv")
     assert (meta["status"] == "ok").all() and len(meta) >= 6
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
+    from covidkit.cli import main
+
+    code = main(["score", "--image-level", str(tmp_path / "missing.csv"), "--study-level", "x", "--submission", "y"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("covidkit score: error:") and "missing.csv" in err
+    assert "Traceback" not in err
+    assert main(["pipeline", "--profile", "nope", "--input", str(tmp_path)]) == 2
+    assert "unknown profile 'nope'" in capsys.readouterr().err

@@ -136,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from covidkit.pipeline import PipelineError
+
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, PipelineError) as err:  # user errors: one line, no traceback
+        print(f"covidkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
