@@ -1,0 +1,47 @@
+"""Where tensors go, and autocast that is a no-op on CPU."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def amp_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"amp dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def amp_enabled(device: torch.device, enabled: bool) -> bool:
+    """Mixed precision only on CUDA: on CPU the same code trains in float32."""
+    return enabled and torch.device(device).type == "cuda"
+
+
+def autocast_context(
+    device: torch.device | str, enabled: bool = True, dtype: torch.dtype | str = torch.float16
+) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on CUDA when enabled; a null context otherwise."""
+    device = torch.device(device)
+    if not amp_enabled(device, enabled):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype(dtype) if isinstance(dtype, str) else dtype)
+
+
+def to_device(obj: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """Move every tensor inside nested lists, tuples and dicts (detection batches) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device, non_blocking) for v in obj)
+    return obj
