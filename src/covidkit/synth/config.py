@@ -1,0 +1,40 @@
+"""Configuration of the synthetic datasets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Sizes of the synthetic datasets; every random choice derives from ``seed``."""
+
+    seed: int = 0
+    train_studies: int = 240          # SIIM train studies
+    test_studies: int = 80            # SIIM test studies (labels in siim-covid19-detection-solution/)
+    nih_images: int = 400             # NIH ChestX-ray14 images
+    rsna_images: int = 200            # RSNA pneumonia train images
+    rsna_test_images: int | None = None  # RSNA stage 2 test images; None: a tenth of rsna_images, at least 2
+    max_size: int = 2500              # largest side of a SIIM DICOM
+    min_size: int = 512               # smallest side of a SIIM DICOM
+    nih_size: int = 1024              # side of the NIH PNGs
+    rsna_size: int = 1024             # side of the RSNA DICOMs
+    nih_per_folder: int = 100         # images per images_0NN/ folder
+    workers: int | None = None        # processes; None: all cores, 0 or 1: in this process
+
+    def __post_init__(self) -> None:
+        counts = {k: getattr(self, k) for k in ("train_studies", "test_studies", "nih_images", "rsna_images")}
+        counts["rsna_test_images"] = self.rsna_test_images or 0
+        negative = [k for k, v in counts.items() if v < 0]
+        if negative:
+            raise ValueError(f"counts must be >= 0, got {', '.join(f'{k}={counts[k]}' for k in negative)}")
+        if min(self.max_size, self.nih_size, self.rsna_size) < 64:
+            raise ValueError("image sizes must be at least 64 pixels")
+        if self.nih_per_folder < 1:
+            raise ValueError(f"nih_per_folder must be >= 1, got {self.nih_per_folder}")
+
+    @property
+    def n_rsna_test(self) -> int:
+        """Number of RSNA test images to write."""
+        if self.rsna_test_images is not None:
+            return self.rsna_test_images
+        return max(2, self.rsna_images // 10)
