@@ -1,0 +1,97 @@
+"""NIH ChestX-ray14: layout, labels and the multi-label classification dataset.
+
+Kaggle layout of ``nih-chest-xrays/`` (the ``nih-chest-xrays/data`` dataset)::
+
+    Data_Entry_2017.csv       Image Index,Finding Labels,Follow-up #,Patient ID,...
+                              (Finding Labels: pipe-separated, e.g. "Effusion|Mass", or "No Finding")
+    images_001/images/00000001_000.png
+    ...
+    images_012/images/....png
+
+Images are found wherever they lie below the folder (``**/*.png``), so the unsplit layout
+``images/*.png`` of the NIH download works too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import GroupShuffleSplit
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+DATASET = "nih-chest-xrays"
+ENTRY_CSV = "Data_Entry_2017.csv"
+NO_FINDING = "No Finding"
+FINDINGS = [
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+]
+LABELS = [*FINDINGS, NO_FINDING]
+
+
+def read_nih_table(nih_dir: str | Path) -> pd.DataFrame:
+    """One row per image of ``Data_Entry_2017.csv`` found on disk.
+
+    Columns: ``image_id, patient_id, path`` and one 0/1 column per name in ``LABELS``.
+    Raises ``ValueError`` on an unknown label or when no listed image is on disk.
+    """
+    nih_dir = Path(nih_dir)
+    entries = pd.read_csv(nih_dir / ENTRY_CSV, dtype={"Image Index": str, "Patient ID": str})
+    missing = [c for c in ("Image Index", "Finding Labels", "Patient ID") if c not in entries.columns]
+    if missing:
+        raise ValueError(f"{nih_dir / ENTRY_CSV}: missing columns {missing}")
+    paths = {p.name: p for p in nih_dir.rglob("*.png")}
+    found = entries["Image Index"].isin(paths)
+    if not found.any():
+        raise ValueError(f"none of the {len(entries)} images of {ENTRY_CSV} is under {nih_dir}")
+    entries = entries[found]
+    table = pd.DataFrame({
+        "image_id": entries["Image Index"].to_numpy(),
+        "patient_id": entries["Patient ID"].to_numpy(),
+        "path": [str(paths[name]) for name in entries["Image Index"]],
+    })
+    return pd.concat([table, multi_hot(entries["Finding Labels"])], axis=1)
+
+
+def multi_hot(findings: pd.Series) -> pd.DataFrame:
+    """Pipe-separated ``Finding Labels`` -> one 0/1 column per name in ``LABELS``."""
+    split = findings.fillna("").astype(str).str.split("|")
+    unknown = sorted({name for names in split for name in names} - set(LABELS))
+    if unknown:
+        raise ValueError(f"unknown NIH labels {unknown}; expected names from {LABELS}")
+    return pd.DataFrame([[int(name in names) for name in LABELS] for names in split], columns=LABELS)
+
+
+def patient_split(table: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train and validation rows, no patient in both."""
+    splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+    train_idx, val_idx = next(splitter.split(table, groups=table["patient_id"]))
+    return table.iloc[train_idx].reset_index(drop=True), table.iloc[val_idx].reset_index(drop=True)
+
+
+def read_grey(path: str | Path) -> np.ndarray:
+    """A grey uint8 image (RGBA and 16-bit PNGs of the NIH set are converted); raises on unreadable files."""
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise OSError(f"cannot read image {path}")
+    return image
+
+
+class NihDataset(Dataset):
+    """``(image, target)``: the transformed image and the float multi-hot vector over ``LABELS``."""
+
+    def __init__(self, table: pd.DataFrame, transform) -> None:
+        self.paths = table["path"].tolist()
+        self.targets = torch.tensor(table[LABELS].to_numpy(dtype=np.float32))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = tv_tensors.Image(torch.from_numpy(read_grey(self.paths[index]))[None])
+        return self.transform(image), self.targets[index]

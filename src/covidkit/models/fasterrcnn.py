@@ -1,0 +1,95 @@
+"""torchvision Faster R-CNN for opacities: a ResNet-family backbone (NIH-pretrained) with FPN, 2 classes."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from covidkit.models.backbones import check_arch, load_backbone
+from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+NUM_CLASSES = 2  # background, opacity
+OPACITY = 1
+ROI_SIZE = 7  # RoIAlign output side, as in torchvision's Faster R-CNN
+
+
+@dataclass
+class DetectorSpec:
+    """Shape and cost of the detector; the defaults are torchvision's ``fasterrcnn_resnet50_fpn``.
+
+    On a CPU the FPN and RPN convolutions on the stride-4 level (``fpn_layers`` 1) and the box head
+    (``proposals_*`` x ``representation_size``) cost more than a resnet18 itself; the smoke
+    profile drops the first and shrinks the second.
+    """
+
+    train_size: int = 512  # images are resized to this side (the prepared images are square)
+    trainable_layers: int = 5  # backbone stages trained, from the top (5: all)
+    fpn_layers: tuple[int, ...] = (1, 2, 3, 4)  # ResNet stages feeding the FPN
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per FPN level, plus one for its extra pool level
+    proposals_train: int = 2000  # RPN proposals kept per image, before and after NMS
+    proposals_test: int = 1000
+    box_batch_size_per_image: int = 512  # proposals sampled per image for the box loss
+    representation_size: int = 1024  # width of the two-layer box head
+    detections_per_img: int = 100
+    score_thresh: float = 0.01  # low: the AP and the ensembles want the whole ranking
+
+    def __post_init__(self) -> None:
+        self.fpn_layers, self.anchor_sizes = tuple(self.fpn_layers), tuple(self.anchor_sizes)
+        if len(self.anchor_sizes) != len(self.fpn_layers) + 1:
+            raise ValueError(f"{len(self.fpn_layers)} FPN levels + pool need {len(self.fpn_layers) + 1} anchor "
+                             f"sizes, got {self.anchor_sizes}")
+
+
+def build_fasterrcnn(arch: str | None = None, backbone_checkpoint: str | Path | None = None,
+                     spec: DetectorSpec | None = None) -> FasterRCNN:
+    """Faster R-CNN + FPN with the backbone of ``backbone_checkpoint`` (a ``save_backbone`` file).
+
+    ``arch`` defaults to the checkpoint's; without a checkpoint the backbone is random. Batch norms
+    are frozen, as in torchvision's detection models (statistics of small detection batches are
+    too noisy): the backbone's running statistics come from the NIH pretraining.
+    """
+    spec = spec or DetectorSpec()
+    state = None
+    if backbone_checkpoint is not None:
+        saved_arch, state = load_backbone(backbone_checkpoint)
+        if arch is not None and arch != saved_arch:
+            raise ValueError(f"arch {arch!r} does not match the checkpoint's {saved_arch!r} ({backbone_checkpoint})")
+        arch = saved_arch
+    if arch is None:
+        raise ValueError("give arch or backbone_checkpoint")
+    backbone = resnet_fpn_backbone(backbone_name=check_arch(arch), weights=None,
+                                   trainable_layers=spec.trainable_layers, returned_layers=list(spec.fpn_layers))
+    if state is not None:
+        backbone.body.load_state_dict(state)
+    levels = [str(i) for i in range(len(spec.fpn_layers))]  # the FPN's names for its levels
+    return FasterRCNN(
+        backbone, min_size=spec.train_size, max_size=spec.train_size,
+        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+        rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in spec.anchor_sizes),
+                                             ((0.5, 1.0, 2.0),) * len(spec.anchor_sizes)),
+        rpn_pre_nms_top_n_train=spec.proposals_train, rpn_post_nms_top_n_train=spec.proposals_train,
+        rpn_pre_nms_top_n_test=spec.proposals_test, rpn_post_nms_top_n_test=spec.proposals_test,
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=ROI_SIZE, sampling_ratio=2),
+        box_head=TwoMLPHead(backbone.out_channels * ROI_SIZE**2, spec.representation_size),
+        box_predictor=FastRCNNPredictor(spec.representation_size, NUM_CLASSES),
+        box_batch_size_per_image=spec.box_batch_size_per_image,
+        box_detections_per_img=spec.detections_per_img, box_score_thresh=spec.score_thresh,
+    )
+
+
+@contextlib.contextmanager
+def inference_size(model: FasterRCNN, size: int) -> Iterator[FasterRCNN]:
+    """Let ``model`` resize its inputs to ``size`` inside the block (boxes still come back in input pixels)."""
+    saved = model.transform.min_size, model.transform.max_size
+    model.transform.min_size, model.transform.max_size = (size,), size
+    try:
+        yield model
+    finally:
+        model.transform.min_size, model.transform.max_size = saved

@@ -1,0 +1,190 @@
+"""Notebook 01: multi-label pretraining of a ResNet-family backbone on NIH ChestX-ray14.
+
+15 labels (14 findings + No Finding), BCE with logits, SGD with Nesterov momentum, the cosine
+schedule with a floor, AMP on CUDA, per-label AUROC on a patient-grouped validation split. The
+backbone is saved to ``<run_dir>/01_pretrain_nih_resnext/backbone.pt`` for the detectors and
+the study classifier.
+
+Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.nih_pretrain --profile full``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from covidkit.data.nih import DATASET, LABELS, NihDataset, patient_split, read_nih_table
+from covidkit.models.backbones import build_classifier, save_backbone
+from covidkit.train import (
+    TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device,
+)
+from covidkit.train.distributed import all_gather_object, barrier, dist_info
+from covidkit.transforms import ClassificationAugment, classification_transform
+
+NOTEBOOK = "01_pretrain_nih_resnext"
+BACKBONE_FILE = "backbone.pt"
+
+
+def output_dir(run_dir: str | Path) -> Path:
+    """This notebook's folder inside a run folder."""
+    return Path(run_dir) / NOTEBOOK
+
+
+def backbone_path(run_dir: str | Path) -> Path:
+    """Where 01 saves the NIH backbone of a run (what 03 and the study classifier load)."""
+    return output_dir(run_dir) / BACKBONE_FILE
+
+
+@dataclass
+class NihPretrainConfig:
+    """Parameters of notebook 01 (names as in its ``parameters`` cell and the profile section)."""
+
+    input_dir: str
+    run_dir: str
+    seed: int = 42
+    arch: str = "resnext101_32x8d"
+    weights: str | None = None  # local full-model weights file (e.g. ImageNet); None: random init
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_floor: float = 0.05
+    val_fraction: float = 0.1
+    resize: int = 256
+    crop: int = 224
+    num_workers: int = 4
+    amp: bool = True
+    resume: bool = True
+    progress: bool = True
+
+    @classmethod
+    def from_params(cls, params: dict) -> NihPretrainConfig:
+        """From a profile section (unknown keys are an error)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise TypeError(f"unknown parameters for {NOTEBOOK}: {unknown}")
+        return cls(**params)
+
+
+@dataclass
+class NihPretrainResult:
+    backbone: Path
+    metrics: pd.DataFrame  # one row per epoch (the engine's metrics.csv)
+    auroc: pd.DataFrame  # per label: auroc, positives, negatives (validation split, best epoch)
+    out_dir: Path
+
+
+def bce_step(model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict]:
+    images, targets = to_device(batch, device, non_blocking=True)
+    return nn.functional.binary_cross_entropy_with_logits(model(images), targets), {}
+
+
+def sgd_nesterov(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+
+
+def predict_probabilities(model: nn.Module, dataset, device: torch.device, batch_size: int,
+                          num_workers: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid outputs and targets of ``dataset``, each rank predicting a shard; all ranks get all rows."""
+    info = dist_info()
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
+    probs, targets = [], []
+    for images, target in tqdm(loader, desc="predict", disable=not (progress and info.is_main), leave=False):
+        probs.append(torch.sigmoid(model(images.to(device)).float()).cpu())
+        targets.append(target)
+    local = (torch.cat(probs).numpy(), torch.cat(targets).numpy()) if probs else (
+        np.zeros((0, len(LABELS)), np.float32), np.zeros((0, len(LABELS)), np.float32))
+    gathered = all_gather_object(local)
+    return np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
+
+
+def per_label_auroc(probs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
+    """AUROC of each label (``nan`` where the split has only one class of it), with the class counts."""
+    rows = []
+    for k, label in enumerate(LABELS):
+        positives = int(targets[:, k].sum())
+        negatives = len(targets) - positives
+        auc = roc_auc_score(targets[:, k], probs[:, k]) if positives and negatives else math.nan
+        rows.append({"label": label, "auroc": auc, "positives": positives, "negatives": negatives})
+    return pd.DataFrame(rows).set_index("label")
+
+
+def mean_auroc(auroc: pd.DataFrame) -> float:
+    """Mean over the labels whose AUROC is defined (``nan`` when none is)."""
+    defined = auroc["auroc"].dropna()
+    return float(defined.mean()) if len(defined) else math.nan
+
+
+def make_evaluate(dataset, cfg: NihPretrainConfig):
+    """The engine's per-epoch ``evaluate``: validation BCE and mean AUROC."""
+    def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
+        probs, targets = predict_probabilities(model, dataset, device, cfg.batch_size, cfg.num_workers)
+        p = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7)
+        loss = nn.functional.binary_cross_entropy(p, torch.from_numpy(targets)).item()
+        return {"val_loss": loss, "val_auroc": mean_auroc(per_label_auroc(probs, targets))}
+    return evaluate
+
+
+def run_nih_pretrain(cfg: NihPretrainConfig) -> NihPretrainResult:
+    """Train, pick the epoch with the lowest validation loss, report per-label AUROC, save the backbone."""
+    info = init_distributed()
+    out = output_dir(cfg.run_dir)
+    table = read_nih_table(Path(cfg.input_dir) / DATASET)
+    train_table, val_table = patient_split(table, cfg.val_fraction, cfg.seed)
+    aug = ClassificationAugment(resize=cfg.resize, crop=cfg.crop)
+    train_set = NihDataset(train_table, classification_transform(aug, train=True))
+    val_set = NihDataset(val_table, classification_transform(aug, train=False))
+
+    seed_everything(cfg.seed)
+    model = build_classifier(cfg.arch, len(LABELS), cfg.weights)
+    train_cfg = TrainConfig(
+        run_dir=str(out / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+        num_workers=cfg.num_workers, amp=cfg.amp, monitor="val_loss", monitor_mode="min",
+        progress=cfg.progress, hparams=asdict(cfg),
+    )
+    result = fit(
+        model, train_set, bce_step,
+        functools.partial(sgd_nesterov, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+        train_cfg, scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
+        evaluate=make_evaluate(val_set, cfg), resume=cfg.resume,
+    )
+    load_weights(result.best_checkpoint, model)
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        probs, targets = predict_probabilities(model, val_set, device, cfg.batch_size, cfg.num_workers, cfg.progress)
+    auroc = per_label_auroc(probs, targets)
+    if info.is_main:
+        auroc.to_csv(out / "auroc.csv")
+        save_backbone(model, backbone_path(cfg.run_dir), cfg.arch, labels=LABELS, seed=cfg.seed,
+                      val_mean_auroc=mean_auroc(auroc))
+    barrier()
+    metrics = pd.read_csv(Path(train_cfg.run_dir) / "metrics.csv")
+    return NihPretrainResult(backbone_path(cfg.run_dir), metrics, auroc, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from covidkit.profiles import profile_argument_parser, section_parameters
+
+    args = profile_argument_parser(__doc__.splitlines()[0]).parse_args(argv)
+    params = section_parameters(args.profile, NOTEBOOK, input_dir=args.input, run_dir=args.run_dir)
+    result = run_nih_pretrain(NihPretrainConfig.from_params(params))
+    if dist_info().is_main:
+        print(result.auroc.to_string(float_format="%.3f"))
+        print(f"backbone: {result.backbone}")
+
+
+if __name__ == "__main__":
+    main()
