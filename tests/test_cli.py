@@ -37,7 +37,7 @@ def test_synth_and_prepare_run_with_networking_off(tmp_path):
     if probe.returncode != 0:
         pytest.skip("user namespaces are not available here")
     offline = ["unshare", "-rn", covidkit()]
-    subprocess.run([*offline, "synth", "--out", str(tmp_path), "--seed", "3", "--train-studies", "4",
+    subprocess.run([*offline, "synth", "--out", str(tmp_path), "--seed", "3", "--train-studies", "8",
                     "--test-studies", "2", "--nih-images", "2", "--rsna-images", "2", "--max-size", "600"],
                    check=True, capture_output=True, timeout=300)
     done = subprocess.run([*offline, "prepare", str(tmp_path / "siim-covid19-detection"), str(tmp_path / "prep"),

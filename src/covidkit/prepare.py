@@ -178,8 +178,11 @@ def _write_folds(meta: pd.DataFrame, input_dir: Path, output_dir: Path, k: int, 
     from covidkit.folds import make_folds  # scikit-learn: not needed by the workers
 
     train = meta[(meta["split"] == "train") & (meta["status"] == "ok")]
-    folds = make_folds(train[["image_id", "study_id", "patient_id"]],
-                       read_study_labels(input_dir / "train_study_level.csv"), k=k, seed=seed)
+    try:
+        folds = make_folds(train[["image_id", "study_id", "patient_id"]],
+                           read_study_labels(input_dir / "train_study_level.csv"), k=k, seed=seed)
+    except ValueError as err:  # the PNGs and meta.csv are already written: say what is missing
+        raise ValueError(f"images prepared, but no {k} folds could be made: {err}") from None
     _write_csv_atomic(folds, output_dir / "folds.csv")
     return folds
 
