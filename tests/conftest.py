@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 TINY = dict(seed=7, train_studies=12, test_studies=5, nih_images=6, rsna_images=6, max_size=640,
-            nih_size=256, rsna_size=256, workers=1)
+            nih_size=256, rsna_size=256, workers=1, ct=False)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         nih_images=args.nih_images,
         rsna_images=args.rsna_images,
         max_size=args.max_size,
+        ct=not args.no_ct,
     )
     write_all(Path(args.out), cfg)
     return 0
@@ -65,6 +66,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             images=args.images, size=args.size, workers=args.workers,
             input_dir=Path(args.input) if args.input else None,
         )
+    elif args.what == "cogseg":
+        from covidkit.ct.bench import bench_cogseg
+
+        bench_cogseg(size=args.size, batch_size=args.batch_size, steps=args.steps)
     return 0
 
 
@@ -91,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rsna-images", type=int, default=200)
     p.add_argument("--max-size", type=int, default=2500,
                    help="largest side of a synthetic SIIM DICOM, in pixels (real data: up to ~4000)")
+    p.add_argument("--no-ct", action="store_true", help="skip the synthetic CT sets")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("prepare", help="convert a competition folder's DICOMs to PNG, with meta.csv and folds.csv")
@@ -117,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("bench", help="benchmarks (throughput, ratios against baselines)")
-    p.add_argument("what", choices=["prepare"])
+    p.add_argument("what", choices=["prepare", "cogseg"])
     p.add_argument("--images", type=int, default=48, help="number of DICOMs to time")
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--size", type=int, default=512, help="prepared PNG side (prepare), CT slice side (cogseg)")
+    p.add_argument("--workers", type=int, default=None, help="prepare: processes (default: all cores)")
+    p.add_argument("--batch-size", type=int, default=4, help="cogseg: slices per step")
+    p.add_argument("--steps", type=int, default=5, help="cogseg: timed steps")
     p.add_argument("--input", default=None,
                    help="a competition folder to take the DICOMs from (default: synthetic ones in a temp dir)")
     p.set_defaults(func=_cmd_bench)

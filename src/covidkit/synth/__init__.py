@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from covidkit.synth.config import SynthConfig
+from covidkit.synth.ct_slices import write_ct_slice_sets
 from covidkit.synth.nih import write_nih
 from covidkit.synth.rsna import write_rsna
 from covidkit.synth.siim import write_siim
@@ -23,6 +24,7 @@ WRITERS: list[Callable[[Path, SynthConfig], str]] = [
     write_siim,
     write_nih,
     write_rsna,
+    write_ct_slice_sets,
 ]
 
 

@@ -20,6 +20,7 @@ class SynthConfig:
     rsna_size: int = 1024             # side of the RSNA DICOMs
     nih_per_folder: int = 100         # images per images_0NN/ folder
     workers: int | None = None        # processes; None: all cores, 0 or 1: in this process
+    ct: bool = True                   # also the CT sets
 
     def __post_init__(self) -> None:
         counts = {k: getattr(self, k) for k in ("train_studies", "test_studies", "nih_images", "rsna_images")}
