@@ -14,7 +14,7 @@ Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.fasterrcnn_train --profile 
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +33,7 @@ from covidkit.train import (
     TrainConfig, collate_lists, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device,
 )
 from covidkit.train.distributed import all_gather_object, barrier, device_for, dist_info
+from covidkit.profiles import config_from_params
 from covidkit.transforms import DetectionAugment, detection_transform
 
 NOTEBOOK = "03_train_siim_fasterrcnn"
@@ -81,11 +82,7 @@ class FasterRcnnConfig:
     @classmethod
     def from_params(cls, params: dict) -> FasterRcnnConfig:
         """From a profile section (unknown keys are an error)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise TypeError(f"unknown parameters for {NOTEBOOK}: {unknown}")
-        return cls(**params)
+        return config_from_params(cls, params, NOTEBOOK)
 
     @property
     def backbone_checkpoint(self) -> Path:

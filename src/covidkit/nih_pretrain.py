@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from covidkit.train import (
     TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device,
 )
 from covidkit.train.distributed import all_gather_object, barrier, dist_info
+from covidkit.profiles import config_from_params
 from covidkit.transforms import ClassificationAugment, classification_transform
 
 NOTEBOOK = "01_pretrain_nih_resnext"
@@ -70,11 +71,7 @@ class NihPretrainConfig:
     @classmethod
     def from_params(cls, params: dict) -> NihPretrainConfig:
         """From a profile section (unknown keys are an error)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise TypeError(f"unknown parameters for {NOTEBOOK}: {unknown}")
-        return cls(**params)
+        return config_from_params(cls, params, NOTEBOOK)
 
 
 @dataclass

@@ -58,8 +58,12 @@ def notebook_parameters(notebook: Path, profile: dict, overrides: dict) -> dict:
     unknown = sorted(set(section) - declared)
     if unknown:
         raise PipelineError(f"profile section {notebook.stem} sets {unknown}, which {notebook.name} does not declare")
-    merged = {**(profile.get("common") or {}), **section, **overrides}
-    return {k: v for k, v in merged.items() if k in declared}
+    return {k: v for k, v in merge_section(profile, notebook.stem, overrides).items() if k in declared}
+
+
+def merge_section(profile: dict, name: str, overrides: dict) -> dict:
+    """The ``common`` values, then section ``name``, then ``overrides``."""
+    return {**(profile.get("common") or {}), **(profile.get(name) or {}), **overrides}
 
 
 @dataclass

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from covidkit.pipeline import load_profile
+from dataclasses import fields
+
+from covidkit.pipeline import load_profile, merge_section
 
 
 def section_parameters(profile: str, notebook: str, **overrides) -> dict:
@@ -15,9 +17,15 @@ def section_parameters(profile: str, notebook: str, **overrides) -> dict:
     params = load_profile(profile)
     if notebook not in params:
         raise KeyError(f"profile {profile!r} has no section {notebook!r}")
-    merged = {**(params.get("common") or {}), **(params[notebook] or {})}
-    merged.update({k: v for k, v in overrides.items() if v is not None})
-    return merged
+    return merge_section(params, notebook, {k: v for k, v in overrides.items() if v is not None})
+
+
+def config_from_params(cls, params: dict, section: str):
+    """The dataclass ``cls`` built from a profile section's ``params`` (unknown keys are an error)."""
+    unknown = sorted(set(params) - {f.name for f in fields(cls)})
+    if unknown:
+        raise TypeError(f"unknown parameters for {section}: {unknown}")
+    return cls(**params)
 
 
 def profile_argument_parser(description: str) -> argparse.ArgumentParser:
