@@ -24,7 +24,8 @@ from covidkit.synth.plan import class_counts, stream
 from covidkit.synth.siim import StudyTask, plan_split, render_study
 
 TINY = SynthConfig(seed=0, train_studies=12, test_studies=4, nih_images=6, rsna_images=6,
-                   max_size=640, min_size=256, nih_size=256, rsna_size=256, nih_per_folder=4, workers=1)
+                   max_size=640, min_size=256, nih_size=256, rsna_size=256, nih_per_folder=4, workers=1,
+                   ct=False)  # the CT writers have their own tests (test_ct_*, test_decovnet)
 HEX12 = re.compile(r"^[0-9a-f]{12}$")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 RLE, J2K = "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.90"

@@ -1,0 +1,143 @@
+"""Weakly supervised lesion localization for DeCoVNet: class activation maps + 3D connected components.
+
+As in the paper, two unsupervised cues are combined, both on the classifier's input grid:
+
+1. the **class activation map** (CAM) of the COVID class (:func:`class_activation_map`); its
+   strongest voxels inside the lungs, split into 3D connected components, are the *CAM regions*;
+2. **candidate lesion regions**: lung voxels denser than aerated lung (ground glass and above), with
+   thin structures (vessels, noise) removed by an in-plane opening, split into 3D connected
+   components (:func:`lesion_candidates`).
+
+The CAM region that overlaps the largest candidate component most is the lesion; the localized lesion is
+that overlap and its centre of mass is the predicted lesion centre (:func:`localize_lesion`). When no
+CAM region touches the largest component, the CAM region holding the CAM's maximum is taken. A
+prediction *hits* when its centre lies inside a labelled lesion (:func:`hit_rate`).
+
+The CAM follows the paper's released code: the ProClf's convolutions are linearised (each kernel
+averaged over its 3x3x3 support) and chained with the two fully connected layers, which gives one weight
+per channel of the residual blocks' output; the CAM is the weighted channel sum, upsampled trilinearly to
+the input, negative values set to zero, divided by its maximum.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+from torch.nn import functional as F
+
+from covidkit.ct.decovnet import DeCoVNet
+from covidkit.ct.volumes import LUNG_WINDOW
+
+
+@dataclass
+class LocalizationConfig:
+    cam_top_fraction: float = 0.05  # CAM regions: the strongest 5 % of the lung voxels
+    candidate_hu: float = -720.0  # candidate lesions: lung voxels above this (ground glass and denser)
+    opening_radius: int = 2  # in-plane opening (pixels of the classifier input) that removes vessels
+    window: tuple[float, float] = LUNG_WINDOW  # how the 8-bit input was windowed
+
+
+@dataclass
+class Localization:
+    """The localized lesion (``[T, H, W]`` bool) and its centre ``(t, y, x)``; ``None`` when nothing was found."""
+
+    lesion: np.ndarray
+    centre: tuple[float, float, float] | None
+    cam_regions: int
+    candidates: int
+
+
+def cam_channel_weights(classifier: nn.Module, target: int = 1) -> torch.Tensor:
+    """One weight per input channel of the ProClf: its linearised path to the ``target`` logit."""
+    first, second = classifier.fc
+    weights = second.weight[target] @ first.weight
+    convs = [m for m in classifier.features if isinstance(m, nn.Conv3d)]
+    for conv in reversed(convs):
+        weights = weights @ conv.weight.mean(dim=(2, 3, 4))
+    return weights
+
+
+@torch.no_grad()
+def class_activation_map(model: DeCoVNet, x: torch.Tensor, target: int = 1) -> np.ndarray:
+    """CAM of class ``target`` for one input ``[1, C, T, H, W]`` -> ``[T, H, W]`` in [0, 1]."""
+    if x.ndim != 5 or x.shape[0] != 1:
+        raise ValueError(f"class_activation_map takes one volume [1, C, T, H, W], got {tuple(x.shape)}")
+    model.eval()
+    features = model.forward_features(x)[0].float()
+    weights = cam_channel_weights(model.classifier, target).float()
+    cam = torch.einsum("c,cthw->thw", weights, features)
+    cam = F.interpolate(cam[None, None], size=x.shape[2:], mode="trilinear", align_corners=False)[0, 0]
+    cam = cam.clamp(min=0)
+    peak = cam.max()
+    return (cam / peak if peak > 0 else cam).cpu().numpy()
+
+
+def hu_to_level(hu: float, window: tuple[float, float] = LUNG_WINDOW) -> float:
+    """The 8-bit value that ``hu`` has after windowing."""
+    return (hu - window[0]) / (window[1] - window[0]) * 255.0
+
+
+def lesion_candidates(image: np.ndarray, lungs: np.ndarray, cfg: LocalizationConfig | None = None) -> np.ndarray:
+    """Unsupervised candidate lesion voxels of a windowed uint8 ``[T, H, W]`` volume: dense lung voxels
+    without thin structures."""
+    cfg = cfg or LocalizationConfig()
+    dense = (image >= hu_to_level(cfg.candidate_hu, cfg.window)) & lungs.astype(bool)
+    r = cfg.opening_radius
+    if r <= 0:
+        return dense
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disk = (yy ** 2 + xx ** 2 <= r * r)[None]  # in-plane only: slices may be thick
+    return ndimage.binary_opening(dense, structure=disk)
+
+
+def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros_like(mask, dtype=bool), 0
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1), n
+
+
+def localize_lesion(cam: np.ndarray, image: np.ndarray, lungs: np.ndarray,
+                    cfg: LocalizationConfig | None = None) -> Localization:
+    """The lesion of one volume from its CAM, its windowed image and its lung mask (all ``[T, H, W]``)."""
+    cfg = cfg or LocalizationConfig()
+    lungs = lungs.astype(bool)
+    if cam.shape != lungs.shape or image.shape != lungs.shape:
+        raise ValueError(f"cam {cam.shape}, image {image.shape} and lungs {lungs.shape} must have one shape")
+    empty = np.zeros_like(lungs)
+    if not lungs.any() or cam[lungs].max() <= 0:
+        return Localization(empty, None, 0, 0)
+    threshold = np.quantile(cam[lungs], 1.0 - cfg.cam_top_fraction)
+    regions, n_regions = ndimage.label(lungs & (cam >= threshold) & (cam > 0))
+    largest, n_candidates = _largest_component(lesion_candidates(image, lungs, cfg))
+    overlaps = np.bincount(regions[largest], minlength=n_regions + 1)[1:]
+    if overlaps.size and overlaps.max() > 0:
+        lesion = (regions == int(np.argmax(overlaps)) + 1) & largest
+    else:
+        peak = np.unravel_index(np.argmax(np.where(lungs, cam, -1.0)), cam.shape)
+        lesion = regions == regions[peak]
+    centre = tuple(float(c) for c in ndimage.center_of_mass(lesion)) if lesion.any() else None
+    return Localization(lesion, centre, n_regions, n_candidates)
+
+
+def is_hit(centre: tuple[float, float, float] | None, lesions: np.ndarray) -> bool:
+    """Whether the predicted centre (rounded to a voxel) lies inside a labelled lesion."""
+    if centre is None:
+        return False
+    voxel = tuple(int(round(c)) for c in centre)
+    if any(v < 0 or v >= s for v, s in zip(voxel, lesions.shape)):
+        return False
+    return bool(lesions[voxel])
+
+
+def hit_rate(centres: list[tuple[float, float, float] | None], lesion_masks: list[np.ndarray]) -> float:
+    """Fraction of cases whose predicted lesion centre lies inside one of their labelled lesions."""
+    if len(centres) != len(lesion_masks):
+        raise ValueError(f"{len(centres)} centres for {len(lesion_masks)} lesion masks")
+    if not centres:
+        return float("nan")
+    return float(np.mean([is_hit(c, m) for c, m in zip(centres, lesion_masks)]))

@@ -1,0 +1,246 @@
+"""Synthetic chest CT volumes with COVID-19 labels, for DeCoVNet (see :mod:`covidkit.ct.volumes`).
+
+Each volume is a phantom in Hounsfield units: air, a body with a fat layer, a spine, two lungs whose
+shape varies from case to case (wavy borders, apex and base), branching vessels, a trachea and main
+bronchi, correlated noise. Every volume also has bright structures in the lungs that are *not* lesions:
+vessels and a few small calcified nodules. Positive volumes add 1-4 lesions, mostly peripheral:
+
+- ground-glass opacities: hazy patches 100-400 HU over the lung (the faint ones barely show), soft edges;
+- consolidations: dense patches near soft-tissue density with a ground-glass halo.
+
+Written as ``ct-covid-volumes/``: ``volumes/<case>.nii.gz`` or ``volumes/<case>/`` (a DICOM series),
+``lesions/<case>.nii.gz`` for the positives, ``labels.csv`` (``case_id,label`` with positive/negative).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from covidkit.ct.volumes import (DATASET_DIR, LABELS_CSV, LESIONS_DIR, VOLUMES_DIR, write_dicom_series,
+                                 write_nifti)
+
+if TYPE_CHECKING:
+    from covidkit.synth.config import SynthConfig
+
+AIR_HU, FAT_HU, TISSUE_HU, LUNG_HU, BONE_HU, BLOOD_HU = -1000.0, -100.0, 40.0, -860.0, 700.0, 40.0
+
+
+@dataclass
+class CTVolumeSynthConfig:
+    """Size of the synthetic volume set; the defaults fit the smoke profile on a CPU."""
+
+    seed: int = 0
+    cases: int = 40
+    positive_fraction: float = 0.5
+    dicom_fraction: float = 0.3  # the rest is NIfTI
+    min_slices: int = 24
+    max_slices: int = 40
+    size: int = 128  # in-plane pixels (square)
+
+
+@dataclass
+class SynthVolume:
+    """One phantom: HU ``[T, H, W]``, true lung and lesion masks, spacing ``(z, y, x)`` in mm."""
+
+    hu: np.ndarray
+    lungs: np.ndarray
+    lesions: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def _grid(slices: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised coordinates: z in [0, 1] feet to head, y and x in [-1, 1] (y grows posterior)."""
+    z = np.linspace(0.0, 1.0, slices, dtype=np.float32)[:, None, None]
+    yx = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    return z, yx[None, :, None], yx[None, None, :]
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple[float, ...]) -> np.ndarray:
+    """Zero-mean, unit-variance correlated noise."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    return field / (field.std() + 1e-6)
+
+
+def _lungs(rng: np.random.Generator, z, y, x) -> np.ndarray:
+    """Two lungs: per side an ellipse whose radius follows a dome over z and random low-order harmonics."""
+    lungs = np.zeros(np.broadcast_shapes(z.shape, y.shape, x.shape), bool)
+    base, apex = rng.uniform(0.03, 0.1), rng.uniform(0.9, 0.97)
+    for side in (-1.0, 1.0):
+        cx, cy = side * rng.uniform(0.36, 0.42), rng.uniform(-0.06, 0.04)
+        ax, ay = rng.uniform(0.25, 0.31), rng.uniform(0.42, 0.5)
+        theta = np.arctan2((y - cy) / ay, (x - cx) / ax)
+        wobble = 1.0 + sum(rng.uniform(0.0, 0.08) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4))
+        t = np.clip((z - base) / (apex - base), 0.0, 1.0)
+        # wide at the base (diaphragm), narrowing to the apex
+        profile = np.where((z >= base) & (z <= apex), np.sqrt(np.clip(1.0 - t ** 2.2, 0, 1)) * (0.75 + 0.25 * np.sqrt(np.clip(t / 0.15, 0, 1))), 0)
+        rho = np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)
+        lungs |= rho < wobble * profile
+    return lungs
+
+
+def _tubes(shape, points: np.ndarray, radius: float, sampling) -> np.ndarray:
+    """Voxels within ``radius`` (voxels in-plane) of a set of centre-line points ``[N, 3]``."""
+    centre = np.zeros(shape, bool)
+    idx = np.round(points).astype(int)
+    keep = np.all((idx >= 0) & (idx < np.asarray(shape)), axis=1)
+    centre[tuple(idx[keep].T)] = True
+    if not centre.any():
+        return centre
+    return ndimage.distance_transform_edt(~centre, sampling=sampling) <= radius
+
+
+def _vessel_tree(rng: np.random.Generator, lungs: np.ndarray, sampling) -> tuple[np.ndarray, np.ndarray]:
+    """Random walks from each lung's hilum outwards: large (proximal) and small (distal) centre lines."""
+    t, h, w = lungs.shape
+    large, small = [], []
+    for side in (slice(0, w // 2), slice(w // 2, w)):
+        zz, yy, xx = np.nonzero(lungs[:, :, side])
+        if zz.size == 0:
+            continue
+        xx = xx + side.start
+        hilum = np.array([np.median(zz), np.median(yy), np.median(xx)], float)
+        hilum[2] += (w / 2 - hilum[2]) * 0.5  # medial
+        for _ in range(rng.integers(24, 36)):
+            direction = rng.normal(size=3) * np.array([0.5, 1.0, 1.0])
+            direction /= np.linalg.norm(direction) + 1e-6
+            point = hilum.copy()
+            steps = int(rng.integers(w // 8, w // 4))
+            for step in range(steps):
+                direction += rng.normal(scale=0.25, size=3) * np.array([0.5, 1.0, 1.0])
+                direction /= np.linalg.norm(direction) + 1e-6
+                point = point + direction * np.array([0.4, 1.0, 1.0])
+                (large if step < steps * 0.4 else small).append(point.copy())
+    shape = lungs.shape
+    return (_tubes(shape, np.array(large).reshape(-1, 3), 1.6, sampling),
+            _tubes(shape, np.array(small).reshape(-1, 3), 0.8, sampling))
+
+
+def _airways(z, y, x, lungs_top: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Trachea from the top down to the carina, then two main bronchi towards the lungs: lumen and wall."""
+    carina = lungs_top - 0.35
+    radius = 0.07
+    dx = np.where(z >= carina, 0.0, np.clip((carina - z) * 1.6, 0, 0.3))  # bronchi diverge below the carina
+    cy = -0.15
+    lumen = np.zeros(np.broadcast_shapes(z.shape, y.shape, x.shape), bool)
+    wall = np.zeros_like(lumen)
+    above = z >= carina - 0.15
+    for side in (-1.0, 1.0):
+        r = np.sqrt((x - side * dx) ** 2 + (y - cy) ** 2)
+        r_lumen = np.where(z >= carina, radius, radius * 0.7)
+        lumen |= (r < r_lumen) & above
+        wall |= (r < r_lumen + 2.5 / size) & above
+    return lumen, wall & ~lumen
+
+
+def _lesion(rng: np.random.Generator, lungs: np.ndarray, spacing,
+            peripheral: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
+    """A soft irregular blob (values 0-1) centred on a random, mostly peripheral, lung voxel: its box
+    in the volume and its values there."""
+    candidates = np.argwhere(peripheral if rng.random() < 0.8 and peripheral.any() else lungs)
+    centre = candidates[rng.integers(len(candidates))]
+    radius_mm = rng.uniform(15.0, 40.0)
+    radii = np.array([radius_mm * rng.uniform(0.7, 1.3) / spacing[0], radius_mm / spacing[1] * rng.uniform(0.7, 1.3),
+                      radius_mm / spacing[2] * rng.uniform(0.7, 1.3)])
+    radii[0] = max(radii[0], 1.0)
+    lo = np.maximum(0, np.floor(centre - 2 * radii)).astype(int)
+    hi = np.minimum(lungs.shape, np.ceil(centre + 2 * radii) + 1).astype(int)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grid = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
+    d = np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)))
+    shape_noise = _smooth_field(rng, d.shape, (0.8, 2.0, 2.0)) * 0.25
+    blob = np.clip(2.0 - 2.0 * (d + shape_noise), 0.0, 1.0)  # 1 inside half the radius, soft edge
+    return box, (blob * lungs[box]).astype(np.float32)
+
+
+def synth_volume(rng: np.random.Generator, slices: int, size: int, positive: bool) -> SynthVolume:
+    """One synthetic chest CT; positives carry 1-4 lesions, both classes vessels and calcified nodules."""
+    fov = rng.uniform(320.0, 380.0)
+    height = rng.uniform(230.0, 290.0)
+    spacing = (height / slices, fov / size, fov / size)
+    sampling = (spacing[0] / spacing[1], 1.0, 1.0)  # distances in in-plane voxels
+    z, y, x = _grid(slices, size)
+    shape = (slices, size, size)
+
+    bx, by = rng.uniform(0.8, 0.9), rng.uniform(0.6, 0.7)
+    body_r = np.broadcast_to(np.sqrt((x / bx) ** 2 + (y / by) ** 2), shape)
+    hu = np.full(shape, AIR_HU, np.float32)
+    hu[body_r < 1.0] = FAT_HU
+    hu[body_r < 0.93] = TISSUE_HU
+    spine = np.broadcast_to(np.sqrt(x ** 2 + (y - by * 0.72) ** 2) < 0.12, shape)
+    hu[spine] = BONE_HU
+
+    lungs = _lungs(rng, z, y, x) & (body_r < 0.88) & ~spine
+    posterior = np.broadcast_to(np.clip(y, -1, 1), shape)
+    hu[lungs] = (LUNG_HU + 40.0 * (posterior + 1.0) + 15.0 * _smooth_field(rng, shape, (2, 6, 6)))[lungs]
+
+    large, small = _vessel_tree(rng, lungs, sampling)
+    vessels = (large | small) & lungs
+    hu[vessels] = BLOOD_HU + rng.normal(0, 20.0)
+    lung_voxels = np.argwhere(lungs)
+    centres = lung_voxels[rng.integers(len(lung_voxels), size=rng.integers(0, 4))]
+    nodules = _tubes(shape, centres.astype(float), rng.uniform(1.0, 2.2), sampling)  # calcified granulomas
+    hu[nodules & lungs] = rng.uniform(150.0, 400.0)
+
+    lesions = np.zeros(shape, bool)
+    if positive:
+        distance_in = ndimage.distance_transform_edt(lungs, sampling=sampling)
+        peripheral = lungs & (distance_in < 0.08 * size)
+        for _ in range(rng.integers(1, 5)):
+            box, blob = _lesion(rng, lungs, spacing, peripheral)
+            if rng.random() < 0.3:  # consolidation with a ground-glass halo
+                delta = np.where(blob > 0.6, rng.uniform(820.0, 900.0), rng.uniform(250.0, 400.0))
+            else:  # ground glass, some faint
+                delta = rng.choice([rng.uniform(120.0, 200.0), rng.uniform(200.0, 420.0)])
+            hu[box] = np.maximum(hu[box], hu[box] + delta * np.clip(blob * 1.5, 0, 1))
+            lesions[box] |= blob > 0.3
+
+    top = np.nonzero(lungs.any(axis=(1, 2)))[0].max()
+    lumen, wall = _airways(z, y, x, lungs_top=float(z[top, 0, 0]), size=size)
+    hu[wall & ~lungs] = TISSUE_HU
+    hu[lumen] = AIR_HU
+    hu += rng.uniform(15.0, 30.0) * _smooth_field(rng, shape, (0.3, 0.6, 0.6))
+    return SynthVolume(np.clip(np.round(hu), -1024, 3000).astype(np.int16), lungs, lesions & lungs, spacing)
+
+
+def write_ct_volumes(out: Path | str, cfg: CTVolumeSynthConfig | None = None) -> Path:
+    """Write ``<out>/ct-covid-volumes/`` (see the module docstring); returns that folder."""
+    cfg = cfg or CTVolumeSynthConfig()
+    if cfg.cases < 2:
+        raise ValueError("need at least 2 cases (one per class)")
+    rng = np.random.default_rng(cfg.seed)
+    root = Path(out) / DATASET_DIR
+    n_pos = int(round(cfg.cases * cfg.positive_fraction))
+    labels = rng.permutation([1] * n_pos + [0] * (cfg.cases - n_pos))
+    dicom = rng.random(cfg.cases) < cfg.dicom_fraction
+    first, second = rng.choice(cfg.cases, size=2, replace=False)
+    dicom[first], dicom[second] = True, False  # at least one of each format, so both readers get used
+    rows = []
+    for i, label in enumerate(tqdm(labels, desc="synthetic CT volumes", unit="volume")):
+        case_id = f"ct{i:04d}"
+        slices = int(rng.integers(cfg.min_slices, cfg.max_slices + 1))
+        volume = synth_volume(rng, slices, cfg.size, bool(label))
+        if dicom[i]:
+            write_dicom_series(root / VOLUMES_DIR / case_id, volume.hu, volume.spacing, patient_id=case_id, seed=i)
+        else:
+            write_nifti(root / VOLUMES_DIR / f"{case_id}.nii.gz", volume.hu, volume.spacing)
+        if label:
+            write_nifti(root / LESIONS_DIR / f"{case_id}.nii.gz", volume.lesions, volume.spacing, dtype=np.uint8)
+        rows.append({"case_id": case_id, "label": "positive" if label else "negative"})
+    pd.DataFrame(rows).to_csv(root / LABELS_CSV, index=False)
+    return root
+
+
+def write_ct_volume_set(out: Path, cfg: SynthConfig) -> str:
+    """``covidkit.synth.WRITERS`` entry: the volume set with the default sizes and ``cfg.seed``."""
+    if not cfg.ct:
+        return "CT volume set: skipped (ct=False)"
+    root = write_ct_volumes(out, CTVolumeSynthConfig(seed=cfg.seed))
+    labels = pd.read_csv(root / LABELS_CSV)
+    positives = int((labels["label"] == "positive").sum())
+    return f"{DATASET_DIR}: {len(labels)} CT volumes ({positives} positive, with lesion masks)"

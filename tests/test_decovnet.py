@@ -1,0 +1,242 @@
+"""DeCoVNet: volume I/O (DICOM, NIfTI, HU, window, resampling), lung masks, the network, localization, metrics."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidkit.ct import volumes as V
+from covidkit.ct.decovnet import DeCoVNet, scaled_pools
+from covidkit.ct.decovnet_train import (AugmentConfig, augment_volume, classification_metrics, classifier_arrays,
+                                        lung_box)
+from covidkit.ct.localize import (LocalizationConfig, class_activation_map, hit_rate, hu_to_level, is_hit,
+                                  localize_lesion)
+from covidkit.ct.lungmask import LungUNet, dice, predict_lung_mask, unsupervised_lung_mask
+from covidkit.synth.ct_volumes import CTVolumeSynthConfig, synth_volume, write_ct_volumes
+
+
+def _hu_volume(seed: int = 0, shape=(6, 20, 24)) -> np.ndarray:
+    """Integer HU with an asymmetric pattern, so that any flip or slice reordering shows."""
+    rng = np.random.default_rng(seed)
+    hu = rng.integers(-1024, 1500, size=shape).astype(np.float32)
+    hu[:, :3, :5] = 2000.0  # anterior, patient-right corner of every slice
+    hu[0] = -1000.0  # the most inferior slice is air
+    return hu
+
+
+# ---------------------------------------------------------------------------------------------- the network
+
+
+@pytest.mark.parametrize("slices", [1, 4, 19])
+def test_decovnet_maps_any_number_of_slices_to_two_logits(slices):
+    model = DeCoVNet(input_size=(48, 72))
+    x = torch.rand(2, 2, slices, 48, 72)
+    logits = model(x)
+    assert logits.shape == (2, 2)
+    logits.sum().backward()  # trainable end to end, whatever T is
+    assert model.stem[0].weight.grad is not None and torch.isfinite(model.stem[0].weight.grad).all()
+
+
+def test_default_decovnet_is_the_paper_configuration():
+    model = DeCoVNet().eval()
+    stem = model.stem[0]
+    assert (stem.in_channels, stem.out_channels, stem.kernel_size, stem.stride) == (2, 16, (5, 7, 7), (1, 2, 2))
+    assert scaled_pools((224, 336)) == ((16, 24, 36), (4, 12, 18), (1, 6, 9))
+    convs = [m for m in model.classifier.features if isinstance(m, torch.nn.Conv3d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(128, 64), (64, 32), (32, 32)]
+    with torch.no_grad():
+        for slices in (1, 3):
+            assert model(torch.rand(1, 2, slices, 224, 336)).shape == (1, 2)
+
+
+def test_decovnet_rejects_a_4d_input():
+    with pytest.raises(ValueError, match=r"\[B, C, T, H, W\]"):
+        DeCoVNet(input_size=(32, 48))(torch.rand(2, 5, 32, 48))
+
+
+# ---------------------------------------------------------------------------------------------- volumes
+
+
+def test_dicom_series_gives_hu_from_the_rescale_tags_in_slice_order(tmp_path):
+    hu = _hu_volume()
+    V.write_dicom_series(tmp_path / "a", hu, (2.5, 0.7, 0.8), intercept=-1024, slope=1)
+    hu2 = np.round(hu / 2) * 2
+    V.write_dicom_series(tmp_path / "b", hu2, (2.5, 0.7, 0.8), intercept=-2048, slope=2)
+    import pydicom
+
+    stored = pydicom.dcmread(next((tmp_path / "b").iterdir()))
+    assert stored.pixel_array.min() >= 0 and float(stored.RescaleSlope) == 2.0  # raw values are not HU
+    for folder, expected in (("a", hu), ("b", hu2)):
+        volume = V.read_volume(tmp_path / folder)
+        assert volume.spacing == pytest.approx((2.5, 0.7, 0.8))
+        np.testing.assert_array_equal(volume.hu, expected)
+
+
+def test_window_maps_the_decovnet_range_to_8_bits():
+    hu = np.array([-3000.0, -1200.0, -300.0, 600.0, 2000.0])
+    np.testing.assert_array_equal(V.window(hu), [0, 0, 128, 255, 255])
+    assert V.window(hu).dtype == np.uint8
+    assert V.window(np.array([-50.0, 50.0]), -100, 100).tolist() == [64, 191]
+    with pytest.raises(ValueError):
+        V.window(hu, 10, 10)
+
+
+def test_nifti_and_dicom_of_one_volume_read_the_same(tmp_path):
+    hu = _hu_volume(seed=3)
+    spacing = (3.0, 0.75, 0.75)
+    V.write_dicom_series(tmp_path / "case", hu, spacing)
+    V.write_nifti(tmp_path / "case.nii.gz", hu, spacing)
+    dicom, nifti = V.read_volume(tmp_path / "case"), V.read_volume(tmp_path / "case.nii.gz")
+    np.testing.assert_array_equal(dicom.hu, nifti.hu)
+    assert dicom.spacing == pytest.approx(spacing) and nifti.spacing == pytest.approx(spacing)
+
+
+def test_nifti_is_shown_in_the_radiological_view(tmp_path):
+    import nibabel as nib
+
+    data = np.zeros((8, 6, 4), np.int16)  # (i, j, k) with an identity affine: RAS+
+    data[0, :, :] = 100  # i = 0: the patient's left side
+    data[:, -1, :] += 10  # j max: anterior
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "x.nii.gz")
+    hu = V.read_nifti(tmp_path / "x.nii.gz").hu
+    assert hu.shape == (4, 6, 8)
+    assert (hu[:, :, -1] >= 100).all() and (hu[:, :, :-1] < 100).all()  # patient left on the image right
+    assert (hu[:, 0, :] % 100 == 10).all()  # anterior at the top
+
+
+def test_resample_reaches_the_target_spacing():
+    image = np.random.default_rng(0).random((10, 40, 30)).astype(np.float32)
+    out, spacing = V.resample(image, (5.0, 1.0, 1.0), (2.5, 2.0, None))
+    assert out.shape == (20, 20, 30) and spacing == pytest.approx((2.5, 2.0, 1.0))
+    mask = np.zeros((10, 40, 30), np.uint8)
+    mask[2:5] = 1
+    out_mask, _ = V.resample(mask, (5.0, 1.0, 1.0), (2.5, 2.0, None), order=0)
+    assert set(np.unique(out_mask)) == {0, 1} and out_mask.sum() == 6 * 20 * 30
+
+
+def test_read_cases_finds_both_formats_and_reports_bad_input(tmp_path):
+    root = write_ct_volumes(tmp_path, CTVolumeSynthConfig(seed=1, cases=4, min_slices=8, max_slices=10, size=48))
+    cases = V.read_cases(root)
+    assert len(cases) == 4 and {c.volume.is_dir() for c in cases} == {True, False}
+    assert all((c.lesions is not None) == (c.label == 1) for c in cases)
+    table = pd.read_csv(root / V.LABELS_CSV)
+    table.loc[0, "label"] = "maybe"
+    table.to_csv(root / V.LABELS_CSV, index=False)
+    with pytest.raises(ValueError, match="unknown label 'maybe'"):
+        V.read_cases(root)
+    pd.DataFrame({"case_id": ["nope"], "label": [1]}).to_csv(root / V.LABELS_CSV, index=False)
+    with pytest.raises(FileNotFoundError, match="no volume for case 'nope'"):
+        V.read_cases(root)
+
+
+# ---------------------------------------------------------------------------------------------- lung masks
+
+
+def test_unsupervised_lung_mask_overlaps_the_true_lungs():
+    rng = np.random.default_rng(5)
+    for positive in (True, False):
+        phantom = synth_volume(rng, slices=24, size=96, positive=positive)
+        mask = unsupervised_lung_mask(phantom.hu.astype(np.float32), phantom.spacing)
+        assert dice(mask, phantom.lungs) > 0.9
+        assert not mask[:, :, :3].any()  # the air around the body is not lung
+
+
+def test_lung_unet_is_applied_slice_by_slice_at_any_volume_size():
+    torch.manual_seed(0)
+    model = LungUNet(width=4, depth=3)
+    assert model(torch.rand(2, 1, 32, 48)).shape == (2, 1, 32, 48)
+    image = np.random.default_rng(0).integers(0, 255, (5, 40, 52), dtype=np.uint8)
+    mask = predict_lung_mask(model, image, size=32)
+    assert mask.shape == image.shape and mask.dtype == bool
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model(torch.rand(1, 1, 30, 32))
+
+
+def test_classifier_input_is_cropped_to_the_lungs_and_resized():
+    image = np.zeros((12, 50, 60), np.uint8)
+    lungs = np.zeros_like(image, bool)
+    lungs[3:9, 10:30, 20:50] = True
+    image[lungs] = 200
+    assert lung_box(lungs, margin=(0, 0, 0)) == (slice(3, 9), slice(10, 30), slice(20, 50))
+    arrays = classifier_arrays(image, lungs, lungs, input_size=(16, 24))
+    assert arrays["image"].shape == arrays["lungs"].shape == arrays["lesions"].shape == (8, 16, 24)
+    per_slice = arrays["lungs"].any(axis=(1, 2))
+    assert per_slice[1:-1].all() and not per_slice[0] and not per_slice[-1]  # one slice of margin in z
+    assert arrays["lungs"][4, 8, 12] and not arrays["lungs"][4, 0, 0]  # a few pixels of margin in-plane
+
+
+def test_augmentation_keeps_shape_and_channels_and_flips():
+    x = torch.zeros(2, 6, 32, 48)
+    x[0, :, :, :10] = 0.8
+    x[1, :, 8:24, 4:20] = 1.0
+    flip_only = AugmentConfig(crop_scale=(1.0, 1.0), rotation=0.0, flip=1.0, contrast=(1.0, 1.0))
+    flipped = augment_volume(x, flip_only)
+    torch.testing.assert_close(flipped, x.flip(-1))
+    g = torch.Generator().manual_seed(0)
+    y = augment_volume(x, AugmentConfig(), generator=g)
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------- localization
+
+
+def _hand_made_case():
+    """A lung block with a dense lesion (the largest candidate), a thin bright vessel and a small nodule."""
+    shape = (10, 40, 40)
+    image = np.full(shape, round(hu_to_level(-850)), np.uint8)
+    lungs = np.zeros(shape, bool)
+    lungs[1:9, 4:36, 4:36] = True
+    lesions = np.zeros(shape, bool)
+    lesions[3:7, 8:18, 22:32] = True
+    image[lesions] = round(hu_to_level(-400))
+    image[:, 25, 6:30] = round(hu_to_level(40))  # a vessel: one pixel wide, removed by the opening
+    image[5:7, 28:32, 6:10] = round(hu_to_level(40))  # a small dense nodule: a smaller candidate
+    image[~lungs] = round(hu_to_level(40))
+    return image, lungs, lesions
+
+
+def test_localization_takes_the_cam_region_on_the_largest_candidate():
+    image, lungs, lesions = _hand_made_case()
+    cfg = LocalizationConfig(cam_top_fraction=0.1, opening_radius=1)
+    cam = np.zeros(image.shape, np.float32)
+    cam[3:7, 10:16, 24:30] = 1.0  # on the lesion
+    cam[5:7, 27:33, 5:11] = 0.9  # on the nodule: a second CAM region
+    result = localize_lesion(cam, image, lungs, cfg)
+    assert result.cam_regions == 2 and result.candidates == 2
+    assert result.lesion.any() and (result.lesion <= lesions).all()
+    assert is_hit(result.centre, lesions)
+    # a CAM that only sees the nodule misses: its region does not touch the largest candidate
+    cam_wrong = np.zeros_like(cam)
+    cam_wrong[5:7, 27:33, 5:11] = 1.0
+    missed = localize_lesion(cam_wrong, image, lungs, cfg)
+    assert not is_hit(missed.centre, lesions)
+    assert hit_rate([result.centre, missed.centre, None], [lesions] * 3) == pytest.approx(1 / 3)
+
+
+def test_class_activation_map_has_the_input_shape():
+    model = DeCoVNet(input_size=(32, 48))
+    cam = class_activation_map(model, torch.rand(1, 2, 7, 32, 48))
+    assert cam.shape == (7, 32, 48) and cam.min() >= 0 and cam.max() <= 1
+
+
+def test_hit_needs_the_centre_inside_a_lesion():
+    lesions = np.zeros((4, 10, 10), bool)
+    lesions[1:3, 2:5, 2:5] = True
+    assert is_hit((1.6, 3.0, 4.4), lesions)
+    assert not is_hit((1.0, 6.0, 3.0), lesions) and not is_hit(None, lesions) and not is_hit((9, 9, 9), lesions)
+    with pytest.raises(ValueError):
+        hit_rate([None], [])
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_classification_metrics_at_one_half():
+    labels = np.array([1, 1, 1, 0, 0, 0, 0])
+    probs = np.array([0.9, 0.6, 0.4, 0.7, 0.2, 0.1, 0.3])
+    m = classification_metrics(labels, probs)
+    assert m["accuracy"] == pytest.approx(5 / 7)
+    assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(3 / 4)
+    assert m["roc_auc"] == pytest.approx(10 / 12)  # 10 of the 12 positive-negative pairs are ordered right
+    assert 0 < m["pr_auc"] <= 1
