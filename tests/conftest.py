@@ -25,3 +25,84 @@ def real_radiograph() -> Path:
     from pydicom.data import get_testdata_file
 
     return Path(get_testdata_file("RG1_UNCR.dcm", download=False))
+
+
+# --------------------------------------------------------------------------- models folder (F; W's app tests use it)
+
+TINY_PREPARED_SIZE = 64
+
+
+def _tiny_run(run_dir: Path) -> Path:
+    """A run folder holding what 00, 01, 03, 04, 05 and 06 leave for ``export_models``, in their layouts.
+
+    Real models, two folds each, initialised with fixed seeds instead of trained (seconds, not
+    minutes): a resnet18 Faster R-CNN in the engine's checkpoint format, the YOLO nano as
+    ultralytics saves it, the study model as 06 saves it, and 05's fusion parameters.
+    """
+    from dataclasses import asdict
+
+    import cv2
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from covidkit.ensemble import FusionParams
+    from covidkit.fasterrcnn_train import FasterRcnnConfig, build_model
+    from covidkit.models.backbones import build_classifier, save_backbone
+    from covidkit.models.yolo import load_model, setup_ultralytics
+    from covidkit.study import StudySpec, build_study_model, save_study_model
+    from covidkit.train import TrainConfig
+
+    prepared = run_dir / "prepared"
+    (prepared / "train").mkdir(parents=True)
+    cv2.imwrite(str(prepared / "train" / "a.png"), np.zeros((TINY_PREPARED_SIZE,) * 2, np.uint8))
+    pd.DataFrame({"image_id": list("abcd"), "label": ["negative", "typical", "typical", "atypical"],
+                  "fold": [0, 1, 0, 1]}).to_csv(prepared / "folds.csv", index=False)
+
+    torch.manual_seed(0)
+    save_backbone(build_classifier("resnet18", 15), run_dir / "01_pretrain_nih_resnext" / "backbone.pt", "resnet18")
+    cfg = FasterRcnnConfig(input_dir="input", run_dir=str(run_dir), train_size=TINY_PREPARED_SIZE,
+                           infer_size=TINY_PREPARED_SIZE, fpn_layers=[3, 4], anchor_sizes=[8, 16, 32],
+                           proposals_train=64, proposals_test=32, box_batch_size_per_image=32,
+                           representation_size=32)
+    for split in (0, 1):
+        torch.manual_seed(split)
+        config = TrainConfig(run_dir=str(run_dir / "03_train_siim_fasterrcnn" / f"split{split}"), epochs=1,
+                             batch_size=1, hparams={**asdict(cfg), "split": split})
+        Path(config.run_dir).mkdir(parents=True)
+        torch.save({"model": build_model(cfg).state_dict(), "epoch": 1, "config": config.to_dict()},
+                   Path(config.run_dir) / "last.pt")
+
+    setup_ultralytics(run_dir)
+    for fold in (0, 1):
+        fold_dir = run_dir / "04_train_siim_yolo" / f"fold{fold}"
+        (fold_dir / "weights").mkdir(parents=True)
+        torch.manual_seed(fold)
+        load_model("yolo11n.yaml").save(fold_dir / "weights" / "best.pt")
+        (fold_dir / "results.csv").write_text("epoch,metrics/mAP50(B)\n1,0.0\n")
+        (fold_dir / "covidkit_config.json").write_text('{"imgsz": 64}')
+
+    FusionParams(skip_box_thr=0.001).save(run_dir / "05_ensemble_wbf" / "fusion.json")
+    spec = StudySpec(arch="resnet18", image_size=64, prepared_size=TINY_PREPARED_SIZE, hidden=16)
+    for split in (0, 1):
+        torch.manual_seed(split)
+        save_study_model(build_study_model(spec), spec, run_dir / "06_study_level" / f"split{split}" / "study_model.pt")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory) -> Path:
+    """A run folder with the outputs of 00-06 that 07 exports (see ``_tiny_run``); treat it as read-only."""
+    return _tiny_run(tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture(scope="session")
+def models_dir(tiny_run_dir, tmp_path_factory) -> Path:
+    """A real models folder, as ``covidkit.models_dir.export_models`` writes it, of tiny seeded models.
+
+    Two folds each of Faster R-CNN (resnet18), YOLO (nano, 64 px) and the study model (resnet18);
+    prepared size 64 px. Built once per session (a few seconds); treat it as read-only.
+    """
+    from covidkit.models_dir import export_models
+
+    return export_models(tiny_run_dir, tmp_path_factory.mktemp("exported") / "models")

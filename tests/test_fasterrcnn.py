@@ -6,11 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torchvision.ops import FrozenBatchNorm2d
 
 from covidkit.data.detection import OpacityDataset, truth_boxes
 from covidkit.data.nih import LABELS
-from covidkit.fasterrcnn_train import FasterRcnnConfig, detection_step, predict_oof, train_split, untrained_oof
+from covidkit.fasterrcnn_train import (
+    FasterRcnnConfig, detection_step, fasterrcnn_models, predict_oof, train_split, untrained_oof,
+)
 from covidkit.models import DetectorSpec, build_classifier, build_fasterrcnn, inference_size, save_backbone
+from covidkit.models.fasterrcnn import predict_image
 from covidkit.oof import opacity_ap
 from covidkit.train import collate_lists
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD, DetectionAugment, detection_transform
@@ -40,6 +44,15 @@ def test_detector_really_loads_the_nih_backbone(nih_backbone):
     fresh = build_fasterrcnn(arch="resnet18", spec=DetectorSpec(train_size=128))
     assert not torch.equal(fresh.backbone.body.conv1.weight, classifier.conv1.weight)
     assert detector.roi_heads.box_predictor.cls_score.out_features == 2
+
+
+def test_trainable_batch_norms_start_from_the_nih_statistics(nih_backbone):
+    classifier, path = nih_backbone
+    detector = build_fasterrcnn(backbone_checkpoint=path, spec=DetectorSpec(train_size=128, frozen_batchnorm=False))
+    bn = detector.backbone.body.bn1
+    assert type(bn) is torch.nn.BatchNorm2d and bn.weight.requires_grad
+    assert torch.equal(bn.running_mean, classifier.bn1.running_mean)
+    assert type(build_fasterrcnn(backbone_checkpoint=path).backbone.body.bn1) is FrozenBatchNorm2d
 
 
 def test_detector_checks_its_architecture(nih_backbone):
@@ -104,6 +117,15 @@ def test_train_step_and_prediction_in_original_pixels(tmp_path, nih_backbone):
     assert oof.boxes["x2"].max() <= 128 + 1e-3 and oof.boxes["y2"].max() <= 256 + 1e-3
     assert oof.boxes["y2"].max() > 64 + 1e-3  # some box lies below the prepared image's 64 pixels: really scaled
 
+    # one image through predict_image (what predict and serve use): the OOF boxes of the same image; the
+    # PNG given as the original, its boxes come back in its 64 pixels instead of the 128 x 256 original
+    png = cv2.imread(table.loc[0, "path"], cv2.IMREAD_GRAYSCALE)
+    boxes, scores = predict_image(model, png, prepared_size=64, infer_size=128)
+    same = oof.boxes[oof.boxes["image_id"] == "img0"]
+    assert len(boxes) == len(same) > 0
+    np.testing.assert_allclose(boxes * [2, 4, 2, 4], same[["x1", "y1", "x2", "y2"]].to_numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(scores, same["score"].to_numpy(), rtol=1e-5)
+
 
 def _blob_table(root, n: int, size: int, seed: int = 0) -> pd.DataFrame:
     """Bright ellipses on noise, boxed in 'original' pixels (2x wider, 3x taller than the PNGs); two splits."""
@@ -152,6 +174,7 @@ def test_training_beats_the_untrained_detector_on_a_held_out_split(tmp_path):
         optimizer="adamw", lr=1e-3, num_workers=0, eval_batch_size=8, progress=False,
     )
     oof, history = train_split(table, 1, cfg)
+    assert fasterrcnn_models(cfg.run_dir) == [tmp_path / "run" / "03_train_siim_fasterrcnn" / "split1" / "last.pt"]
     held_out = table[table["split"] == 1]
     assert sorted(oof.images["image_id"]) == sorted(held_out["image_id"])  # only the held-out split
     truth = truth_boxes(held_out)

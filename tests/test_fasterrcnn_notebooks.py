@@ -10,6 +10,7 @@ import pytest
 
 from covidkit.data.detection import truth_boxes
 from covidkit.data.siim import COMPETITION, prepared_train_table
+from covidkit.fasterrcnn_train import fasterrcnn_models
 from covidkit.models import load_backbone
 from covidkit.oof import BOX_COLUMNS, opacity_ap, read_oof
 
@@ -60,6 +61,7 @@ def test_notebooks_01_and_03_in_the_smoke_profile(tiny_input, tmp_path):
         assert list(metrics["epoch"]) == list(range(1, epochs + 1)) and "val_ap50" in metrics
         assert (det / f"split{split}" / "plots" / "val_ap50.png").is_file()
     assert (det / "val_ap50.png").is_file() and (det / "oof_examples.png").is_file()
+    assert fasterrcnn_models(run_dir) == [det / "split0" / "last.pt", det / "split1" / "last.pt"]
 
     # the notebook reports the AP it wrote
     ap = opacity_ap(oof, truth_boxes(table))

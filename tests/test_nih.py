@@ -115,11 +115,27 @@ def test_classifier_loads_a_local_weights_file(tmp_path):
         build_classifier("vgg16", 3)
 
 
+def test_cached_dataset_decodes_once_and_gives_the_uncached_images(tmp_path, monkeypatch):
+    import covidkit.data.nih as nih
+
+    table = read_nih_table(write_nih(tmp_path, n=4))
+    transform = classification_transform(ClassificationAugment(resize=40, crop=32), train=False)
+    cached, plain = NihDataset(table, transform, cache_size=40), NihDataset(table, transform)
+    first = [cached[i][0] for i in range(4)]
+    monkeypatch.setattr(nih, "read_grey", lambda path: pytest.fail(f"{path} decoded twice"))
+    for i in range(4):
+        assert torch.equal(cached[i][0], first[i])
+        assert cached.grey(i).shape[0] == 40 or cached.grey(i).shape[1] == 40
+    monkeypatch.undo()
+    for i in range(4):  # area vs antialiased resize of noisy images: within ~6 grey levels (normalised units)
+        assert (cached[i][0] - plain[i][0]).abs().mean() < 0.1
+
+
 def test_short_pretraining_run_saves_a_backbone_and_resumes(tmp_path):
     write_nih(tmp_path / "input", n=12)
     cfg = NihPretrainConfig(input_dir=str(tmp_path / "input"), run_dir=str(tmp_path / "run"), arch="resnet18",
                             epochs=2, batch_size=4, resize=40, crop=32, num_workers=0, val_fraction=0.34,
-                            progress=False)
+                            optimizer="adamw", cache_images=True, progress=False)
     result = run_nih_pretrain(cfg)
     assert result.backbone == backbone_path(cfg.run_dir) and result.backbone.is_file()
     assert list(result.metrics["epoch"]) == [1, 2]

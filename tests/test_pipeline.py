@@ -87,3 +87,18 @@ def test_a_failing_notebook_names_itself_and_its_cell(tmp_path, monkeypatch):
     assert notebooks_dir() == books
     with pytest.raises(PipelineError, match=r"01_broken.ipynb failed in cell 2: ValueError: boom"):
         run_pipeline("smoke", input_dir=tmp_path, run_dir=tmp_path / "run")
+
+
+def test_a_run_that_made_a_submission_ends_with_where_things_are(tmp_path, tiny_input, capsys):
+    from covidkit.pipeline import print_outputs
+
+    run_dir, submission = tmp_path / "run", tmp_path / "sub" / "submission.csv"
+    profile = {"07_make_submission": {"submission": str(submission)}}
+    print_outputs(profile, run_dir, tiny_input, {}, ran=["05_ensemble_wbf"])
+    assert capsys.readouterr().out == "" and not (run_dir / "report.html").exists()
+
+    print_outputs(profile, run_dir, tiny_input, {}, ran=["06_study_level", "07_make_submission"])
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines == {"submission": str(submission), "models": str(run_dir / "models"),
+                     "report": str(run_dir / "report.html")}
+    assert "covidkit run report" in (run_dir / "report.html").read_text()

@@ -13,6 +13,7 @@ import yaml
 from covidkit.data import rsna, siim
 from covidkit.oof import opacity_ap, read_oof
 from covidkit.pipeline import load_profile, run_pipeline
+from covidkit.yolo_train import yolo_models
 
 pytestmark = pytest.mark.slow
 
@@ -62,10 +63,16 @@ def test_04_writes_out_of_fold_predictions_in_original_pixels(run_dir, tiny_inpu
     evaluated = oof.images.set_index("image_id")["fold"].sort_index()
     expected = table.set_index("image_id")["fold"].sort_index()
     pd.testing.assert_series_equal(evaluated, expected, check_dtype=False)  # every image once, in its own fold
-    for fold in sorted(table["fold"].unique()):
-        args = yaml.safe_load((out / f"fold{fold}" / "args.yaml").read_text())
+    groups = load_profile("smoke")["04_train_siim_yolo"]["fold_groups"]
+    splits = sorted(set(table["fold"] % groups))
+    assert sorted(p.name for p in out.glob("fold*") if p.is_dir()) == [f"fold{k}" for k in splits]
+    for split in splits:  # one model per split, trained on the other splits' images only
+        args = yaml.safe_load((out / f"fold{split}" / "args.yaml").read_text())
         assert Path(args["model"]) == run_dir / "02_pretrain_rsna_yolo" / "train" / "weights" / "best.pt"
-        assert Path(args["data"]).name == f"fold{fold}.yaml"
+        assert Path(args["data"]).name == f"fold{split}.yaml"
+        trained_on = {Path(line).stem for line in (out / "data" / f"fold{split}_train.txt").read_text().split()}
+        assert trained_on == set(table.loc[table["fold"] % groups != split, "image_id"])
+    assert yolo_models(run_dir) == [out / f"fold{k}" / "weights" / "best.pt" for k in splits]
 
     boxes = oof.boxes.merge(table[["image_id", "orig_height", "orig_width"]], on="image_id")
     assert len(boxes) > 0 and (boxes["score"].between(0, 1)).all()

@@ -66,11 +66,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             images=args.images, size=args.size, workers=args.workers,
             input_dir=Path(args.input) if args.input else None,
         )
+    elif args.what == "predict":
+        if len(args.paths) != 2:
+            raise ValueError("bench predict takes MODELS_DIR COMPETITION_DIR")
+        bench.bench_predict(args.paths[0], args.paths[1], n=args.n, device=args.device, hflip_tta=args.tta)
     elif args.what == "cogseg":
         from covidkit.ct.bench import bench_cogseg
 
         bench_cogseg(size=args.size, batch_size=args.batch_size, steps=args.steps)
+    elif args.what == "decovnet":
+        from covidkit.ct.decovnet_bench import bench_decovnet
+
+        bench_decovnet(volumes=args.volumes, slices=args.slices, size=args.size, device=args.device,
+                       input_dir=Path(args.input) if args.input else None)
     return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from covidkit.predict import predict_competition
+
+    result = predict_competition(args.competition_dir, args.models_dir, args.out, device=args.device,
+                                 hflip_tta=args.tta, workers=args.workers, progress=not args.quiet)
+    return 1 if args.strict and result.failed else 0
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
@@ -80,6 +97,14 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         profile=args.profile, input_dir=Path(args.input),
         run_dir=Path(args.out) if args.out else None, only=args.only,
     )
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from covidkit.app import ServeConfig, serve
+
+    config = ServeConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    serve(args.models_dir, host=args.host, port=args.port, config=config, device=args.device)
     return 0
 
 
@@ -123,15 +148,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("bench", help="benchmarks (throughput, ratios against baselines)")
-    p.add_argument("what", choices=["prepare", "cogseg"])
+    p.add_argument("what", choices=["prepare", "cogseg", "predict", "decovnet"])
     p.add_argument("--images", type=int, default=48, help="number of DICOMs to time")
-    p.add_argument("--size", type=int, default=512, help="prepared PNG side (prepare), CT slice side (cogseg)")
+    p.add_argument("--size", type=int, default=512, help="prepared PNG side (prepare), CT slice side (cogseg, decovnet)")
     p.add_argument("--workers", type=int, default=None, help="prepare: processes (default: all cores)")
     p.add_argument("--batch-size", type=int, default=4, help="cogseg: slices per step")
     p.add_argument("--steps", type=int, default=5, help="cogseg: timed steps")
+    p.add_argument("--volumes", type=int, default=4, help="decovnet: CT volumes to time")
+    p.add_argument("--slices", type=int, default=120, help="decovnet: slices of a synthetic volume (size x size each)")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="predict: MODELS_DIR COMPETITION_DIR")
+    p.add_argument("--n", type=int, default=16, help="predict: test images to time")
+    p.add_argument("--device", default="cpu", help="predict, decovnet: torch device of the models")
+    p.add_argument("--tta", action="store_true", help="predict: horizontal-flip test-time augmentation")
     p.add_argument("--input", default=None,
-                   help="a competition folder to take the DICOMs from (default: synthetic ones in a temp dir)")
+                   help="prepare: a competition folder to take the DICOMs from, decovnet: a folder holding "
+                        "ct-covid-volumes/ (default: synthetic data in a temp dir)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("predict", help="a validated submission from a competition folder and a models folder")
+    p.add_argument("competition_dir", help="competition folder (test/<study>/<series>/*.dcm, sample_submission.csv)")
+    p.add_argument("models_dir", help="a models folder written by export_models (notebook 07: runs/<profile>/models)")
+    p.add_argument("--out", required=True, help="submission CSV to write (a .log of unreadable images beside it)")
+    p.add_argument("--device", default="cpu", help="torch device of the models, e.g. cuda")
+    p.add_argument("--tta", action="store_true", help="also predict every image flipped horizontally")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: one core less than all)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any image could not be read")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("pipeline", help="run the numbered notebooks in order with papermill")
     p.add_argument("--profile", default="smoke", help="parameter profile in notebooks/profiles/ (smoke, full)")
@@ -139,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default: runs/<profile>)")
     p.add_argument("--only", nargs="*", default=None, help="run only these notebooks (name prefixes, e.g. 00)")
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("serve", help="web page and JSON API: upload a radiograph, see its opacities and study class")
+    p.add_argument("models_dir", help="a models folder written by export_models (what `covidkit predict` takes)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=64, help="largest accepted file in MiB (413 above)")
+    p.add_argument("--device", default="cpu", help="torch device of the models, e.g. cuda:0")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

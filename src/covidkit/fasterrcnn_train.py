@@ -45,6 +45,16 @@ def output_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / NOTEBOOK
 
 
+def fasterrcnn_models(run_dir: str | Path) -> list[Path]:
+    """The fold models of a run: each split's last-epoch checkpoint (what predicted its OOF images).
+
+    A checkpoint holds ``model`` (the state dict) and ``config.hparams`` (this notebook's
+    parameters: ``FasterRcnnConfig(**hparams).detector_spec()`` rebuilds the network).
+    """
+    found = output_dir(run_dir).glob("split*/last.pt")
+    return sorted(found, key=lambda p: int(p.parent.name.removeprefix("split")))
+
+
 @dataclass
 class FasterRcnnConfig:
     """Parameters of notebook 03 (names as in its ``parameters`` cell and the profile section)."""
@@ -63,6 +73,7 @@ class FasterRcnnConfig:
     proposals_test: int = 1000
     box_batch_size_per_image: int = 512
     representation_size: int = 1024
+    frozen_batchnorm: bool = True  # False: the backbone's batch norms train (smoke: a barely pretrained backbone)
     epochs: int = 12
     batch_size: int = 8
     optimizer: str = "sgd"  # "sgd" (momentum) or "adamw" (learns faster from weak backbones: smoke)
@@ -93,6 +104,7 @@ class FasterRcnnConfig:
             train_size=self.train_size, trainable_layers=self.trainable_layers, fpn_layers=self.fpn_layers,
             anchor_sizes=self.anchor_sizes, proposals_train=self.proposals_train, proposals_test=self.proposals_test,
             box_batch_size_per_image=self.box_batch_size_per_image, representation_size=self.representation_size,
+            frozen_batchnorm=self.frozen_batchnorm,
         )
 
 
@@ -170,12 +182,17 @@ def predict_oof(model: nn.Module, table: pd.DataFrame, size: int, device: torch.
     return OofPredictions.from_parts(parts, table[["image_id", "fold"]])
 
 
-def make_evaluate(val_table: pd.DataFrame, cfg: FasterRcnnConfig):
-    """The engine's per-epoch ``evaluate``: opacity AP@0.5 of the held-out split."""
+def make_evaluate(val_table: pd.DataFrame, cfg: FasterRcnnConfig, latest: list[OofPredictions] | None = None):
+    """The engine's per-epoch ``evaluate``: opacity AP@0.5 of the held-out split.
+
+    ``latest``, when given, keeps the most recent epoch's predictions (the last epoch's are the OOF).
+    """
     truth = truth_boxes(val_table)
 
     def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
         oof = predict_oof(model, val_table, cfg.infer_size, device, cfg.eval_batch_size, cfg.num_workers)
+        if latest is not None:
+            latest[:] = [oof]
         return {"val_ap50": opacity_ap(oof, truth)}
     return evaluate
 
@@ -190,6 +207,7 @@ def train_split(table: pd.DataFrame, split: int, cfg: FasterRcnnConfig) -> tuple
     train_set = OpacityDataset(train_table, detection_transform(DetectionAugment(), train=True, size=cfg.train_size))
     seed_everything(cfg.seed)
     model = build_model(cfg)
+    latest: list[OofPredictions] = []  # the last evaluated epoch's held-out predictions: the OOF
     train_cfg = TrainConfig(
         run_dir=str(output_dir(cfg.run_dir) / f"split{split}"), epochs=cfg.epochs, batch_size=cfg.batch_size,
         seed=cfg.seed, num_workers=cfg.num_workers, amp=cfg.amp, clip_grad_norm=cfg.clip_grad_norm,
@@ -200,12 +218,14 @@ def train_split(table: pd.DataFrame, split: int, cfg: FasterRcnnConfig) -> tuple
         functools.partial(make_optimizer, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay),
         train_cfg, scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
-        evaluate=make_evaluate(val_table, cfg), collate_fn=collate_lists, resume=cfg.resume,
+        evaluate=make_evaluate(val_table, cfg, latest), collate_fn=collate_lists, resume=cfg.resume,
     )
-    load_weights(result.last_checkpoint, model)  # a finished resumed run returns before touching the model
-    device = next(model.parameters()).device
-    oof = predict_oof(model, val_table, cfg.infer_size, device, cfg.eval_batch_size, cfg.num_workers, cfg.progress)
-    return oof, pd.DataFrame(result.history).assign(split=split)
+    if not latest:  # a finished run found by resume: fit returned without training or evaluating
+        load_weights(result.last_checkpoint, model)
+        device = next(model.parameters()).device
+        latest.append(predict_oof(model, val_table, cfg.infer_size, device, cfg.eval_batch_size, cfg.num_workers,
+                                  cfg.progress))
+    return latest[0], pd.DataFrame(result.history).assign(split=split)
 
 
 def untrained_oof(table: pd.DataFrame, cfg: FasterRcnnConfig) -> OofPredictions:

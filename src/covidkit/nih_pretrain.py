@@ -56,6 +56,7 @@ class NihPretrainConfig:
     weights: str | None = None  # local full-model weights file (e.g. ImageNet); None: random init
     epochs: int = 10
     batch_size: int = 32
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum, the recipe) or "adamw" (learns in fewer steps: smoke)
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -64,6 +65,7 @@ class NihPretrainConfig:
     resize: int = 256
     crop: int = 224
     num_workers: int = 4
+    cache_images: bool = False  # keep the decoded images, resized, in memory (small data sets)
     amp: bool = True
     resume: bool = True
     progress: bool = True
@@ -87,8 +89,16 @@ def bce_step(model: nn.Module, batch, device: torch.device) -> tuple[torch.Tenso
     return nn.functional.binary_cross_entropy_with_logits(model(images), targets), {}
 
 
-def sgd_nesterov(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (the recipe) or AdamW."""
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 def predict_probabilities(model: nn.Module, dataset, device: torch.device, batch_size: int,
@@ -141,8 +151,9 @@ def run_nih_pretrain(cfg: NihPretrainConfig) -> NihPretrainResult:
     table = read_nih_table(Path(cfg.input_dir) / DATASET)
     train_table, val_table = patient_split(table, cfg.val_fraction, cfg.seed)
     aug = ClassificationAugment(resize=cfg.resize, crop=cfg.crop)
-    train_set = NihDataset(train_table, classification_transform(aug, train=True))
-    val_set = NihDataset(val_table, classification_transform(aug, train=False))
+    cache_size = cfg.resize if cfg.cache_images else None
+    train_set = NihDataset(train_table, classification_transform(aug, train=True), cache_size)
+    val_set = NihDataset(val_table, classification_transform(aug, train=False), cache_size)
 
     seed_everything(cfg.seed)
     model = build_classifier(cfg.arch, len(LABELS), cfg.weights)
@@ -153,7 +164,8 @@ def run_nih_pretrain(cfg: NihPretrainConfig) -> NihPretrainResult:
     )
     result = fit(
         model, train_set, bce_step,
-        functools.partial(sgd_nesterov, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+        functools.partial(make_optimizer, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay),
         train_cfg, scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
         evaluate=make_evaluate(val_set, cfg), resume=cfg.resume,
     )

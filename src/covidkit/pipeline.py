@@ -112,4 +112,23 @@ def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_di
             tqdm.write(f"{book.stem}: done in {runs[-1].seconds:.0f} s")
     print(f"run folder: {run_dir}")
     print(f"executed notebooks: {run_dir / 'notebooks'}")
+    print_outputs(params, run_dir, Path(input_dir), overrides, [b.stem for b in books])
     return runs
+
+
+SUBMISSION_NOTEBOOK = "07_make_submission"
+
+
+def print_outputs(profile: dict, run_dir: Path, input_dir: Path, overrides: dict, ran: list[str]) -> None:
+    """After a run that made a submission: where it, the models folder and the report are."""
+    if SUBMISSION_NOTEBOOK not in ran:
+        return
+    from covidkit.report import write_report
+
+    section = merge_section(profile, SUBMISSION_NOTEBOOK, overrides)
+    submission = REPO_ROOT / section.get("submission", "submissions/submission.csv")
+    models = REPO_ROOT / (section.get("models_dir") or run_dir / "models")
+    report = write_report(run_dir, submission_csv=submission, input_dir=input_dir.resolve())
+    print(f"submission: {submission}")
+    print(f"models: {models}")
+    print(f"report: {report}")

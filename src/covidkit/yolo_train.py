@@ -66,6 +66,13 @@ def pretrained_weights(run_dir: str | Path) -> Path:
     return output_dir(run_dir, RSNA_NOTEBOOK) / "train" / "weights" / "best.pt"
 
 
+def yolo_models(run_dir: str | Path) -> list[Path]:
+    """The fold models of 04 in a run: the weights each ``fold<k>`` run predicted its OOF images with."""
+    runs = sorted((p.parent for p in output_dir(run_dir, SIIM_NOTEBOOK).glob("fold*/results.csv")),
+                  key=lambda p: int(p.name.removeprefix("fold")))
+    return [yolo.finished_run(run).weights for run in runs]
+
+
 @dataclass
 class SiimYoloResult:
     """The K-fold fine-tuning: one run per fold, OOF predictions and their AP@0.5."""
@@ -111,28 +118,36 @@ def untrained_predictions(table: pd.DataFrame, cfg: YoloTrainConfig, model_yaml:
 
 def train_siim_folds(prepared_dir: str | Path, competition_dir: str | Path, run_dir: str | Path,
                      cfg: YoloTrainConfig, folds: list[int] | None = None, resume: bool = True,
-                     conf: float = 0.001, baseline_model: str | None = None) -> SiimYoloResult:
-    """Fine-tune ``cfg.model`` on every fold of ``folds.csv``; OOF predictions and AP@0.5.
+                     conf: float = 0.001, baseline_model: str | None = None,
+                     fold_groups: int | None = None) -> SiimYoloResult:
+    """Fine-tune ``cfg.model`` on every validation split of ``folds.csv``; OOF predictions and AP@0.5.
 
-    ``folds``: the folds to validate on (default: all; OOF then covers every training image).
+    ``fold_groups`` merges the K folds into fewer splits (split = fold mod ``fold_groups``, as
+    in 03: patients still never cross), so a cheap run trains fewer models and still predicts
+    every image out of fold; None: one split per fold. The run of split k is ``fold<k>/``.
+    ``folds``: the splits to validate on (default: all; OOF then covers every training image).
     ``baseline_model``: a model YAML whose untrained AP is computed for comparison (None: skip).
+    OOF rows keep each image's fold of ``folds.csv``.
     """
     yolo.setup_ultralytics(run_dir)
     out = output_dir(run_dir, SIIM_NOTEBOOK)
     table = siim.prepared_train_table(prepared_dir, competition_dir)
-    all_folds = sorted(table["fold"].unique())
-    folds = all_folds if folds is None else [int(f) for f in folds]
-    unknown = sorted(set(folds) - set(all_folds))
+    table["split"] = table["fold"] % fold_groups if fold_groups else table["fold"]
+    all_splits = sorted(table["split"].unique())
+    folds = all_splits if folds is None else [int(f) for f in folds]
+    unknown = sorted(set(folds) - set(all_splits))
     if unknown:
-        raise ValueError(f"folds {unknown} are not in folds.csv (folds there: {all_folds})")
+        raise ValueError(f"folds {unknown} are not among the splits {all_splits} of folds.csv")
     data_root = yolo_format.write_siim_dataset(table, out / "data")
 
     runs, pieces = {}, []
-    for fold in folds:
-        data_yaml = yolo_format.write_siim_fold(table, data_root, fold)
-        runs[fold] = yolo.train_yolo(cfg, data_yaml, out / f"fold{fold}", resume=resume)
-        model = yolo.load_model(runs[fold].weights)
-        pieces.append(predict_fold(model, table[table["fold"] == fold], fold, cfg.imgsz, cfg.device, conf))
+    for split in folds:
+        data_yaml = yolo_format.write_siim_fold(table, data_root, split, column="split")
+        runs[split] = yolo.train_yolo(cfg, data_yaml, out / f"fold{split}", resume=resume)
+        model = yolo.load_model(runs[split].weights)
+        held_out = table[table["split"] == split]
+        pieces.extend(predict_fold(model, part, fold, cfg.imgsz, cfg.device, conf)
+                      for fold, part in held_out.groupby("fold"))
     oof = OofPredictions.concat(pieces)
     write_oof(out / OOF_CSV, oof)
 
@@ -141,7 +156,7 @@ def train_siim_folds(prepared_dir: str | Path, competition_dir: str | Path, run_
     if baseline_model:
         # conf 0: an untrained head scores everything near its prior (~1e-4), below any threshold; its
         # AP is that of its boxes, not of an empty prediction
-        untrained = untrained_predictions(table[table["fold"].isin(folds)], cfg, baseline_model, conf=0.0)
+        untrained = untrained_predictions(table[table["split"].isin(folds)], cfg, baseline_model, conf=0.0)
         write_oof(out / UNTRAINED_OOF_CSV, untrained)
         baseline_ap = opacity_ap(untrained, gt)
     result = SiimYoloResult(runs=runs, oof=oof, out_dir=out, fold_ap=per_fold_ap(oof, gt), ap=opacity_ap(oof, gt),
@@ -185,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     params["model"] = params.get("model") or str(pretrained_weights(run_dir))
     siim_result = train_siim_folds(Path(run_dir) / "prepared", Path(params["input_dir"]) / siim.COMPETITION, run_dir,
                                    train_config(params), folds=params.get("folds"), resume=params.get("resume", True),
-                                   conf=params.get("conf", 0.001), baseline_model=params.get("baseline_model"))
+                                   conf=params.get("conf", 0.001), baseline_model=params.get("baseline_model"),
+                                   fold_groups=params.get("fold_groups"))
     print(siim_result.fold_ap.to_string(float_format="%.4f"))
     print(f"OOF opacity AP@0.5: {siim_result.ap:.4f}   untrained: {siim_result.baseline_ap}")
     print(f"OOF predictions: {siim_result.out_dir / OOF_CSV}")

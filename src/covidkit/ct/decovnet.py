@@ -107,9 +107,12 @@ class DeCoVNet(nn.Module):
             elif isinstance(m, nn.BatchNorm3d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+        # Only the output layer gets the small std-0.01 init. The released code gives it to both
+        # linear layers; with nothing between them their product starts near 1e-4, a saddle that
+        # Adam leaves only after many thousands of steps (the logits stay constant until then).
+        last = self.classifier.fc[-1]
+        nn.init.normal_(last.weight, std=0.01)
+        nn.init.zeros_(last.bias)
         for block in self.blocks:
             nn.init.zeros_(block.branch[-1].weight)  # each block starts as its shortcut (Goyal et al. 2017)
 

@@ -81,17 +81,39 @@ def read_grey(path: str | Path) -> np.ndarray:
     return image
 
 
-class NihDataset(Dataset):
-    """``(image, target)``: the transformed image and the float multi-hot vector over ``LABELS``."""
+def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
+    """``image`` scaled so that its short side is ``size`` (area interpolation when shrinking)."""
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    hw = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, hw, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
-    def __init__(self, table: pd.DataFrame, transform) -> None:
+
+class NihDataset(Dataset):
+    """``(image, target)``: the transformed image and the float multi-hot vector over ``LABELS``.
+
+    ``cache_size``: decode each image once, keep it in memory with its short side scaled to
+    ``cache_size`` (the transform's first resize), and read it from there in later epochs: on
+    small runs decoding the 1024-pixel PNGs costs as much as a low-resolution training step.
+    """
+
+    def __init__(self, table: pd.DataFrame, transform, cache_size: int | None = None) -> None:
         self.paths = table["path"].tolist()
         self.targets = torch.tensor(table[LABELS].to_numpy(dtype=np.float32))
         self.transform = transform
+        self.cache_size = cache_size
+        self._cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def grey(self, index: int) -> np.ndarray:
+        if self.cache_size is None:
+            return read_grey(self.paths[index])
+        if index not in self._cache:
+            self._cache[index] = resize_short_side(read_grey(self.paths[index]), self.cache_size)
+        return self._cache[index]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = tv_tensors.Image(torch.from_numpy(read_grey(self.paths[index]))[None])
+        image = tv_tensors.Image(torch.from_numpy(self.grey(index))[None])
         return self.transform(image), self.targets[index]

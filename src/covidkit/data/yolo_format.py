@@ -116,10 +116,10 @@ def write_siim_dataset(table: pd.DataFrame, root: str | Path) -> Path:
     return root
 
 
-def write_siim_fold(table: pd.DataFrame, root: str | Path, fold: int) -> Path:
-    """The data YAML of fold ``fold``: validate on it, train on the others."""
+def write_siim_fold(table: pd.DataFrame, root: str | Path, fold: int, column: str = "fold") -> Path:
+    """The data YAML of fold ``fold`` of ``table[column]``: validate on it, train on the others."""
     root = Path(root)
-    is_val = table["fold"].to_numpy() == fold
+    is_val = table[column].to_numpy() == fold
     paths = np.array([siim_image_path(root, i) for i in table["image_id"]], dtype=object)
     return write_split(root, f"fold{fold}", list(paths[~is_val]), list(paths[is_val]))
 

@@ -6,12 +6,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
+from covidkit.boxes import scale_boxes
 from covidkit.models.backbones import check_arch, load_backbone
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -39,6 +43,9 @@ class DetectorSpec:
     representation_size: int = 1024  # width of the two-layer box head
     detections_per_img: int = 100
     score_thresh: float = 0.01  # low: the AP and the ensembles want the whole ranking
+    # torchvision freezes batch norms (statistics of small detection batches are noisy); a backbone
+    # that pretraining barely moved (smoke) learns faster with them trained
+    frozen_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         self.fpn_layers, self.anchor_sizes = tuple(self.fpn_layers), tuple(self.anchor_sizes)
@@ -52,8 +59,9 @@ def build_fasterrcnn(arch: str | None = None, backbone_checkpoint: str | Path | 
     """Faster R-CNN + FPN with the backbone of ``backbone_checkpoint`` (a ``save_backbone`` file).
 
     ``arch`` defaults to the checkpoint's; without a checkpoint the backbone is random. Batch norms
-    are frozen, as in torchvision's detection models (statistics of small detection batches are
-    too noisy): the backbone's running statistics come from the NIH pretraining.
+    are frozen by default, as in torchvision's detection models (statistics of small detection
+    batches are too noisy): the backbone's running statistics come from the NIH pretraining.
+    With ``spec.frozen_batchnorm`` False they start from those statistics and train.
     """
     spec = spec or DetectorSpec()
     state = None
@@ -64,7 +72,8 @@ def build_fasterrcnn(arch: str | None = None, backbone_checkpoint: str | Path | 
         arch = saved_arch
     if arch is None:
         raise ValueError("give arch or backbone_checkpoint")
-    backbone = resnet_fpn_backbone(backbone_name=check_arch(arch), weights=None,
+    norm_layer = FrozenBatchNorm2d if spec.frozen_batchnorm else nn.BatchNorm2d
+    backbone = resnet_fpn_backbone(backbone_name=check_arch(arch), weights=None, norm_layer=norm_layer,
                                    trainable_layers=spec.trainable_layers, returned_layers=list(spec.fpn_layers))
     if state is not None:
         backbone.body.load_state_dict(state)
@@ -82,6 +91,25 @@ def build_fasterrcnn(arch: str | None = None, backbone_checkpoint: str | Path | 
         box_batch_size_per_image=spec.box_batch_size_per_image,
         box_detections_per_img=spec.detections_per_img, box_score_thresh=spec.score_thresh,
     )
+
+
+@torch.no_grad()
+def predict_image(model: FasterRCNN, image: np.ndarray, prepared_size: int, infer_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(boxes [N, 4] in ``image``'s pixels, scores [N])`` for one uint8 grey image of any size.
+
+    The image goes the way of the out-of-fold predictions: resized to 00's square
+    ``prepared_size`` (``covidkit.prepare.resize_square``), scaled to [0, 1] on three channels,
+    resized by the model to ``infer_size``; the boxes are scaled back. ``model`` is in eval mode.
+    """
+    from covidkit.prepare import resize_square
+
+    square = resize_square(image, prepared_size)
+    device = next(model.parameters()).device
+    x = torch.from_numpy(square).to(device).float().div_(255.0).expand(3, -1, -1)
+    with inference_size(model, infer_size):
+        out = model([x])[0]
+    boxes = scale_boxes(out["boxes"].float().cpu().numpy(), square.shape, image.shape[:2])
+    return boxes, out["scores"].float().cpu().numpy()
 
 
 @contextlib.contextmanager

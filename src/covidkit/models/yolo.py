@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -199,6 +200,28 @@ def _epoch_bar(model, desc: str) -> None:
         model.add_callback(event, fn)
 
 
+def _seed_each_epoch(model, seed: int) -> None:
+    """Reseed python, numpy, torch and the loader's shuffling at each epoch's start from ``seed + epoch``.
+
+    ultralytics seeds once per process and does not save its loader's RNG state, so a resumed
+    run would shuffle and augment differently from an uninterrupted one. Seeding every epoch from
+    its number makes each epoch's draws independent of what ran before, hence of an interruption
+    (exact on CPU with ``workers=0`` and ``mosaic=0``: DataLoader workers are seeded when the
+    loader is built, and mosaic draws partners from a buffer of recently loaded images that a
+    resumed run starts empty).
+    """
+    def on_train_epoch_start(trainer) -> None:
+        epoch_seed = seed + trainer.epoch
+        random.seed(epoch_seed)
+        np.random.seed(epoch_seed % 2**32)
+        torch.manual_seed(epoch_seed)
+        generator = getattr(trainer.train_loader, "generator", None)
+        if generator is not None:  # the RandomSampler's: it draws the epoch's order when the epoch starts
+            generator.manual_seed(epoch_seed)
+
+    model.add_callback("on_train_epoch_start", on_train_epoch_start)
+
+
 def train_args(cfg: YoloTrainConfig, data_yaml: Path, run_dir: Path) -> dict[str, Any]:
     """The keyword arguments of ``YOLO.train`` for ``cfg``."""
     device = resolve_device(cfg.device)
@@ -231,6 +254,7 @@ def train_yolo(cfg: YoloTrainConfig, data_yaml: str | Path, run_dir: str | Path,
         (run_dir / "covidkit_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         model = load_model(run_dir / "weights" / "last.pt" if state == "interrupted" else cfg.model)
         _epoch_bar(model, run_dir.name)
+        _seed_each_epoch(model, cfg.seed)
         for event, fn in (callbacks or {}).items():
             model.add_callback(event, fn)
         args = train_args(cfg, Path(data_yaml).resolve(), run_dir)
@@ -267,3 +291,21 @@ def predict_boxes(model, paths: Sequence[str | Path], imgsz: int, device: str | 
             boxes = result.boxes
             out.append((boxes.xyxy.cpu().numpy().astype(np.float64), boxes.conf.cpu().numpy().astype(np.float64)))
     return out
+
+
+def predict_image(model, image: np.ndarray, prepared_size: int, imgsz: int, device: str | None = None,
+                  conf: float = 0.001, iou: float = 0.6, max_det: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """``(boxes [N, 4] in ``image``'s pixels, scores [N])`` for one uint8 grey image of any size.
+
+    As for the out-of-fold predictions: resized to 00's square ``prepared_size``, given to
+    ultralytics as the 3-channel array OpenCV reads from the PNG, boxes scaled back.
+    """
+    from covidkit.boxes import scale_boxes
+    from covidkit.prepare import resize_square
+
+    square = resize_square(image, prepared_size)
+    bgr = np.repeat(square[:, :, None], 3, axis=2)
+    result = model.predict([bgr], imgsz=imgsz, device=resolve_device(device).split(",")[0], conf=conf, iou=iou,
+                           max_det=max_det, verbose=False, half=False)[0]
+    boxes = result.boxes.xyxy.cpu().numpy().astype(np.float64)
+    return scale_boxes(boxes, square.shape, image.shape[:2]), result.boxes.conf.cpu().numpy().astype(np.float64)

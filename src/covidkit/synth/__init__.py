@@ -12,6 +12,7 @@ from pathlib import Path
 
 from covidkit.synth.config import SynthConfig
 from covidkit.synth.ct_slices import write_ct_slice_sets
+from covidkit.synth.ct_volumes import write_ct_volume_set
 from covidkit.synth.nih import write_nih
 from covidkit.synth.rsna import write_rsna
 from covidkit.synth.siim import write_siim
@@ -25,6 +26,7 @@ WRITERS: list[Callable[[Path, SynthConfig], str]] = [
     write_nih,
     write_rsna,
     write_ct_slice_sets,
+    write_ct_volume_set,
 ]
 
 

@@ -1,0 +1,347 @@
+"""Weighted boxes fusion (WBF) of several detectors' opacity boxes, then NMS.
+
+Each model gives ``[N, 4]`` boxes in the image's original pixels with ``[N]`` scores. The boxes
+are normalised to ``[0, 1]`` by the image's width and height (``ensemble_boxes`` expects that),
+fused with ``ensemble_boxes.weighted_boxes_fusion`` (one list per model, one weight per list),
+passed through NMS (``torchvision.ops.nms``) to drop fused boxes that still overlap, and mapped
+back to original pixels.
+
+Notebook 05 fuses the out-of-fold predictions of 03 (Faster R-CNN) and 04 (YOLO) with
+:func:`fuse_oof`, compares the opacity AP@0.5 of each model and of the fusion on the same images
+(:func:`ap_table`), and may choose the parameters on a small grid (:func:`grid_search`); the chosen
+ones are saved as ``fusion.json`` (:meth:`FusionParams.save`) for notebook 07, which fuses every
+fold model's boxes per test image with :func:`fuse_boxes`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from ensemble_boxes import weighted_boxes_fusion
+from torchvision.ops import nms
+
+from covidkit.boxes import EMPTY, as_boxes
+from covidkit.metrics import match_detections
+from covidkit.oof import OofPredictions, opacity_ap
+
+CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
+FUSION_JSON = "fusion.json"
+
+
+@dataclass(frozen=True)
+class FusionParams:
+    """Parameters of :func:`fuse_boxes`.
+
+    ``weights``: one per detector, in the order the detectors are given (05 and 07: Faster R-CNN,
+    YOLO). ``iou_thr``, ``skip_box_thr``, ``conf_type``: those of ``weighted_boxes_fusion``.
+    ``nms_iou_thr``: NMS after the fusion (``None``: no NMS). ``max_boxes``: each model's
+    best-scored boxes kept before the fusion (``None``: all). WBF's clustering is a Python loop
+    over the boxes (about 80 us each): 07 fuses every fold of both detectors per image, and their
+    low-scored tails (100 boxes per model at confidence 0.001) would cost more than a detector.
+    """
+
+    weights: tuple[float, ...] = (1.0, 1.0)
+    iou_thr: float = 0.55
+    skip_box_thr: float = 0.0
+    conf_type: str = "avg"
+    nms_iou_thr: float | None = 0.5
+    max_boxes: int | None = 20
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        if self.conf_type not in CONF_TYPES:
+            raise ValueError(f"conf_type must be one of {CONF_TYPES}, got {self.conf_type!r}")
+        if not 0 < self.iou_thr <= 1 or not 0 <= self.skip_box_thr < 1:
+            raise ValueError(f"iou_thr must be in (0, 1] and skip_box_thr in [0, 1), got {self.iou_thr}, "
+                             f"{self.skip_box_thr}")
+        if not self.weights or min(self.weights) < 0 or sum(self.weights) <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {self.weights}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "weights": list(self.weights)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> FusionParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown fusion parameters {unknown} (known: {sorted(known)})")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> FusionParams:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _normalised(boxes: np.ndarray, scores: np.ndarray, image_hw: tuple[int, int],
+                max_boxes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes divided by the image size and clipped to [0, 1]; zero-area boxes dropped (WBF would warn);
+    the ``max_boxes`` best kept."""
+    height, width = image_hw
+    boxes = (as_boxes(boxes) / np.array([width, height, width, height], dtype=np.float64)).clip(0.0, 1.0)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(scores) != len(boxes):
+        raise ValueError(f"{len(boxes)} boxes but {len(scores)} scores")
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return _top(boxes[keep], scores[keep], max_boxes)
+
+
+def fuse_normalised(boxes_list: Sequence[np.ndarray], scores_list: Sequence[np.ndarray], params: FusionParams,
+                    weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """WBF then NMS of boxes already in [0, 1]; returns ``[N, 4]`` boxes and scores, best first."""
+    if not any(len(s) for s in scores_list):
+        return EMPTY.copy(), np.zeros(0)
+    labels = [np.zeros(len(s)) for s in scores_list]
+    boxes, scores, _ = weighted_boxes_fusion(
+        [b.tolist() for b in boxes_list], [s.tolist() for s in scores_list], labels, weights=list(weights),
+        iou_thr=params.iou_thr, skip_box_thr=params.skip_box_thr, conf_type=params.conf_type)
+    boxes, scores = np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, dtype=np.float64)
+    if params.nms_iou_thr is not None and len(scores) > 1:
+        keep = nms(torch.from_numpy(boxes), torch.from_numpy(scores), params.nms_iou_thr).numpy()
+        boxes, scores = boxes[keep], scores[keep]
+    # WBF's avg can exceed 1 only with allows_overflow; clip guards the submission's [0, 1] anyway
+    return boxes, scores.clip(0.0, 1.0)
+
+
+def fuse_boxes(boxes_list: Sequence, scores_list: Sequence, image_hw: tuple[int, int],
+               params: FusionParams = FusionParams(), weights: Sequence[float] | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Fuse the boxes of several models on one image of size ``image_hw`` (height, width).
+
+    ``boxes_list[i]``: ``[N_i, 4]`` boxes of model ``i`` in original pixels, ``scores_list[i]``
+    their scores. ``weights`` (one per model) defaults to ``params.weights``. Returns the fused
+    ``[N, 4]`` boxes in original pixels and their scores, best first.
+    """
+    weights = params.weights if weights is None else tuple(weights)
+    if not len(boxes_list) == len(scores_list) == len(weights):
+        raise ValueError(f"{len(boxes_list)} box sets, {len(scores_list)} score sets and {len(weights)} weights")
+    normalised = [_normalised(b, s, image_hw, params.max_boxes) for b, s in zip(boxes_list, scores_list)]
+    boxes, scores = fuse_normalised([b for b, _ in normalised], [s for _, s in normalised], params, weights)
+    height, width = image_hw
+    return boxes * np.array([width, height, width, height], dtype=np.float64), scores
+
+
+# --------------------------------------------------------------------------- out-of-fold predictions
+
+
+def read_image_sizes(meta_csv: str | Path) -> dict[str, tuple[int, int]]:
+    """``{image_id: (orig_height, orig_width)}`` from a ``meta.csv`` of ``covidkit prepare``."""
+    meta = pd.read_csv(meta_csv, dtype={"image_id": str})
+    meta = meta[meta["status"] != "failed"]
+    return {i: (int(h), int(w)) for i, h, w in zip(meta["image_id"], meta["orig_height"], meta["orig_width"])}
+
+
+def common_images(oofs: Sequence[OofPredictions]) -> list[str]:
+    """The images every model was evaluated on, sorted."""
+    ids = set(oofs[0].images["image_id"])
+    for oof in oofs[1:]:
+        ids &= set(oof.images["image_id"])
+    return sorted(ids)
+
+
+def restrict(oof: OofPredictions, image_ids) -> OofPredictions:
+    """``oof`` on the images ``image_ids`` only."""
+    keep = set(image_ids)
+    return OofPredictions(oof.boxes[oof.boxes["image_id"].isin(keep)], oof.images[oof.images["image_id"].isin(keep)])
+
+
+def _top(boxes: np.ndarray, scores: np.ndarray, k: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if k is None or len(scores) <= k:
+        return boxes, scores
+    keep = np.argsort(-scores, kind="stable")[:k]
+    return boxes[keep], scores[keep]
+
+
+@dataclass
+class _NormalisedOof:
+    """Per image, each model's normalised boxes and scores: grouped once, fused many times (the grid)."""
+
+    image_ids: list[str]
+    folds: list[int]
+    sizes: list[tuple[int, int]]
+    per_model: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)  # [image][model]
+
+    @classmethod
+    def build(cls, oofs: Sequence[OofPredictions], sizes: Mapping[str, tuple[int, int]]) -> _NormalisedOof:
+        ids = common_images(oofs)
+        missing = [i for i in ids if i not in sizes]
+        if missing:
+            raise KeyError(f"{len(missing)} images have no original size, e.g. {missing[:5]}")
+        folds = oofs[0].images.set_index("image_id")["fold"]
+        grouped = [{i: g for i, g in oof.boxes.groupby("image_id")} for oof in oofs]
+        data = cls(ids, [int(folds[i]) for i in ids], [sizes[i] for i in ids])
+        for image_id, hw in zip(ids, data.sizes):
+            row = []
+            for groups in grouped:
+                g = groups.get(image_id)
+                if g is None:
+                    row.append((EMPTY.copy(), np.zeros(0)))
+                else:
+                    row.append(_normalised(g[["x1", "y1", "x2", "y2"]].to_numpy(), g["score"].to_numpy(), hw))
+            data.per_model.append(row)
+        return data
+
+    def fuse(self, params: FusionParams, weights: Sequence[float]) -> OofPredictions:
+        ids, folds, boxes, scores = [], [], [], []
+        for image_id, fold, (height, width), row in zip(self.image_ids, self.folds, self.sizes, self.per_model):
+            row = [_top(b, s, params.max_boxes) for b, s in row]
+            fused, fused_scores = fuse_normalised([b for b, _ in row], [s for _, s in row], params, weights)
+            ids += [image_id] * len(fused_scores)
+            folds += [fold] * len(fused_scores)
+            boxes.append(fused * np.array([width, height, width, height]))
+            scores.append(fused_scores)
+        frame = pd.DataFrame(np.concatenate([EMPTY, *boxes]), columns=["x1", "y1", "x2", "y2"])
+        frame.insert(0, "fold", np.asarray(folds, dtype=int))
+        frame.insert(0, "image_id", ids)
+        frame["score"] = np.concatenate([np.zeros(0), *scores])
+        return OofPredictions(frame, pd.DataFrame({"image_id": self.image_ids, "fold": self.folds}))
+
+
+def fuse_oof(oofs: Sequence[OofPredictions], sizes: Mapping[str, tuple[int, int]],
+             params: FusionParams = FusionParams(), weights: Sequence[float] | None = None) -> OofPredictions:
+    """The fused out-of-fold predictions of several models on the images they share.
+
+    ``sizes``: ``{image_id: (height, width)}`` in original pixels (:func:`read_image_sizes`).
+    Each image keeps the fold of the first model's OOF.
+    """
+    weights = params.weights if weights is None else tuple(weights)
+    if len(weights) != len(oofs):
+        raise ValueError(f"{len(oofs)} models but {len(weights)} weights")
+    return _NormalisedOof.build(oofs, sizes).fuse(params, weights)
+
+
+def ap_table(oofs: Mapping[str, OofPredictions], truth: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Opacity AP@0.5 of each named model (index: the names), with image and box counts."""
+    rows = [{"model": name, "images": len(oof.images), "predicted_boxes": len(oof.boxes),
+             "ap50": opacity_ap(oof, truth)} for name, oof in oofs.items()]
+    return pd.DataFrame(rows).set_index("model")
+
+
+def grid_search(oofs: Sequence[OofPredictions], sizes: Mapping[str, tuple[int, int]],
+                truth: Mapping[str, np.ndarray], grid: Mapping[str, Sequence],
+                base: FusionParams = FusionParams()) -> tuple[FusionParams, pd.DataFrame]:
+    """The ``FusionParams`` with the best fused OOF AP@0.5 over ``grid`` (``{field: values}``).
+
+    Returns the best parameters (ties: the first in grid order, so put the defaults first) and a
+    frame with one row per combination and its ``ap50``, best first.
+    """
+    data = _NormalisedOof.build(oofs, sizes)
+    keys = list(grid)
+    rows, best, best_ap = [], base, -np.inf
+    for values in itertools.product(*(grid[k] for k in keys)):
+        params = replace(base, **dict(zip(keys, values)))
+        ap = opacity_ap(data.fuse(params, params.weights), truth)
+        rows.append({**dict(zip(keys, values)), "ap50": ap})
+        if ap > best_ap:
+            best, best_ap = params, ap
+    table = pd.DataFrame(rows).sort_values("ap50", ascending=False, kind="stable").reset_index(drop=True)
+    return best, table
+
+
+def precision_recall(oof: OofPredictions, truth: Mapping[str, np.ndarray],
+                     iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """The (recall, precision) points of ``oof``'s opacity detections, by descending score."""
+    gt = {i: as_boxes(truth[i]) for i in oof.images["image_id"]}
+    n_gt = sum(len(b) for b in gt.values())
+    boxes = oof.boxes
+    tp = match_detections(gt, boxes["image_id"].to_numpy(dtype=object), boxes["score"].to_numpy(),
+                          boxes[["x1", "y1", "x2", "y2"]].to_numpy(), iou_threshold)
+    hits = np.cumsum(tp)
+    return hits / max(n_gt, 1), hits / np.arange(1, len(tp) + 1)
+
+
+# --------------------------------------------------------------------------- notebook 05
+
+NOTEBOOK = "05_ensemble_wbf"
+DETECTOR_OOF = {"Faster R-CNN": "03_train_siim_fasterrcnn/oof.csv", "YOLO": "04_train_siim_yolo/oof.csv"}
+ENSEMBLE = "WBF ensemble"
+TUNED = "WBF ensemble, parameters tuned on these images"
+
+
+@dataclass
+class EnsembleConfig:
+    """Parameters of notebook 05 (names as in its ``parameters`` cell and the profile section)."""
+
+    input_dir: str
+    run_dir: str
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # Faster R-CNN, YOLO
+    iou_thr: float = 0.55
+    skip_box_thr: float = 0.0
+    conf_type: str = "avg"
+    nms_iou_thr: float | None = 0.5
+    max_boxes: int | None = 20
+    grid: dict[str, list] | None = None  # {FusionParams field: values}; None: no tuning
+
+    def params(self) -> FusionParams:
+        return FusionParams(weights=tuple(self.weights), iou_thr=self.iou_thr, skip_box_thr=self.skip_box_thr,
+                            conf_type=self.conf_type, nms_iou_thr=self.nms_iou_thr, max_boxes=self.max_boxes)
+
+
+@dataclass
+class EnsembleResult:
+    table: pd.DataFrame  # opacity AP@0.5 per model on the shared OOF images (index: model)
+    oofs: dict[str, OofPredictions]  # the same rows' predictions, on those images
+    params: FusionParams  # what 07 uses (the tuned ones when a grid was given)
+    grid: pd.DataFrame | None
+    truth: dict[str, np.ndarray]
+    out_dir: Path
+
+
+def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
+    """A GitHub Markdown table of ``frame`` with its index (``DataFrame.to_markdown`` needs tabulate,
+    which covidkit does not depend on for one table)."""
+    frame = frame.reset_index()
+    cells = [[float_format.format(v) if isinstance(v, float) else str(v) for v in row]
+             for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
+
+
+def run_ensemble(cfg: EnsembleConfig) -> EnsembleResult:
+    """Fuse 03's and 04's OOF boxes, tabulate the AP@0.5 of each and of the fusion, save ``fusion.json``.
+
+    Writes ``<run_dir>/05_ensemble_wbf/``: ``ap_table.csv`` / ``ap_table.md``, ``oof.csv`` (+ images,
+    the fusion with the saved parameters), ``fusion.json``, and ``grid.csv`` when a grid is given.
+    """
+    from covidkit.data.siim import COMPETITION, read_image_labels
+    from covidkit.oof import read_oof, write_oof
+
+    run_dir, out = Path(cfg.run_dir), Path(cfg.run_dir) / NOTEBOOK
+    singles = {name: read_oof(run_dir / rel) for name, rel in DETECTOR_OOF.items()}
+    sizes = read_image_sizes(run_dir / "prepared" / "meta.csv")
+    labels = read_image_labels(Path(cfg.input_dir) / COMPETITION / "train_image_level.csv")
+    truth = dict(zip(labels["image_id"], labels["boxes"]))
+    shared = common_images(list(singles.values()))
+    if not shared:
+        raise ValueError("the OOF predictions of 03 and 04 share no image")
+    oofs = {name: restrict(oof, shared) for name, oof in singles.items()}
+    params = cfg.params()
+    oofs[ENSEMBLE] = fuse_oof(list(singles.values()), sizes, params)
+    grid = None
+    if cfg.grid:
+        tuned, grid = grid_search(list(singles.values()), sizes, truth, cfg.grid, base=params)
+        if tuned != params:
+            oofs[TUNED] = fuse_oof(list(singles.values()), sizes, tuned)
+        params = tuned
+    table = ap_table(oofs, truth)
+
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "ap_table.csv")
+    (out / "ap_table.md").write_text(markdown_table(table))
+    write_oof(out / "oof.csv", oofs[TUNED if TUNED in oofs else ENSEMBLE])
+    params.save(out / FUSION_JSON)
+    if grid is not None:
+        grid.to_csv(out / "grid.csv", index=False)
+    return EnsembleResult(table=table, oofs=oofs, params=params, grid=grid, truth=truth, out_dir=out)

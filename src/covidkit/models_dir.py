@@ -1,0 +1,218 @@
+"""A self-contained models folder: every fold model of 03, 04 and 06, the fusion parameters, a manifest.
+
+What ``covidkit predict`` and ``covidkit serve`` take, and what a Kaggle dataset would hold::
+
+    manifest.json          format, versions, the files with their SHA-256, sizes, priors
+    fusion.json            the WBF parameters chosen in 05 (covidkit.ensemble.FusionParams)
+    fasterrcnn/fold<k>.pt  03's models: weights + DetectorSpec + architecture + inference size
+    yolo/fold<k>.pt        04's ultralytics weights, as trained
+    study/fold<k>.pt       06's study models (covidkit.study.save_study_model), as trained
+
+``export_models(run_dir, out_dir)`` builds it from a run folder; ``read_manifest`` reads it back
+and checks every file against its hash. The Faster R-CNN files drop what only training needs
+(optimizer, RNG states), so a fold is its weights and the facts needed to rebuild the network.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import warnings
+from dataclasses import asdict, fields
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from covidkit.data.siim import STUDY_CLASSES, read_image_labels, read_study_labels
+from covidkit.ensemble import FUSION_JSON, FusionParams
+
+MODELS_FORMAT = "covidkit.models/1"
+FASTERRCNN_FORMAT = "covidkit.fasterrcnn/1"
+MANIFEST = "manifest.json"
+DETECTORS = ("fasterrcnn", "yolo")  # the order of FusionParams.weights
+PACKAGES = ("covidkit", "torch", "torchvision", "ultralytics", "ensemble-boxes", "numpy", "pydicom")
+
+FASTERRCNN_NOTEBOOK = "03_train_siim_fasterrcnn"
+YOLO_NOTEBOOK = "04_train_siim_yolo"
+ENSEMBLE_NOTEBOOK = "05_ensemble_wbf"
+
+
+# --------------------------------------------------------------------------- the models of a run folder
+
+
+def fasterrcnn_checkpoints(run_dir: str | Path) -> list[Path]:
+    """03's fold models: the last epoch of each ``split<k>`` (the one that made the OOF predictions)."""
+    found = (Path(run_dir) / FASTERRCNN_NOTEBOOK).glob("split*/last.pt")
+    return sorted(found, key=lambda p: int(p.parent.name.removeprefix("split")))
+
+
+def yolo_weights(run_dir: str | Path) -> list[Path]:
+    """04's fold models: the weights each ``fold<k>`` run predicted its OOF images with."""
+    from covidkit.models.yolo import finished_run
+
+    runs = (Path(run_dir) / YOLO_NOTEBOOK).glob("fold*/results.csv")
+    runs = sorted((p.parent for p in runs), key=lambda p: int(p.name.removeprefix("fold")))
+    return [finished_run(run).weights for run in runs]
+
+
+def prepared_size(run_dir: str | Path) -> int:
+    """The side of 00's square PNGs in ``<run_dir>/prepared`` (detectors see images resized to it first)."""
+    from PIL import Image
+
+    png = next((Path(run_dir) / "prepared").glob("*/*.png"), None)
+    if png is None:
+        raise FileNotFoundError(f"no prepared image under {Path(run_dir) / 'prepared'} (run 00 first)")
+    with Image.open(png) as image:  # header only
+        if image.width != image.height:
+            raise ValueError(f"prepared images are not square: {png} is {image.width}x{image.height}")
+        return image.width
+
+
+def fasterrcnn_payload(checkpoint: str | Path, run_dir: str | Path, size: int) -> dict:
+    """A training checkpoint of 03 -> weights, detector spec, architecture and sizes."""
+    from covidkit.fasterrcnn_train import FasterRcnnConfig
+    from covidkit.models.backbones import load_backbone
+    from covidkit.nih_pretrain import backbone_path
+    from covidkit.train import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    hparams = ckpt["config"]["hparams"]
+    known = {f.name for f in fields(FasterRcnnConfig)}
+    cfg = FasterRcnnConfig(**{k: v for k, v in hparams.items() if k in known})
+    arch, _ = load_backbone(cfg.backbone or backbone_path(run_dir))
+    return {"format": FASTERRCNN_FORMAT, "arch": arch, "spec": asdict(cfg.detector_spec()),
+            "infer_size": cfg.infer_size, "prepared_size": size, "state_dict": ckpt["model"]}
+
+
+def _yolo_imgsz(weights: Path) -> int:
+    """The ``imgsz`` a 04 run trained at (its ``covidkit_config.json``, else ultralytics' ``args.yaml``)."""
+    import yaml
+
+    run = weights.parent.parent
+    config = run / "covidkit_config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text())["imgsz"])
+    return int(yaml.safe_load((run / "args.yaml").read_text())["imgsz"])
+
+
+# --------------------------------------------------------------------------- priors
+
+
+def training_priors(competition_dir: str | Path) -> dict:
+    """The class frequencies of the training labels: what an image that cannot be read gets.
+
+    ``study``: the share of each study class over the studies; ``none``: the share of images
+    without an opacity box.
+    """
+    competition_dir = Path(competition_dir)
+    studies = read_study_labels(competition_dir / "train_study_level.csv")
+    images = read_image_labels(competition_dir / "train_image_level.csv")
+    shares = studies["label"].value_counts(normalize=True)
+    return {"study": {c: float(shares.get(c, 0.0)) for c in STUDY_CLASSES},
+            "none": float(np.mean([len(b) == 0 for b in images["boxes"]]))}
+
+
+def folds_priors(run_dir: str | Path) -> dict:
+    """Priors from 00's ``folds.csv`` alone (no image labels there: ``none`` takes P(negative))."""
+    folds = pd.read_csv(Path(run_dir) / "prepared" / "folds.csv", dtype={"image_id": str})
+    shares = folds["label"].value_counts(normalize=True)
+    study = {c: float(shares.get(c, 0.0)) for c in STUDY_CLASSES}
+    return {"study": study, "none": study["negative"]}
+
+
+# --------------------------------------------------------------------------- export and manifest
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str | None]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str | Path | None = None) -> Path:
+    """Copy every fold model of 03, 04 and 06 of ``run_dir``, 05's ``fusion.json`` and a manifest to ``out_dir``.
+
+    ``competition_dir`` (with the training CSVs) gives the priors used for unreadable images;
+    without it they come from 00's ``folds.csv``. Without 05's ``fusion.json`` the default
+    ``FusionParams`` are written, with a warning. ``out_dir`` is replaced. Returns ``out_dir``.
+    """
+    from covidkit.study import study_models
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    sources = {"fasterrcnn": fasterrcnn_checkpoints(run_dir), "yolo": yolo_weights(run_dir),
+               "study": study_models(run_dir)}
+    missing = [name for name, paths in sources.items() if not paths]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} has no fold model for {missing} (run notebooks 03, 04 and 06 first)")
+    size = prepared_size(run_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    for name in sources:
+        (out_dir / name).mkdir(parents=True)
+
+    files: dict[str, list[str]] = {name: [] for name in sources}
+    for k, checkpoint in enumerate(sources["fasterrcnn"]):
+        torch.save(fasterrcnn_payload(checkpoint, run_dir, size), out_dir / "fasterrcnn" / f"fold{k}.pt")
+        files["fasterrcnn"].append(f"fasterrcnn/fold{k}.pt")
+    for name in ("yolo", "study"):
+        for k, source in enumerate(sources[name]):
+            shutil.copyfile(source, out_dir / name / f"fold{k}.pt")
+            files[name].append(f"{name}/fold{k}.pt")
+
+    fusion_json = run_dir / ENSEMBLE_NOTEBOOK / FUSION_JSON
+    if fusion_json.is_file():
+        fusion = FusionParams.load(fusion_json)
+    else:
+        warnings.warn(f"{fusion_json} not found (run 05 first): exporting the default fusion parameters")
+        fusion = FusionParams()
+    fusion.save(out_dir / FUSION_JSON)
+
+    manifest = {
+        "format": MODELS_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_run": str(run_dir.resolve()),
+        "versions": package_versions(),
+        "prepared_size": size,
+        "detectors": list(DETECTORS),
+        "models": files,
+        "yolo_imgsz": [_yolo_imgsz(p) for p in sources["yolo"]],
+        "fusion": FUSION_JSON,
+        "priors": training_priors(competition_dir) if competition_dir else folds_priors(run_dir),
+        "sha256": {rel: sha256(out_dir / rel) for rel in [*sum(files.values(), []), FUSION_JSON]},
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out_dir
+
+
+def read_manifest(models_dir: str | Path, verify: bool = True) -> dict:
+    """The manifest of a models folder; with ``verify``, every listed file is checked against its hash."""
+    models_dir = Path(models_dir)
+    path = models_dir / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {models_dir} a folder written by export_models?")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != MODELS_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {MODELS_FORMAT!r}")
+    for rel, digest in manifest["sha256"].items():
+        if not (models_dir / rel).is_file():
+            raise FileNotFoundError(f"{models_dir / rel} (listed in the manifest) is missing")
+        if verify and sha256(models_dir / rel) != digest:
+            raise ValueError(f"{models_dir / rel} does not match its SHA-256 in the manifest (changed or corrupt)")
+    return manifest

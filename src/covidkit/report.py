@@ -1,0 +1,305 @@
+"""The run report: one self-contained HTML page of what a pipeline run produced.
+
+``write_report(run_dir)`` reads the files the notebooks wrote in a run folder and writes
+``<run_dir>/report.html``: the detectors' out-of-fold (OOF) opacity AP and PR curves (03, 04 and the
+fusion of 05), 05's single-vs-fused table, the study model's OOF APs, PR curves, ``none`` comparison and
+confusion matrix (06), the submission's score per class (07, when test labels exist), and a few OOF and
+test images with true and predicted boxes. Figures are embedded as base64 PNG; the page loads nothing
+from anywhere. A section whose inputs are missing says "not run" and the rest of the report is unaffected.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidkit.boxes import parse_prediction_string, scale_boxes
+from covidkit.data.siim import (
+    COMPETITION, SOLUTION, SOLUTION_IMAGE_CSV, SOLUTION_STUDY_CSV, STUDY_CLASSES, read_image_labels,
+)
+from covidkit.metrics import format_scores, score_files
+from covidkit.oof import OofPredictions, opacity_ap, read_oof
+
+REPORT_HTML = "report.html"
+# OOF box files of the detectors and of the fusion, relative to the run folder.
+DETECTOR_OOF = {
+    "Faster R-CNN (03)": "03_train_siim_fasterrcnn/oof.csv",
+    "YOLO (04)": "04_train_siim_yolo/oof.csv",
+    "WBF ensemble (05)": "05_ensemble_wbf/oof.csv",
+}
+ENSEMBLE_TABLE = "05_ensemble_wbf/ap_table.csv"
+STUDY_DIR = "06_study_level"
+EXAMPLES = 8
+
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}img{max-width:100%}.missing{color:#a00}pre{background:#f6f6f6;padding:.5em}"""
+
+
+class Missing(Exception):
+    """A section's inputs are not in the run folder (the notebook was not run)."""
+
+
+def _figure_html(fig) -> str:
+    """A matplotlib figure as an inline PNG ``<img>``; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return _png_html(buffer.getvalue())
+
+
+def _png_html(data: bytes) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+
+
+def _table_html(frame: pd.DataFrame, digits: int = 4) -> str:
+    return frame.to_html(float_format=lambda v: f"{v:.{digits}f}", na_rep="n/a", border=0)
+
+
+def _require(*paths: Path) -> None:
+    absent = [str(p) for p in paths if not p.is_file()]
+    if absent:
+        raise Missing(f"not run: {', '.join(absent)} missing")
+
+
+def find_input_dir(run_dir: Path) -> Path | None:
+    """The ``input_dir`` the run's notebooks were given (papermill records it in each executed notebook)."""
+    for book in sorted((run_dir / "notebooks").glob("*.ipynb")):
+        try:
+            params = json.loads(book.read_text())["metadata"]["papermill"]["parameters"]
+        except (KeyError, ValueError):
+            continue
+        if params.get("input_dir"):
+            return Path(params["input_dir"])
+    return None
+
+
+def _truth(input_dir: Path | None) -> dict[str, np.ndarray]:
+    if input_dir is None:
+        raise Missing("not run: the training labels were not found (no input_dir)")
+    path = input_dir / COMPETITION / "train_image_level.csv"
+    _require(path)
+    labels = read_image_labels(path)
+    return dict(zip(labels["image_id"], labels["boxes"]))
+
+
+def _detector_oofs(run_dir: Path) -> dict[str, OofPredictions]:
+    return {name: read_oof(run_dir / rel) for name, rel in DETECTOR_OOF.items() if (run_dir / rel).is_file()}
+
+
+def precision_recall_boxes(oof: OofPredictions, truth: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) of the opacity boxes by descending score, matched as the competition does."""
+    from covidkit.metrics import match_detections
+
+    gt = {i: np.asarray(truth.get(i, np.zeros((0, 4))), dtype=float).reshape(-1, 4) for i in oof.images["image_id"]}
+    n_gt = sum(len(b) for b in gt.values())
+    b = oof.boxes
+    tp = match_detections(gt, b["image_id"].to_numpy(dtype=object), b["score"].to_numpy(),
+                          b[["x1", "y1", "x2", "y2"]].to_numpy())
+    hits = np.cumsum(tp)
+    return hits / max(n_gt, 1), hits / np.arange(1, len(tp) + 1)
+
+
+def precision_recall_labels(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) of one-box-per-row classes (study classes, ``none``) by descending score."""
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    hits = np.cumsum(np.asarray(positive, dtype=bool)[order])
+    return hits / max(hits[-1] if len(hits) else 0, 1), hits / np.arange(1, len(hits) + 1)
+
+
+def _pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for name, (recall, precision) in curves.items():
+        ax.plot(recall, precision, label=name)
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def detectors_section(run_dir: Path, input_dir: Path | None) -> str:
+    """OOF opacity AP@0.5 of each detector and the fusion, PR curves, and 05's table."""
+    parts = []
+    table_path = run_dir / ENSEMBLE_TABLE
+    if table_path.is_file():
+        parts += ["<h3>Single models and the fusion, same OOF images (05)</h3>",
+                  _table_html(pd.read_csv(table_path, index_col=0))]
+    else:
+        parts.append(f'<p class="missing">05 single-vs-fused table: not run ({ENSEMBLE_TABLE} missing)</p>')
+    oofs = _detector_oofs(run_dir)
+    if not oofs:
+        raise Missing("not run: no OOF boxes of 03, 04 or 05")
+    truth = _truth(input_dir)
+    rows = [{"model": name, "images": len(oof.images), "boxes": len(oof.boxes), "opacity AP@0.5": opacity_ap(oof, truth)}
+            for name, oof in oofs.items()]
+    curves = {f"{name} (AP {row['opacity AP@0.5']:.3f})": precision_recall_boxes(oof, truth)
+              for (name, oof), row in zip(oofs.items(), rows)}
+    parts += ["<h3>OOF opacity AP@0.5 of every model on all its OOF images</h3>",
+              _table_html(pd.DataFrame(rows).set_index("model")),
+              _figure_html(_pr_figure(curves, "opacity, IoU > 0.5, out of fold"))]
+    return "\n".join(parts)
+
+
+def study_section(run_dir: Path) -> str:
+    """06: OOF study APs, ``none`` APs, PR curves, confusion matrix."""
+    from covidkit.study_train import CONFUSION_PNG, OOF_IMAGES_CSV, OOF_STUDIES_CSV, PROB_COLUMNS, SUMMARY_JSON
+
+    out = run_dir / STUDY_DIR
+    _require(out / SUMMARY_JSON, out / OOF_STUDIES_CSV, out / OOF_IMAGES_CSV)
+    summary = json.loads((out / SUMMARY_JSON).read_text())
+    studies = pd.read_csv(out / OOF_STUDIES_CSV, dtype={"study_id": str})
+    images = pd.read_csv(out / OOF_IMAGES_CSV, dtype={"image_id": str, "study_id": str})
+    table = pd.DataFrame({"OOF AP": summary["study_ap"], "prior": summary["prior"]}).loc[list(summary["study_ap"])]
+    parts = [f"<p>{summary['studies']} studies, {summary['images']} images, out of fold.</p>", _table_html(table)]
+    none_csv = out / "none_comparison.csv"
+    none = pd.read_csv(none_csv, index_col=0) if none_csv.is_file() else pd.DataFrame(
+        {"none_ap": summary["none_ap"]}).rename_axis("candidate")
+    parts += ["<h3>Image-level <code>none</code> AP of each candidate rule</h3>", _table_html(none)]
+    curves = {c: precision_recall_labels(studies["label"] == c, studies[col]) for c, col in zip(STUDY_CLASSES, PROB_COLUMNS)}
+    curves["none (head)"] = precision_recall_labels(~images["has_box"].astype(bool), images["p_none_head"])
+    parts.append(_figure_html(_pr_figure(curves, "study classes and none, out of fold")))
+    if (out / CONFUSION_PNG).is_file():
+        parts += ["<h3>Confusion matrix</h3>", _png_html((out / CONFUSION_PNG).read_bytes())]
+    return "\n".join(parts)
+
+
+def submission_section(submission_csv: Path | None, solution_dir: Path | None) -> str:
+    """The submission's competition score per class, when its test labels exist."""
+    if submission_csv is None or not Path(submission_csv).is_file():
+        raise Missing(f"not run: no submission ({submission_csv})")
+    if solution_dir is None:
+        raise Missing(f"{submission_csv} written; not scored: no test labels (solution folder)")
+    solution_dir = Path(solution_dir)
+    _require(solution_dir / SOLUTION_IMAGE_CSV, solution_dir / SOLUTION_STUDY_CSV)
+    scores = score_files(solution_dir / SOLUTION_IMAGE_CSV, solution_dir / SOLUTION_STUDY_CSV, submission_csv)
+    return f"<p>{html.escape(str(submission_csv))}</p><pre>{html.escape(format_scores(scores))}</pre>"
+
+
+def _examples_figure(paths: list[Path], truths: list[np.ndarray], preds: list[np.ndarray], scores: list[np.ndarray],
+                     sizes: list[tuple[int, int]], titles: list[str]):
+    """Prepared PNGs with the boxes (original pixels) scaled to them."""
+    from covidkit.data.nih import read_grey
+    from covidkit.plots import image_grid
+
+    images = [read_grey(p) for p in paths]
+    scale = [lambda b, img=img, hw=hw: scale_boxes(b, hw, img.shape) for img, hw in zip(images, sizes)]
+    return image_grid(images, [f(t) for f, t in zip(scale, truths)], titles=titles,
+                      predicted=[f(p) for f, p in zip(scale, preds)], predicted_scores=scores)
+
+
+def oof_examples_section(run_dir: Path, input_dir: Path | None) -> str:
+    """OOF training images with true boxes (green) and the best available OOF boxes (orange)."""
+    oofs = _detector_oofs(run_dir)
+    if not oofs:
+        raise Missing("not run: no OOF boxes of 03, 04 or 05")
+    name, oof = list(oofs.items())[-1]  # the fusion when 05 ran
+    truth = _truth(input_dir)
+    meta = _meta(run_dir)
+    ids = _pick(oof.images["image_id"].tolist(), truth)
+    study = _study_titles(run_dir)
+    boxes = oof.boxes.groupby("image_id")
+    preds = [boxes.get_group(i) if i in boxes.groups else oof.boxes.iloc[:0] for i in ids]
+    fig = _examples_figure(
+        [run_dir / "prepared" / "train" / f"{i}.png" for i in ids], [truth[i] for i in ids],
+        [p[["x1", "y1", "x2", "y2"]].to_numpy() for p in preds], [p["score"].to_numpy() for p in preds],
+        [meta[i] for i in ids], [study.get(i, i[:12]) for i in ids])
+    return f"<p>Boxes of {html.escape(name)}; green: truth, orange: predicted with score.</p>{_figure_html(fig)}"
+
+
+def test_examples_section(run_dir: Path, submission_csv: Path | None, solution_dir: Path | None) -> str:
+    """Test images with the submission's boxes (and the true boxes when the test labels exist)."""
+    if submission_csv is None or not Path(submission_csv).is_file():
+        raise Missing(f"not run: no submission ({submission_csv})")
+    sub = pd.read_csv(submission_csv, dtype=str, keep_default_na=False)
+    sub = sub[sub["id"].str.endswith("_image")]
+    predicted = {row_id[:-len("_image")]: [p for p in parse_prediction_string(text) if p.label == "opacity"]
+                 for row_id, text in zip(sub["id"], sub["PredictionString"])}
+    truth: dict[str, np.ndarray] = {}
+    if solution_dir is not None and (Path(solution_dir) / SOLUTION_IMAGE_CSV).is_file():
+        labels = read_image_labels(Path(solution_dir) / SOLUTION_IMAGE_CSV)
+        truth = dict(zip(labels["image_id"], labels["boxes"]))
+    meta = _meta(run_dir)
+    ids = [i for i in _pick(sorted(predicted), truth) if (run_dir / "prepared" / "test" / f"{i}.png").is_file()]
+    if not ids:
+        raise Missing("not run: no prepared test image of the submission")
+    fig = _examples_figure(
+        [run_dir / "prepared" / "test" / f"{i}.png" for i in ids], [truth.get(i, np.zeros((0, 4))) for i in ids],
+        [np.array([[p.x1, p.y1, p.x2, p.y2] for p in predicted[i]]).reshape(-1, 4) for i in ids],
+        [np.array([p.conf for p in predicted[i]]) for i in ids], [meta[i] for i in ids], [i[:12] for i in ids])
+    return f"<p>Green: truth (when labelled), orange: submitted boxes with score.</p>{_figure_html(fig)}"
+
+
+def _meta(run_dir: Path) -> dict[str, tuple[int, int]]:
+    _require(run_dir / "prepared" / "meta.csv")
+    meta = pd.read_csv(run_dir / "prepared" / "meta.csv", dtype={"image_id": str})
+    return {i: (int(h), int(w)) for i, h, w in zip(meta["image_id"], meta["orig_height"], meta["orig_width"])
+            if not (math.isnan(h) or math.isnan(w))}
+
+
+def _pick(ids: list[str], truth: dict[str, np.ndarray]) -> list[str]:
+    """Up to EXAMPLES ids, images with boxes first (they show more), deterministic."""
+    with_box = [i for i in sorted(ids) if len(truth.get(i, ())) > 0]
+    without = [i for i in sorted(ids) if len(truth.get(i, ())) == 0]
+    return (with_box[: EXAMPLES * 3 // 4] + without)[:EXAMPLES]
+
+
+def _study_titles(run_dir: Path) -> dict[str, str]:
+    """``{image_id: "label · p(label)"}`` from 06's OOF images, when it ran."""
+    path = run_dir / STUDY_DIR / "oof_images.csv"
+    if not path.is_file():
+        return {}
+    images = pd.read_csv(path, dtype={"image_id": str})
+    return {i: f"{label} · p={p:.2f}" for i, label, p in
+            zip(images["image_id"], images["label"], images.apply(lambda r: r[f"p_{r['label']}"], axis=1))}
+
+
+def _section(title: str, build: Callable[[], str]) -> str:
+    try:
+        body = build()
+    except Missing as missing:
+        body = f'<p class="missing">{html.escape(str(missing))}</p>'
+    return f"<h2>{html.escape(title)}</h2>\n{body}"
+
+
+def write_report(run_dir: str | Path, submission_csv: str | Path | None = None, solution_dir: str | Path | None = None,
+                 input_dir: str | Path | None = None) -> Path:
+    """Write ``<run_dir>/report.html`` and return its path.
+
+    ``input_dir`` (the folder holding ``siim-covid19-detection/``, for the OOF truth boxes) defaults to
+    the one recorded in the run's executed notebooks; ``solution_dir`` defaults to
+    ``<input_dir>/siim-covid19-detection-solution`` when that exists.
+    """
+    run_dir = Path(run_dir)
+    input_dir = Path(input_dir) if input_dir is not None else find_input_dir(run_dir)
+    if solution_dir is None and input_dir is not None and (input_dir / SOLUTION).is_dir():
+        solution_dir = input_dir / SOLUTION
+    sections = [
+        _section("Opacity detectors, out of fold (03, 04, 05)", lambda: detectors_section(run_dir, input_dir)),
+        _section("Study classes and none, out of fold (06)", lambda: study_section(run_dir)),
+        _section("Submission score (07)", lambda: submission_section(submission_csv, solution_dir)),
+        _section("Out-of-fold examples", lambda: oof_examples_section(run_dir, input_dir)),
+        _section("Test examples", lambda: test_examples_section(run_dir, submission_csv, solution_dir)),
+    ]
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>covidkit report</title>"
+            f"<style>{STYLE}</style></head><body>\n<h1>covidkit run report</h1>\n"
+            f"<p>Run folder <code>{html.escape(str(run_dir.resolve()))}</code>, written {stamp}.</p>\n"
+            + "\n".join(sections) + "\n</body></html>\n")
+    path = run_dir / REPORT_HTML
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path

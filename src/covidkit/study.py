@@ -1,0 +1,229 @@
+"""The study-level classifier (notebook 06): model, checkpoints, inference, and the image ``none`` probability.
+
+A ResNet-family backbone (the NIH checkpoint of 01, or random initialisation) with three heads on
+its last feature map:
+
+- ``study``: global average pool -> ``width -> hidden -> ReLU -> Dropout -> 4`` logits over
+  ``STUDY_CLASSES`` (negative, typical, indeterminate, atypical), trained with cross-entropy;
+- ``none``: one logit per image, "this image has no opacity box" (binary cross-entropy);
+- ``mask``: a 1x1 convolution giving an opacity heat map at the feature map's resolution, trained
+  on the ground-truth boxes (the auxiliary segmentation loss of the top Kaggle solutions): it
+  makes the features say *where* opacity is, which is what tells the classes apart (bilateral and
+  basal, or one-sided and upper, or lobar).
+
+Inference takes uint8 grey images of any size and resizes them exactly as the training images were
+made: ``covidkit.prepare.resize_square`` to the prepared size of 00, then the 06 evaluation transform.
+A study's probabilities are the mean over its images.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.models import get_model
+from torchvision.transforms import v2
+
+from covidkit.data.siim import STUDY_CLASSES
+from covidkit.models.backbones import check_arch, load_backbone
+from covidkit.prepare import resize_square
+from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+NOTEBOOK = "06_study_level"
+STUDY_MODEL_FORMAT = "covidkit.study/1"
+MODEL_FILE = "study_model.pt"
+NEGATIVE = STUDY_CLASSES.index("negative")
+
+
+@dataclass
+class StudySpec:
+    """Everything needed to rebuild a study model and feed it (saved as JSON in each checkpoint)."""
+
+    arch: str = "resnext101_32x8d"
+    image_size: int = 224  # the network's input side
+    prepared_size: int = 1024  # side of 00's square PNGs: inference resizes to it first, as 00 did
+    classes: list[str] = field(default_factory=lambda: list(STUDY_CLASSES))
+    hidden: int = 1024
+    dropout: float = 0.5
+    none_rule: str = "head"  # see none_probability: "head" or "negative"
+
+    def __post_init__(self) -> None:
+        check_arch(self.arch)
+        if self.none_rule not in NONE_RULES:
+            raise ValueError(f"none_rule must be one of {NONE_RULES}, got {self.none_rule!r}")
+        if self.image_size < 32 or self.prepared_size < 32:
+            raise ValueError(f"image sizes must be >= 32, got {self.image_size} and {self.prepared_size}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> StudySpec:
+        return cls(**json.loads(text))
+
+
+class StudyNet(nn.Module):
+    """Backbone + study / none / mask heads; ``forward`` returns a dict of logits."""
+
+    def __init__(self, spec: StudySpec) -> None:
+        super().__init__()
+        backbone = get_model(check_arch(spec.arch), weights=None)
+        width = backbone.fc.in_features
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        self.study_head = nn.Sequential(
+            nn.Linear(width, spec.hidden), nn.ReLU(inplace=True), nn.Dropout(spec.dropout),
+            nn.Linear(spec.hidden, len(spec.classes)),
+        )
+        self.none_head = nn.Linear(width, 1)
+        self.mask_head = nn.Conv2d(width, 1, kernel_size=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map ``[N, width, H/32, W/32]`` of the torchvision ResNet."""
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        fmap = self.features(x)
+        pooled = fmap.mean(dim=(2, 3))
+        return {"study": self.study_head(pooled), "none": self.none_head(pooled).squeeze(1),
+                "mask": self.mask_head(fmap)}
+
+
+def build_study_model(spec: StudySpec, backbone_checkpoint: str | Path | None = None) -> StudyNet:
+    """A fresh study model; its backbone from 01's checkpoint when given (same architecture required)."""
+    model = StudyNet(spec)
+    if backbone_checkpoint is not None:
+        arch, state = load_backbone(backbone_checkpoint)
+        if arch != spec.arch:
+            raise ValueError(f"backbone checkpoint {backbone_checkpoint} is a {arch}, the study model a {spec.arch}")
+        model.backbone.load_state_dict(state)
+    return model
+
+
+def save_study_model(model: StudyNet, spec: StudySpec, path: str | Path, **meta) -> Path:
+    """One fold's model: weights + spec (+ ``meta``: fold, seed ...), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": STUDY_MODEL_FORMAT, "spec": spec.to_json(), "state_dict": state,
+                "meta": json.dumps(meta)}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_study_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[StudyNet, StudySpec]:
+    """A fold checkpoint written by ``save_study_model``, in eval mode on ``device``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study model {path} does not exist (run 06_study_level first)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != STUDY_MODEL_FORMAT:
+        raise ValueError(f"{path} is not a covidkit study model (format {STUDY_MODEL_FORMAT})")
+    spec = StudySpec.from_json(ckpt["spec"])
+    model = StudyNet(spec)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), spec
+
+
+def study_models(run_dir: str | Path) -> list[Path]:
+    """The fold checkpoints notebook 06 wrote in a run folder, in split order."""
+    return sorted((Path(run_dir) / NOTEBOOK).glob(f"split*/{MODEL_FILE}"), key=lambda p: int(p.parent.name[5:]))
+
+
+def eval_transform(spec: StudySpec) -> v2.Compose:
+    """Prepared grey uint8 ``[1, S, S]`` -> normalised float ``[3, image_size, image_size]``."""
+    return v2.Compose([
+        v2.Resize((spec.image_size, spec.image_size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True), v2.RGB(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def train_transform(spec: StudySpec, rotate: float = 10.0, shift: float = 0.06, scale: float = 0.1,
+                    brightness: float = 0.2, contrast: float = 0.2) -> v2.Compose:
+    """Augmentations that move the opacity mask with the image, then the evaluation transform.
+
+    A horizontal flip keeps every class (the definitions are symmetric: bilateral, one-sided,
+    lower or upper zones), small affine moves and exposure changes mimic positioning and film.
+    """
+    return v2.Compose([
+        v2.RandomHorizontalFlip(0.5),
+        v2.RandomAffine(degrees=rotate, translate=(shift, shift), scale=(1 - scale, 1 + scale)),
+        v2.ColorJitter(brightness=brightness, contrast=contrast),
+        eval_transform(spec),
+    ])
+
+
+def model_inputs(images: Sequence[np.ndarray], spec: StudySpec) -> torch.Tensor:
+    """Grey uint8 images of any size -> the batch the model sees (00's square resize, then 06's)."""
+    transform = eval_transform(spec)
+    batch = []
+    for image in images:
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 2:
+            raise ValueError(f"expected a 2-D uint8 grey image, got {image.dtype} of shape {image.shape}")
+        square = image if image.shape == (spec.prepared_size,) * 2 else resize_square(image, spec.prepared_size)
+        batch.append(transform(tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(square))[None])))
+    return torch.stack(batch)
+
+
+@torch.no_grad()
+def predict_outputs(model: nn.Module, spec: StudySpec, images: Sequence[np.ndarray], device: str | torch.device = "cpu",
+                    hflip_tta: bool = False, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(study_probs [N, 4], none_head_probs [N])`` of grey uint8 images of any size.
+
+    With ``hflip_tta`` each image is also predicted flipped and the probabilities averaged.
+    """
+    model.eval()
+    study, none = [], []
+    for start in range(0, len(images), batch_size):
+        x = model_inputs(images[start:start + batch_size], spec).to(device)
+        views = [x, x.flip(-1)] if hflip_tta else [x]
+        outs = [model(v) for v in views]
+        study.append(torch.stack([o["study"].float().softmax(1) for o in outs]).mean(0).cpu())
+        none.append(torch.stack([o["none"].float().sigmoid() for o in outs]).mean(0).cpu())
+    if not study:
+        return np.zeros((0, len(spec.classes)), np.float32), np.zeros(0, np.float32)
+    return torch.cat(study).numpy(), torch.cat(none).numpy()
+
+
+def predict_study_probs(model: nn.Module, spec: StudySpec, images: Sequence[np.ndarray],
+                        device: str | torch.device = "cpu", hflip_tta: bool = False) -> np.ndarray:
+    """Per-image softmax ``[N, 4]`` over ``STUDY_CLASSES`` of grey uint8 images of any size."""
+    return predict_outputs(model, spec, images, device, hflip_tta)[0]
+
+
+NONE_RULES = ("head", "negative")
+
+
+def none_probability(negative_prob: float, box_scores: np.ndarray, none_head_prob: float | None = None,
+                     rule: str = "head") -> float:
+    """The image-level ``none`` probability (no opacity in the image).
+
+    ``rule="head"`` (the default, chosen in notebook 06 on out-of-fold data): the model's own
+    image-level estimate ``none_head_prob``, trained on "this image has no box"; it sees the
+    image rather than the study's label, so it also knows the positive images without a box.
+    ``rule="negative"`` (and ``"head"`` without a head output): ``P(negative)`` of the image.
+
+    Either estimate ``q`` is then tempered by the detectors' fused box scores, as independent
+    evidence of opacity: ``p = q * (1 - s)^(1 - q)`` with ``s`` the highest box score. A confident
+    box lowers ``none`` most where the classifier is unsure; where the classifier is sure of
+    ``none`` (``q`` near 1) one weak box changes little, and with no box ``p = q``. The result
+    stays in ``[0, 1]`` and never increases with ``s``.
+    """
+    if rule not in NONE_RULES:
+        raise ValueError(f"rule must be one of {NONE_RULES}, got {rule!r}")
+    q = none_head_prob if rule == "head" and none_head_prob is not None else negative_prob
+    q = float(np.clip(q, 0.0, 1.0))
+    scores = np.asarray(box_scores, dtype=np.float64).reshape(-1)
+    if scores.size and not np.isfinite(scores).all():
+        raise ValueError("box scores must be finite")
+    s = float(np.clip(scores.max(), 0.0, 1.0)) if scores.size else 0.0
+    return q * (1.0 - s) ** (1.0 - q)

@@ -1,0 +1,75 @@
+"""DeCoVNet end to end: the synthetic volume set in `covidkit synth`, `covidkit bench decovnet`, notebook 11."""
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidkit.ct.decovnet_bench import bench_decovnet
+from covidkit.ct.volumes import DATASET_DIR, LABELS_CSV, read_cases, read_volume
+from covidkit.synth import WRITERS, SynthConfig
+from covidkit.synth import ct_volumes
+from covidkit.synth.ct_volumes import CTVolumeSynthConfig, write_ct_volume_set, write_ct_volumes
+
+
+def test_synth_writes_the_volume_set_unless_ct_is_off(tmp_path, monkeypatch):
+    assert write_ct_volume_set in WRITERS
+    assert "skipped" in write_ct_volume_set(tmp_path / "off", SynthConfig(ct=False))
+    assert not (tmp_path / "off").exists()
+    # the default size is the smoke set: shrink it here, keep the writer's own plumbing (seed, summary)
+    monkeypatch.setattr(ct_volumes, "CTVolumeSynthConfig",
+                        functools.partial(CTVolumeSynthConfig, cases=4, min_slices=6, max_slices=8, size=48))
+    summary = write_ct_volume_set(tmp_path / "a", SynthConfig(seed=5))
+    assert summary.startswith(f"{DATASET_DIR}: 4 CT volumes (2 positive")
+    cases = read_cases(tmp_path / "a" / DATASET_DIR)
+    assert sorted(c.label for c in cases) == [0, 0, 1, 1]
+    write_ct_volume_set(tmp_path / "b", SynthConfig(seed=5))
+    for a, b in zip(cases, read_cases(tmp_path / "b" / DATASET_DIR)):  # same seed, same volumes
+        assert (a.case_id, a.label) == (b.case_id, b.label)
+        np.testing.assert_array_equal(read_volume(a.volume).hu, read_volume(b.volume).hu)
+
+
+def test_bench_decovnet_times_every_stage(capsys):
+    table = bench_decovnet(volumes=2, slices=4, size=48, device="cpu", input_size=(32, 48), lung_size=32,
+                           target_spacing=(8.0, 4.0, 4.0))
+    assert len(table) == 2 and (table["input_slices"] >= 1).all()
+    stages = ["resample_window_s", "lung_mask_s", "crop_s", "classify_cam_localize_s"]
+    np.testing.assert_allclose(table[stages].sum(axis=1), table["total_s"], rtol=1e-3)
+    assert "s per volume" in capsys.readouterr().out
+
+
+def test_bench_decovnet_cli_passes_its_options(monkeypatch, tmp_path):
+    from covidkit.cli import main
+    from covidkit.ct import decovnet_bench
+
+    calls = []
+    monkeypatch.setattr(decovnet_bench, "bench_decovnet", lambda **kwargs: calls.append(kwargs))
+    assert main(["bench", "decovnet", "--volumes", "3", "--slices", "20", "--size", "96", "--device", "cpu",
+                 "--input", str(tmp_path)]) == 0
+    assert calls == [{"volumes": 3, "slices": 20, "size": 96, "device": "cpu", "input_dir": tmp_path}]
+
+
+@pytest.mark.slow
+def test_decovnet_notebook_smoke(tmp_path):
+    from covidkit.pipeline import list_notebooks, load_profile, run_notebook
+
+    write_ct_volumes(tmp_path, CTVolumeSynthConfig(seed=3, cases=10, min_slices=10, max_slices=14, size=64))
+    run = run_notebook(list_notebooks(["11"])[0], load_profile("smoke"), run_dir=tmp_path / "run",
+                       overrides={"input_dir": str(tmp_path), "run_dir": str(tmp_path / "run"), "epochs": 1,
+                                  "lung_epochs": 1, "examples": 2})
+    assert run.output.is_file()
+    out = tmp_path / "run" / "decovnet"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 3 and metrics["train_cases"] == 7
+    assert 0 <= metrics["roc_auc"] <= 1 and 0 <= metrics["hit_rate"] <= 1 and metrics["hit_cases"] >= 1
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert predictions["prob"].between(0, 1).all()
+    labels = pd.read_csv(tmp_path / DATASET_DIR / LABELS_CSV)
+    assert set(predictions["case_id"]) < set(labels["case_id"])
+    for name in ("roc_pr.png", "training_curves.png"):
+        assert (out / name).stat().st_size > 0
+    assert len(list(out.glob("localization_*.png"))) >= 1
+    assert np.isfinite(pd.read_csv(out / "classifier" / "metrics.csv")["train_loss"]).all()

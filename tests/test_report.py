@@ -1,0 +1,117 @@
+"""The run report: a self-contained HTML page, from run folders written by the real writers."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidkit.data.siim import COMPETITION, SOLUTION, STUDY_CLASSES, prepared_train_table, read_image_labels
+from covidkit.oof import OofPredictions, box_rows, write_oof
+from covidkit.report import REPORT_HTML, write_report
+
+SECTIONS = ["Opacity detectors", "Study classes and none", "Submission score", "Out-of-fold examples", "Test examples"]
+
+
+def _assert_self_contained(page: str) -> None:
+    assert "http://" not in page and "https://" not in page
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<link" not in page and "<script" not in page
+
+
+def test_empty_run_folder_says_not_run(tmp_path):
+    path = write_report(tmp_path / "run")
+    page = path.read_text()
+    assert path == tmp_path / "run" / REPORT_HTML
+    for title in SECTIONS:
+        assert title in page
+    assert page.count('class="missing"') >= len(SECTIONS)
+    _assert_self_contained(page)
+
+
+def _detector_oof(table: pd.DataFrame, rng, jitter: float) -> OofPredictions:
+    """Every true box moved a little and scored, plus a false box per image."""
+    parts = []
+    for image_id, fold, boxes, h, w in zip(table["image_id"], table["fold"], table["boxes"],
+                                           table["orig_height"], table["orig_width"]):
+        moved = boxes + rng.normal(0, jitter, boxes.shape) if len(boxes) else np.zeros((0, 4))
+        false = np.array([[0.1 * w, 0.1 * h, 0.3 * w, 0.3 * h]])
+        scores = np.concatenate([rng.uniform(0.5, 1.0, len(moved)), rng.uniform(0, 0.5, 1)])
+        parts.append(box_rows(image_id, fold, np.vstack([moved, false]), scores))
+    return OofPredictions.from_parts(parts, table[["image_id", "fold"]])
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_input, tmp_path_factory):
+    """A run folder with every notebook's outputs, written by the package's own writers."""
+    from covidkit.ensemble import EnsembleConfig, run_ensemble
+    from covidkit.prepare import prepare
+    from covidkit.study_train import (
+        PROB_COLUMNS, none_comparison, output_dir, study_probabilities, summarise, write_oof_tables,
+    )
+    from covidkit.submission import ImagePrediction, write_submission
+
+    run = tmp_path_factory.mktemp("run")
+    competition = tiny_input / COMPETITION
+    prepare(competition, run / "prepared", size=64, workers=1, folds=2, progress=False)
+    table = prepared_train_table(run / "prepared", competition)
+    rng = np.random.default_rng(0)
+    write_oof(run / "03_train_siim_fasterrcnn" / "oof.csv", _detector_oof(table, rng, 3.0))
+    write_oof(run / "04_train_siim_yolo" / "oof.csv", _detector_oof(table, rng, 6.0))
+    run_ensemble(EnsembleConfig(input_dir=str(tiny_input), run_dir=str(run)))
+
+    images = table[["image_id", "study_id", "fold", "label"]].assign(split=table["fold"],
+                                                                  has_box=table["boxes"].map(len) > 0)
+    probs = rng.dirichlet(np.ones(4), len(images)) + 2 * np.eye(4)[[STUDY_CLASSES.index(c) for c in images["label"]]]
+    images[PROB_COLUMNS] = probs / probs.sum(1, keepdims=True)
+    images["p_none_head"] = np.where(images["has_box"], 0.3, 0.7)
+    studies = study_probabilities(images)
+    out = output_dir(run)
+    write_oof_tables(out, images, studies, summarise(images, studies))
+    none_comparison(images, studies).to_csv(out / "none_comparison.csv")
+
+    sample = pd.read_csv(competition / "sample_submission.csv")
+    test_images = read_image_labels(tiny_input / SOLUTION / "test_image_level.csv")
+    predictions = {i: ImagePrediction(b + 2.0, np.full(len(b), 0.8), 0.5) for i, b in
+                   zip(test_images["image_id"], test_images["boxes"])}
+    studies_test = {i[:-len("_study")]: [0.25] * 4 for i in sample["id"] if i.endswith("_study")}
+    submission = write_submission(run / "submission.csv", predictions, studies_test, order=sample["id"])
+    return run, submission
+
+
+def test_report_of_a_complete_run(full_run, tiny_input):
+    run, submission = full_run
+    page = write_report(run, submission, input_dir=tiny_input).read_text()
+    _assert_self_contained(page)
+    for title in SECTIONS:
+        assert title in page
+    assert 'class="missing"' not in page
+    for model in ("Faster R-CNN", "YOLO", "WBF ensemble"):
+        assert model in page
+    for name in (*STUDY_CLASSES, "mAP", "study_negative", "opacity"):
+        assert name in page
+    # figures: detector PR, study PR, confusion matrix, OOF examples, test examples
+    assert page.count("data:image/png;base64,") == 5
+    # the submission's score, as covidkit score prints it
+    from covidkit.metrics import format_scores, score_files
+
+    scores = score_files(tiny_input / SOLUTION / "test_image_level.csv", tiny_input / SOLUTION / "test_study_level.csv",
+                         submission)
+    assert f"{scores['mAP']:.4f}" in page and format_scores(scores).splitlines()[1].split()[0] in page
+
+
+def test_each_missing_part_only_blanks_its_section(full_run, tiny_input, tmp_path):
+    import shutil
+
+    run, _ = full_run
+    partial = tmp_path / "partial"
+    shutil.copytree(run, partial)
+    shutil.rmtree(partial / "05_ensemble_wbf")
+    shutil.rmtree(partial / "06_study_level")
+    page = write_report(partial, submission_csv=None, input_dir=tiny_input).read_text()
+    assert "05 single-vs-fused table: not run" in page
+    assert "06_study_level" in page and page.count('class="missing"') == 4  # 05 table, 06, score, test examples
+    assert "Faster R-CNN (03)" in page and "YOLO (04)" in page
+    _assert_self_contained(page)

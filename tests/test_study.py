@@ -1,0 +1,221 @@
+"""The study-level model: shapes, checkpoints, resizing, the none probability, OOF scoring, and learning."""
+from __future__ import annotations
+
+import functools
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidkit.data.nih import LABELS
+from covidkit.data.siim import STUDY_CLASSES
+from covidkit.models import build_classifier, save_backbone
+from covidkit.prepare import resize_square
+from covidkit.study import (
+    StudySpec, build_study_model, load_study_model, none_probability, predict_outputs, predict_study_probs,
+    save_study_model, study_models,
+)
+from covidkit.study_train import (
+    PROB_COLUMNS, StudyImageDataset, StudyTrainConfig, class_weights, none_ap, none_comparison, predict_table,
+    study_aps, study_probabilities, study_step, train_transform,
+)
+from covidkit.train import TrainConfig, fit
+from covidkit.oof import OofPredictions
+
+SPEC = StudySpec(arch="resnet18", image_size=64, prepared_size=96, hidden=32)
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_study_model(SPEC).eval()
+
+
+def test_forward_shapes_and_probabilities():
+    model = _model()
+    out = model(torch.randn(3, 3, 64, 64))
+    assert out["study"].shape == (3, 4) and out["none"].shape == (3,) and out["mask"].shape == (3, 1, 2, 2)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size, dtype=np.uint8) for size in [(300, 200), (96, 96), (50, 80)]]
+    probs = predict_study_probs(model, SPEC, images)
+    assert probs.shape == (3, 4) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    study, none = predict_outputs(model, SPEC, images, hflip_tta=True)
+    assert none.shape == (3,) and ((none > 0) & (none < 1)).all()
+    assert not np.allclose(study, probs)  # the flipped view counts
+    assert predict_study_probs(model, SPEC, []).shape == (0, 4)
+    with pytest.raises(ValueError, match="2-D uint8"):
+        predict_study_probs(model, SPEC, [np.zeros((10, 10), np.float32)])
+
+
+def test_any_size_is_resized_as_the_prepared_pngs(tmp_path):
+    """An original-size image gives exactly what its prepared PNG (00's resize, written and read) gives."""
+    model = _model()
+    rng = np.random.default_rng(1)
+    original = cv2.GaussianBlur(rng.integers(0, 256, (517, 431), dtype=np.uint8), (7, 7), 2)
+    png = tmp_path / "x.png"
+    cv2.imwrite(str(png), resize_square(original, SPEC.prepared_size))
+    prepared = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(predict_study_probs(model, SPEC, [original]),
+                                  predict_study_probs(model, SPEC, [prepared]))
+    smaller = resize_square(original, 200)
+    assert not np.array_equal(predict_study_probs(model, SPEC, [smaller]), predict_study_probs(model, SPEC, [original]))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _model(3)
+    path = save_study_model(model, SPEC, tmp_path / "06_study_level" / "split1" / "study_model.pt", split=1)
+    save_study_model(_model(4), SPEC, tmp_path / "06_study_level" / "split0" / "study_model.pt", split=0)
+    loaded, spec = load_study_model(path)
+    assert spec == SPEC and not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    images = [np.random.default_rng(2).integers(0, 256, (120, 100), dtype=np.uint8)]
+    np.testing.assert_array_equal(predict_study_probs(model, SPEC, images), predict_study_probs(loaded, spec, images))
+    assert [p.parent.name for p in study_models(tmp_path)] == ["split0", "split1"]
+    torch.save({"format": "other"}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a covidkit study model"):
+        load_study_model(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError, match="run 06_study_level"):
+        load_study_model(tmp_path / "missing.pt")
+
+
+def test_backbone_of_01_is_loaded_and_checked(tmp_path):
+    torch.manual_seed(5)
+    nih = build_classifier("resnet18", len(LABELS))
+    path = save_backbone(nih, tmp_path / "backbone.pt", "resnet18")
+    model = build_study_model(SPEC, path)
+    assert torch.equal(model.backbone.layer3[0].conv1.weight, nih.layer3[0].conv1.weight)
+    with pytest.raises(ValueError, match="is a resnet18"):
+        build_study_model(StudySpec(arch="resnet34", image_size=64, prepared_size=96), path)
+
+
+def test_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        StudySpec(arch="vgg16")
+    with pytest.raises(ValueError, match="none_rule"):
+        StudySpec(none_rule="max")
+    assert StudySpec.from_json(SPEC.to_json()) == SPEC
+
+
+def test_none_probability_properties():
+    # no box: the estimate itself, for either rule
+    assert none_probability(0.7, np.zeros(0), 0.2) == pytest.approx(0.2)
+    assert none_probability(0.7, [], 0.2, rule="negative") == pytest.approx(0.7)
+    assert none_probability(0.7, [], None) == pytest.approx(0.7)  # no head output: P(negative)
+    q = 0.6
+    values = [none_probability(0.1, [s], q) for s in np.linspace(0, 1, 11)]
+    assert all(0 <= v <= 1 for v in values)
+    assert all(a >= b for a, b in zip(values, values[1:]))  # never increases with the box score
+    assert values[-1] == pytest.approx(0.0)
+    # only the best box counts, and a sure "none" is barely moved by a weak box
+    assert none_probability(0.1, [0.3, 0.1], q) == pytest.approx(none_probability(0.1, [0.3], q))
+    assert none_probability(0.0, [0.3], 0.99) > 0.98
+    assert none_probability(0.0, [0.3], 0.5) < 0.5 * 0.85
+    with pytest.raises(ValueError, match="finite"):
+        none_probability(0.5, [np.nan])
+    with pytest.raises(ValueError, match="rule"):
+        none_probability(0.5, [], rule="boxes")
+
+
+def test_oof_scoring_matches_the_competition_rules():
+    labels = ["negative", "typical", "typical", "atypical", "indeterminate", "negative"]
+    images = pd.DataFrame({"image_id": [f"i{k}" for k in range(7)], "study_id": ["s0", "s1", "s2", "s3", "s4", "s5", "s5"],
+                           "split": 0, "label": labels + ["negative"],
+                           "has_box": [False, True, True, True, True, False, True]})
+    perfect = np.eye(4)[[STUDY_CLASSES.index(c) for c in images["label"]]]
+    images[PROB_COLUMNS] = perfect
+    images["p_none_head"] = (~images["has_box"]).astype(float)
+    studies = study_probabilities(images)
+    assert list(studies["study_id"]) == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    aps = study_aps(studies)
+    assert aps["mAP"] == pytest.approx(1.0) and all(aps[c] == pytest.approx(1.0) for c in STUDY_CLASSES)
+    assert none_ap(images, images["p_none_head"]) == pytest.approx(1.0)
+    # reversed confidences: the negatives come last
+    assert none_ap(images, 1 - images["p_none_head"]) < 0.5
+    boxes = OofPredictions(pd.DataFrame({"image_id": ["i1"], "fold": [0], "x1": [0.0], "y1": [0.0], "x2": [5.0],
+                                         "y2": [5.0], "score": [0.9]}),
+                           images[["image_id"]].assign(fold=0))
+    table = none_comparison(images, studies, boxes)
+    assert {"head", "negative", "study_negative", "head + boxes", "negative + boxes", "1 - max box score"} <= set(table.index)
+    assert table.loc["head", "none_ap"] == pytest.approx(1.0)
+
+
+def test_class_weights():
+    labels = pd.Series(["typical"] * 6 + ["negative"] * 3 + ["atypical"])
+    assert class_weights(labels, 0.0) is None
+    w = class_weights(labels, 1.0)
+    assert w[STUDY_CLASSES.index("indeterminate")] == 0  # absent class
+    assert w[STUDY_CLASSES.index("atypical")] == pytest.approx(6 * w[STUDY_CLASSES.index("typical")])
+
+
+def _blob_table(tmp_path, n: int = 16, size: int = 96) -> pd.DataFrame:
+    """Prepared-like PNGs: class 'typical' has a bright box low on both sides, 'negative' none."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(n):
+        label = "typical" if k % 2 else "negative"
+        image = rng.normal(90, 12, (size, size)).clip(0, 255).astype(np.uint8)
+        boxes = np.zeros((0, 4))
+        if label == "typical":
+            y = int(rng.integers(50, 70))
+            boxes = np.array([[10, y, 35, y + 20], [60, y, 85, y + 20]], float)
+            for x1, y1, x2, y2 in boxes.astype(int):
+                image[y1:y2, x1:x2] = np.clip(image[y1:y2, x1:x2].astype(int) + 70, 0, 255)
+        path = tmp_path / f"im{k}.png"
+        cv2.imwrite(str(path), image)
+        rows.append({"image_id": f"im{k}", "study_id": f"s{k}", "label": label, "path": str(path),
+                     "orig_height": size * 2, "orig_width": size * 2, "boxes": boxes * 2, "split": k // 2 % 2,
+                     "has_box": len(boxes) > 0})
+    return pd.DataFrame(rows)
+
+
+def test_dataset_moves_the_box_mask_with_the_image(tmp_path):
+    table = _blob_table(tmp_path, n=2)
+    spec = StudySpec(arch="resnet18", image_size=64, prepared_size=96)
+    image, target = StudyImageDataset(table, train_transform(spec, rotate=0, shift=0, scale=0))[1]
+    assert image.shape == (3, 64, 64) and target["mask"].shape == (1, 64, 64)
+    assert target["label"] == STUDY_CLASSES.index("typical") and target["none"] == 0.0
+    mask = target["mask"][0]
+    assert 0.05 < mask.mean() < 0.3 and mask[:30].sum() == 0  # the boxes lie in the lower half
+    flat = image.mean(0)
+    assert flat[mask > 0].mean() > flat[mask == 0].mean() + 0.5  # the mask covers the bright boxes
+
+
+def test_training_learns_the_tiny_task(tmp_path):
+    """A few epochs on 8 synthetic images separate the classes far better than the untrained model."""
+    table = _blob_table(tmp_path)
+    train, val = table[table["split"] == 0], table[table["split"] == 1]
+    spec = StudySpec(arch="resnet18", image_size=64, prepared_size=96, hidden=64, dropout=0.1)
+    torch.manual_seed(0)
+    model = build_study_model(spec)
+
+    def val_aps(m):
+        probs = val[["image_id", "study_id", "split", "label", "has_box"]].merge(
+            predict_table(m, spec, val, torch.device("cpu")), on="image_id")
+        return study_aps(study_probabilities(probs)), none_ap(probs, probs["p_none_head"])
+
+    (before, none_before) = val_aps(model)
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), epochs=6, batch_size=4, seed=0, progress=False, plots=False)
+    step = functools.partial(study_step, class_weights=None, none_weight=0.5, mask_weight=1.0)
+    fit(model, StudyImageDataset(train, train_transform(spec)), step,
+        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), cfg)
+    after, none_after = val_aps(model)
+    # two classes present: the AP of 'negative' and 'typical' (the others have no ground truth: nan)
+    assert after["negative"] > 0.95 and after["typical"] > 0.95
+    assert after["negative"] + after["typical"] > before["negative"] + before["typical"] + 0.3
+    assert none_after > 0.95
+
+
+def test_config_from_profile_sections_rejects_unknown_keys():
+    from covidkit.pipeline import load_profile
+
+    for profile in ("smoke", "full"):
+        section = load_profile(profile)["06_study_level"]
+        cfg = StudyTrainConfig.from_params({"input_dir": "in", "run_dir": "run", **section})
+        assert cfg.spec(256).image_size == section["image_size"]
+    with pytest.raises(TypeError, match="unknown parameters"):
+        StudyTrainConfig.from_params({"input_dir": "in", "run_dir": "run", "epoch": 3})
+    with pytest.raises(ValueError, match="optimizer"):
+        StudyTrainConfig(input_dir="in", run_dir="run", optimizer="adam")

@@ -1,0 +1,55 @@
+"""Notebook 06 under papermill, with the smoke profile's section (fewer epochs), on the tiny synthetic competition."""
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import nbformat
+import pandas as pd
+import pytest
+
+from covidkit.data.siim import COMPETITION, STUDY_CLASSES, prepared_train_table
+
+
+@pytest.mark.slow
+def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
+    import papermill
+
+    from covidkit.pipeline import REPO_ROOT, load_profile, notebook_parameters, notebooks_dir
+    from covidkit.prepare import prepare
+    from covidkit.study import load_study_model, predict_study_probs, study_models
+    from covidkit.study_train import read_oof_images, read_oof_studies
+
+    run_dir = tmp_path / "run"
+    prepare(tiny_input / COMPETITION, run_dir / "prepared", size=96, workers=1, folds=5, progress=False)
+    book = notebooks_dir() / "06_study_level.ipynb"
+    params = notebook_parameters(book, load_profile("smoke"), {"input_dir": str(tiny_input), "run_dir": str(run_dir),
+                                                               "epochs": 2})
+    assert params["fold_groups"] == 2 and params["backbone"] is None
+    out = tmp_path / "06.ipynb"
+    papermill.execute_notebook(str(book), str(out), parameters=params, kernel_name="python3", cwd=str(REPO_ROOT),
+                               progress_bar=False)
+
+    # one model per split, loadable, predicting any-size images
+    models = study_models(run_dir)
+    assert [p.parent.name for p in models] == ["split0", "split1"]
+    model, spec = load_study_model(models[0])
+    assert spec.prepared_size == 96 and spec.image_size == params["image_size"]
+    table = prepared_train_table(run_dir / "prepared", tiny_input / COMPETITION)
+    assert predict_study_probs(model, spec, [cv2.imread(table["path"][0], cv2.IMREAD_GRAYSCALE)]).shape == (1, 4)
+
+    # every training image and study is out of fold exactly once, with probabilities summing to 1
+    images, studies = read_oof_images(run_dir), read_oof_studies(run_dir)
+    assert sorted(images["image_id"]) == sorted(table["image_id"])
+    assert sorted(studies["study_id"]) == sorted(table["study_id"].unique())
+    probs = studies[[f"p_{c}" for c in STUDY_CLASSES]].to_numpy()
+    assert abs(probs.sum(1) - 1).max() < 1e-5
+    summary = json.loads((run_dir / "06_study_level" / "summary.json").read_text())
+    assert math.isfinite(summary["study_ap"]["mAP"])
+    assert (run_dir / "06_study_level" / "confusion_matrix.png").is_file()
+    assert len(pd.read_csv(run_dir / "06_study_level" / "none_comparison.csv")) == 3  # no detector boxes here
+
+    text = "\n".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+    assert f"out-of-fold study mAP: {summary['study_ap']['mAP']:.3f}" in text
+    assert "no detector OOF boxes" in text
