@@ -186,3 +186,41 @@ def test_ultralytics_imported_online_first_is_an_error(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "call setup_ultralytics first" in proc.stdout
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    data_yaml = write_toy_dataset(tmp_path / "data")
+    yolo.setup_ultralytics(tmp_path / "run")
+    # exact under the smoke profile's conditions: CPU, workers 0, no mosaic, an optimizer step every batch
+    tiny = {**TINY, "overrides": {**TINY["overrides"], "plots": False, "mosaic": 0.0, "nbs": TINY["batch"]}}
+    cfg = yolo.YoloTrainConfig(model="yolo11n.yaml", epochs=3, seed=7, **tiny)
+
+    def final_weights(into: dict):
+        def on_train_end(trainer):
+            into["model"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            into["ema"] = {k: v.detach().clone() for k, v in trainer.ema.ema.state_dict().items()}
+        return on_train_end
+
+    straight: dict = {}
+    yolo.train_yolo(cfg, data_yaml, tmp_path / "run" / "straight", callbacks={"on_train_end": final_weights(straight)})
+
+    def stop_after_second_epoch(trainer):
+        if trainer.epoch == 1:
+            raise Interrupt
+
+    interrupted = tmp_path / "run" / "interrupted"
+    with pytest.raises(Interrupt):
+        yolo.train_yolo(cfg, data_yaml, interrupted, callbacks={"on_model_save": stop_after_second_epoch})
+    assert (interrupted / "weights" / yolo.RESUME_STATE).is_file()
+    resumed: dict = {}
+    yolo.train_yolo(cfg, data_yaml, interrupted, callbacks={"on_train_end": final_weights(resumed)})
+    assert not (interrupted / "weights" / yolo.RESUME_STATE).exists()
+
+    for part in ("model", "ema"):
+        floats = [k for k, v in straight[part].items() if v.is_floating_point()]
+        assert len(floats) > 100
+        diffs = {k: float((straight[part][k].float() - resumed[part][k].float()).abs().max()) for k in floats}
+        assert max(diffs.values()) == 0, (part, sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
+    # and training moved the weights: the comparison is not between two untouched models
+    start = yolo.load_model("yolo11n.yaml").model.state_dict()
+    assert not all(torch.equal(start[k], straight["model"][k].to(start[k].dtype)) for k in floats if k in start)

@@ -31,6 +31,7 @@ from torchvision.transforms import v2
 
 from covidkit.data.siim import STUDY_CLASSES
 from covidkit.models.backbones import check_arch, load_backbone
+from covidkit.train.checkpoint import load_tagged, save_checkpoint
 from covidkit.prepare import resize_square
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -51,6 +52,7 @@ class StudySpec:
     hidden: int = 1024
     dropout: float = 0.5
     none_rule: str = "head"  # see none_probability: "head" or "negative"
+    equalize: bool = False  # histogram-equalise each image first (exposure and contrast vary between films)
 
     def __post_init__(self) -> None:
         check_arch(self.arch)
@@ -109,24 +111,14 @@ def build_study_model(spec: StudySpec, backbone_checkpoint: str | Path | None = 
 
 def save_study_model(model: StudyNet, spec: StudySpec, path: str | Path, **meta) -> Path:
     """One fold's model: weights + spec (+ ``meta``: fold, seed ...), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": STUDY_MODEL_FORMAT, "spec": spec.to_json(), "state_dict": state,
-                "meta": json.dumps(meta)}, tmp)
-    tmp.replace(path)
-    return path
+    return save_checkpoint({"format": STUDY_MODEL_FORMAT, "spec": spec.to_json(), "state_dict": state,
+                            "meta": json.dumps(meta)}, path)
 
 
 def load_study_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[StudyNet, StudySpec]:
     """A fold checkpoint written by ``save_study_model``, in eval mode on ``device``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"study model {path} does not exist (run 06_study_level first)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != STUDY_MODEL_FORMAT:
-        raise ValueError(f"{path} is not a covidkit study model (format {STUDY_MODEL_FORMAT})")
+    ckpt = load_tagged(path, STUDY_MODEL_FORMAT, "study model", NOTEBOOK)
     spec = StudySpec.from_json(ckpt["spec"])
     model = StudyNet(spec)
     model.load_state_dict(ckpt["state_dict"])
@@ -142,6 +134,7 @@ def eval_transform(spec: StudySpec) -> v2.Compose:
     """Prepared grey uint8 ``[1, S, S]`` -> normalised float ``[3, image_size, image_size]``."""
     return v2.Compose([
         v2.Resize((spec.image_size, spec.image_size), antialias=True),
+        *([v2.RandomEqualize(p=1.0)] if spec.equalize else []),
         v2.ToDtype(torch.float32, scale=True), v2.RGB(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
 

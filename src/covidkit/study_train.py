@@ -24,12 +24,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from tqdm import tqdm
 
-from covidkit.boxes import scale_boxes
 from covidkit.data.nih import read_grey
+from covidkit.data.detection import PreparedImages
 from covidkit.data.siim import COMPETITION, STUDY_CLASSES, prepared_train_table
 from covidkit.metrics import ONE_PIXEL_BOX, average_precision
 from covidkit.nih_pretrain import backbone_path
@@ -77,6 +76,7 @@ class StudyTrainConfig:
     none_weight: float = 0.5  # weight of the auxiliary "image has no box" loss
     mask_weight: float = 1.0  # weight of the auxiliary opacity heat-map loss (0: off)
     none_rule: str = "head"  # what none_probability uses: "head" or "negative" (see covidkit.study)
+    equalize: bool = False  # histogram-equalise every image (training and inference)
     fold_groups: int | None = None  # None: one model per fold of folds.csv
     hflip_tta: bool = False
     eval_every: int = 1
@@ -102,7 +102,7 @@ class StudyTrainConfig:
 
     def spec(self, prepared_size: int) -> StudySpec:
         return StudySpec(arch=self.arch, image_size=self.image_size, prepared_size=prepared_size,
-                         hidden=self.hidden, dropout=self.dropout, none_rule=self.none_rule)
+                         hidden=self.hidden, dropout=self.dropout, none_rule=self.none_rule, equalize=self.equalize)
 
 
 @dataclass
@@ -115,25 +115,18 @@ class StudyTrainResult:
     out_dir: Path
 
 
-class StudyImageDataset(Dataset):
+class StudyImageDataset(PreparedImages):
     """``(image, target)`` per row of a prepared train table; ``target``: ``label``, ``none``, ``mask``."""
 
-    def __init__(self, table: pd.DataFrame, transform) -> None:
-        self.table = table.reset_index(drop=True)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.table)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        row = self.table.iloc[index]
-        grey = read_grey(row["path"])
+        grey, boxes = self.image_and_boxes(index)
         mask = np.zeros(grey.shape, np.uint8)
-        for x1, y1, x2, y2 in scale_boxes(row["boxes"], (row["orig_height"], row["orig_width"]), grey.shape):
+        for x1, y1, x2, y2 in boxes:
             mask[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = 1
         image, mask = self.transform(tv_tensors.Image(torch.from_numpy(grey)[None]),
                                      tv_tensors.Mask(torch.from_numpy(mask)[None]))
-        target = {"label": STUDY_CLASSES.index(row["label"]), "none": float(len(row["boxes"]) == 0),
+        row = self.table.iloc[index]
+        target = {"label": STUDY_CLASSES.index(row["label"]), "none": float(len(boxes) == 0),
                   "mask": mask.as_subclass(torch.Tensor).float()}
         return image, target
 

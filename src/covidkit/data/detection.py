@@ -14,7 +14,26 @@ from covidkit.models.fasterrcnn import OPACITY
 TABLE_COLUMNS = ("image_id", "path", "orig_height", "orig_width", "boxes")
 
 
-class OpacityDataset(Dataset):
+class PreparedImages(Dataset):
+    """Rows of a prepared train table: each row's grey PNG with its boxes in that PNG's pixels."""
+
+    def __init__(self, table: pd.DataFrame, transform) -> None:
+        missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+        if missing:
+            raise ValueError(f"prepared table lacks columns {missing}")
+        self.table = table.reset_index(drop=True)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def image_and_boxes(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        row = self.table.iloc[index]
+        grey = read_grey(row["path"])
+        return grey, scale_boxes(row["boxes"], (row["orig_height"], row["orig_width"]), grey.shape)
+
+
+class OpacityDataset(PreparedImages):
     """``(image, target)`` per row of a prepared train table.
 
     ``target`` has ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY, in the pixels of the returned
@@ -22,20 +41,8 @@ class OpacityDataset(Dataset):
     without opacity have no boxes: they are the detector's negatives.
     """
 
-    def __init__(self, table: pd.DataFrame, transform) -> None:
-        missing = [c for c in TABLE_COLUMNS if c not in table.columns]
-        if missing:
-            raise ValueError(f"detection table lacks columns {missing}")
-        self.table = table.reset_index(drop=True)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.table)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        row = self.table.iloc[index]
-        grey = read_grey(row["path"])
-        boxes = scale_boxes(row["boxes"], (row["orig_height"], row["orig_width"]), grey.shape)
+        grey, boxes = self.image_and_boxes(index)
         target = {
             "boxes": tv_tensors.BoundingBoxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                                               format="XYXY", canvas_size=grey.shape),

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
+from covidkit.train.checkpoint import load_tagged, save_checkpoint
+
 BACKBONE_FORMAT = "covidkit.backbone/1"
 # torchvision's ResNet family; detection.backbone_utils.resnet_fpn_backbone accepts the same names.
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -55,21 +57,11 @@ def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_backbone(model: nn.Module, path: str | Path, arch: str, **meta) -> Path:
     """Save the backbone of ``model`` (a ``build_classifier`` model, unwrapped) for the detectors."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": BACKBONE_FORMAT, "arch": check_arch(arch), "state_dict": backbone_state(model),
-                "meta": meta}, tmp)
-    tmp.replace(path)
-    return path
+    return save_checkpoint({"format": BACKBONE_FORMAT, "arch": check_arch(arch), "state_dict": backbone_state(model),
+                            "meta": meta}, path)
 
 
 def load_backbone(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
     """``(arch, state_dict)`` of a checkpoint written by ``save_backbone``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone checkpoint {path} does not exist (run 01_pretrain_nih_resnext first)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != BACKBONE_FORMAT:
-        raise ValueError(f"{path} is not a covidkit backbone checkpoint (format {BACKBONE_FORMAT})")
+    ckpt = load_tagged(path, BACKBONE_FORMAT, "backbone checkpoint", "01_pretrain_nih_resnext")
     return ckpt["arch"], ckpt["state_dict"]

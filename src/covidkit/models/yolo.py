@@ -36,6 +36,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from covidkit.train.checkpoint import save_checkpoint, unwrap
+
 CONFIG_SUBDIR = "Ultralytics"  # ultralytics appends this to YOLO_CONFIG_DIR
 FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
 INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
@@ -208,9 +210,16 @@ def _seed_each_epoch(model, seed: int) -> None:
     its number makes each epoch's draws independent of what ran before, hence of an interruption
     (exact on CPU with ``workers=0`` and ``mosaic=0``: DataLoader workers are seeded when the
     loader is built, and mosaic draws partners from a buffer of recently loaded images that a
-    resumed run starts empty).
+    resumed run starts empty; see also ``train_args``' ``close_mosaic``).
     """
     def on_train_epoch_start(trainer) -> None:
+        loader = trainer.train_loader
+        if getattr(loader, "num_workers", None) == 0 and hasattr(loader, "reset"):
+            # ultralytics' loader keeps one iterator for the whole run: the sampler of the previous epoch
+            # would draw once more from the generator when it runs out, and a new iterator draws a seed from
+            # it. A fresh iterator, built before the reseeding, leaves the epoch's order as its first draw.
+            loader.reset()
+            loader.iterator = loader._get_iterator()
         epoch_seed = seed + trainer.epoch
         random.seed(epoch_seed)
         np.random.seed(epoch_seed % 2**32)
@@ -220,6 +229,46 @@ def _seed_each_epoch(model, seed: int) -> None:
             generator.manual_seed(epoch_seed)
 
     model.add_callback("on_train_epoch_start", on_train_epoch_start)
+
+
+RESUME_STATE = "resume_state.pt"
+
+
+def _exact_resume(model) -> None:
+    """Keep the full-precision training state beside ``last.pt``, and restore it on resume.
+
+    ultralytics' ``last.pt`` holds the EMA weights and the optimizer state in float16 and no raw
+    model weights (a resumed run restarts from the EMA), so a resumed run drifts from an
+    uninterrupted one. After each save the raw weights, the EMA and the optimizer state go to
+    ``weights/resume_state.pt`` in float32; a resumed run loads them once its trainer is set up.
+    With ``_seed_each_epoch`` this makes a resumed CPU run end with the uninterrupted run's weights.
+    """
+    def on_model_save(trainer) -> None:
+        if trainer.epoch + 1 >= trainer.epochs:
+            return  # the final save: nothing left to resume
+        state = {"epoch": trainer.epoch, "model": unwrap(trainer.model).state_dict(),
+                 "ema": trainer.ema.ema.state_dict(), "updates": trainer.ema.updates,
+                 "optimizer": trainer.optimizer.state_dict()}
+        save_checkpoint(state, trainer.wdir / RESUME_STATE)
+
+    def on_train_start(trainer) -> None:
+        path = trainer.wdir / RESUME_STATE
+        if trainer.start_epoch == 0 or not path.is_file():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["epoch"] != trainer.start_epoch - 1:
+            return  # written by another epoch than last.pt's: keep ultralytics' own resume
+        unwrap(trainer.model).load_state_dict(state["model"])
+        trainer.ema.ema.load_state_dict(state["ema"])
+        trainer.ema.updates = state["updates"]
+        trainer.optimizer.load_state_dict(state["optimizer"])
+
+    def on_train_end(trainer) -> None:
+        (trainer.wdir / RESUME_STATE).unlink(missing_ok=True)  # a finished run is not resumed
+
+    model.add_callback("on_model_save", on_model_save)
+    model.add_callback("on_train_start", on_train_start)
+    model.add_callback("on_train_end", on_train_end)
 
 
 def train_args(cfg: YoloTrainConfig, data_yaml: Path, run_dir: Path) -> dict[str, Any]:
@@ -232,7 +281,11 @@ def train_args(cfg: YoloTrainConfig, data_yaml: Path, run_dir: Path) -> dict[str
         "save_period": cfg.save_period, "amp": amp_setting(cfg.precision, device),
         # the weights of a local .pt model (False would start from random weights); a YAML has none
         "pretrained": str(Path(cfg.model).resolve()) if Path(cfg.model).suffix == ".pt" else False,
-        "plots": True, "verbose": False, **cfg.overrides,
+        "plots": True, "verbose": False,
+        # without mosaic there is nothing to close; closing it rebuilds the loader mid-run, which draws from
+        # the loader's generator and so breaks the equality of resumed and uninterrupted runs
+        **({"close_mosaic": 0} if cfg.overrides.get("mosaic") == 0 else {}),
+        **cfg.overrides,
     }
 
 
@@ -255,6 +308,7 @@ def train_yolo(cfg: YoloTrainConfig, data_yaml: str | Path, run_dir: str | Path,
         model = load_model(run_dir / "weights" / "last.pt" if state == "interrupted" else cfg.model)
         _epoch_bar(model, run_dir.name)
         _seed_each_epoch(model, cfg.seed)
+        _exact_resume(model)
         for event, fn in (callbacks or {}).items():
             model.add_callback(event, fn)
         args = train_args(cfg, Path(data_yaml).resolve(), run_dir)

@@ -45,6 +45,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def load_tagged(path: str | Path, fmt: str, what: str, made_by: str) -> dict[str, Any]:
+    """A model file saved as a dict with ``"format": fmt``; clear errors when it is missing or another kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist (run {made_by} first)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise ValueError(f"{path} is not a covidkit {what} (format {fmt})")
+    return ckpt
+
+
 def load_weights(path: str | Path, model: nn.Module, strict: bool = True) -> dict[str, Any]:
     """Load a checkpoint's weights into ``model``; returns the checkpoint (epoch, history, ...)."""
     ckpt = load_checkpoint(path)
