@@ -116,7 +116,10 @@ def test_none_probability_properties():
     with pytest.raises(ValueError, match="finite"):
         none_probability(0.5, [np.nan])
     with pytest.raises(ValueError, match="rule"):
-        none_probability(0.5, [], rule="boxes")
+        none_probability(0.5, [], rule="max")
+    # the detectors alone: 1 - the best box score, whatever the classifier says
+    assert none_probability(0.9, [0.3, 0.6], 0.9, rule="boxes") == pytest.approx(0.4)
+    assert none_probability(0.1, [], 0.1, rule="boxes") == pytest.approx(1.0)
 
 
 def test_oof_scoring_matches_the_competition_rules():
@@ -137,9 +140,16 @@ def test_oof_scoring_matches_the_competition_rules():
     boxes = OofPredictions(pd.DataFrame({"image_id": ["i1"], "fold": [0], "x1": [0.0], "y1": [0.0], "x2": [5.0],
                                          "y2": [5.0], "score": [0.9]}),
                            images[["image_id"]].assign(fold=0))
+    alone = none_comparison(images, studies)
+    assert list(alone.index[:1]) == ["head"] and set(alone.index) == {"head", "negative", "study_negative"}
     table = none_comparison(images, studies, boxes)
-    assert {"head", "negative", "study_negative", "head + boxes", "negative + boxes", "1 - max box score"} <= set(table.index)
+    assert set(table.index) == {"head", "negative", "boxes", "head (classifier alone)", "negative (classifier alone)",
+                                "study_negative (classifier alone)"}
     assert table.loc["head", "none_ap"] == pytest.approx(1.0)
+    # one box, on a positive image: the detectors alone rank that image last of seven, the rest tie
+    expected = [none_probability(n, [s], h, rule="boxes") for n, s, h in
+                zip(images["p_negative"], [0, 0.9, 0, 0, 0, 0, 0], images["p_none_head"])]
+    assert table.loc["boxes", "none_ap"] == pytest.approx(none_ap(images, np.array(expected)))
 
 
 def test_class_weights():

@@ -193,30 +193,34 @@ def predict_study_probs(model: nn.Module, spec: StudySpec, images: Sequence[np.n
     return predict_outputs(model, spec, images, device, hflip_tta)[0]
 
 
-NONE_RULES = ("head", "negative")
+NONE_RULES = ("head", "negative", "boxes")
 
 
 def none_probability(negative_prob: float, box_scores: np.ndarray, none_head_prob: float | None = None,
                      rule: str = "head") -> float:
     """The image-level ``none`` probability (no opacity in the image).
 
-    ``rule="head"`` (the default, chosen in notebook 06 on out-of-fold data): the model's own
-    image-level estimate ``none_head_prob``, trained on "this image has no box"; it sees the
-    image rather than the study's label, so it also knows the positive images without a box.
-    ``rule="negative"`` (and ``"head"`` without a head output): ``P(negative)`` of the image.
+    ``rule`` names the estimate (notebook 06 measures each on out-of-fold data; the profile picks):
 
-    Either estimate ``q`` is then tempered by the detectors' fused box scores, as independent
-    evidence of opacity: ``p = q * (1 - s)^(1 - q)`` with ``s`` the highest box score. A confident
-    box lowers ``none`` most where the classifier is unsure; where the classifier is sure of
-    ``none`` (``q`` near 1) one weak box changes little, and with no box ``p = q``. The result
-    stays in ``[0, 1]`` and never increases with ``s``.
+    - ``"head"``: the model's own image-level estimate ``none_head_prob``, trained on "this image
+      has no box"; it sees the image rather than the study's label, so it also knows the positive
+      images without a box. Without a head output, ``P(negative)``;
+    - ``"negative"``: ``P(negative)`` of the image;
+    - ``"boxes"``: the detectors alone, ``1 - s`` with ``s`` the highest fused box score.
+
+    The first two estimates ``q`` are tempered by the detectors' boxes, as independent evidence of
+    opacity: ``p = q * (1 - s)^(1 - q)``. A confident box lowers ``none`` most where the classifier
+    is unsure; where the classifier is sure of ``none`` (``q`` near 1) one weak box changes little,
+    and with no box ``p = q``. The result stays in ``[0, 1]`` and never increases with ``s``.
     """
     if rule not in NONE_RULES:
         raise ValueError(f"rule must be one of {NONE_RULES}, got {rule!r}")
-    q = none_head_prob if rule == "head" and none_head_prob is not None else negative_prob
-    q = float(np.clip(q, 0.0, 1.0))
     scores = np.asarray(box_scores, dtype=np.float64).reshape(-1)
     if scores.size and not np.isfinite(scores).all():
         raise ValueError("box scores must be finite")
     s = float(np.clip(scores.max(), 0.0, 1.0)) if scores.size else 0.0
+    if rule == "boxes":
+        return 1.0 - s
+    q = none_head_prob if rule == "head" and none_head_prob is not None else negative_prob
+    q = float(np.clip(q, 0.0, 1.0))
     return q * (1.0 - s) ** (1.0 - q)

@@ -75,7 +75,7 @@ class StudyTrainConfig:
     class_weight_power: float = 0.0  # cross-entropy class weights count^-power (0: none, 1: balanced)
     none_weight: float = 0.5  # weight of the auxiliary "image has no box" loss
     mask_weight: float = 1.0  # weight of the auxiliary opacity heat-map loss (0: off)
-    none_rule: str = "head"  # what none_probability uses: "head" or "negative" (see covidkit.study)
+    none_rule: str = "head"  # what none_probability uses: "head", "negative" or "boxes" (see covidkit.study)
     equalize: bool = False  # histogram-equalise every image (training and inference)
     fold_groups: int | None = None  # None: one model per fold of folds.csv
     hflip_tta: bool = False
@@ -213,24 +213,26 @@ def max_box_scores(images: pd.DataFrame, boxes: OofPredictions) -> np.ndarray:
 
 
 def none_comparison(images: pd.DataFrame, studies: pd.DataFrame, boxes: OofPredictions | None = None) -> pd.DataFrame:
-    """OOF ``none`` AP of each candidate rule, best first.
+    """OOF ``none`` AP of each candidate, best first.
 
-    Without boxes: the image head, the image's P(negative), the study's mean P(negative). With the
-    detectors' OOF ``boxes`` (e.g. 05's fused ``oof.csv``): also ``none_probability`` of the head and
-    of P(negative) tempered by the boxes, and ``1 - max box score`` alone. Only images the boxes
-    were evaluated on are compared, so every row scores the same images.
+    Without boxes: the image head, the image's P(negative), the study's mean P(negative), which are
+    also what ``none_probability`` gives for the rules ``head`` and ``negative`` when no box is
+    found. With the detectors' OOF ``boxes`` (e.g. 05's fused ``oof.csv``): one row per rule of
+    ``none_probability`` (named after the rule, as the profile's ``none_rule``), and the classifier
+    estimates alone for comparison. Only images the boxes were evaluated on are compared, so every
+    row scores the same images.
     """
     if boxes is not None:
         images = images[images["image_id"].isin(set(boxes.images["image_id"]))]
         studies = studies[studies["study_id"].isin(set(images["study_id"]))]
     candidates = none_candidates(images, studies)
     if boxes is not None:
+        candidates = {f"{name} (classifier alone)": p for name, p in candidates.items()}
         scores = max_box_scores(images, boxes)
         for rule in NONE_RULES:
-            candidates[f"{rule} + boxes"] = np.array([
+            candidates[rule] = np.array([
                 none_probability(neg, [s], head, rule=rule)
                 for neg, s, head in zip(images[PROB_COLUMNS[NEGATIVE]], scores, images["p_none_head"])])
-        candidates["1 - max box score"] = 1.0 - scores
     rows = [{"candidate": name, "none_ap": none_ap(images, p), "images": len(images)} for name, p in candidates.items()]
     return pd.DataFrame(rows).sort_values("none_ap", ascending=False, kind="stable").set_index("candidate")
 

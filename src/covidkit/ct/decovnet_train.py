@@ -77,7 +77,7 @@ class DeCoVNetConfig:
     epochs: int = 100
     lr: float = 1e-5
     weight_decay: float = 0.0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None: no augmentation
     localization: LocalizationConfig = field(default_factory=LocalizationConfig)
     unsupervised: UnsupervisedLungConfig = field(default_factory=UnsupervisedLungConfig)
     num_workers: int = 0
@@ -328,7 +328,8 @@ def train_decovnet(train: VolumeDataset, held_out: VolumeDataset | None, run_dir
     train_cfg = TrainConfig(run_dir=str(run_dir), epochs=cfg.epochs, batch_size=1, seed=cfg.seed,
                             num_workers=cfg.num_workers, progress=cfg.progress,
                             hparams={"model": "DeCoVNet", "input_size": list(cfg.input_size), "lr": cfg.lr,
-                                     "weight_decay": cfg.weight_decay, "augment": asdict(cfg.augment)})
+                                     "weight_decay": cfg.weight_decay,
+                                     "augment": asdict(cfg.augment) if cfg.augment else None})
     seed_everything(cfg.seed)
     model = DeCoVNet(input_size=cfg.input_size)
     fit(model, train, decovnet_step,
