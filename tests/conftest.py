@@ -47,10 +47,10 @@ def _tiny_run(run_dir: Path) -> Path:
     import torch
 
     from covidkit.ensemble import FusionParams
-    from covidkit.fasterrcnn_train import FasterRcnnConfig, build_model
+    from covidkit.train.fasterrcnn import FasterRcnnConfig, build_model
     from covidkit.models.backbones import build_classifier, save_backbone
     from covidkit.models.yolo import load_model, setup_ultralytics
-    from covidkit.study import StudySpec, build_study_model, save_study_model
+    from covidkit.models.study import StudySpec, build_study_model, save_study_model
     from covidkit.train import TrainConfig
 
     prepared = run_dir / "prepared"

@@ -10,7 +10,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from covidkit.data.detection import OpacityDataset, truth_boxes
 from covidkit.data.nih import LABELS
-from covidkit.fasterrcnn_train import (
+from covidkit.train.fasterrcnn import (
     FasterRcnnConfig, detection_step, fasterrcnn_models, predict_oof, train_split, untrained_oof,
 )
 from covidkit.models import DetectorSpec, build_classifier, build_fasterrcnn, inference_size, save_backbone

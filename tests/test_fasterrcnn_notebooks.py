@@ -10,7 +10,7 @@ import pytest
 
 from covidkit.data.detection import truth_boxes
 from covidkit.data.siim import COMPETITION, prepared_train_table
-from covidkit.fasterrcnn_train import fasterrcnn_models
+from covidkit.train.fasterrcnn import fasterrcnn_models
 from covidkit.models import load_backbone
 from covidkit.oof import BOX_COLUMNS, opacity_ap, read_oof
 

@@ -11,7 +11,7 @@ import torch
 
 from covidkit.data.nih import LABELS, NihDataset, multi_hot, patient_split, read_nih_table
 from covidkit.models.backbones import build_classifier, load_backbone, save_backbone
-from covidkit.nih_pretrain import NihPretrainConfig, backbone_path, per_label_auroc, run_nih_pretrain
+from covidkit.train.nih import NihPretrainConfig, backbone_path, per_label_auroc, run_nih_pretrain
 from covidkit.transforms import ClassificationAugment, classification_transform
 
 FINDINGS = ["No Finding", "Effusion|Mass", "Cardiomegaly", "No Finding", "Nodule|Effusion|Hernia",

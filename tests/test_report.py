@@ -48,7 +48,7 @@ def full_run(tiny_input, tmp_path_factory):
     """A run folder with every notebook's outputs, written by the package's own writers."""
     from covidkit.ensemble import EnsembleConfig, run_ensemble
     from covidkit.prepare import prepare
-    from covidkit.study_train import (
+    from covidkit.train.study import (
         PROB_COLUMNS, none_comparison, output_dir, study_probabilities, summarise, write_oof_tables,
     )
     from covidkit.submission import ImagePrediction, write_submission

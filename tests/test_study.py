@@ -13,11 +13,11 @@ from covidkit.data.nih import LABELS
 from covidkit.data.siim import STUDY_CLASSES
 from covidkit.models import build_classifier, save_backbone
 from covidkit.prepare import resize_square
-from covidkit.study import (
+from covidkit.models.study import (
     StudySpec, build_study_model, load_study_model, none_probability, predict_outputs, predict_study_probs,
     save_study_model, study_models,
 )
-from covidkit.study_train import (
+from covidkit.train.study import (
     PROB_COLUMNS, StudyImageDataset, StudyTrainConfig, class_weights, none_ap, none_comparison, predict_table,
     study_aps, study_probabilities, study_step, train_transform,
 )

@@ -18,8 +18,8 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
 
     from covidkit.pipeline import REPO_ROOT, load_profile, notebook_parameters, notebooks_dir
     from covidkit.prepare import prepare
-    from covidkit.study import load_study_model, predict_study_probs, study_models
-    from covidkit.study_train import read_oof_images, read_oof_studies
+    from covidkit.models.study import load_study_model, predict_study_probs, study_models
+    from covidkit.train.study import read_oof_images, read_oof_studies
 
     run_dir = tmp_path / "run"
     prepare(tiny_input / COMPETITION, run_dir / "prepared", size=96, workers=1, folds=5, progress=False)

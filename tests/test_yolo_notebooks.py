@@ -13,7 +13,7 @@ import yaml
 from covidkit.data import rsna, siim
 from covidkit.oof import opacity_ap, read_oof
 from covidkit.pipeline import load_profile, run_pipeline
-from covidkit.yolo_train import yolo_models
+from covidkit.train.yolo import yolo_models
 
 pytestmark = pytest.mark.slow
 

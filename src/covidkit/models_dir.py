@@ -6,7 +6,7 @@ What ``covidkit predict`` and ``covidkit serve`` take, and what a Kaggle dataset
     fusion.json            the WBF parameters chosen in 05 (covidkit.ensemble.FusionParams)
     fasterrcnn/fold<k>.pt  03's models: weights + DetectorSpec + architecture + inference size
     yolo/fold<k>.pt        04's ultralytics weights, as trained
-    study/fold<k>.pt       06's study models (covidkit.study.save_study_model), as trained
+    study/fold<k>.pt       06's study models (covidkit.models.study.save_study_model), as trained
 
 ``export_models(run_dir, out_dir)`` builds it from a run folder; ``read_manifest`` reads it back
 and checks every file against its hash. The Faster R-CNN files drop what only training needs
@@ -75,9 +75,9 @@ def prepared_size(run_dir: str | Path) -> int:
 
 def fasterrcnn_payload(checkpoint: str | Path, run_dir: str | Path, size: int) -> dict:
     """A training checkpoint of 03 -> weights, detector spec, architecture and sizes."""
-    from covidkit.fasterrcnn_train import FasterRcnnConfig
+    from covidkit.train.fasterrcnn import FasterRcnnConfig
     from covidkit.models.backbones import load_backbone
-    from covidkit.nih_pretrain import backbone_path
+    from covidkit.train.nih import backbone_path
     from covidkit.train import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
@@ -153,7 +153,7 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
     without it they come from 00's ``folds.csv``. Without 05's ``fusion.json`` the default
     ``FusionParams`` are written, with a warning. ``out_dir`` is replaced. Returns ``out_dir``.
     """
-    from covidkit.study import study_models
+    from covidkit.models.study import study_models
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     sources = {"fasterrcnn": fasterrcnn_checkpoints(run_dir), "yolo": yolo_weights(run_dir),

@@ -11,7 +11,7 @@ at its original size (what ``covidkit.dicom.read_dicom(...).pixels`` gives) and:
    parameters; a detector's weight is shared equally by its folds and views) and maps them to
    original pixels;
 4. averages the study model's (06) class probabilities over its folds, and derives the image's
-   ``none`` probability with ``covidkit.study.none_probability``.
+   ``none`` probability with ``covidkit.models.study.none_probability``.
 
 ``predict_competition`` does this for every test DICOM and writes a validated submission: a
 study's probabilities are the mean over its images; an image that cannot be decoded still gets
@@ -145,7 +145,7 @@ class Predictor:
     def load(cls, models_dir: str | Path, device: str | torch.device = "cpu", hflip_tta: bool = False) -> Predictor:
         """Load (and hash-check) every model of ``models_dir``."""
         from covidkit.models.yolo import setup_ultralytics
-        from covidkit.study import load_study_model
+        from covidkit.models.study import load_study_model
 
         models_dir = Path(models_dir)
         manifest = read_manifest(models_dir)
@@ -191,7 +191,7 @@ class Predictor:
             return self._predict(image)
 
     def _predict(self, image: np.ndarray) -> ImageResult:
-        from covidkit.study import none_probability, predict_outputs
+        from covidkit.models.study import none_probability, predict_outputs
 
         start = time.perf_counter()
         image = np.asarray(image)

@@ -1,6 +1,6 @@
 """The parameters of a notebook's profile section, for the ``python -m`` entry points.
 
-A runner launched from a shell (``torchrun ... -m covidkit.fasterrcnn_train --profile full``)
+A runner launched from a shell (``torchrun ... -m covidkit.train.fasterrcnn --profile full``)
 reads the same ``notebooks/profiles/<profile>.yaml`` section the notebook gets from papermill.
 """
 from __future__ import annotations

@@ -154,7 +154,7 @@ def detectors_section(run_dir: Path, input_dir: Path | None) -> str:
 
 def study_section(run_dir: Path) -> str:
     """06: OOF study APs, ``none`` APs, PR curves, confusion matrix."""
-    from covidkit.study_train import CONFUSION_PNG, OOF_IMAGES_CSV, OOF_STUDIES_CSV, PROB_COLUMNS, SUMMARY_JSON
+    from covidkit.train.study import CONFUSION_PNG, OOF_IMAGES_CSV, OOF_STUDIES_CSV, PROB_COLUMNS, SUMMARY_JSON
 
     out = run_dir / STUDY_DIR
     _require(out / SUMMARY_JSON, out / OOF_STUDIES_CSV, out / OOF_IMAGES_CSV)

@@ -4,6 +4,9 @@ Shaped like torchvision's ``references/detection`` (a small epoch loop, distribu
 helpers in their own modules). The task-specific part is two small callables; everything else
 (seeds, AMP, DDP, checkpoints, resume, metrics, plots, progress bars) is the engine's.
 
+Beside the engine, the runners of the training notebooks, each also a ``python -m`` / ``torchrun -m``
+entry point reading a profile section: ``nih`` (01), ``yolo`` (02, 04), ``fasterrcnn`` (03), ``study`` (06).
+
 API (stable; other modules build on it)::
 
     from covidkit.train import TrainConfig, cosine_with_floor, fit, load_weights, seed_everything

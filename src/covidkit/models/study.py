@@ -31,12 +31,12 @@ from torchvision.transforms import v2
 
 from covidkit.data.siim import STUDY_CLASSES
 from covidkit.models.backbones import check_arch, load_backbone
-from covidkit.train.checkpoint import load_tagged, save_checkpoint
 from covidkit.prepare import resize_square
+from covidkit.train.checkpoint import load_tagged, save_checkpoint
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NOTEBOOK = "06_study_level"
-STUDY_MODEL_FORMAT = "covidkit.study/1"
+STUDY_MODEL_FORMAT = "covidkit.models.study/1"
 MODEL_FILE = "study_model.pt"
 NEGATIVE = STUDY_CLASSES.index("negative")
 

@@ -3,7 +3,7 @@
 One model per validation split of ``folds.csv`` (from 00), started from the NIH backbone of 01 (or
 another backbone file, or random weights). Every training image carries its study's label; the loss
 is cross-entropy over the four study classes, plus two auxiliary image-level terms (see
-``covidkit.study``): "this image has no box" and an opacity heat map from the boxes. SGD with
+``covidkit.models.study``): "this image has no box" and an opacity heat map from the boxes. SGD with
 momentum and the cosine-with-floor schedule of the engine (``optimizer: adamw`` is offered for short
 CPU runs). Each split's *last* epoch predicts its held-out images: a study's probabilities are the
 mean over its images, scored with the competition's AP (each study is one box ``0 0 1 1`` of its class).
@@ -11,7 +11,7 @@ mean over its images, scored with the competition's AP (each study is one box ``
 ``fold_groups`` merges the K folds into fewer splits (split = fold % fold_groups; patients still never
 cross a split), so every image still gets an out-of-fold prediction.
 
-Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.study_train --profile full``.
+Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.train.study --profile full``.
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ from covidkit.data.nih import read_grey
 from covidkit.data.detection import PreparedImages
 from covidkit.data.siim import COMPETITION, STUDY_CLASSES, prepared_train_table
 from covidkit.metrics import ONE_PIXEL_BOX, average_precision
-from covidkit.nih_pretrain import backbone_path
+from covidkit.train.nih import backbone_path
 from covidkit.oof import OofPredictions
 from covidkit.profiles import config_from_params
-from covidkit.study import (
+from covidkit.models.study import (
     MODEL_FILE, NEGATIVE, NONE_RULES, NOTEBOOK, StudyNet, StudySpec, build_study_model, none_probability,
     predict_outputs, save_study_model, train_transform,
 )
@@ -75,7 +75,7 @@ class StudyTrainConfig:
     class_weight_power: float = 0.0  # cross-entropy class weights count^-power (0: none, 1: balanced)
     none_weight: float = 0.5  # weight of the auxiliary "image has no box" loss
     mask_weight: float = 1.0  # weight of the auxiliary opacity heat-map loss (0: off)
-    none_rule: str = "head"  # what none_probability uses: "head", "negative" or "boxes" (see covidkit.study)
+    none_rule: str = "head"  # what none_probability uses: "head", "negative" or "boxes" (see covidkit.models.study)
     equalize: bool = False  # histogram-equalise every image (training and inference)
     fold_groups: int | None = None  # None: one model per fold of folds.csv
     hflip_tta: bool = False

@@ -9,7 +9,7 @@ count is fixed beforehand, so the out-of-fold AP is not tuned on the data it rep
 still never cross a split), for cheap runs that still give every image an out-of-fold
 prediction; ``folds_to_run`` restricts the run to some splits (the OOF then covers those only).
 
-Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.fasterrcnn_train --profile full``.
+Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.train.fasterrcnn --profile full``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from covidkit.boxes import scale_boxes
 from covidkit.data.detection import OpacityDataset, truth_boxes
 from covidkit.data.siim import COMPETITION, prepared_train_table
 from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, inference_size
-from covidkit.nih_pretrain import backbone_path
+from covidkit.train.nih import backbone_path
 from covidkit.oof import OofPredictions, box_rows, opacity_ap, write_oof
 from covidkit.train import (
     TrainConfig, collate_lists, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device,

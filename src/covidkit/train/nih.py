@@ -5,7 +5,7 @@ schedule with a floor, AMP on CUDA, per-label AUROC on a patient-grouped validat
 backbone is saved to ``<run_dir>/01_pretrain_nih_resnext/backbone.pt`` for the detectors and
 the study classifier.
 
-Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.nih_pretrain --profile full``.
+Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.train.nih --profile full``.
 """
 from __future__ import annotations
 
