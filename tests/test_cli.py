@@ -1,6 +1,7 @@
 """The console script: installed, answers --help without heavy imports, works with networking off."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-COMMANDS = ["synth", "prepare", "score", "validate", "bench", "pipeline"]
+from covidkit.pipeline import notebooks_dir
+
+COMMANDS = ["synth", "prepare", "score", "validate", "predict", "pipeline", "serve", "bench"]
 
 
 def covidkit() -> str:
@@ -32,7 +35,7 @@ def test_help_does_not_import_torch_or_pydicom():
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
-def test_synth_and_prepare_run_with_networking_off(tmp_path):
+def test_synth_prepare_and_a_notebook_run_with_networking_off(tmp_path):
     probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("user namespaces are not available here")
@@ -46,6 +49,17 @@ def test_synth_and_prepare_run_with_networking_off(tmp_path):
     assert done.returncode == 0, done.stderr
     meta = pd.read_csv(tmp_path / "prep" / "meta.csv")
     assert (meta["status"] == "ok").all() and len(meta) >= 6
+    # a notebook through papermill: its kernel must answer without a loopback interface (notebook 00 with a
+    # profile of 2 folds, which this little data allows)
+    books = tmp_path / "notebooks"
+    (books / "profiles").mkdir(parents=True)
+    shutil.copy(notebooks_dir() / "00_prepare_data.ipynb", books)
+    (books / "profiles" / "offline.yaml").write_text("00_prepare_data:\n  image_size: 128\n  folds: 2\n")
+    run = subprocess.run([*offline, "pipeline", "--profile", "offline", "--only", "00", "--input", str(tmp_path),
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "COVIDKIT_NOTEBOOKS": str(books)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(pd.read_csv(tmp_path / "run" / "prepared" / "meta.csv")) == len(meta)
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):

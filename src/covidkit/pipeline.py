@@ -73,6 +73,21 @@ class NotebookRun:
     seconds: float
 
 
+def ipc_kernel_manager() -> type:
+    """A kernel manager whose kernel talks over Unix sockets instead of TCP on localhost.
+
+    With networking switched off (``unshare -rn``) there is no loopback interface, so a kernel on
+    TCP never answers; on Unix sockets it does, and no port is opened on the machine.
+    """
+    from jupyter_client import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IpcKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return IpcKernelManager
+
+
 def run_notebook(notebook: Path, profile: dict, run_dir: Path, overrides: dict) -> NotebookRun:
     """Execute one notebook; the executed copy goes to ``run_dir/notebooks/``."""
     import papermill
@@ -85,7 +100,7 @@ def run_notebook(notebook: Path, profile: dict, run_dir: Path, overrides: dict) 
     try:
         papermill.execute_notebook(
             str(notebook), str(out), parameters=params, kernel_name="python3",
-            cwd=str(REPO_ROOT), progress_bar=False,
+            cwd=str(REPO_ROOT), progress_bar=False, kernel_manager_class=ipc_kernel_manager(),
         )
     except PapermillExecutionError as err:
         raise PipelineError(
