@@ -36,7 +36,7 @@ from covidkit.train.checkpoint import load_tagged, save_checkpoint
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NOTEBOOK = "06_study_level"
-STUDY_MODEL_FORMAT = "covidkit.models.study/1"
+STUDY_MODEL_FORMAT = "covidkit.study/1"  # a file format tag: kept when the module moved
 MODEL_FILE = "study_model.pt"
 NEGATIVE = STUDY_CLASSES.index("negative")
 
