@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 
 import cv2
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,11 +14,11 @@ import torch
 from covidkit.data.nih import LABELS
 from covidkit.data.siim import STUDY_CLASSES
 from covidkit.models import build_classifier, save_backbone
-from covidkit.prepare import resize_square
 from covidkit.models.study import (
-    StudySpec, build_study_model, load_study_model, none_probability, predict_outputs, predict_study_probs,
-    save_study_model, study_models,
+    StudySpec, build_study_model, load_study_model, model_inputs, none_probability, predict_outputs,
+    predict_study_probs, save_study_model, study_models,
 )
+from covidkit.prepare import resize_square
 from covidkit.train.study import (
     PROB_COLUMNS, StudyImageDataset, StudyTrainConfig, class_weights, none_ap, none_comparison, predict_table,
     study_aps, study_probabilities, study_step, train_transform,
@@ -229,3 +231,13 @@ def test_config_from_profile_sections_rejects_unknown_keys():
         StudyTrainConfig.from_params({"input_dir": "in", "run_dir": "run", "epoch": 3})
     with pytest.raises(ValueError, match="optimizer"):
         StudyTrainConfig(input_dir="in", run_dir="run", optimizer="adam")
+
+
+def test_equalize_makes_the_input_independent_of_exposure():
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 120, (64, 64)).astype(np.uint8)
+    brighter = (image.astype(np.int32) * 2).astype(np.uint8)  # a monotone change of exposure
+    spec = StudySpec(arch="resnet18", image_size=64, prepared_size=64)
+    plain, equalised = model_inputs([image, brighter], spec), model_inputs([image, brighter], replace(spec, equalize=True))
+    assert not torch.allclose(plain[0], plain[1])
+    assert torch.allclose(equalised[0], equalised[1])
