@@ -1,7 +1,8 @@
 """The study-level classifier (notebook 06): model, checkpoints, inference, and the image ``none`` probability.
 
 A ResNet-family backbone (the NIH checkpoint of 01, or random initialisation) with three heads on
-its last feature map:
+its last feature map (``arch: unet`` gives a small U-Net from scratch instead, see
+``covidkit.models.unet``):
 
 - ``study``: global average pool -> ``width -> hidden -> ReLU -> Dropout -> 4`` logits over
   ``STUDY_CLASSES`` (negative, typical, indeterminate, atypical), trained with cross-entropy;
@@ -31,6 +32,7 @@ from torchvision.transforms import v2
 
 from covidkit.data.siim import STUDY_CLASSES
 from covidkit.models.backbones import check_arch, load_backbone
+from covidkit.models.unet import SmallUNet
 from covidkit.prepare import resize_square
 from covidkit.train.checkpoint import load_tagged, save_checkpoint
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -38,6 +40,7 @@ from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
 NOTEBOOK = "06_study_level"
 STUDY_MODEL_FORMAT = "covidkit.study/1"  # a file format tag: kept when the module moved
 MODEL_FILE = "study_model.pt"
+UNET = "unet"  # the arch name of the small U-Net
 NEGATIVE = STUDY_CLASSES.index("negative")
 
 
@@ -45,7 +48,7 @@ NEGATIVE = STUDY_CLASSES.index("negative")
 class StudySpec:
     """Everything needed to rebuild a study model and feed it (saved as JSON in each checkpoint)."""
 
-    arch: str = "resnext101_32x8d"
+    arch: str = "resnext101_32x8d"  # a torchvision ResNet (ARCHS of covidkit.models.backbones) or "unet"
     image_size: int = 224  # the network's input side
     prepared_size: int = 1024  # side of 00's square PNGs: inference resizes to it first, as 00 did
     classes: list[str] = field(default_factory=lambda: list(STUDY_CLASSES))
@@ -53,9 +56,11 @@ class StudySpec:
     dropout: float = 0.5
     none_rule: str = "head"  # see none_probability: "head" or "negative"
     equalize: bool = False  # histogram-equalise each image first (exposure and contrast vary between films)
+    unet_width: int = 16  # arch "unet": channels of its first level
 
     def __post_init__(self) -> None:
-        check_arch(self.arch)
+        if self.arch != UNET:
+            check_arch(self.arch)
         if self.none_rule not in NONE_RULES:
             raise ValueError(f"none_rule must be one of {NONE_RULES}, got {self.none_rule!r}")
         if self.image_size < 32 or self.prepared_size < 32:
@@ -98,9 +103,16 @@ class StudyNet(nn.Module):
                 "mask": self.mask_head(fmap)}
 
 
-def build_study_model(spec: StudySpec, backbone_checkpoint: str | Path | None = None) -> StudyNet:
+def study_network(spec: StudySpec) -> nn.Module:
+    """The randomly initialised network of a spec: a ``StudyNet`` or, for ``arch: unet``, a ``SmallUNet``."""
+    if spec.arch == UNET:
+        return SmallUNet(len(spec.classes), spec.unet_width, spec.dropout)
+    return StudyNet(spec)
+
+
+def build_study_model(spec: StudySpec, backbone_checkpoint: str | Path | None = None) -> nn.Module:
     """A fresh study model; its backbone from 01's checkpoint when given (same architecture required)."""
-    model = StudyNet(spec)
+    model = study_network(spec)
     if backbone_checkpoint is not None:
         arch, state = load_backbone(backbone_checkpoint)
         if arch != spec.arch:
@@ -109,18 +121,18 @@ def build_study_model(spec: StudySpec, backbone_checkpoint: str | Path | None = 
     return model
 
 
-def save_study_model(model: StudyNet, spec: StudySpec, path: str | Path, **meta) -> Path:
+def save_study_model(model: nn.Module, spec: StudySpec, path: str | Path, **meta) -> Path:
     """One fold's model: weights + spec (+ ``meta``: fold, seed ...), written atomically."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return save_checkpoint({"format": STUDY_MODEL_FORMAT, "spec": spec.to_json(), "state_dict": state,
                             "meta": json.dumps(meta)}, path)
 
 
-def load_study_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[StudyNet, StudySpec]:
+def load_study_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, StudySpec]:
     """A fold checkpoint written by ``save_study_model``, in eval mode on ``device``."""
     ckpt = load_tagged(path, STUDY_MODEL_FORMAT, "study model", NOTEBOOK)
     spec = StudySpec.from_json(ckpt["spec"])
-    model = StudyNet(spec)
+    model = study_network(spec)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), spec
 

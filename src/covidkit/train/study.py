@@ -35,7 +35,7 @@ from covidkit.train.nih import backbone_path
 from covidkit.oof import OofPredictions
 from covidkit.profiles import config_from_params
 from covidkit.models.study import (
-    MODEL_FILE, NEGATIVE, NONE_RULES, NOTEBOOK, StudyNet, StudySpec, build_study_model, none_probability,
+    MODEL_FILE, NEGATIVE, NONE_RULES, NOTEBOOK, StudySpec, build_study_model, none_probability,
     predict_outputs, save_study_model, train_transform,
 )
 from covidkit.train import TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device
@@ -72,6 +72,7 @@ class StudyTrainConfig:
     lr_floor: float = 0.05
     hidden: int = 1024
     dropout: float = 0.5
+    unet_width: int = 16  # arch "unet" only: channels of the U-Net's first level
     class_weight_power: float = 0.0  # cross-entropy class weights count^-power (0: none, 1: balanced)
     none_weight: float = 0.5  # weight of the auxiliary "image has no box" loss
     mask_weight: float = 1.0  # weight of the auxiliary opacity heat-map loss (0: off)
@@ -102,7 +103,8 @@ class StudyTrainConfig:
 
     def spec(self, prepared_size: int) -> StudySpec:
         return StudySpec(arch=self.arch, image_size=self.image_size, prepared_size=prepared_size,
-                         hidden=self.hidden, dropout=self.dropout, none_rule=self.none_rule, equalize=self.equalize)
+                         hidden=self.hidden, dropout=self.dropout, none_rule=self.none_rule, equalize=self.equalize,
+                         unet_width=self.unet_width)
 
 
 @dataclass
@@ -160,7 +162,7 @@ def make_optimizer(model: nn.Module, cfg: StudyTrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def predict_table(model: StudyNet, spec: StudySpec, table: pd.DataFrame, device: torch.device,
+def predict_table(model: nn.Module, spec: StudySpec, table: pd.DataFrame, device: torch.device,
                   hflip_tta: bool = False, batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
     """Per-image probabilities of every row of a prepared table: ``image_id, p_<class>..., p_none_head``."""
     study, none = [], []
