@@ -9,7 +9,8 @@ import pytest
 
 from covidkit.boxes import format_boxes_column, label_from_boxes
 from covidkit.ensemble import (
-    FusionParams, ap_table, fuse_boxes, fuse_oof, grid_search, markdown_table, precision_recall,
+    FusionParams, ap_table, best_fusion, fuse_boxes, fuse_oof, grid_fusions, grid_search, markdown_table,
+    precision_recall, tuned_out_of_fold,
 )
 from covidkit.oof import OofPredictions, box_rows, opacity_ap, read_oof, write_oof
 from covidkit.pipeline import load_profile
@@ -123,6 +124,27 @@ def test_grid_search_finds_the_iou_threshold_that_merges_two_half_right_boxes():
     assert opacity_ap(fuse_oof([a, b], sizes, best), truth) == pytest.approx(1.0)
     assert opacity_ap(fuse_oof([a, b], sizes), truth) == 0.0
     assert ap_table({"a": a, "b": b}, truth)["ap50"].tolist() == [0.0, 0.0]
+
+
+def test_parameters_tuned_out_of_fold_are_chosen_on_the_other_folds():
+    """Fold 0's image needs the two boxes merged (iou_thr 0.1, as above); fold 1's image has two true
+    opacities overlapping by IoU 0.18, one found by each model, which must stay apart (0.55). Tuned on
+    all images 0.55 wins (two hits against one); out of fold each fold gets the other's choice."""
+    half_right = ([[0, 0, 100, 100]], [0.9]), ([[70, 0, 170, 100]], [0.9])
+    truth = {"i": np.array([[35, 0, 135, 100]]), "j": np.array([[0, 0, 100, 100], [70, 0, 170, 100]])}
+    images = pd.DataFrame({"image_id": ["i", "j"], "fold": [0, 1]})
+    a, b = (OofPredictions.from_parts([box_rows(i, f, *half_right[m]) for i, f in zip(images["image_id"], images["fold"])],
+                                      images) for m in (0, 1))
+    grid = {"iou_thr": [0.55, 0.1]}
+    fusions = grid_fusions([a, b], {"i": (100, 200), "j": (100, 200)}, grid)
+    best, table = best_fusion(fusions, truth, grid)
+    assert best == FusionParams(iou_thr=0.55) and table["ap50"].iloc[0] > 0
+    honest, chosen = tuned_out_of_fold(fusions, truth)
+    assert chosen == {0: FusionParams(iou_thr=0.55), 1: FusionParams(iou_thr=0.1)}
+    assert sorted(honest.images["image_id"]) == ["i", "j"]
+    assert opacity_ap(honest, truth) == 0.0
+    with pytest.raises(ValueError, match="two folds"):
+        tuned_out_of_fold(grid_fusions([_oof({}, ["i"]), _oof({}, ["i"])], {"i": (100, 200)}, grid), truth)
 
 
 def test_precision_recall_points_by_descending_score():

@@ -8,9 +8,10 @@ back to original pixels.
 
 Notebook 05 fuses the out-of-fold predictions of 03 (Faster R-CNN) and 04 (YOLO) with
 :func:`fuse_oof`, compares the opacity AP@0.5 of each model and of the fusion on the same images
-(:func:`ap_table`), and may choose the parameters on a small grid (:func:`grid_search`); the chosen
-ones are saved as ``fusion.json`` (:meth:`FusionParams.save`) for notebook 07, which fuses every
-fold model's boxes per test image with :func:`fuse_boxes`.
+(:func:`ap_table`), and may choose the parameters on a small grid (:func:`grid_search`, with an
+honest score of that choice from :func:`tuned_out_of_fold`); the chosen ones are saved as
+``fusion.json`` (:meth:`FusionParams.save`) for notebook 07, which fuses every fold model's boxes per
+test image with :func:`fuse_boxes`.
 """
 from __future__ import annotations
 
@@ -229,6 +230,34 @@ def ap_table(oofs: Mapping[str, OofPredictions], truth: Mapping[str, np.ndarray]
     return pd.DataFrame(rows).set_index("model")
 
 
+def grid_fusions(oofs: Sequence[OofPredictions], sizes: Mapping[str, tuple[int, int]], grid: Mapping[str, Sequence],
+                 base: FusionParams = FusionParams()) -> list[tuple[FusionParams, OofPredictions]]:
+    """Every combination of ``grid`` (``{field: values}``, varied from ``base``) with its fused OOF predictions."""
+    data = _NormalisedOof.build(oofs, sizes)
+    keys = list(grid)
+    combos = [replace(base, **dict(zip(keys, values))) for values in itertools.product(*(grid[k] for k in keys))]
+    return [(params, data.fuse(params, params.weights)) for params in combos]
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _best(aps) -> int:
+    """Index of the best AP, the first on ties; a NaN AP (no true box to find) counts as the worst."""
+    return int(np.argmax(np.nan_to_num(np.asarray(aps, dtype=float), nan=-1.0)))
+
+
+def best_fusion(fusions: Sequence[tuple[FusionParams, OofPredictions]], truth: Mapping[str, np.ndarray],
+                grid: Mapping[str, Sequence]) -> tuple[FusionParams, pd.DataFrame]:
+    """The parameters of ``fusions`` with the best OOF AP@0.5 (ties: the first, so put the defaults first) and a
+    frame with one row per combination (its ``grid`` fields and ``ap50``), best first."""
+    aps = [opacity_ap(oof, truth) for _, oof in fusions]
+    rows = [{**{k: _plain(getattr(params, k)) for k in grid}, "ap50": ap} for (params, _), ap in zip(fusions, aps)]
+    table = pd.DataFrame(rows).sort_values("ap50", ascending=False, kind="stable").reset_index(drop=True)
+    return fusions[_best(aps)][0], table
+
+
 def grid_search(oofs: Sequence[OofPredictions], sizes: Mapping[str, tuple[int, int]],
                 truth: Mapping[str, np.ndarray], grid: Mapping[str, Sequence],
                 base: FusionParams = FusionParams()) -> tuple[FusionParams, pd.DataFrame]:
@@ -237,17 +266,28 @@ def grid_search(oofs: Sequence[OofPredictions], sizes: Mapping[str, tuple[int, i
     Returns the best parameters (ties: the first in grid order, so put the defaults first) and a
     frame with one row per combination and its ``ap50``, best first.
     """
-    data = _NormalisedOof.build(oofs, sizes)
-    keys = list(grid)
-    rows, best, best_ap = [], base, -np.inf
-    for values in itertools.product(*(grid[k] for k in keys)):
-        params = replace(base, **dict(zip(keys, values)))
-        ap = opacity_ap(data.fuse(params, params.weights), truth)
-        rows.append({**dict(zip(keys, values)), "ap50": ap})
-        if ap > best_ap:
-            best, best_ap = params, ap
-    table = pd.DataFrame(rows).sort_values("ap50", ascending=False, kind="stable").reset_index(drop=True)
-    return best, table
+    return best_fusion(grid_fusions(oofs, sizes, grid, base), truth, grid)
+
+
+def tuned_out_of_fold(fusions: Sequence[tuple[FusionParams, OofPredictions]],
+                      truth: Mapping[str, np.ndarray]) -> tuple[OofPredictions, dict[int, FusionParams]]:
+    """An honest score for parameters tuned on OOF images: each fold's images take the fusion that scores best
+    on the *other* folds' images. Returns those predictions and the parameters chosen per fold.
+
+    Each image's fusion depends on that image alone, so the grid is fused once and only the AP is
+    recomputed per fold.
+    """
+    images = fusions[0][1].images
+    folds = sorted(int(f) for f in images["fold"].unique())
+    if len(folds) < 2:
+        raise ValueError(f"tuning out of fold needs images of at least two folds, got folds {folds}")
+    parts, chosen = [], {}
+    for fold in folds:
+        others = images.loc[images["fold"] != fold, "image_id"]
+        params, oof = fusions[_best([opacity_ap(restrict(oof, others), truth) for _, oof in fusions])]
+        chosen[int(fold)] = params
+        parts.append(restrict(oof, images.loc[images["fold"] == fold, "image_id"]))
+    return OofPredictions.concat(parts), chosen
 
 
 def precision_recall(oof: OofPredictions, truth: Mapping[str, np.ndarray],
@@ -268,6 +308,7 @@ NOTEBOOK = "05_ensemble_wbf"
 DETECTOR_OOF = {"Faster R-CNN": "03_train_siim_fasterrcnn/oof.csv", "YOLO": "04_train_siim_yolo/oof.csv"}
 ENSEMBLE = "WBF ensemble"
 TUNED = "WBF ensemble, parameters tuned on these images"
+TUNED_OOF = "WBF ensemble, parameters tuned on the other folds' images"
 
 
 @dataclass
@@ -331,9 +372,12 @@ def run_ensemble(cfg: EnsembleConfig) -> EnsembleResult:
     oofs[ENSEMBLE] = fuse_oof(list(singles.values()), sizes, params)
     grid = None
     if cfg.grid:
-        tuned, grid = grid_search(list(singles.values()), sizes, truth, cfg.grid, base=params)
+        fusions = grid_fusions(list(singles.values()), sizes, cfg.grid, base=params)
+        tuned, grid = best_fusion(fusions, truth, cfg.grid)
+        if fusions[0][1].images["fold"].nunique() > 1:
+            oofs[TUNED_OOF] = tuned_out_of_fold(fusions, truth)[0]
         if tuned != params:
-            oofs[TUNED] = fuse_oof(list(singles.values()), sizes, tuned)
+            oofs[TUNED] = next(oof for p, oof in fusions if p == tuned)
         params = tuned
     table = ap_table(oofs, truth)
 
