@@ -41,8 +41,9 @@ def test_synth_prepare_and_a_notebook_run_with_networking_off(tmp_path):
         pytest.skip("user namespaces are not available here")
     offline = ["unshare", "-rn", covidkit()]
     subprocess.run([*offline, "synth", "--out", str(tmp_path), "--seed", "3", "--train-studies", "8",
-                    "--test-studies", "2", "--nih-images", "2", "--rsna-images", "2", "--max-size", "600"],
-                   check=True, capture_output=True, timeout=300)
+                    "--test-studies", "2", "--nih-images", "2", "--rsna-images", "2", "--max-size", "600",
+                    "--ct-volumes", "2"], check=True, capture_output=True, timeout=300)
+    assert len(pd.read_csv(tmp_path / "ct-covid-volumes" / "labels.csv")) == 2
     done = subprocess.run([*offline, "prepare", str(tmp_path / "siim-covid19-detection"), str(tmp_path / "prep"),
                            "--size", "128", "--workers", "2", "--folds", "2", "--strict"],
                           capture_output=True, text=True, timeout=300)

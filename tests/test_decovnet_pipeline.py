@@ -19,14 +19,14 @@ def test_synth_writes_the_volume_set_unless_ct_is_off(tmp_path, monkeypatch):
     assert write_ct_volume_set in WRITERS
     assert "skipped" in write_ct_volume_set(tmp_path / "off", SynthConfig(ct=False))
     assert not (tmp_path / "off").exists()
-    # the default size is the smoke set: shrink it here, keep the writer's own plumbing (seed, summary)
+    # small volumes here, the writer's own plumbing kept (seed, count, summary)
     monkeypatch.setattr(ct_volumes, "CTVolumeSynthConfig",
-                        functools.partial(CTVolumeSynthConfig, cases=4, min_slices=6, max_slices=8, size=48))
-    summary = write_ct_volume_set(tmp_path / "a", SynthConfig(seed=5))
+                        functools.partial(CTVolumeSynthConfig, min_slices=6, max_slices=8, size=48))
+    summary = write_ct_volume_set(tmp_path / "a", SynthConfig(seed=5, ct_volumes=4))
     assert summary.startswith(f"{DATASET_DIR}: 4 CT volumes (2 positive")
     cases = read_cases(tmp_path / "a" / DATASET_DIR)
     assert sorted(c.label for c in cases) == [0, 0, 1, 1]
-    write_ct_volume_set(tmp_path / "b", SynthConfig(seed=5))
+    write_ct_volume_set(tmp_path / "b", SynthConfig(seed=5, ct_volumes=4))
     for a, b in zip(cases, read_cases(tmp_path / "b" / DATASET_DIR)):  # same seed, same volumes
         assert (a.case_id, a.label) == (b.case_id, b.label)
         np.testing.assert_array_equal(read_volume(a.volume).hu, read_volume(b.volume).hu)

@@ -411,3 +411,6 @@ def test_config_rejects_bad_values():
         SynthConfig(train_studies=-1)
     with pytest.raises(ValueError, match="nih_per_folder"):
         SynthConfig(nih_per_folder=0)
+    with pytest.raises(ValueError, match="ct_volumes"):
+        SynthConfig(ct_volumes=1)
+    SynthConfig(ct=False, ct_volumes=0)  # no CT: no volume count to check

@@ -22,6 +22,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         rsna_images=args.rsna_images,
         max_size=args.max_size,
         ct=not args.no_ct,
+        ct_volumes=args.ct_volumes,
     )
     write_all(Path(args.out), cfg)
     return 0
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=2500,
                    help="largest side of a synthetic SIIM DICOM, in pixels (real data: up to ~4000)")
     p.add_argument("--no-ct", action="store_true", help="skip the synthetic CT sets")
+    p.add_argument("--ct-volumes", type=int, default=40,
+                   help="CT volumes for DeCoVNet, half positive (40: the smoke set; DeCoVNet needs more to generalise)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("prepare", help="convert a competition folder's DICOMs to PNG, with meta.csv and folds.csv")

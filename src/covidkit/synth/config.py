@@ -21,15 +21,19 @@ class SynthConfig:
     nih_per_folder: int = 100         # images per images_0NN/ folder
     workers: int | None = None        # processes; None: all cores, 0 or 1: in this process
     ct: bool = True                   # also the CT sets
+    ct_volumes: int = 40              # CT volumes for DeCoVNet (half positive)
 
     def __post_init__(self) -> None:
         counts = {k: getattr(self, k) for k in ("train_studies", "test_studies", "nih_images", "rsna_images")}
         counts["rsna_test_images"] = self.rsna_test_images or 0
+        counts["ct_volumes"] = self.ct_volumes
         negative = [k for k, v in counts.items() if v < 0]
         if negative:
             raise ValueError(f"counts must be >= 0, got {', '.join(f'{k}={counts[k]}' for k in negative)}")
         if min(self.max_size, self.nih_size, self.rsna_size) < 64:
             raise ValueError("image sizes must be at least 64 pixels")
+        if self.ct and self.ct_volumes < 2:
+            raise ValueError(f"ct_volumes must be at least 2 (one per class), got {self.ct_volumes}")
         if self.nih_per_folder < 1:
             raise ValueError(f"nih_per_folder must be >= 1, got {self.nih_per_folder}")
 

@@ -237,10 +237,10 @@ def write_ct_volumes(out: Path | str, cfg: CTVolumeSynthConfig | None = None) ->
 
 
 def write_ct_volume_set(out: Path, cfg: SynthConfig) -> str:
-    """``covidkit.synth.WRITERS`` entry: the volume set with the default sizes and ``cfg.seed``."""
+    """``covidkit.synth.WRITERS`` entry: ``cfg.ct_volumes`` volumes of the default size, seed ``cfg.seed``."""
     if not cfg.ct:
         return "CT volume set: skipped (ct=False)"
-    root = write_ct_volumes(out, CTVolumeSynthConfig(seed=cfg.seed))
+    root = write_ct_volumes(out, CTVolumeSynthConfig(seed=cfg.seed, cases=cfg.ct_volumes))
     labels = pd.read_csv(root / LABELS_CSV)
     positives = int((labels["label"] == "positive").sum())
     return f"{DATASET_DIR}: {len(labels)} CT volumes ({positives} positive, with lesion masks)"
