@@ -115,3 +115,28 @@ def test_each_missing_part_only_blanks_its_section(full_run, tiny_input, tmp_pat
     assert "06_study_level" in page and page.count('class="missing"') == 4  # 05 table, 06, score, test examples
     assert "Faster R-CNN (03)" in page and "YOLO (04)" in page
     _assert_self_contained(page)
+
+
+def test_with_a_study_stacker_the_report_shows_both_and_the_stackers_curves(full_run, tiny_input, tmp_path):
+    import json
+    import shutil
+
+    from covidkit.report import study_section
+    from covidkit.train.study import OOF_STUDIES_STACKED_CSV, SUMMARY_JSON, study_aps
+
+    run, _ = full_run
+    stacked_run = tmp_path / "stacked"
+    shutil.copytree(run, stacked_run)
+    out = stacked_run / "06_study_level"
+    studies = pd.read_csv(out / "oof_studies.csv", dtype={"study_id": str})
+    reversed_probs = studies.assign(**{f"p_{c}": studies[f"p_{c}"].to_numpy()[::-1] for c in STUDY_CLASSES})
+    reversed_probs.to_csv(out / OOF_STUDIES_STACKED_CSV, index=False)
+    summary = json.loads((out / SUMMARY_JSON).read_text())
+    summary["study_ap_stacked"] = study_aps(reversed_probs)
+    (out / SUMMARY_JSON).write_text(json.dumps(summary))
+
+    plain, stacked = study_section(run), study_section(stacked_run)
+    assert "study model + boxes (07)" in stacked and "study model + boxes" not in plain
+    assert f"{summary['study_ap_stacked']['mAP']:.3f}" in stacked
+    figures = lambda page: re.findall(r'src="(data:image/png;base64,[^"]*)"', page)  # noqa: E731
+    assert figures(stacked)[0] != figures(plain)[0]  # the PR curves are drawn from the stacker's probabilities

@@ -28,6 +28,8 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
                                                                "epochs": 2})
     assert params["fold_groups"] == 2 and params["backbone"] is None
     out = tmp_path / "06.ipynb"
+    (run_dir / "06_study_level").mkdir()
+    (run_dir / "06_study_level" / "stacker.json").write_text("{}")  # an earlier run's: must not reach 07
     papermill.execute_notebook(str(book), str(out), parameters=params, kernel_name="python3", cwd=str(REPO_ROOT),
                                progress_bar=False)
 
@@ -53,3 +55,5 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
     text = "\n".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
     assert f"out-of-fold study mAP: {summary['study_ap']['mAP']:.3f}" in text
     assert "no detector OOF boxes" in text
+    assert params["stack_boxes"] and "no stacker" in text  # the smoke profile stacks, but 05 did not run here
+    assert not (run_dir / "06_study_level" / "stacker.json").exists()  # the stale one was removed

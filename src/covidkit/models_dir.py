@@ -4,6 +4,7 @@ What ``covidkit predict`` and ``covidkit serve`` take, and what a Kaggle dataset
 
     manifest.json          format, versions, the files with their SHA-256, sizes, priors
     fusion.json            the WBF parameters chosen in 05 (covidkit.ensemble.FusionParams)
+    stacker.json           06's study stacker (covidkit.stacking), when 06 fitted one
     fasterrcnn/fold<k>.pt  03's models: weights + DetectorSpec + architecture + inference size
     yolo/fold<k>.pt        04's ultralytics weights, as trained
     study/fold<k>.pt       06's study models (covidkit.models.study.save_study_model), as trained
@@ -30,6 +31,7 @@ import torch
 
 from covidkit.data.siim import STUDY_CLASSES, read_image_labels, read_study_labels
 from covidkit.ensemble import FUSION_JSON, FusionParams
+from covidkit.stacking import STACKER_JSON
 
 MODELS_FORMAT = "covidkit.models/1"
 FASTERRCNN_FORMAT = "covidkit.fasterrcnn/1"
@@ -40,6 +42,7 @@ PACKAGES = ("covidkit", "torch", "torchvision", "ultralytics", "ensemble-boxes",
 FASTERRCNN_NOTEBOOK = "03_train_siim_fasterrcnn"
 YOLO_NOTEBOOK = "04_train_siim_yolo"
 ENSEMBLE_NOTEBOOK = "05_ensemble_wbf"
+STUDY_NOTEBOOK = "06_study_level"
 
 
 # --------------------------------------------------------------------------- the models of a run folder
@@ -149,6 +152,8 @@ def package_versions() -> dict[str, str | None]:
 def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str | Path | None = None) -> Path:
     """Copy every fold model of 03, 04 and 06 of ``run_dir``, 05's ``fusion.json`` and a manifest to ``out_dir``.
 
+    06's ``stacker.json`` goes with them when 06 fitted one (``stack_boxes``).
+
     ``competition_dir`` (with the training CSVs) gives the priors used for unreadable images;
     without it they come from 00's ``folds.csv``. Without 05's ``fusion.json`` the default
     ``FusionParams`` are written, with a warning. ``out_dir`` is replaced. Returns ``out_dir``.
@@ -183,6 +188,11 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
         warnings.warn(f"{fusion_json} not found (run 05 first): exporting the default fusion parameters")
         fusion = FusionParams()
     fusion.save(out_dir / FUSION_JSON)
+    stacker_json = run_dir / STUDY_NOTEBOOK / STACKER_JSON
+    extra = [FUSION_JSON]
+    if stacker_json.is_file():
+        shutil.copyfile(stacker_json, out_dir / STACKER_JSON)
+        extra.append(STACKER_JSON)
 
     manifest = {
         "format": MODELS_FORMAT,
@@ -194,8 +204,9 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
         "models": files,
         "yolo_imgsz": [_yolo_imgsz(p) for p in sources["yolo"]],
         "fusion": FUSION_JSON,
+        "stacker": STACKER_JSON if STACKER_JSON in extra else None,
         "priors": training_priors(competition_dir) if competition_dir else folds_priors(run_dir),
-        "sha256": {rel: sha256(out_dir / rel) for rel in [*sum(files.values(), []), FUSION_JSON]},
+        "sha256": {rel: sha256(out_dir / rel) for rel in [*sum(files.values(), []), *extra]},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir

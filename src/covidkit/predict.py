@@ -10,8 +10,9 @@ at its original size (what ``covidkit.dicom.read_dicom(...).pixels`` gives) and:
 3. fuses all their boxes as notebook 05 does (``covidkit.ensemble.fuse_boxes`` with 05's
    parameters; a detector's weight is shared equally by its folds and views) and maps them to
    original pixels;
-4. averages the study model's (06) class probabilities over its folds, and derives the image's
-   ``none`` probability with ``covidkit.models.study.none_probability``.
+4. averages the study model's (06) class probabilities over its folds and, when 06 fitted a study
+   stacker (``covidkit.stacking``), combines them with the fused boxes' scores per lung zone; derives
+   the image's ``none`` probability with ``covidkit.models.study.none_probability``.
 
 ``predict_competition`` does this for every test DICOM and writes a validated submission: a
 study's probabilities are the mean over its images; an image that cannot be decoded still gets
@@ -46,6 +47,7 @@ from covidkit.dicom import DicomError, read_dicom
 from covidkit.ensemble import FusionParams, fuse_boxes
 from covidkit.models_dir import DETECTORS, read_manifest
 from covidkit.prepare import init_worker, pool_context, resize_square
+from covidkit.stacking import StudyStacker, stacker_features, zone_box_scores
 from covidkit.submission import ImagePrediction, submission_frame, validate_submission, write_submission
 
 YOLO_CONF = 0.001  # low: AP wants the whole ranking (as 04's OOF predictions)
@@ -131,10 +133,11 @@ class Predictor:
     """Every fold model of a models folder, and how to combine them (see the module docstring)."""
 
     def __init__(self, detectors: dict[str, list], study: list, fusion: FusionParams, manifest: dict,
-                 device: torch.device, hflip_tta: bool) -> None:
+                 device: torch.device, hflip_tta: bool, stacker: StudyStacker | None = None) -> None:
         self.detectors = detectors
         self.study = study  # [(model, StudySpec)]
         self.fusion = fusion
+        self.stacker = stacker
         self.manifest = manifest
         self.device = device
         self.hflip_tta = hflip_tta
@@ -162,7 +165,8 @@ class Predictor:
         fusion = FusionParams.load(models_dir / manifest["fusion"])
         if len(fusion.weights) != len(DETECTORS):
             raise ValueError(f"fusion.json has {len(fusion.weights)} weights for the detectors {DETECTORS}")
-        return cls(detectors, study, fusion, manifest, device, hflip_tta)
+        stacker = StudyStacker.load(models_dir / manifest["stacker"]) if manifest.get("stacker") else None
+        return cls(detectors, study, fusion, manifest, device, hflip_tta, stacker)
 
     @property
     def versions(self) -> dict:
@@ -228,6 +232,9 @@ class Predictor:
         rule = self.study[0][1].none_rule
         none_prob = none_probability(float(probs[STUDY_CLASSES.index("negative")]), scores,
                                      float(np.mean(none_head)), rule=rule)
+        if self.stacker is not None:
+            zones = zone_box_scores(boxes, scores, image.shape)
+            probs = self.stacker.predict_proba(stacker_features(probs, zones))[0]
         timings["study"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start
         return ImageResult(boxes=boxes, scores=scores, none_prob=float(none_prob),

@@ -154,14 +154,22 @@ def detectors_section(run_dir: Path, input_dir: Path | None) -> str:
 
 def study_section(run_dir: Path) -> str:
     """06: OOF study APs, ``none`` APs, PR curves, confusion matrix."""
-    from covidkit.train.study import CONFUSION_PNG, OOF_IMAGES_CSV, OOF_STUDIES_CSV, PROB_COLUMNS, SUMMARY_JSON
+    from covidkit.train.study import (
+        CONFUSION_PNG, OOF_IMAGES_CSV, OOF_STUDIES_CSV, OOF_STUDIES_STACKED_CSV, PROB_COLUMNS, SUMMARY_JSON,
+    )
 
     out = run_dir / STUDY_DIR
     _require(out / SUMMARY_JSON, out / OOF_STUDIES_CSV, out / OOF_IMAGES_CSV)
     summary = json.loads((out / SUMMARY_JSON).read_text())
     studies = pd.read_csv(out / OOF_STUDIES_CSV, dtype={"study_id": str})
     images = pd.read_csv(out / OOF_IMAGES_CSV, dtype={"image_id": str, "study_id": str})
-    table = pd.DataFrame({"OOF AP": summary["study_ap"], "prior": summary["prior"]}).loc[list(summary["study_ap"])]
+    columns = {"OOF AP": summary["study_ap"], "prior": summary["prior"]}
+    stacked_csv = out / OOF_STUDIES_STACKED_CSV
+    if "study_ap_stacked" in summary and stacked_csv.is_file():  # the stacker 07 applies: its curves are shown
+        columns = {"OOF AP, study model": summary["study_ap"], "OOF AP, study model + boxes (07)": summary["study_ap_stacked"],
+                   "prior": summary["prior"]}
+        studies = pd.read_csv(stacked_csv, dtype={"study_id": str})
+    table = pd.DataFrame(columns).loc[list(summary["study_ap"])]
     parts = [f"<p>{summary['studies']} studies, {summary['images']} images, out of fold.</p>", _table_html(table)]
     none_csv = out / "none_comparison.csv"
     none = pd.read_csv(none_csv, index_col=0) if none_csv.is_file() else pd.DataFrame(

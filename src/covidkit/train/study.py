@@ -34,6 +34,7 @@ from covidkit.metrics import ONE_PIXEL_BOX, average_precision
 from covidkit.train.nih import backbone_path
 from covidkit.oof import OofPredictions
 from covidkit.profiles import config_from_params
+from covidkit.stacking import STACKER_JSON
 from covidkit.models.study import (
     MODEL_FILE, NEGATIVE, NONE_RULES, NOTEBOOK, StudySpec, build_study_model, none_probability,
     predict_outputs, save_study_model, train_transform,
@@ -43,6 +44,7 @@ from covidkit.train.distributed import barrier, dist_info
 
 OOF_IMAGES_CSV = "oof_images.csv"  # per image: split, label, has_box, p_<class>..., p_none_head
 OOF_STUDIES_CSV = "oof_studies.csv"  # per study: split, label, p_<class>... (mean over its images)
+OOF_STUDIES_STACKED_CSV = "oof_studies_stacked.csv"  # as OOF_STUDIES_CSV, the stacker's OOF probabilities
 SUMMARY_JSON = "summary.json"  # the OOF APs (study classes, mAP, none by rule) and the class priors
 CONFUSION_PNG = "confusion_matrix.png"
 PROB_COLUMNS = [f"p_{c}" for c in STUDY_CLASSES]
@@ -77,6 +79,8 @@ class StudyTrainConfig:
     none_weight: float = 0.5  # weight of the auxiliary "image has no box" loss
     mask_weight: float = 1.0  # weight of the auxiliary opacity heat-map loss (0: off)
     none_rule: str = "head"  # what none_probability uses: "head", "negative" or "boxes" (see covidkit.models.study)
+    stack_boxes: bool = False  # fit covidkit.stacking's study stacker on the OOF outputs and 05's fused boxes
+    stack_c: float = 1.0  # its inverse L2 strength (scikit-learn's C)
     equalize: bool = False  # histogram-equalise every image (training and inference)
     fold_groups: int | None = None  # None: one model per fold of folds.csv
     hflip_tta: bool = False
@@ -115,6 +119,7 @@ class StudyTrainResult:
     metrics: pd.DataFrame  # per split and epoch (the engine's metrics.csv rows)
     models: list[Path]
     out_dir: Path
+    stacked: pd.DataFrame | None = None  # the stacker's OOF per study (stack_boxes), as ``studies``
 
 
 class StudyImageDataset(PreparedImages):
@@ -277,6 +282,14 @@ def make_evaluate(val_table: pd.DataFrame, spec: StudySpec, cfg: StudyTrainConfi
     return evaluate
 
 
+AFTER_TRAINING = ("stack_boxes", "stack_c")  # settings that do not touch the models: changing them keeps finished splits
+
+
+def training_hparams(cfg: StudyTrainConfig) -> dict:
+    """The settings a split's checkpoints are resumed against (``cfg`` without ``AFTER_TRAINING``)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in AFTER_TRAINING}
+
+
 def train_split(table: pd.DataFrame, split: int, spec: StudySpec, cfg: StudyTrainConfig) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
     """Train on every split but ``split``; the last epoch predicts ``split``. Returns (OOF rows, metrics, model file)."""
     train_table, val_table = table[table["split"] != split], table[table["split"] == split]
@@ -287,7 +300,7 @@ def train_split(table: pd.DataFrame, split: int, spec: StudySpec, cfg: StudyTrai
         run_dir=str(split_dir / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
         num_workers=cfg.num_workers, amp=cfg.amp, eval_every=min(cfg.eval_every, cfg.epochs),
         drop_last=len(train_table) >= 2 * cfg.batch_size,  # no 1-image batch for batch norm, unless data is tiny
-        progress=cfg.progress, hparams={**asdict(cfg), "split": split},
+        progress=cfg.progress, hparams={**training_hparams(cfg), "split": split},
     )
     step = functools.partial(study_step, class_weights=class_weights(train_table["label"], cfg.class_weight_power),
                              none_weight=cfg.none_weight, mask_weight=cfg.mask_weight)
@@ -306,7 +319,7 @@ def train_split(table: pd.DataFrame, split: int, spec: StudySpec, cfg: StudyTrai
     return oof, pd.DataFrame(result.history).assign(split=split), path
 
 
-def plot_confusion(studies: pd.DataFrame, path: Path):
+def plot_confusion(studies: pd.DataFrame, path: Path, title: str = "study model"):
     """Row-normalised confusion matrix of the OOF studies (truth vs arg-max class), saved to ``path``."""
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
@@ -315,21 +328,26 @@ def plot_confusion(studies: pd.DataFrame, path: Path):
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ConfusionMatrixDisplay.from_predictions(studies["label"], predicted, labels=STUDY_CLASSES, ax=ax,
                                             colorbar=False, cmap="Blues")
-    ax.set_title("study classes, out of fold (counts)")
+    ax.set_title(f"study classes, out of fold (counts): {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return fig
 
 
-def write_oof_tables(out: Path, images: pd.DataFrame, studies: pd.DataFrame, summary: dict) -> None:
-    """06's outputs beside the models: the OOF tables, the summary and the confusion matrix."""
+def write_oof_tables(out: Path, images: pd.DataFrame, studies: pd.DataFrame, summary: dict,
+                     confusion_of: pd.DataFrame | None = None) -> None:
+    """06's outputs beside the models: the OOF tables, the summary and the confusion matrix.
+
+    The matrix is of ``confusion_of`` (the stacker's OOF studies, what 07 applies) when given, else of ``studies``.
+    """
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
     images.to_csv(out / OOF_IMAGES_CSV, index=False)
     studies.to_csv(out / OOF_STUDIES_CSV, index=False)
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
-    plt.close(plot_confusion(studies, out / CONFUSION_PNG))
+    title = "study model + boxes" if confusion_of is not None else "study model"
+    plt.close(plot_confusion(studies if confusion_of is None else confusion_of, out / CONFUSION_PNG, title))
 
 
 def run_study_level(cfg: StudyTrainConfig) -> StudyTrainResult:
@@ -348,10 +366,52 @@ def run_study_level(cfg: StudyTrainConfig) -> StudyTrainResult:
     images = table[columns].merge(pd.concat(pieces, ignore_index=True), on="image_id")
     studies = study_probabilities(images)
     summary = summarise(images, studies)
+    stacked = None
     if info.is_main:
-        write_oof_tables(out, images, studies, summary)
+        for stale in (out / STACKER_JSON, out / OOF_STUDIES_STACKED_CSV):  # of an earlier run: 07 must not export it
+            stale.unlink(missing_ok=True)
+        if cfg.stack_boxes:
+            stacked = stack_with_boxes(images, cfg)
+        if stacked is not None:
+            summary["study_ap_stacked"] = study_aps(stacked)
+            stacked.to_csv(out / OOF_STUDIES_STACKED_CSV, index=False)
+        write_oof_tables(out, images, studies, summary, confusion_of=stacked)
     barrier()
-    return StudyTrainResult(images, studies, summary, pd.concat(metrics, ignore_index=True), models, out)
+    return StudyTrainResult(images, studies, summary, pd.concat(metrics, ignore_index=True), models, out, stacked)
+
+
+def stack_with_boxes(images: pd.DataFrame, cfg: StudyTrainConfig, folds: int = 5) -> pd.DataFrame | None:
+    """Fit the study stacker (``covidkit.stacking``) on the OOF images and 05's fused OOF boxes.
+
+    Saves it as ``stacker.json`` beside the models (07 exports it) and returns its own out-of-fold
+    study probabilities (each image predicted by a stacker fitted on the other studies, then averaged per
+    study), to be scored beside the study model's. Returns None, with a warning, when 05's boxes are
+    missing or a class has fewer than ``folds`` studies.
+    """
+    import warnings
+
+    from covidkit.ensemble import NOTEBOOK as ENSEMBLE_NOTEBOOK, read_image_sizes
+    from covidkit.oof import read_oof
+    from covidkit.stacking import fit_stacker, oof_zone_scores, out_of_fold_probs, stacker_features
+
+    run_dir = Path(cfg.run_dir)
+    box_file = run_dir / ENSEMBLE_NOTEBOOK / "oof.csv"
+    if not box_file.is_file():
+        warnings.warn(f"stack_boxes: {box_file} not found (run 05 first); 07 uses the study model alone")
+        return None
+    boxes = read_oof(box_file)
+    images = images[images["image_id"].isin(set(boxes.images["image_id"]))].reset_index(drop=True)
+    counts = images.groupby("label")["study_id"].nunique().reindex(STUDY_CLASSES, fill_value=0)
+    if counts.min() < folds:
+        warnings.warn(f"stack_boxes: too few studies per class to fit and score a stacker ({counts.to_dict()}); "
+                      "07 uses the study model alone")
+        return None
+    sizes = read_image_sizes(run_dir / "prepared" / "meta.csv")
+    x = stacker_features(images[PROB_COLUMNS].to_numpy(), oof_zone_scores(images["image_id"], boxes.boxes, sizes))
+    y = images["label"].map(STUDY_CLASSES.index).to_numpy()
+    oof = out_of_fold_probs(x, y, images["study_id"].to_numpy(), cfg.stack_c, folds, cfg.seed)
+    fit_stacker(x, y, cfg.stack_c).save(output_dir(run_dir) / STACKER_JSON)
+    return study_probabilities(images.drop(columns=PROB_COLUMNS).join(pd.DataFrame(oof, columns=PROB_COLUMNS)))
 
 
 def read_oof_images(run_dir: str | Path) -> pd.DataFrame:

@@ -1,0 +1,165 @@
+"""The study stacker: zone features of boxes, fitting, its out-of-fold AP, JSON round trip, 06's fit and 07's use."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidkit.data.siim import STUDY_CLASSES
+from covidkit.oof import OofPredictions, box_rows, write_oof
+from covidkit.stacking import (
+    STACKER_JSON, StudyStacker, fit_stacker, out_of_fold_probs, stacker_features, zone_box_scores,
+)
+
+W, H = 2000, 2400
+
+
+def _box(row: int, side: int, size: float = 200) -> list[float]:
+    """A box centred in zone ``row`` (0 upper .. 2 lower), ``side`` 0 left of the image, 1 right."""
+    cx, cy = (0.25 + 0.5 * side) * W, (row + 0.5) / 3 * H
+    return [cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2]
+
+
+def test_zone_scores_take_the_best_box_per_zone_worse_side_first():
+    boxes = [_box(2, 0), _box(2, 0), _box(2, 1), _box(0, 1)]
+    scores = [0.3, 0.6, 0.2, 0.9]
+    # rows upper, middle, lower: worse side 0.9, 0, 0.6; better side 0, 0, 0.2
+    np.testing.assert_allclose(zone_box_scores(boxes, scores, (H, W)), [0.9, 0, 0.6, 0, 0, 0.2])
+    np.testing.assert_allclose(zone_box_scores(np.zeros((0, 4)), [], (H, W)), np.zeros(6))
+    with pytest.raises(ValueError, match="2 boxes but 1 scores"):
+        zone_box_scores(boxes[:2], scores[:1], (H, W))
+
+
+def test_zone_scores_do_not_change_when_the_image_is_mirrored():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1, (12, 2)) * [W, H]
+    boxes = np.hstack([xy, xy + rng.uniform(50, 400, (12, 2))])
+    scores = rng.uniform(0, 1, 12)
+    mirrored = boxes.copy()
+    mirrored[:, [0, 2]] = W - boxes[:, [2, 0]]
+    np.testing.assert_allclose(zone_box_scores(mirrored, scores, (H, W)), zone_box_scores(boxes, scores, (H, W)))
+
+
+# Radiological patterns of the four classes as box zones (what synth draws): none; both lower zones; one side;
+# one upper or middle zone, found less often. Each box found with a detector's probability, scores noisy.
+def _pattern(label: int, rng: np.random.Generator) -> tuple[list, list]:
+    wanted = {0: [], 1: [(2, 0), (2, 1)], 2: [(r, 0) for r in rng.choice(3, 2, replace=False)],
+              3: [(int(rng.integers(2)), int(rng.integers(2)))]}[label]
+    boxes = [_box(r, s) for r, s in wanted if rng.random() < 0.8]
+    scores = list(rng.uniform(0.3, 0.9, len(boxes)))
+    for _ in range(rng.poisson(1.0)):  # false positives anywhere
+        boxes.append(_box(int(rng.integers(3)), int(rng.integers(2))))
+        scores.append(rng.uniform(0.0, 0.4))
+    return boxes, scores
+
+
+def _dataset(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(4, n, p=[0.3, 0.4, 0.2, 0.1])
+    zones = np.array([zone_box_scores(*_pattern(y, rng), (H, W)) for y in labels])
+    probs = rng.dirichlet(np.ones(4), n)  # a study model that knows nothing
+    return stacker_features(probs, zones), labels
+
+
+def _map(labels: np.ndarray, probs: np.ndarray) -> float:
+    from sklearn.metrics import average_precision_score
+
+    return float(np.mean([average_precision_score(labels == k, probs[:, k]) for k in range(4)]))
+
+
+def test_the_stacker_learns_the_classes_from_where_the_boxes_are(tmp_path):
+    x, y = _dataset(240, seed=1)
+    oof = out_of_fold_probs(x, y, groups=np.arange(len(y)), folds=5)
+    assert np.allclose(oof.sum(1), 1) and _map(y, oof) > 0.6  # class priors: mean AP about 0.25
+    assert _map(y, np.exp(x[:, :4])) < 0.45  # the uninformed study model alone
+
+    stacker = fit_stacker(x, y)
+    x_new, y_new = _dataset(200, seed=2)
+    assert _map(y_new, stacker.predict_proba(x_new)) > 0.6
+    loaded = StudyStacker.load(stacker.save(tmp_path / STACKER_JSON))
+    np.testing.assert_allclose(loaded.predict_proba(x_new), stacker.predict_proba(x_new), rtol=1e-12)
+    # the fitted numbers are scikit-learn's: the same probabilities
+    from sklearn.linear_model import LogisticRegression
+
+    reference = LogisticRegression(max_iter=5000).fit((x - stacker.mean) / stacker.scale, y)
+    np.testing.assert_allclose(stacker.predict_proba(x_new), reference.predict_proba((x_new - stacker.mean) / stacker.scale),
+                               atol=1e-6)
+
+
+def test_the_stacker_refuses_missing_classes_and_other_features(tmp_path):
+    x, y = _dataset(60, seed=3)
+    with pytest.raises(ValueError, match="all four classes"):
+        fit_stacker(x[y != 3], y[y != 3])
+    with pytest.raises(ValueError, match=r"\[N, 4\] probabilities and \[N, 6\] zone scores"):
+        stacker_features(np.ones((3, 4)) / 4, np.zeros((3, 4)))
+    path = fit_stacker(x, y).save(tmp_path / STACKER_JSON)
+    data = json.loads(path.read_text())
+    data["features"] = data["features"][:-1]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="other features"):
+        StudyStacker.load(path)
+
+
+def _fake_06_and_05(run_dir, n: int = 80) -> pd.DataFrame:
+    """06's OOF image table (an uninformed study model) and 05's OOF boxes drawn from the class patterns."""
+    rng = np.random.default_rng(4)
+    labels = [STUDY_CLASSES[k] for k in np.arange(n) % 4]
+    ids = [f"img{i:03d}" for i in range(n)]
+    probs = rng.dirichlet(np.ones(4), n)
+    images = pd.DataFrame({"image_id": ids, "study_id": [f"st{i:03d}" for i in range(n)], "split": np.arange(n) % 2,
+                           "fold": np.arange(n) % 5, "label": labels, "has_box": [lab != "negative" for lab in labels]})
+    for c, col in zip(STUDY_CLASSES, probs.T):
+        images[f"p_{c}"] = col
+    images["p_none_head"] = 0.5
+    parts = [box_rows(i, f, *_pattern(STUDY_CLASSES.index(lab), rng)) for i, f, lab in zip(ids, images["fold"], labels)]
+    oof = OofPredictions.from_parts([p for p in parts if len(p)], images[["image_id", "fold"]])
+    write_oof(run_dir / "05_ensemble_wbf" / "oof.csv", oof)
+    (run_dir / "prepared").mkdir(parents=True)
+    pd.DataFrame({"image_id": ids, "orig_height": H, "orig_width": W, "status": "ok"}).to_csv(
+        run_dir / "prepared" / "meta.csv", index=False)
+    return images
+
+
+def test_06_fits_the_stacker_on_the_oof_rows_and_05s_boxes(tmp_path):
+    from covidkit.train.study import StudyTrainConfig, stack_with_boxes, study_aps
+
+    images = _fake_06_and_05(tmp_path)
+    cfg = StudyTrainConfig(input_dir="input", run_dir=str(tmp_path), stack_boxes=True)
+    studies = stack_with_boxes(images, cfg)
+    assert sorted(studies["study_id"]) == sorted(images["study_id"])
+    assert np.allclose(studies[[f"p_{c}" for c in STUDY_CLASSES]].sum(axis=1), 1)
+    assert study_aps(studies)["mAP"] > 0.7
+    assert (tmp_path / "06_study_level" / STACKER_JSON).is_file()
+
+    (tmp_path / "05_ensemble_wbf" / "oof.csv").unlink()
+    with pytest.warns(UserWarning, match="run 05 first"):
+        assert stack_with_boxes(images, cfg) is None
+
+
+def test_07_applies_the_exported_stacker(tiny_run_dir, tmp_path):
+    """The stacker travels in the models folder (hashed) and turns the study model's and the boxes' outputs into the classes."""
+    from covidkit.models_dir import export_models, read_manifest
+    from covidkit.predict import Predictor
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    x, y = _dataset(120, seed=5)
+    fit_stacker(x, y).save(run / "06_study_level" / STACKER_JSON)
+    models = export_models(run, tmp_path / "models")
+    manifest = read_manifest(models)
+    assert manifest["stacker"] == STACKER_JSON and STACKER_JSON in manifest["sha256"]
+
+    image = np.random.default_rng(6).integers(0, 256, (80, 64), dtype=np.uint8)
+    stacked, plain = Predictor.load(models, hflip_tta=True), Predictor.load(models, hflip_tta=True)
+    plain.stacker = None
+    a, b = stacked.predict(image), plain.predict(image)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+    expected = stacked.stacker.predict_proba(stacker_features(list(b.study_probs.values()),
+                                                               zone_box_scores(b.boxes, b.scores, image.shape)))[0]
+    assert list(a.study_probs.values()) == pytest.approx(expected.tolist(), abs=1e-6)
+    assert a.none_prob == b.none_prob  # none is the study model's and the boxes' as before
+    mirrored = stacked.predict(np.ascontiguousarray(image[:, ::-1]))
+    assert mirrored.study_probs == pytest.approx(a.study_probs, abs=1e-5)
