@@ -188,11 +188,10 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
         warnings.warn(f"{fusion_json} not found (run 05 first): exporting the default fusion parameters")
         fusion = FusionParams()
     fusion.save(out_dir / FUSION_JSON)
-    stacker_json = run_dir / STUDY_NOTEBOOK / STACKER_JSON
-    extra = [FUSION_JSON]
-    if stacker_json.is_file():
-        shutil.copyfile(stacker_json, out_dir / STACKER_JSON)
-        extra.append(STACKER_JSON)
+    stacker = STACKER_JSON if (run_dir / STUDY_NOTEBOOK / STACKER_JSON).is_file() else None
+    if stacker:
+        shutil.copyfile(run_dir / STUDY_NOTEBOOK / STACKER_JSON, out_dir / stacker)
+    hashed = [*sum(files.values(), []), FUSION_JSON, *([stacker] if stacker else [])]
 
     manifest = {
         "format": MODELS_FORMAT,
@@ -204,9 +203,9 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
         "models": files,
         "yolo_imgsz": [_yolo_imgsz(p) for p in sources["yolo"]],
         "fusion": FUSION_JSON,
-        "stacker": STACKER_JSON if STACKER_JSON in extra else None,
+        "stacker": stacker,
         "priors": training_priors(competition_dir) if competition_dir else folds_priors(run_dir),
-        "sha256": {rel: sha256(out_dir / rel) for rel in [*sum(files.values(), []), *extra]},
+        "sha256": {rel: sha256(out_dir / rel) for rel in hashed},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
