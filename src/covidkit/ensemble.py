@@ -305,6 +305,7 @@ def precision_recall(oof: OofPredictions, truth: Mapping[str, np.ndarray],
 # --------------------------------------------------------------------------- notebook 05
 
 NOTEBOOK = "05_ensemble_wbf"
+OOF_CSV = "oof.csv"  # the fused OOF boxes (with fusion.json's parameters), read by 06
 DETECTOR_OOF = {"Faster R-CNN": "03_train_siim_fasterrcnn/oof.csv", "YOLO": "04_train_siim_yolo/oof.csv"}
 ENSEMBLE = "WBF ensemble"
 TUNED = "WBF ensemble, parameters tuned on these images"
@@ -384,7 +385,7 @@ def run_ensemble(cfg: EnsembleConfig) -> EnsembleResult:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "ap_table.csv")
     (out / "ap_table.md").write_text(markdown_table(table))
-    write_oof(out / "oof.csv", oofs[TUNED if TUNED in oofs else ENSEMBLE])
+    write_oof(out / OOF_CSV, oofs[TUNED if TUNED in oofs else ENSEMBLE])
     params.save(out / FUSION_JSON)
     if grid is not None:
         grid.to_csv(out / "grid.csv", index=False)

@@ -108,10 +108,9 @@ def fit_stacker(features, labels, C: float = 1.0) -> StudyStacker:
     x, y = np.asarray(features, np.float64), np.asarray(labels)
     if set(np.unique(y)) != {0, 1, 2, 3}:
         raise ValueError(f"the stacker needs examples of all four classes, got {sorted(set(np.unique(y)))}")
-    scaler = StandardScaler().fit(x)
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)  # a constant feature (no box anywhere) stays 0
-    model = LogisticRegression(C=C, max_iter=5000).fit((x - scaler.mean_) / scale, y)
-    return StudyStacker(scaler.mean_.tolist(), scale.tolist(), model.coef_.tolist(), model.intercept_.tolist(), C)
+    scaler = StandardScaler().fit(x)  # a constant feature (no box in a zone anywhere) gets scale 1: it stays 0
+    model = LogisticRegression(C=C, max_iter=5000).fit(scaler.transform(x), y)
+    return StudyStacker(scaler.mean_.tolist(), scaler.scale_.tolist(), model.coef_.tolist(), model.intercept_.tolist(), C)
 
 
 def out_of_fold_probs(features, labels, groups, C: float = 1.0, folds: int = 5, seed: int = 0) -> np.ndarray:

@@ -390,12 +390,12 @@ def stack_with_boxes(images: pd.DataFrame, cfg: StudyTrainConfig, folds: int = 5
     """
     import warnings
 
-    from covidkit.ensemble import NOTEBOOK as ENSEMBLE_NOTEBOOK, read_image_sizes
+    from covidkit.ensemble import NOTEBOOK as ENSEMBLE_NOTEBOOK, OOF_CSV as FUSED_OOF_CSV, read_image_sizes
     from covidkit.oof import read_oof
     from covidkit.stacking import fit_stacker, oof_zone_scores, out_of_fold_probs, stacker_features
 
     run_dir = Path(cfg.run_dir)
-    box_file = run_dir / ENSEMBLE_NOTEBOOK / "oof.csv"
+    box_file = run_dir / ENSEMBLE_NOTEBOOK / FUSED_OOF_CSV
     if not box_file.is_file():
         warnings.warn(f"stack_boxes: {box_file} not found (run 05 first); 07 uses the study model alone")
         return None
