@@ -7,9 +7,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from covidkit.ct.decovnet_bench import bench_decovnet
-from covidkit.ct.volumes import DATASET_DIR, LABELS_CSV, read_cases, read_volume
+from covidkit.ct.decovnet_train import (DeCoVNetConfig, VolumeDataset, make_classifier_inputs, prepare_cases,
+                                        train_decovnet)
+from covidkit.ct.lungmask import LungUNet
+from covidkit.ct.volumes import DATASET_DIR, LABELS_CSV, read_cases, read_volume, write_nifti
 from covidkit.synth import WRITERS, SynthConfig
 from covidkit.synth import ct_volumes
 from covidkit.synth.ct_volumes import CTVolumeSynthConfig, write_ct_volume_set, write_ct_volumes
@@ -73,3 +77,83 @@ def test_decovnet_notebook_smoke(tmp_path):
         assert (out / name).stat().st_size > 0
     assert len(list(out.glob("localization_*.png"))) >= 1
     assert np.isfinite(pd.read_csv(out / "classifier" / "metrics.csv")["train_loss"]).all()
+
+
+# ---------------------------------------------------------------------------------------------- caches
+
+
+def _small_set(tmp_path, cases=2):
+    root = write_ct_volumes(tmp_path / "data", CTVolumeSynthConfig(cases=cases, min_slices=6, max_slices=8, size=48,
+                                                                    dicom_fraction=0.5))
+    return read_cases(root)
+
+
+def _small_cfg(**kwargs) -> DeCoVNetConfig:
+    base = dict(target_spacing=(10.0, 4.0, 4.0), input_size=(32, 48), lung_size=32, lung_width=4, lung_epochs=1,
+                lung_slices_per_case=4, epochs=1, lr=1e-3, augment=None, progress=False)
+    return DeCoVNetConfig(**{**base, **kwargs})
+
+
+def _mtimes(paths: dict) -> dict:
+    return {case: path.stat().st_mtime_ns for case, path in paths.items()}
+
+
+def _keys(paths: dict) -> dict:
+    keys = {}
+    for case, path in paths.items():
+        with np.load(path) as arrays:
+            keys[case] = str(arrays["key"])
+    return keys
+
+
+def test_prepared_volumes_are_recomputed_when_the_spacing_or_the_volume_changes(tmp_path):
+    cases = _small_set(tmp_path)
+    out = tmp_path / "prepared"
+    first = prepare_cases(cases, out, _small_cfg())
+    mtimes, keys = _mtimes(first), _keys(first)
+    assert _mtimes(prepare_cases(cases, out, _small_cfg())) == mtimes  # cached: not written again
+    finer = prepare_cases(cases, out, _small_cfg(target_spacing=(10.0, 2.0, 2.0)))
+    with np.load(finer[cases[0].case_id]) as arrays:
+        np.testing.assert_allclose(arrays["spacing"][1:], 2.0, rtol=0.01)
+    assert _keys(prepare_cases(cases, out, _small_cfg())) == keys  # back to the first spacing
+    # a volume written again (another synthetic set in the same input folder) is read again, the other is not
+    nifti = next(c for c in cases if c.volume.is_file())
+    volume = read_volume(nifti.volume)
+    write_nifti(nifti.volume, volume.hu[::-1].copy(), volume.spacing)
+    after = _keys(prepare_cases(cases, out, _small_cfg()))
+    assert [after[c.case_id] != keys[c.case_id] for c in cases] == [c is nifti for c in cases]
+    # a truncated cache file is recomputed, not an error
+    first[cases[0].case_id].write_bytes(b"PK\x03\x04")
+    with np.load(prepare_cases(cases, out, _small_cfg())[cases[0].case_id]) as arrays:
+        assert arrays["image"].ndim == 3
+
+
+def test_classifier_inputs_follow_the_input_size_and_the_lung_model(tmp_path):
+    cases = _small_set(tmp_path)
+    cfg = _small_cfg()
+    prepared = prepare_cases(cases, tmp_path / "prepared", cfg)
+    torch.manual_seed(0)
+    lung_model = LungUNet(width=4).eval()
+    inputs = make_classifier_inputs(prepared, lung_model, tmp_path / "inputs", cfg)
+    mtimes, keys = _mtimes(inputs), _keys(inputs)
+    assert _mtimes(make_classifier_inputs(prepared, lung_model, tmp_path / "inputs", cfg)) == mtimes
+    wider = make_classifier_inputs(prepared, lung_model, tmp_path / "inputs", _small_cfg(input_size=(32, 64)))
+    with np.load(wider[cases[0].case_id]) as arrays:
+        assert arrays["image"].shape[1:] == (32, 64)
+    torch.manual_seed(1)
+    other = make_classifier_inputs(prepared, LungUNet(width=4).eval(), tmp_path / "inputs", cfg)
+    assert all(key != keys[case] for case, key in _keys(other).items())  # another lung U-Net: recomputed
+    assert _keys(make_classifier_inputs(prepared, lung_model, tmp_path / "inputs", cfg)) == keys
+
+
+def test_resuming_the_classifier_on_other_data_fails_instead_of_reusing_it(tmp_path):
+    cases = _small_set(tmp_path, cases=4)
+    cfg = _small_cfg()
+    prepared = prepare_cases(cases, tmp_path / "prepared", cfg)
+    inputs = make_classifier_inputs(prepared, LungUNet(width=4).eval(), tmp_path / "inputs", cfg)
+    files, labels = [inputs[c.case_id] for c in cases], [c.label for c in cases]
+    train_decovnet(VolumeDataset(files, labels), None, tmp_path / "classifier", cfg)
+    train_decovnet(VolumeDataset(files, labels), None, tmp_path / "classifier", cfg)  # finished: resumes
+    with pytest.raises(ValueError, match="config changed"):
+        train_decovnet(VolumeDataset(files, [1 - y for y in labels]), None, tmp_path / "classifier", cfg)
+

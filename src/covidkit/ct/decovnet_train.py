@@ -22,8 +22,10 @@ is selected on the held-out cases.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -234,17 +236,63 @@ def _save_npz(path: Path, **arrays) -> Path:
     return path
 
 
+def source_stamp(path: Path | None) -> str | None:
+    """Names, sizes and modification times of a file or of a DICOM folder's files: changes when the data do."""
+    if path is None:
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(**parts) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def data_digest(files: list[Path], labels: list[int] | None = None) -> str:
+    """SHA-256 of the cache keys of ``files`` (and their labels): names the data a network is trained on, so
+    that resuming a finished run on other data fails instead of silently reusing the old network."""
+    digest = hashlib.sha256()
+    for path in files:
+        with np.load(path) as arrays:
+            digest.update(str(arrays["key"]).encode() if "key" in arrays.files else path.name.encode())
+    digest.update(json.dumps(None if labels is None else [int(label) for label in labels]).encode())
+    return digest.hexdigest()
+
+
+def is_cached(path: Path, key: str) -> bool:
+    """Whether ``path`` holds arrays computed for ``key``: a changed setting, volume or lung model (or an
+    unreadable file) means computing them again, never reusing another run's arrays."""
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as arrays:
+            return "key" in arrays.files and str(arrays["key"]) == key
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+
+
 def prepare_cases(cases: list[CTCase], out_dir: Path, cfg: DeCoVNetConfig) -> dict[str, Path]:
     """Stage 1 for every case (cached): ``prepared/<case>.npz`` with image, unsupervised lungs, lesions."""
     paths = {}
     for case in tqdm(cases, desc="read + resample + unsupervised lungs", unit="volume", disable=not cfg.progress):
         path = out_dir / f"{case.case_id}.npz"
-        if not path.is_file():
+        key = cache_key(spacing=cfg.target_spacing, unsupervised=asdict(cfg.unsupervised),
+                        volume=source_stamp(case.volume), lesions=source_stamp(case.lesions))
+        if not is_cached(path, key):
             volume = read_volume(case.volume)
             lesions = read_nifti(case.lesions).hu > 0 if case.lesions is not None else None
             prepared = prepare_volume(volume, cfg, lesions)
             _save_npz(path, image=prepared.image, lungs=prepared.lungs, lesions=prepared.lesions,
-                      spacing=np.array(prepared.spacing))
+                      spacing=np.array(prepared.spacing), key=np.array(key))
         paths[case.case_id] = path
     return paths
 
@@ -269,7 +317,7 @@ def train_lung_unet(files: list[Path], run_dir: Path, cfg: DeCoVNetConfig,
     train_cfg = TrainConfig(run_dir=str(run_dir), epochs=cfg.lung_epochs, batch_size=cfg.lung_batch_size,
                             seed=cfg.seed, num_workers=cfg.num_workers, progress=cfg.progress,
                             hparams={"model": "LungUNet", "width": cfg.lung_width, "size": cfg.lung_size,
-                                     "lr": cfg.lung_lr, "slices": int(len(images))})
+                                     "lr": cfg.lung_lr, "slices": int(len(images)), "data": data_digest(files)})
     seed_everything(cfg.seed)
     model = LungUNet(width=cfg.lung_width)
     fit(model, LungSliceDataset(images, masks), lung_unet_step,
@@ -282,14 +330,18 @@ def make_classifier_inputs(prepared: dict[str, Path], lung_model: LungUNet, out_
     """Stage 3 for every case (cached): U-Net lung mask, crop, resize -> ``inputs/<case>.npz``."""
     paths = {}
     lung_model.to(device)
+    lung_digest = weights_digest(lung_model)
     for case_id, src in tqdm(prepared.items(), desc="U-Net lungs + crop", unit="volume", disable=not cfg.progress):
         path = out_dir / f"{case_id}.npz"
-        if not path.is_file():
+        with np.load(src) as arrays:
+            key = cache_key(prepared=str(arrays["key"]), lung_model=lung_digest, lung_size=cfg.lung_size,
+                            input_size=cfg.input_size)
+        if not is_cached(path, key):
             with np.load(src) as arrays:
                 image = arrays["image"]
                 lesions = arrays["lesions"] if "lesions" in arrays else None
             lungs = predict_lung_mask(lung_model, image, cfg.lung_size, device=device)
-            _save_npz(path, **classifier_arrays(image, lungs, lesions, cfg.input_size))
+            _save_npz(path, **classifier_arrays(image, lungs, lesions, cfg.input_size), key=np.array(key))
         paths[case_id] = path
     return paths
 
@@ -329,7 +381,8 @@ def train_decovnet(train: VolumeDataset, held_out: VolumeDataset | None, run_dir
                             num_workers=cfg.num_workers, progress=cfg.progress,
                             hparams={"model": "DeCoVNet", "input_size": list(cfg.input_size), "lr": cfg.lr,
                                      "weight_decay": cfg.weight_decay,
-                                     "augment": asdict(cfg.augment) if cfg.augment else None})
+                                     "augment": asdict(cfg.augment) if cfg.augment else None,
+                                     "data": data_digest(train.files, train.labels)})
     seed_everything(cfg.seed)
     model = DeCoVNet(input_size=cfg.input_size)
     fit(model, train, decovnet_step,
