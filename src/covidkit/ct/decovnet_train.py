@@ -22,10 +22,8 @@ is selected on the held-out cases.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from covidkit.ct.cache import cache_key, data_digest, is_cached, save_npz, source_stamp, weights_digest
 from covidkit.ct.decovnet import DeCoVNet
 from covidkit.ct.localize import (Localization, LocalizationConfig, class_activation_map, hit_rate, is_hit,
                                   localize_lesion)
@@ -228,58 +227,6 @@ def split_cases(cases: list[CTCase], test_fraction: float, seed: int) -> tuple[l
     return list(train), list(test)
 
 
-def _save_npz(path: Path, **arrays) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{k: v for k, v in arrays.items() if v is not None})
-    tmp.replace(path)
-    return path
-
-
-def source_stamp(path: Path | None) -> str | None:
-    """Names, sizes and modification times of a file or of a DICOM folder's files: changes when the data do."""
-    if path is None:
-        return None
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's parameters and buffers."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def cache_key(**parts) -> str:
-    return json.dumps(parts, sort_keys=True, default=str)
-
-
-def data_digest(files: list[Path], labels: list[int] | None = None) -> str:
-    """SHA-256 of the cache keys of ``files`` (and their labels): names the data a network is trained on, so
-    that resuming a finished run on other data fails instead of silently reusing the old network."""
-    digest = hashlib.sha256()
-    for path in files:
-        with np.load(path) as arrays:
-            digest.update(str(arrays["key"]).encode() if "key" in arrays.files else path.name.encode())
-    digest.update(json.dumps(None if labels is None else [int(label) for label in labels]).encode())
-    return digest.hexdigest()
-
-
-def is_cached(path: Path, key: str) -> bool:
-    """Whether ``path`` holds arrays computed for ``key``: a changed setting, volume or lung model (or an
-    unreadable file) means computing them again, never reusing another run's arrays."""
-    if not path.is_file():
-        return False
-    try:
-        with np.load(path) as arrays:
-            return "key" in arrays.files and str(arrays["key"]) == key
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        return False
-
-
 def prepare_cases(cases: list[CTCase], out_dir: Path, cfg: DeCoVNetConfig) -> dict[str, Path]:
     """Stage 1 for every case (cached): ``prepared/<case>.npz`` with image, unsupervised lungs, lesions."""
     paths = {}
@@ -291,7 +238,7 @@ def prepare_cases(cases: list[CTCase], out_dir: Path, cfg: DeCoVNetConfig) -> di
             volume = read_volume(case.volume)
             lesions = read_nifti(case.lesions).hu > 0 if case.lesions is not None else None
             prepared = prepare_volume(volume, cfg, lesions)
-            _save_npz(path, image=prepared.image, lungs=prepared.lungs, lesions=prepared.lesions,
+            save_npz(path, image=prepared.image, lungs=prepared.lungs, lesions=prepared.lesions,
                       spacing=np.array(prepared.spacing), key=np.array(key))
         paths[case.case_id] = path
     return paths
@@ -341,7 +288,7 @@ def make_classifier_inputs(prepared: dict[str, Path], lung_model: LungUNet, out_
                 image = arrays["image"]
                 lesions = arrays["lesions"] if "lesions" in arrays else None
             lungs = predict_lung_mask(lung_model, image, cfg.lung_size, device=device)
-            _save_npz(path, **classifier_arrays(image, lungs, lesions, cfg.input_size), key=np.array(key))
+            save_npz(path, **classifier_arrays(image, lungs, lesions, cfg.input_size), key=np.array(key))
         paths[case_id] = path
     return paths
 
