@@ -280,16 +280,16 @@ def make_classifier_inputs(prepared: dict[str, Path], lung_model: LungUNet, out_
     lung_digest = weights_digest(lung_model)
     for case_id, src in tqdm(prepared.items(), desc="U-Net lungs + crop", unit="volume", disable=not cfg.progress):
         path = out_dir / f"{case_id}.npz"
+        paths[case_id] = path
         with np.load(src) as arrays:
             key = cache_key(prepared=str(arrays["key"]), lung_model=lung_digest, lung_size=cfg.lung_size,
                             input_size=cfg.input_size)
-        if not is_cached(path, key):
-            with np.load(src) as arrays:
-                image = arrays["image"]
-                lesions = arrays["lesions"] if "lesions" in arrays else None
-            lungs = predict_lung_mask(lung_model, image, cfg.lung_size, device=device)
-            save_npz(path, **classifier_arrays(image, lungs, lesions, cfg.input_size), key=np.array(key))
-        paths[case_id] = path
+            if is_cached(path, key):
+                continue
+            image = arrays["image"]
+            lesions = arrays["lesions"] if "lesions" in arrays else None
+        lungs = predict_lung_mask(lung_model, image, cfg.lung_size, device=device)
+        save_npz(path, **classifier_arrays(image, lungs, lesions, cfg.input_size), key=np.array(key))
     return paths
 
 
