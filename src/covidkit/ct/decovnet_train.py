@@ -239,7 +239,7 @@ def prepare_cases(cases: list[CTCase], out_dir: Path, cfg: DeCoVNetConfig) -> di
             lesions = read_nifti(case.lesions).hu > 0 if case.lesions is not None else None
             prepared = prepare_volume(volume, cfg, lesions)
             save_npz(path, image=prepared.image, lungs=prepared.lungs, lesions=prepared.lesions,
-                      spacing=np.array(prepared.spacing), key=np.array(key))
+                     spacing=np.array(prepared.spacing), key=np.array(key))
         paths[case.case_id] = path
     return paths
 
