@@ -83,7 +83,7 @@ def _tiny_run(run_dir: Path) -> Path:
         (fold_dir / "covidkit_config.json").write_text('{"imgsz": 64}')
 
     FusionParams(skip_box_thr=0.001).save(run_dir / "05_ensemble_wbf" / "fusion.json")
-    spec = StudySpec(arch="resnet18", image_size=64, prepared_size=TINY_PREPARED_SIZE, hidden=16)
+    spec = StudySpec(encoder="resnet18", width=8, image_size=64, prepared_size=TINY_PREPARED_SIZE)
     for split in (0, 1):
         torch.manual_seed(split)
         save_study_model(build_study_model(spec), spec, run_dir / "06_study_level" / f"split{split}" / "study_model.pt")

@@ -11,7 +11,8 @@ from covidkit.data.siim import COMPETITION, SOLUTION, STUDY_CLASSES, prepared_tr
 from covidkit.oof import OofPredictions, box_rows, write_oof
 from covidkit.report import REPORT_HTML, write_report
 
-SECTIONS = ["Opacity detectors", "Study classes and none", "Submission score", "Out-of-fold examples", "Test examples"]
+SECTIONS = ["Did every model learn?", "Opacity detectors", "Study classes and none", "Submission score",
+            "Fresh test sets", "Out-of-fold examples", "Test examples"]
 
 
 def _assert_self_contained(page: str) -> None:
@@ -44,9 +45,10 @@ def _detector_oof(table: pd.DataFrame, rng, jitter: float) -> OofPredictions:
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_input, tmp_path_factory):
+def full_run(tiny_input, models_dir, tmp_path_factory):
     """A run folder with every notebook's outputs, written by the package's own writers."""
     from covidkit.ensemble import EnsembleConfig, run_ensemble
+    from covidkit.fresh_tests import score_fresh_test_sets
     from covidkit.prepare import prepare
     from covidkit.train.study import (
         PROB_COLUMNS, none_comparison, output_dir, study_probabilities, summarise, write_oof_tables,
@@ -78,6 +80,7 @@ def full_run(tiny_input, tmp_path_factory):
                    zip(test_images["image_id"], test_images["boxes"])}
     studies_test = {i[:-len("_study")]: [0.25] * 4 for i in sample["id"] if i.endswith("_study")}
     submission = write_submission(run / "submission.csv", predictions, studies_test, order=sample["id"])
+    score_fresh_test_sets(models_dir, run / "fresh_tests", seeds=[5], test_studies=2, workers=0, progress=False)
     return run, submission
 
 

@@ -72,8 +72,14 @@ def _map(labels: np.ndarray, probs: np.ndarray) -> float:
 
 def test_the_stacker_learns_the_classes_from_where_the_boxes_are(tmp_path):
     x, y = _dataset(240, seed=1)
-    oof = out_of_fold_probs(x, y, groups=np.arange(len(y)), folds=5)
+    folds = np.arange(len(y)) % 5
+    oof = out_of_fold_probs(x, y, folds)
     assert np.allclose(oof.sum(1), 1) and _map(y, oof) > 0.6  # class priors: mean AP about 0.25
+    # out of fold: a fold's rows are predicted without its labels (here: shuffled within fold 0)
+    shuffled = y.copy()
+    shuffled[folds == 0] = np.random.default_rng(0).permutation(y[folds == 0])
+    np.testing.assert_allclose(out_of_fold_probs(x, shuffled, folds)[folds == 0], oof[folds == 0])
+    assert not np.allclose(out_of_fold_probs(x, shuffled, folds)[folds == 1], oof[folds == 1])
     assert _map(y, np.exp(x[:, :4])) < 0.45  # the uninformed study model alone
 
     stacker = fit_stacker(x, y)
@@ -124,11 +130,11 @@ def _fake_06_and_05(run_dir, n: int = 80) -> pd.DataFrame:
 
 
 def test_06_fits_the_stacker_on_the_oof_rows_and_05s_boxes(tmp_path):
-    from covidkit.train.study import StudyTrainConfig, stack_with_boxes, study_aps
+    from covidkit.train.study import StudyTrainConfig, fused_boxes, stack_with_boxes, study_aps
 
     images = _fake_06_and_05(tmp_path)
     cfg = StudyTrainConfig(input_dir="input", run_dir=str(tmp_path), stack_boxes=True)
-    studies = stack_with_boxes(images, cfg)
+    studies = stack_with_boxes(images, fused_boxes(tmp_path), cfg)
     assert sorted(studies["study_id"]) == sorted(images["study_id"])
     assert np.allclose(studies[[f"p_{c}" for c in STUDY_CLASSES]].sum(axis=1), 1)
     assert study_aps(studies)["mAP"] > 0.7
@@ -136,18 +142,21 @@ def test_06_fits_the_stacker_on_the_oof_rows_and_05s_boxes(tmp_path):
 
     (tmp_path / "05_ensemble_wbf" / "oof.csv").unlink()
     with pytest.warns(UserWarning, match="run 05 first"):
-        assert stack_with_boxes(images, cfg) is None
+        assert fused_boxes(tmp_path) is None
 
 
-def test_07_applies_the_exported_stacker(tiny_run_dir, tmp_path):
-    """The stacker travels in the models folder (hashed) and turns the study model's and the boxes' outputs into the classes."""
+def test_07_applies_the_exported_stacker_fold_by_fold(tiny_run_dir, tmp_path):
+    """The stacker travels in the models folder (hashed); 07 feeds it each fold's models as 06 fed it out of
+    fold (one study model, one fusion of one Faster R-CNN and one YOLO) and averages its outputs."""
+    from covidkit.models.study import predict_outputs
     from covidkit.models_dir import export_models, read_manifest
     from covidkit.predict import Predictor
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run)
     x, y = _dataset(120, seed=5)
-    fit_stacker(x, y).save(run / "06_study_level" / STACKER_JSON)
+    stacker = fit_stacker(x, y)
+    stacker.save(run / "06_study_level" / STACKER_JSON)
     models = export_models(run, tmp_path / "models")
     manifest = read_manifest(models)
     assert manifest["stacker"] == STACKER_JSON and STACKER_JSON in manifest["sha256"]
@@ -156,10 +165,27 @@ def test_07_applies_the_exported_stacker(tiny_run_dir, tmp_path):
     stacked, plain = Predictor.load(models, hflip_tta=True), Predictor.load(models, hflip_tta=True)
     plain.stacker = None
     a, b = stacked.predict(image), plain.predict(image)
-    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
-    expected = stacked.stacker.predict_proba(stacker_features(list(b.study_probs.values()),
-                                                               zone_box_scores(b.boxes, b.scores, image.shape)))[0]
-    assert list(a.study_probs.values()) == pytest.approx(expected.tolist(), abs=1e-6)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)  # the submission's boxes: every fold and view
     assert a.none_prob == b.none_prob  # none is the study model's and the boxes' as before
-    mirrored = stacked.predict(np.ascontiguousarray(image[:, ::-1]))
-    assert mirrored.study_probs == pytest.approx(a.study_probs, abs=1e-5)
+    assert sum(a.study_probs.values()) == pytest.approx(1.0)
+
+    # with the box features' weights zeroed, the stacker reads each fold's study model alone
+    blind = StudyStacker(**{**stacker.__dict__, "coef": [row[:4] + [0.0] * 6 for row in stacker.coef]})
+    stacked.stacker = blind
+    per_fold = [predict_outputs(model, spec, [image], hflip_tta=True)[0][0] for model, spec in stacked.study]
+    expected = np.mean([blind.predict_proba(stacker_features(p, np.zeros(6)))[0] for p in per_fold], axis=0)
+    assert list(stacked.predict(image).study_probs.values()) == pytest.approx(expected.tolist(), abs=1e-6)
+    averaged_first = blind.predict_proba(stacker_features(np.mean(per_fold, axis=0), np.zeros(6)))[0]
+    assert not np.allclose(expected, averaged_first, atol=1e-4)  # averaging after the stacker is not before
+
+
+def test_export_refuses_a_stacker_without_one_model_per_split(tiny_run_dir, tmp_path):
+    from covidkit.models_dir import export_models
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    x, y = _dataset(120, seed=5)
+    fit_stacker(x, y).save(run / "06_study_level" / STACKER_JSON)
+    shutil.rmtree(run / "06_study_level" / "split1")
+    with pytest.raises(ValueError, match="one model per split"):
+        export_models(run, tmp_path / "models")

@@ -26,7 +26,7 @@ from covidkit.train.study import (
 from covidkit.train import TrainConfig, fit
 from covidkit.oof import OofPredictions
 
-SPEC = StudySpec(arch="resnet18", image_size=64, prepared_size=96, hidden=32)
+SPEC = StudySpec(encoder="resnet18", width=8, image_size=64, prepared_size=96)
 
 
 def _model(seed: int = 0):
@@ -37,7 +37,7 @@ def _model(seed: int = 0):
 def test_forward_shapes_and_probabilities():
     model = _model()
     out = model(torch.randn(3, 3, 64, 64))
-    assert out["study"].shape == (3, 4) and out["none"].shape == (3,) and out["mask"].shape == (3, 1, 2, 2)
+    assert out["study"].shape == (3, 4) and out["none"].shape == (3,) and out["mask"].shape == (3, 1, 64, 64)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, size, dtype=np.uint8) for size in [(300, 200), (96, 96), (50, 80)]]
     probs = predict_study_probs(model, SPEC, images)
@@ -83,25 +83,31 @@ def test_save_load_round_trip(tmp_path):
         load_study_model(tmp_path / "missing.pt")
 
 
-def test_unet_heat_map_is_full_size_and_gives_none(tmp_path):
-    spec = StudySpec(arch="unet", image_size=64, prepared_size=96, unet_width=8)
+@pytest.mark.parametrize("encoder", ["plain", "resnet18"])
+def test_heat_map_is_full_size_and_gives_none(encoder, tmp_path):
+    """Both encoders of the one family: the heat map at the input's size, none = no pixel with opacity."""
+    spec = StudySpec(encoder=encoder, width=8, image_size=64, prepared_size=96)
     torch.manual_seed(0)
     model = build_study_model(spec).eval()
     out = model(torch.randn(2, 3, 64, 64))
     assert out["study"].shape == (2, 4) and out["mask"].shape == (2, 1, 64, 64)
-    torch.testing.assert_close(out["none"], -out["mask"].amax(dim=(1, 2, 3)))  # none: no pixel with opacity
+    torch.testing.assert_close(out["none"], -out["mask"].amax(dim=(1, 2, 3)))
     path = save_study_model(model, spec, tmp_path / "m.pt")
     loaded, loaded_spec = load_study_model(path)
     images = [np.random.default_rng(2).integers(0, 256, (120, 100), dtype=np.uint8)]
     assert loaded_spec == spec
     np.testing.assert_array_equal(predict_outputs(model, spec, images)[1], predict_outputs(loaded, spec, images)[1])
-    with pytest.raises(ValueError, match="the study model a unet"):
+
+
+def test_a_plain_encoder_takes_no_backbone(tmp_path):
+    spec = StudySpec(encoder="plain", width=8, image_size=64, prepared_size=96)
+    with pytest.raises(ValueError, match="encoder a plain"):
         build_study_model(spec, save_backbone(build_classifier("resnet18", len(LABELS)), tmp_path / "b.pt", "resnet18"))
 
 
-def test_unet_ignores_exposure_and_contrast():
-    """The U-Net standardises each image: a linear change of the grey levels leaves its outputs alone."""
-    spec = StudySpec(arch="unet", image_size=64, prepared_size=64, unet_width=8)
+def test_plain_encoder_ignores_exposure_and_contrast():
+    """The plain encoder standardises each image: a linear change of the grey levels leaves its outputs alone."""
+    spec = StudySpec(encoder="plain", width=8, image_size=64, prepared_size=64)
     torch.manual_seed(0)
     model = build_study_model(spec).eval()
     image = cv2.GaussianBlur(np.random.default_rng(3).integers(20, 120, (64, 64)).astype(np.uint8), (5, 5), 1)
@@ -118,16 +124,16 @@ def test_backbone_of_01_is_loaded_and_checked(tmp_path):
     nih = build_classifier("resnet18", len(LABELS))
     path = save_backbone(nih, tmp_path / "backbone.pt", "resnet18")
     model = build_study_model(SPEC, path)
-    assert torch.equal(model.backbone.layer3[0].conv1.weight, nih.layer3[0].conv1.weight)
+    assert torch.equal(model.encoder.body.layer3[0].conv1.weight, nih.layer3[0].conv1.weight)
     with pytest.raises(ValueError, match="is a resnet18"):
-        build_study_model(StudySpec(arch="resnet34", image_size=64, prepared_size=96), path)
+        build_study_model(StudySpec(encoder="resnet34", image_size=64, prepared_size=96), path)
 
 
 def test_spec_rejects_bad_values():
     with pytest.raises(ValueError, match="unknown architecture"):
-        StudySpec(arch="vgg16")
+        StudySpec(encoder="vgg16")
     with pytest.raises(ValueError, match="none_rule"):
-        StudySpec(none_rule="max")
+        StudyTrainConfig(input_dir="i", run_dir="r", none_rule="max")
     assert StudySpec.from_json(SPEC.to_json()) == SPEC
 
 
@@ -215,7 +221,7 @@ def _blob_table(tmp_path, n: int = 16, size: int = 96) -> pd.DataFrame:
 
 def test_dataset_moves_the_box_mask_with_the_image(tmp_path):
     table = _blob_table(tmp_path, n=2)
-    spec = StudySpec(arch="resnet18", image_size=64, prepared_size=96)
+    spec = StudySpec(encoder="resnet18", image_size=64, prepared_size=96)
     image, target = StudyImageDataset(table, train_transform(spec, rotate=0, shift=0, scale=0))[1]
     assert image.shape == (3, 64, 64) and target["mask"].shape == (1, 64, 64)
     assert target["label"] == STUDY_CLASSES.index("typical") and target["none"] == 0.0
@@ -237,12 +243,12 @@ def _heat_contrast(model, spec, table) -> float:
     return float(heat[inside].mean() - heat[~inside].mean())
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "unet"])
-def test_training_learns_the_tiny_task(tmp_path, arch):
+@pytest.mark.parametrize("encoder", ["resnet18", "plain"])
+def test_training_learns_the_tiny_task(tmp_path, encoder):
     """A few epochs on 8 synthetic images: the classes separate, and the heat map finds the boxes."""
     table = _blob_table(tmp_path)
     train, val = table[table["split"] == 0], table[table["split"] == 1]
-    spec = StudySpec(arch=arch, image_size=64, prepared_size=96, hidden=64, dropout=0.1)
+    spec = StudySpec(encoder=encoder, width=8, image_size=64, prepared_size=96, dropout=0.1)
     torch.manual_seed(0)
     model = build_study_model(spec)
 
@@ -270,7 +276,8 @@ def test_config_from_profile_sections_rejects_unknown_keys():
     for profile in ("smoke", "full"):
         section = load_profile(profile)["06_study_level"]
         cfg = StudyTrainConfig.from_params({"input_dir": "in", "run_dir": "run", **section})
-        assert cfg.spec(256).image_size == section["image_size"]
+        assert cfg.image_size == section["image_size"] and cfg.encoder == section["encoder"]
+    assert StudyTrainConfig(input_dir="in", run_dir="run", encoder="plain").spec(256).encoder == "plain"
     with pytest.raises(TypeError, match="unknown parameters"):
         StudyTrainConfig.from_params({"input_dir": "in", "run_dir": "run", "epoch": 3})
     with pytest.raises(ValueError, match="optimizer"):
@@ -281,7 +288,7 @@ def test_equalize_makes_the_input_independent_of_exposure():
     rng = np.random.default_rng(0)
     image = rng.integers(60, 120, (64, 64)).astype(np.uint8)
     brighter = (image.astype(np.int32) * 2).astype(np.uint8)  # a monotone change of exposure
-    spec = StudySpec(arch="resnet18", image_size=64, prepared_size=64)
+    spec = StudySpec(encoder="resnet18", image_size=64, prepared_size=64)
     plain, equalised = model_inputs([image, brighter], spec), model_inputs([image, brighter], replace(spec, equalize=True))
     assert not torch.allclose(plain[0], plain[1])
     assert torch.allclose(equalised[0], equalised[1])

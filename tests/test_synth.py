@@ -257,6 +257,20 @@ def test_another_seed_gives_other_data(synth, tmp_path):
     assert ids1 and not ids0 & ids1
 
 
+def test_a_fresh_test_set_is_a_test_split_alone(tmp_path):
+    from covidkit.cli import main
+
+    assert main(["synth", "--out", str(tmp_path), "--seed", "9", "--test-studies", "3", "--test-only",
+                 "--max-size", "256"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [COMPETITION, SOLUTION]
+    assert sorted(p.name for p in (tmp_path / COMPETITION).iterdir()) == ["sample_submission.csv", "test"]
+    studies = pd.read_csv(tmp_path / SOLUTION / SOLUTION_STUDY_CSV)
+    images = pd.read_csv(tmp_path / SOLUTION / SOLUTION_IMAGE_CSV)
+    sample = pd.read_csv(tmp_path / COMPETITION / "sample_submission.csv")
+    assert len(studies) == 3 and set(sample["id"]) == set(studies["id"]) | set(images["id"])
+    assert len(siim_paths(tmp_path / COMPETITION, "test")) == len(images)
+
+
 # ---------------------------------------------------------------------------------------------
 # the study patterns and the lesions
 

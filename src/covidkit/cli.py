@@ -23,6 +23,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         max_size=args.max_size,
         ct=not args.no_ct,
         ct_volumes=args.ct_volumes,
+        test_only=args.test_only,
     )
     write_all(Path(args.out), cfg)
     return 0
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ct", action="store_true", help="skip the synthetic CT sets")
     p.add_argument("--ct-volumes", type=int, default=40,
                    help="CT volumes for DeCoVNet, half positive (40: the smoke set; DeCoVNet needs more to generalise)")
+    p.add_argument("--test-only", action="store_true",
+                   help="only a SIIM test split (--test-studies) and its solution folder: a fresh test set")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("prepare", help="convert a competition folder's DICOMs to PNG, with meta.csv and folds.csv")

@@ -2,7 +2,7 @@
 
 What ``covidkit predict`` and ``covidkit serve`` take, and what a Kaggle dataset would hold::
 
-    manifest.json          format, versions, the files with their SHA-256, sizes, priors
+    manifest.json          format, versions, the files with their SHA-256, sizes, priors, 06's none rule
     fusion.json            the WBF parameters chosen in 05 (covidkit.ensemble.FusionParams)
     stacker.json           06's study stacker (covidkit.stacking), when 06 fitted one
     fasterrcnn/fold<k>.pt  03's models: weights + DetectorSpec + architecture + inference size
@@ -103,6 +103,13 @@ def _yolo_imgsz(weights: Path) -> int:
     return int(yaml.safe_load((run / "args.yaml").read_text())["imgsz"])
 
 
+def none_rule(run_dir: str | Path) -> str:
+    """The image ``none`` rule 06 chose (``summary.json``); ``head`` for a run without that choice."""
+    path = Path(run_dir) / STUDY_NOTEBOOK / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    return summary.get("none_rule", {}).get("chosen", "head")
+
+
 # --------------------------------------------------------------------------- priors
 
 
@@ -190,6 +197,10 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
     fusion.save(out_dir / FUSION_JSON)
     stacker = STACKER_JSON if (run_dir / STUDY_NOTEBOOK / STACKER_JSON).is_file() else None
     if stacker:
+        counts = {name: len(paths) for name, paths in sources.items()}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"06's study stacker reads each fold's detectors and study model together, as out of "
+                             f"fold: 03, 04 and 06 need one model per split each, got {counts}")
         shutil.copyfile(run_dir / STUDY_NOTEBOOK / STACKER_JSON, out_dir / stacker)
     hashed = [*sum(files.values(), []), FUSION_JSON, *([stacker] if stacker else [])]
 
@@ -204,6 +215,7 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
         "yolo_imgsz": [_yolo_imgsz(p) for p in sources["yolo"]],
         "fusion": FUSION_JSON,
         "stacker": stacker,
+        "none_rule": none_rule(run_dir),
         "priors": training_priors(competition_dir) if competition_dir else folds_priors(run_dir),
         "sha256": {rel: sha256(out_dir / rel) for rel in hashed},
     }

@@ -131,19 +131,36 @@ def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_di
     return runs
 
 
+def print_learning(checks: list, ran: list[str]) -> None:
+    """The last lines of a run: which of the stages that ran did not learn (``covidkit.learning``)."""
+    checks = [c for c in checks if c.stage in ran]
+    failed = [c for c in checks if not c.learned]
+    if not checks:
+        return
+    if not failed:
+        print(f"every model learned ({len(checks)} checks against untrained or prior baselines)")
+        return
+    print(f"DID NOT LEARN ({len(failed)} of {len(checks)} checks):")
+    for check in failed:
+        print(f"  {check.line()}")
+
+
 SUBMISSION_NOTEBOOK = "07_make_submission"
 
 
 def print_outputs(profile: dict, run_dir: Path, input_dir: Path, overrides: dict, ran: list[str]) -> None:
-    """After a run that made a submission: where it, the models folder and the report are."""
-    if SUBMISSION_NOTEBOOK not in ran:
-        return
-    from covidkit.report import write_report
+    """The stages that did not learn; after a run that made a submission, where it, the models and the report are."""
+    from covidkit.learning import check_run
 
-    section = merge_section(profile, SUBMISSION_NOTEBOOK, overrides)
-    submission = REPO_ROOT / section.get("submission", "submissions/submission.csv")
-    models = REPO_ROOT / (section.get("models_dir") or run_dir / "models")
-    report = write_report(run_dir, submission_csv=submission, input_dir=input_dir.resolve())
-    print(f"submission: {submission}")
-    print(f"models: {models}")
-    print(f"report: {report}")
+    checks = check_run(run_dir, input_dir.resolve())
+    if SUBMISSION_NOTEBOOK in ran:
+        from covidkit.report import write_report
+
+        section = merge_section(profile, SUBMISSION_NOTEBOOK, overrides)
+        submission = REPO_ROOT / section.get("submission", "submissions/submission.csv")
+        models = REPO_ROOT / (section.get("models_dir") or run_dir / "models")
+        report = write_report(run_dir, submission_csv=submission, input_dir=input_dir.resolve(), checks=checks)
+        print(f"submission: {submission}")
+        print(f"models: {models}")
+        print(f"report: {report}")
+    print_learning(checks, ran)

@@ -10,9 +10,10 @@ at its original size (what ``covidkit.dicom.read_dicom(...).pixels`` gives) and:
 3. fuses all their boxes as notebook 05 does (``covidkit.ensemble.fuse_boxes`` with 05's
    parameters; a detector's weight is shared equally by its folds and views) and maps them to
    original pixels;
-4. averages the study model's (06) class probabilities over its folds and, when 06 fitted a study
-   stacker (``covidkit.stacking``), combines them with the fused boxes' scores per lung zone; derives
-   the image's ``none`` probability with ``covidkit.models.study.none_probability``.
+4. averages the study model's (06) class probabilities over its folds, or, when 06 fitted a study
+   stacker (``covidkit.stacking``), the stacker's probabilities of each fold (fold k's study model and
+   fold k's detectors, fed as out of fold); derives the image's ``none`` probability with
+   ``covidkit.models.study.none_probability`` and the rule 06 chose (in the manifest).
 
 ``predict_competition`` does this for every test DICOM and writes a validated submission: a
 study's probabilities are the mean over its images; an image that cannot be decoded still gets
@@ -142,6 +143,7 @@ class Predictor:
         self.device = device
         self.hflip_tta = hflip_tta
         self.prepared_size = int(manifest["prepared_size"])
+        self.none_rule = manifest.get("none_rule", "head")
         self._lock = threading.Lock()  # ultralytics' predictors keep per-call state: one image at a time
 
     @classmethod
@@ -207,17 +209,20 @@ class Predictor:
         square = self._square(image, self.prepared_size, squares)
         timings["resize"] = time.perf_counter() - tick
 
-        boxes_list, scores_list, weights = [], [], []
-        for name, weight in zip(DETECTORS, self.fusion.weights):
+        per_fold = {}  # detector -> [fold -> [view -> (boxes, scores) in original pixels]]
+        for name in DETECTORS:
             tick = time.perf_counter()
-            outputs = [view for fold in self.detectors[name] for view in fold(square, self.hflip_tta)]
+            per_fold[name] = [[(scale_boxes(b, square.shape, image.shape), s) for b, s in fold(square, self.hflip_tta)]
+                              for fold in self.detectors[name]]
             timings[name] = time.perf_counter() - tick
-            for boxes, scores in outputs:
-                boxes_list.append(scale_boxes(boxes, square.shape, image.shape))
-                scores_list.append(scores)
-                weights.append(weight / len(outputs))
 
         tick = time.perf_counter()
+        boxes_list, scores_list, weights = [], [], []
+        for name, weight in zip(DETECTORS, self.fusion.weights):
+            views = [view for fold in per_fold[name] for view in fold]
+            boxes_list += [b for b, _ in views]
+            scores_list += [s for _, s in views]
+            weights += [weight / len(views)] * len(views)
         boxes, scores = fuse_boxes(boxes_list, scores_list, image.shape, self.fusion, weights)
         timings["fusion"] = time.perf_counter() - tick
 
@@ -229,16 +234,30 @@ class Predictor:
             study_probs.append(probs[0])
             none_head.append(none[0])
         probs = np.mean(study_probs, axis=0)
-        rule = self.study[0][1].none_rule
         none_prob = none_probability(float(probs[STUDY_CLASSES.index("negative")]), scores,
-                                     float(np.mean(none_head)), rule=rule)
+                                     float(np.mean(none_head)), rule=self.none_rule)
         if self.stacker is not None:
-            zones = zone_box_scores(boxes, scores, image.shape)
-            probs = self.stacker.predict_proba(stacker_features(probs, zones))[0]
+            probs = self._stacked(study_probs, per_fold, image.shape)
         timings["study"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start
         return ImageResult(boxes=boxes, scores=scores, none_prob=float(none_prob),
                            study_probs={c: float(p) for c, p in zip(STUDY_CLASSES, probs)}, timings=timings)
+
+    def _stacked(self, study_probs: list[np.ndarray], per_fold: dict[str, list], image_hw: tuple[int, int]) -> np.ndarray:
+        """The study stacker's probabilities, averaged over the folds.
+
+        06 fitted the stacker on out-of-fold rows: one study model's probabilities (with the flip TTA) and
+        05's fusion of one Faster R-CNN and one YOLO, each on the unflipped image. Each fold here is fed
+        the same way (fold k's three models, unflipped boxes), and the stacker's outputs are averaged, so
+        it sees inputs of the kind it was fitted on rather than a fusion of every fold and view.
+        """
+        stacked = []
+        for k, probs in enumerate(study_probs):
+            unflipped = [per_fold[name][k][0] for name in DETECTORS]
+            boxes, scores = fuse_boxes([b for b, _ in unflipped], [s for _, s in unflipped], image_hw, self.fusion)
+            zones = zone_box_scores(boxes, scores, image_hw)
+            stacked.append(self.stacker.predict_proba(stacker_features(probs, zones))[0])
+        return np.mean(stacked, axis=0)
 
 
 # --------------------------------------------------------------------------- a whole competition folder
@@ -295,7 +314,7 @@ class CompetitionPrediction:
     seconds: float
 
 
-def _sample_ids(sample: pd.DataFrame) -> tuple[list[str], list[str]]:
+def sample_ids(sample: pd.DataFrame) -> tuple[list[str], list[str]]:
     ids = sample["id"].astype(str)
     images = [strip_suffix(i) for i in ids if i.endswith(IMAGE_SUFFIX)]
     studies = [strip_suffix(i) for i in ids if i.endswith(STUDY_SUFFIX)]
@@ -314,7 +333,7 @@ def predict_competition(competition_dir: str | Path, models_dir: str | Path, out
     start = time.perf_counter()
     competition_dir, out_csv = Path(competition_dir), Path(out_csv)
     sample = pd.read_csv(competition_dir / "sample_submission.csv", dtype=str)
-    image_ids, study_ids = _sample_ids(sample)
+    image_ids, study_ids = sample_ids(sample)
     paths = dicom_paths(competition_dir, "test")
     failed = {i: "no DICOM file in test/ for this image" for i in image_ids if i not in paths}
     tasks = [(i, paths[i]) for i in image_ids if i in paths]

@@ -41,7 +41,9 @@ EXAMPLES = 8
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}img{max-width:100%}.missing{color:#a00}pre{background:#f6f6f6;padding:.5em}"""
+th{background:#f3f3f3}img{max-width:100%}.missing{color:#a00}pre{background:#f6f6f6;padding:.5em}
+.banner{background:#b00;color:#fff;padding:.5em .8em;margin:.3em 0;font-weight:bold}
+.ok{color:#070}.failed{color:#b00;font-weight:bold}"""
 
 
 class Missing(Exception):
@@ -273,6 +275,27 @@ def _study_titles(run_dir: Path) -> dict[str, str]:
             zip(images["image_id"], images["label"], images.apply(lambda r: r[f"p_{r['label']}"], axis=1))}
 
 
+def learning_banners(checks) -> str:
+    """One red banner per model that did not learn (``covidkit.learning``)."""
+    return "\n".join(f'<div class="banner">did not learn: {html.escape(c.line())}</div>'
+                     for c in checks if not c.learned)
+
+
+def learning_section(checks) -> str:
+    """Every model's held-out figure beside its baseline, and the verdict."""
+    if not checks:
+        raise Missing("not run: no stage has left a held-out figure yet")
+    rows = "".join(
+        f"<tr><td>{html.escape(c.stage)}</td><td>{html.escape(c.model)}</td><td>{html.escape(c.figure)}</td>"
+        f"<td>{c.value:.3f}</td><td>{c.baseline:.3f} ({html.escape(c.baseline_name)})</td>"
+        f"<td>{'n/a' if c.spread is None else f'{c.spread:.3g}'}</td>"
+        f'<td class="{"ok" if c.learned else "failed"}">{html.escape(c.verdict)}</td></tr>' for c in checks)
+    return ("<p>Each trained model's held-out figure against its untrained or prior baseline; <i>spread</i> is the "
+            "standard deviation of its outputs over the held-out items (a constant output ranks nothing).</p>"
+            "<table><tr><th>stage</th><th>model</th><th>figure</th><th>value</th><th>baseline</th><th>spread</th>"
+            f"<th>verdict</th></tr>{rows}</table>")
+
+
 def _section(title: str, build: Callable[[], str]) -> str:
     try:
         body = build()
@@ -281,22 +304,38 @@ def _section(title: str, build: Callable[[], str]) -> str:
     return f"<h2>{html.escape(title)}</h2>\n{body}"
 
 
+def fresh_tests_section(run_dir: Path) -> str:
+    """07's scores on fresh test sets (``covidkit.fresh_tests``): per seed, their mean and spread."""
+    from covidkit.fresh_tests import read_fresh_test_sets
+
+    fresh = read_fresh_test_sets(run_dir / "fresh_tests")
+    if fresh is None:
+        raise Missing("not run: no fresh_tests/scores.csv (07's fresh_test_seeds)")
+    return f"<p>{html.escape(fresh.summary())}</p>" + _table_html(fresh.per_seed.set_index("seed"), digits=3)
+
+
 def write_report(run_dir: str | Path, submission_csv: str | Path | None = None, solution_dir: str | Path | None = None,
-                 input_dir: str | Path | None = None) -> Path:
+                 input_dir: str | Path | None = None, checks: list | None = None) -> Path:
     """Write ``<run_dir>/report.html`` and return its path.
 
     ``input_dir`` (the folder holding ``siim-covid19-detection/``, for the OOF truth boxes) defaults to
     the one recorded in the run's executed notebooks; ``solution_dir`` defaults to
-    ``<input_dir>/siim-covid19-detection-solution`` when that exists.
+    ``<input_dir>/siim-covid19-detection-solution`` when that exists. ``checks``: the run's
+    ``covidkit.learning`` checks, when the caller has them already.
     """
     run_dir = Path(run_dir)
     input_dir = Path(input_dir) if input_dir is not None else find_input_dir(run_dir)
     if solution_dir is None and input_dir is not None and (input_dir / SOLUTION).is_dir():
         solution_dir = input_dir / SOLUTION
+    from covidkit.learning import check_run
+
+    checks = check_run(run_dir, input_dir) if checks is None else checks
     sections = [
+        _section("Did every model learn?", lambda: learning_section(checks)),
         _section("Opacity detectors, out of fold (03, 04, 05)", lambda: detectors_section(run_dir, input_dir)),
         _section("Study classes and none, out of fold (06)", lambda: study_section(run_dir)),
         _section("Submission score (07)", lambda: submission_section(submission_csv, solution_dir)),
+        _section("Fresh test sets (07)", lambda: fresh_tests_section(run_dir)),
         _section("Out-of-fold examples", lambda: oof_examples_section(run_dir, input_dir)),
         _section("Test examples", lambda: test_examples_section(run_dir, submission_csv, solution_dir)),
     ]
@@ -304,7 +343,7 @@ def write_report(run_dir: str | Path, submission_csv: str | Path | None = None, 
     page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>covidkit report</title>"
             f"<style>{STYLE}</style></head><body>\n<h1>covidkit run report</h1>\n"
             f"<p>Run folder <code>{html.escape(str(run_dir.resolve()))}</code>, written {stamp}.</p>\n"
-            + "\n".join(sections) + "\n</body></html>\n")
+            + learning_banners(checks) + "\n" + "\n".join(sections) + "\n</body></html>\n")
     path = run_dir / REPORT_HTML
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -113,12 +113,13 @@ def fit_stacker(features, labels, C: float = 1.0) -> StudyStacker:
     return StudyStacker(scaler.mean_.tolist(), scaler.scale_.tolist(), model.coef_.tolist(), model.intercept_.tolist(), C)
 
 
-def out_of_fold_probs(features, labels, groups, C: float = 1.0, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """``[N, 4]``: each row predicted by a stacker fitted on the other folds (grouped by ``groups``, e.g. study)."""
-    from sklearn.model_selection import StratifiedGroupKFold
+def out_of_fold_probs(features, labels, folds, C: float = 1.0) -> np.ndarray:
+    """``[N, 4]``: each row predicted by a stacker fitted on the rows of the other ``folds`` (00's fold of
+    each row: grouped by patient, so no patient is on both sides)."""
+    from sklearn.model_selection import PredefinedSplit
 
     x, y = np.asarray(features, np.float64), np.asarray(labels)
     probs = np.zeros((len(y), 4))
-    for train, test in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(x, y, groups):
+    for train, test in PredefinedSplit(np.asarray(folds)).split():
         probs[test] = fit_stacker(x[train], y[train], C).predict_proba(x[test])
     return probs

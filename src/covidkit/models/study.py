@@ -1,16 +1,17 @@
-"""The study-level classifier (notebook 06): model, checkpoints, inference, and the image ``none`` probability.
+"""The study-level model (notebook 06): a U-Net with a study head, its checkpoints, inference, ``none``.
 
-A ResNet-family backbone (the NIH checkpoint of 01, or random initialisation) with three heads on
-its last feature map (``arch: unet`` gives a small U-Net from scratch instead, see
-``covidkit.models.unet``):
+One family in every profile, as in the competition's winning solutions: an encoder, a segmentation
+decoder trained on the opacity boxes (an auxiliary heat map), and a study head.
 
-- ``study``: global average pool -> ``width -> hidden -> ReLU -> Dropout -> 4`` logits over
-  ``STUDY_CLASSES`` (negative, typical, indeterminate, atypical), trained with cross-entropy;
-- ``none``: one logit per image, "this image has no opacity box" (binary cross-entropy);
-- ``mask``: a 1x1 convolution giving an opacity heat map at the feature map's resolution, trained
-  on the ground-truth boxes (the auxiliary segmentation loss of the top Kaggle solutions): it
-  makes the features say *where* opacity is, which is what tells the classes apart (bilateral and
-  basal, or one-sided and upper, or lobar).
+- ``encoder``: the NIH backbone of notebook 01 (``"nih"``, whatever ResNet-family architecture 01
+  trained: ResNeXt-101 32x8d in ``full``), a backbone file, a torchvision ResNet-family name (random
+  weights), or ``"plain"``, the small U-Net encoder of ``covidkit.models.unet`` (from scratch);
+- ``mask``: the heat map at the input's resolution, trained on the box masks; it makes the features say
+  *where* opacity is, which is what tells the classes apart (bilateral and basal, one-sided or upper,
+  lobar or nodular);
+- ``none``: minus the heat map's largest logit (an image has no opacity when no pixel has one);
+- ``study``: four logits over ``STUDY_CLASSES`` from the pooled bottleneck and the heat map's mean and
+  maximum in six lung zones (upper, middle, lower on either side).
 
 Inference takes uint8 grey images of any size and resizes them exactly as the training images were
 made: ``covidkit.prepare.resize_square`` to the prepared size of 00, then the 06 evaluation transform.
@@ -26,21 +27,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision import tv_tensors
-from torchvision.models import get_model
 from torchvision.transforms import v2
 
 from covidkit.data.siim import STUDY_CLASSES
 from covidkit.models.backbones import check_arch, load_backbone
-from covidkit.models.unet import SmallUNet
+from covidkit.models.unet import PLAIN, PlainEncoder, ResNetEncoder, UNetDecoder, ZONES, zone_summary
 from covidkit.prepare import resize_square
 from covidkit.train.checkpoint import load_tagged, save_checkpoint
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NOTEBOOK = "06_study_level"
-STUDY_MODEL_FORMAT = "covidkit.study/1"  # a file format tag: kept when the module moved
+STUDY_MODEL_FORMAT = "covidkit.study/2"  # /2: the U-Net family (encoder, decoder, heads)
 MODEL_FILE = "study_model.pt"
-UNET = "unet"  # the arch name of the small U-Net
 NEGATIVE = STUDY_CLASSES.index("negative")
 
 
@@ -48,21 +48,17 @@ NEGATIVE = STUDY_CLASSES.index("negative")
 class StudySpec:
     """Everything needed to rebuild a study model and feed it (saved as JSON in each checkpoint)."""
 
-    arch: str = "resnext101_32x8d"  # a torchvision ResNet (ARCHS of covidkit.models.backbones) or "unet"
+    encoder: str = "resnext101_32x8d"  # a torchvision ResNet (ARCHS of covidkit.models.backbones) or "plain"
+    width: int = 16  # the plain encoder's first-level channels; the decoder's finest level (x2, x4 ... up)
     image_size: int = 224  # the network's input side
     prepared_size: int = 1024  # side of 00's square PNGs: inference resizes to it first, as 00 did
     classes: list[str] = field(default_factory=lambda: list(STUDY_CLASSES))
-    hidden: int = 1024
     dropout: float = 0.5
-    none_rule: str = "head"  # see none_probability: "head" or "negative"
     equalize: bool = False  # histogram-equalise each image first (exposure and contrast vary between films)
-    unet_width: int = 16  # arch "unet": channels of its first level
 
     def __post_init__(self) -> None:
-        if self.arch != UNET:
-            check_arch(self.arch)
-        if self.none_rule not in NONE_RULES:
-            raise ValueError(f"none_rule must be one of {NONE_RULES}, got {self.none_rule!r}")
+        if self.encoder != PLAIN:
+            check_arch(self.encoder)
         if self.image_size < 32 or self.prepared_size < 32:
             raise ValueError(f"image sizes must be >= 32, got {self.image_size} and {self.prepared_size}")
 
@@ -75,49 +71,36 @@ class StudySpec:
 
 
 class StudyNet(nn.Module):
-    """Backbone + study / none / mask heads; ``forward`` returns a dict of logits."""
+    """Encoder, U-Net decoder and the mask / none / study heads; ``forward`` returns a dict of logits."""
 
     def __init__(self, spec: StudySpec) -> None:
         super().__init__()
-        backbone = get_model(check_arch(spec.arch), weights=None)
-        width = backbone.fc.in_features
-        backbone.fc = nn.Identity()
-        self.backbone = backbone
+        self.encoder = PlainEncoder(spec.width) if spec.encoder == PLAIN else ResNetEncoder(spec.encoder)
+        levels = len(self.encoder.channels) - 1
+        self.decoder = UNetDecoder(self.encoder.channels, [spec.width * 2 ** i for i in range(levels)])
+        self.mask_head = nn.Conv2d(self.decoder.out_channels, 1, kernel_size=1)
         self.study_head = nn.Sequential(
-            nn.Linear(width, spec.hidden), nn.ReLU(inplace=True), nn.Dropout(spec.dropout),
-            nn.Linear(spec.hidden, len(spec.classes)),
-        )
-        self.none_head = nn.Linear(width, 1)
-        self.mask_head = nn.Conv2d(width, 1, kernel_size=1)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last feature map ``[N, width, H/32, W/32]`` of the torchvision ResNet."""
-        b = self.backbone
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+            nn.Dropout(spec.dropout), nn.Linear(self.encoder.channels[-1] + 2 * ZONES[0] * ZONES[1], len(spec.classes)))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        fmap = self.features(x)
-        pooled = fmap.mean(dim=(2, 3))
-        return {"study": self.study_head(pooled), "none": self.none_head(pooled).squeeze(1),
-                "mask": self.mask_head(fmap)}
+        features = self.encoder(x)
+        mask = self.mask_head(self.decoder(features))
+        if mask.shape[-2:] != x.shape[-2:]:  # a ResNet's finest level is at stride 2
+            mask = F.interpolate(mask, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        # the heat map is trained on the boxes alone (detached here); the study head reads it
+        study = self.study_head(torch.cat([features[-1].mean(dim=(2, 3)), zone_summary(mask.detach())], 1))
+        return {"study": study, "none": -mask.flatten(1).amax(1), "mask": mask}
 
 
-def study_network(spec: StudySpec) -> nn.Module:
-    """The randomly initialised network of a spec: a ``StudyNet`` or, for ``arch: unet``, a ``SmallUNet``."""
-    if spec.arch == UNET:
-        return SmallUNet(len(spec.classes), spec.unet_width, spec.dropout)
-    return StudyNet(spec)
-
-
-def build_study_model(spec: StudySpec, backbone_checkpoint: str | Path | None = None) -> nn.Module:
-    """A fresh study model; its backbone from 01's checkpoint when given (same architecture required)."""
-    model = study_network(spec)
+def build_study_model(spec: StudySpec, backbone_checkpoint: str | Path | None = None) -> StudyNet:
+    """A fresh study model; its ResNet encoder from 01's checkpoint when given (same architecture required)."""
+    model = StudyNet(spec)
     if backbone_checkpoint is not None:
         arch, state = load_backbone(backbone_checkpoint)
-        if arch != spec.arch:
-            raise ValueError(f"backbone checkpoint {backbone_checkpoint} is a {arch}, the study model a {spec.arch}")
-        model.backbone.load_state_dict(state)
+        if arch != spec.encoder:
+            raise ValueError(f"backbone checkpoint {backbone_checkpoint} is a {arch}, the study model's encoder a "
+                             f"{spec.encoder}")
+        model.encoder.body.load_state_dict(state)
     return model
 
 
@@ -128,11 +111,11 @@ def save_study_model(model: nn.Module, spec: StudySpec, path: str | Path, **meta
                             "meta": json.dumps(meta)}, path)
 
 
-def load_study_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, StudySpec]:
+def load_study_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[StudyNet, StudySpec]:
     """A fold checkpoint written by ``save_study_model``, in eval mode on ``device``."""
     ckpt = load_tagged(path, STUDY_MODEL_FORMAT, "study model", NOTEBOOK)
     spec = StudySpec.from_json(ckpt["spec"])
-    model = study_network(spec)
+    model = StudyNet(spec)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), spec
 
@@ -212,7 +195,7 @@ def none_probability(negative_prob: float, box_scores: np.ndarray, none_head_pro
                      rule: str = "head") -> float:
     """The image-level ``none`` probability (no opacity in the image).
 
-    ``rule`` names the estimate (notebook 06 measures each on out-of-fold data; the profile picks):
+    ``rule`` names the estimate (notebook 06 chooses it on out-of-fold data, or the profile names it):
 
     - ``"head"``: the model's own image-level estimate ``none_head_prob``, trained on "this image
       has no box"; it sees the image rather than the study's label, so it also knows the positive

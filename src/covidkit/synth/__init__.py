@@ -31,10 +31,10 @@ WRITERS: list[Callable[[Path, SynthConfig], str]] = [
 
 
 def write_all(out: Path, cfg: SynthConfig) -> None:
-    """Write every synthetic dataset into ``out`` and print a summary."""
+    """Write every synthetic dataset (``cfg.test_only``: a SIIM test split alone) into ``out``; print a summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summaries = [writer(out, cfg) for writer in WRITERS]
+    summaries = [writer(out, cfg) for writer in ([write_siim] if cfg.test_only else WRITERS)]
     print("\n".join(summaries))
     print(f"synthetic data (seed {cfg.seed}) written to {out} in {time.perf_counter() - start:.0f} s")

@@ -22,6 +22,7 @@ class SynthConfig:
     workers: int | None = None        # processes; None: all cores, 0 or 1: in this process
     ct: bool = True                   # also the CT sets
     ct_volumes: int = 40              # CT volumes for DeCoVNet (half positive)
+    test_only: bool = False           # only a SIIM test split and its solution folder (a fresh test set)
 
     def __post_init__(self) -> None:
         counts = {k: getattr(self, k) for k in ("train_studies", "test_studies", "nih_images", "rsna_images")}

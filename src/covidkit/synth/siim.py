@@ -173,25 +173,31 @@ def sample_submission(studies: pd.DataFrame, images: pd.DataFrame) -> pd.DataFra
 
 
 def write_siim(out: Path, cfg: SynthConfig) -> str:
-    """Write ``siim-covid19-detection/`` and ``siim-covid19-detection-solution/`` into ``out``."""
+    """Write ``siim-covid19-detection/`` and ``siim-covid19-detection-solution/`` into ``out``.
+
+    With ``cfg.test_only``: the test split alone (``test/``, ``sample_submission.csv`` and the solution
+    folder), a fresh test set for models trained on another seed's training split.
+    """
     out = Path(out)
     root, solution = out / COMPETITION, out / SOLUTION
     rng = stream(cfg.seed, "siim")
     used: set[str] = set()
-    studies = plan_split("train", cfg.train_studies, rng, used) + plan_split("test", cfg.test_studies, rng, used)
+    splits = {"test": cfg.test_studies} if cfg.test_only else {"train": cfg.train_studies, "test": cfg.test_studies}
+    studies = [s for split, n in splits.items() for s in plan_split(split, n, rng, used)]
     studies = assign_recipes(studies, rng)
     tasks = [StudyTask(s, str(root), cfg.min_size, cfg.max_size) for s in studies]
     rows = map_tasks(render_study, tasks, cfg.workers, desc="SIIM studies")
 
     tables = {}
-    for split in ("train", "test"):
+    for split in splits:
         in_split = [i for i, s in enumerate(studies) if s.split == split]
         tables[split] = (study_table([studies[i] for i in in_split]),
                          image_table([r for i in in_split for r in rows[i]]))
     root.mkdir(parents=True, exist_ok=True)
     solution.mkdir(parents=True, exist_ok=True)
-    tables["train"][0].to_csv(root / "train_study_level.csv", index=False)
-    tables["train"][1].to_csv(root / "train_image_level.csv", index=False)
+    if "train" in tables:
+        tables["train"][0].to_csv(root / "train_study_level.csv", index=False)
+        tables["train"][1].to_csv(root / "train_image_level.csv", index=False)
     sample_submission(*tables["test"]).to_csv(root / "sample_submission.csv", index=False)
     tables["test"][0].to_csv(solution / SOLUTION_STUDY_CSV, index=False)
     tables["test"][1].to_csv(solution / SOLUTION_IMAGE_CSV, index=False)

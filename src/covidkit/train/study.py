@@ -1,12 +1,19 @@
-"""Notebook 06: the K-fold study-level classifier, its out-of-fold study mAP and the image ``none`` probability.
+"""Notebook 06: the K-fold study-level model, its out-of-fold study mAP and the image ``none`` probability.
 
-One model per validation split of ``folds.csv`` (from 00), started from the NIH backbone of 01 (or
-another backbone file, or random weights). Every training image carries its study's label; the loss
-is cross-entropy over the four study classes, plus two auxiliary image-level terms (see
-``covidkit.models.study``): "this image has no box" and an opacity heat map from the boxes. SGD with
-momentum and the cosine-with-floor schedule of the engine (``optimizer: adamw`` is offered for short
-CPU runs). Each split's *last* epoch predicts its held-out images: a study's probabilities are the
-mean over its images, scored with the competition's AP (each study is one box ``0 0 1 1`` of its class).
+One model per validation split of ``folds.csv`` (from 00): a U-Net whose encoder is the NIH backbone of
+01 (``encoder: nih``), another backbone file, a ResNet-family architecture from random weights, or the
+small plain encoder (see ``covidkit.models.study``). Every training image carries its study's label; the
+loss is cross-entropy over the four study classes plus the opacity heat map trained on the box masks
+(and, optionally, "this image has no box" on the heat map's maximum). SGD with momentum and the
+cosine-with-floor schedule of the engine (``optimizer: adamw`` is offered for short CPU runs). Each
+split's *last* epoch predicts its held-out images (with the same flip TTA as 07): a study's
+probabilities are the mean over its images, scored with the competition's AP (each study is one box
+``0 0 1 1`` of its class).
+
+The image ``none`` rule (``none_rule: auto``) is chosen on the out-of-fold images and scored honestly:
+each fold's images take the rule that scores best on the other folds' images. With ``stack_boxes``,
+a study stacker (``covidkit.stacking``) is fitted on the OOF rows and 05's boxes, scored out of fold on
+00's patient-grouped folds, and saved for 07.
 
 ``fold_groups`` merges the K folds into fewer splits (split = fold % fold_groups; patients still never
 cross a split), so every image still gets an out-of-fold prediction.
@@ -35,6 +42,7 @@ from covidkit.train.nih import backbone_path
 from covidkit.oof import OofPredictions
 from covidkit.profiles import config_from_params
 from covidkit.stacking import STACKER_JSON
+from covidkit.models.backbones import load_backbone
 from covidkit.models.study import (
     MODEL_FILE, NEGATIVE, NONE_RULES, NOTEBOOK, StudySpec, build_study_model, none_probability,
     predict_outputs, save_study_model, train_transform,
@@ -49,6 +57,7 @@ SUMMARY_JSON = "summary.json"  # the OOF APs (study classes, mAP, none by rule) 
 CONFUSION_PNG = "confusion_matrix.png"
 PROB_COLUMNS = [f"p_{c}" for c in STUDY_CLASSES]
 OPTIMIZERS = ("sgd", "adamw")
+AUTO = "auto"  # none_rule: chosen on the out-of-fold images
 
 
 def output_dir(run_dir: str | Path) -> Path:
@@ -62,8 +71,8 @@ class StudyTrainConfig:
     input_dir: str
     run_dir: str
     seed: int = 42
-    arch: str = "resnext101_32x8d"
-    backbone: str | None = "nih"  # "nih": 01's backbone.pt in run_dir; a path: that backbone file; None: random init
+    encoder: str = "nih"  # "nih": 01's backbone.pt; a backbone file; a ResNet-family name (random init); "plain"
+    width: int = 16  # the decoder's finest channels (and the plain encoder's first level)
     image_size: int = 224
     epochs: int = 10
     batch_size: int = 16
@@ -72,13 +81,11 @@ class StudyTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_floor: float = 0.05
-    hidden: int = 1024
     dropout: float = 0.5
-    unet_width: int = 16  # arch "unet" only: channels of the U-Net's first level
     class_weight_power: float = 0.0  # cross-entropy class weights count^-power (0: none, 1: balanced)
-    none_weight: float = 0.5  # weight of the auxiliary "image has no box" loss
-    mask_weight: float = 1.0  # weight of the auxiliary opacity heat-map loss (0: off)
-    none_rule: str = "head"  # what none_probability uses: "head", "negative" or "boxes" (see covidkit.models.study)
+    none_weight: float = 0.0  # weight of the "image has no box" loss on the heat map's maximum
+    mask_weight: float = 1.0  # weight of the opacity heat-map loss (0: off)
+    none_rule: str = "auto"  # none_probability's rule: "auto" (chosen out of fold), "head", "negative" or "boxes"
     stack_boxes: bool = False  # fit covidkit.stacking's study stacker on the OOF outputs and 05's fused boxes
     stack_c: float = 1.0  # its inverse L2 strength (scikit-learn's C)
     equalize: bool = False  # histogram-equalise every image (training and inference)
@@ -93,6 +100,8 @@ class StudyTrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.none_rule not in (AUTO, *NONE_RULES):
+            raise ValueError(f"none_rule must be {AUTO!r} or one of {NONE_RULES}, got {self.none_rule!r}")
 
     @classmethod
     def from_params(cls, params: dict) -> StudyTrainConfig:
@@ -101,14 +110,16 @@ class StudyTrainConfig:
 
     @property
     def backbone_checkpoint(self) -> Path | None:
-        if self.backbone is None:
-            return None
-        return backbone_path(self.run_dir) if self.backbone == "nih" else Path(self.backbone)
+        """The backbone file the encoder starts from (None: random weights)."""
+        if self.encoder == "nih":
+            return backbone_path(self.run_dir)
+        return Path(self.encoder) if self.encoder.endswith((".pt", ".pth")) else None
 
     def spec(self, prepared_size: int) -> StudySpec:
-        return StudySpec(arch=self.arch, image_size=self.image_size, prepared_size=prepared_size,
-                         hidden=self.hidden, dropout=self.dropout, none_rule=self.none_rule, equalize=self.equalize,
-                         unet_width=self.unet_width)
+        checkpoint = self.backbone_checkpoint
+        encoder = load_backbone(checkpoint)[0] if checkpoint is not None else self.encoder
+        return StudySpec(encoder=encoder, width=self.width, image_size=self.image_size, prepared_size=prepared_size,
+                         dropout=self.dropout, equalize=self.equalize)
 
 
 @dataclass
@@ -120,6 +131,7 @@ class StudyTrainResult:
     models: list[Path]
     out_dir: Path
     stacked: pd.DataFrame | None = None  # the stacker's OOF per study (stack_boxes), as ``studies``
+    boxes: OofPredictions | None = None  # 05's fused OOF boxes the none rule and the stacker used
 
 
 class StudyImageDataset(PreparedImages):
@@ -219,6 +231,37 @@ def max_box_scores(images: pd.DataFrame, boxes: OofPredictions) -> np.ndarray:
     return images["image_id"].map(best).fillna(0.0).to_numpy(np.float64)
 
 
+def rule_probabilities(images: pd.DataFrame, boxes: OofPredictions | None) -> dict[str, np.ndarray]:
+    """Per image, the ``none`` probability of each rule of ``none_probability`` (``boxes``: the detectors'
+    OOF boxes; without them the rules that need boxes are left out)."""
+    scores = max_box_scores(images, boxes) if boxes is not None else np.zeros(len(images))
+    rules = NONE_RULES if boxes is not None else tuple(r for r in NONE_RULES if r != "boxes")
+    return {rule: np.array([none_probability(neg, [s], head, rule=rule) for neg, s, head in
+                            zip(images[PROB_COLUMNS[NEGATIVE]], scores, images["p_none_head"])])
+            for rule in rules}
+
+
+def choose_none_rule(images: pd.DataFrame, boxes: OofPredictions | None, setting: str = AUTO) -> dict:
+    """The ``none`` rule 07 applies, and an honest OOF AP of that choice.
+
+    ``setting`` ``auto``: the rule with the best ``none`` AP on all OOF images is chosen; its honest score
+    takes, for each fold of 00, the rule that scores best on the other folds' images (as 05 scores its
+    tuned fusion). A named rule is used as it is. Returns ``chosen``, ``ap_out_of_fold`` and each rule's
+    ``ap`` on all images.
+    """
+    probs = rule_probabilities(images, boxes)
+    aps = {rule: none_ap(images, p) for rule, p in probs.items()}
+    if setting != AUTO:
+        return {"chosen": setting, "ap_out_of_fold": aps[setting], "ap": aps}
+    folds = images["fold"].to_numpy()
+    honest = np.zeros(len(images))
+    for fold in np.unique(folds):
+        here = folds == fold
+        best = max(probs, key=lambda r: none_ap(images[~here], probs[r][~here]))
+        honest[here] = probs[best][here]
+    return {"chosen": max(aps, key=aps.get), "ap_out_of_fold": none_ap(images, honest), "ap": aps}
+
+
 def none_comparison(images: pd.DataFrame, studies: pd.DataFrame, boxes: OofPredictions | None = None) -> pd.DataFrame:
     """OOF ``none`` AP of each candidate, best first.
 
@@ -235,11 +278,7 @@ def none_comparison(images: pd.DataFrame, studies: pd.DataFrame, boxes: OofPredi
     candidates = none_candidates(images, studies)
     if boxes is not None:
         candidates = {f"{name} (classifier alone)": p for name, p in candidates.items()}
-        scores = max_box_scores(images, boxes)
-        for rule in NONE_RULES:
-            candidates[rule] = np.array([
-                none_probability(neg, [s], head, rule=rule)
-                for neg, s, head in zip(images[PROB_COLUMNS[NEGATIVE]], scores, images["p_none_head"])])
+        candidates.update(rule_probabilities(images, boxes))
     rows = [{"candidate": name, "none_ap": none_ap(images, p), "images": len(images)} for name, p in candidates.items()]
     return pd.DataFrame(rows).sort_values("none_ap", ascending=False, kind="stable").set_index("candidate")
 
@@ -282,7 +321,7 @@ def make_evaluate(val_table: pd.DataFrame, spec: StudySpec, cfg: StudyTrainConfi
     return evaluate
 
 
-AFTER_TRAINING = ("stack_boxes", "stack_c")  # settings that do not touch the models: changing them keeps finished splits
+AFTER_TRAINING = ("stack_boxes", "stack_c", "none_rule")  # settings that do not touch the models: changing them keeps finished splits
 
 
 def training_hparams(cfg: StudyTrainConfig) -> dict:
@@ -334,9 +373,12 @@ def plot_confusion(studies: pd.DataFrame, path: Path, title: str = "study model"
     return fig
 
 
+NONE_COMPARISON_CSV = "none_comparison.csv"  # OOF none AP of each candidate (none_comparison)
+
+
 def write_oof_tables(out: Path, images: pd.DataFrame, studies: pd.DataFrame, summary: dict,
-                     confusion_of: pd.DataFrame | None = None) -> None:
-    """06's outputs beside the models: the OOF tables, the summary and the confusion matrix.
+                     confusion_of: pd.DataFrame | None = None, none_table: pd.DataFrame | None = None) -> None:
+    """06's outputs beside the models: the OOF tables, the summary, the none comparison, the confusion matrix.
 
     The matrix is of ``confusion_of`` (the stacker's OOF studies, what 07 applies) when given, else of ``studies``.
     """
@@ -346,12 +388,29 @@ def write_oof_tables(out: Path, images: pd.DataFrame, studies: pd.DataFrame, sum
     images.to_csv(out / OOF_IMAGES_CSV, index=False)
     studies.to_csv(out / OOF_STUDIES_CSV, index=False)
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+    if none_table is not None:
+        none_table.to_csv(out / NONE_COMPARISON_CSV)
     title = "study model + boxes" if confusion_of is not None else "study model"
     plt.close(plot_confusion(studies if confusion_of is None else confusion_of, out / CONFUSION_PNG, title))
 
 
+def fused_boxes(run_dir: str | Path) -> OofPredictions | None:
+    """05's fused OOF boxes of a run folder, or None (with a warning) when 05 has not run."""
+    import warnings
+
+    from covidkit.ensemble import NOTEBOOK as ENSEMBLE_NOTEBOOK, OOF_CSV as FUSED_OOF_CSV
+    from covidkit.oof import read_oof
+
+    path = Path(run_dir) / ENSEMBLE_NOTEBOOK / FUSED_OOF_CSV
+    if not path.is_file():
+        warnings.warn(f"{path} not found (run 05 first): no box-based none rule and no study stacker; "
+                      "07 uses the study model alone")
+        return None
+    return read_oof(path)
+
+
 def run_study_level(cfg: StudyTrainConfig) -> StudyTrainResult:
-    """Train every split's model, write the OOF tables, the summary and the confusion matrix."""
+    """Train every split's model, choose the ``none`` rule, fit the stacker, write the OOF tables and plots."""
     info = init_distributed()
     out = output_dir(cfg.run_dir)
     table = training_table(cfg)
@@ -366,51 +425,49 @@ def run_study_level(cfg: StudyTrainConfig) -> StudyTrainResult:
     images = table[columns].merge(pd.concat(pieces, ignore_index=True), on="image_id")
     studies = study_probabilities(images)
     summary = summarise(images, studies)
+    boxes = fused_boxes(cfg.run_dir)
+    scored = images if boxes is None else images[images["image_id"].isin(set(boxes.images["image_id"]))]
+    summary["none_rule"] = choose_none_rule(scored, boxes, cfg.none_rule)
     stacked = None
     if info.is_main:
         for stale in (out / STACKER_JSON, out / OOF_STUDIES_STACKED_CSV):  # of an earlier run: 07 must not export it
             stale.unlink(missing_ok=True)
-        if cfg.stack_boxes:
-            stacked = stack_with_boxes(images, cfg)
+        if cfg.stack_boxes and boxes is not None:
+            stacked = stack_with_boxes(scored.reset_index(drop=True), boxes, cfg)
         if stacked is not None:
             summary["study_ap_stacked"] = study_aps(stacked)
             stacked.to_csv(out / OOF_STUDIES_STACKED_CSV, index=False)
-        write_oof_tables(out, images, studies, summary, confusion_of=stacked)
+        write_oof_tables(out, images, studies, summary, confusion_of=stacked,
+                         none_table=none_comparison(images, studies, boxes))
     barrier()
-    return StudyTrainResult(images, studies, summary, pd.concat(metrics, ignore_index=True), models, out, stacked)
+    return StudyTrainResult(images, studies, summary, pd.concat(metrics, ignore_index=True), models, out, stacked,
+                            boxes)
 
 
-def stack_with_boxes(images: pd.DataFrame, cfg: StudyTrainConfig, folds: int = 5) -> pd.DataFrame | None:
-    """Fit the study stacker (``covidkit.stacking``) on the OOF images and 05's fused OOF boxes.
+def stack_with_boxes(images: pd.DataFrame, boxes: OofPredictions, cfg: StudyTrainConfig) -> pd.DataFrame | None:
+    """Fit the study stacker (``covidkit.stacking``) on the OOF images and 05's fused OOF ``boxes``.
 
     Saves it as ``stacker.json`` beside the models (07 exports it) and returns its own out-of-fold
-    study probabilities (each image predicted by a stacker fitted on the other studies, then averaged per
-    study), to be scored beside the study model's. Returns None, with a warning, when 05's boxes are
-    missing or a class has fewer than ``folds`` studies.
+    study probabilities, to be scored beside the study model's: each image predicted by a stacker fitted
+    on the other folds of 00 (grouped by patient, as every other OOF figure), then averaged per study.
+    Returns None, with a warning, when a class is missing from some fold's complement.
     """
     import warnings
 
-    from covidkit.ensemble import NOTEBOOK as ENSEMBLE_NOTEBOOK, OOF_CSV as FUSED_OOF_CSV, read_image_sizes
-    from covidkit.oof import read_oof
+    from covidkit.ensemble import read_image_sizes
     from covidkit.stacking import fit_stacker, oof_zone_scores, out_of_fold_probs, stacker_features
 
-    run_dir = Path(cfg.run_dir)
-    box_file = run_dir / ENSEMBLE_NOTEBOOK / FUSED_OOF_CSV
-    if not box_file.is_file():
-        warnings.warn(f"stack_boxes: {box_file} not found (run 05 first); 07 uses the study model alone")
-        return None
-    boxes = read_oof(box_file)
-    images = images[images["image_id"].isin(set(boxes.images["image_id"]))].reset_index(drop=True)
-    counts = images.groupby("label")["study_id"].nunique().reindex(STUDY_CLASSES, fill_value=0)
-    if counts.min() < folds:
-        warnings.warn(f"stack_boxes: too few studies per class to fit and score a stacker ({counts.to_dict()}); "
+    folds = images["fold"].to_numpy()
+    seen = [set(images.loc[folds != f, "label"]) for f in np.unique(folds)]
+    if len(seen) < 2 or any(labels != set(STUDY_CLASSES) for labels in seen):
+        warnings.warn("stack_boxes: too few studies of some class to fit and score a stacker on 00's folds; "
                       "07 uses the study model alone")
         return None
-    sizes = read_image_sizes(run_dir / "prepared" / "meta.csv")
+    sizes = read_image_sizes(Path(cfg.run_dir) / "prepared" / "meta.csv")
     x = stacker_features(images[PROB_COLUMNS].to_numpy(), oof_zone_scores(images["image_id"], boxes.boxes, sizes))
     y = images["label"].map(STUDY_CLASSES.index).to_numpy()
-    oof = out_of_fold_probs(x, y, images["study_id"].to_numpy(), cfg.stack_c, folds, cfg.seed)
-    fit_stacker(x, y, cfg.stack_c).save(output_dir(run_dir) / STACKER_JSON)
+    oof = out_of_fold_probs(x, y, folds, cfg.stack_c)
+    fit_stacker(x, y, cfg.stack_c).save(output_dir(cfg.run_dir) / STACKER_JSON)
     return study_probabilities(images.drop(columns=PROB_COLUMNS).join(pd.DataFrame(oof, columns=PROB_COLUMNS)))
 
 

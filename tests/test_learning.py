@@ -1,0 +1,124 @@
+"""Learning checks: a model that did not learn gets a red banner in the report and a line at the pipeline's end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidkit.data.siim import COMPETITION, STUDY_CLASSES, prepared_train_table
+from covidkit.learning import MIN_SPREAD, LearningCheck, check_run
+from covidkit.oof import OofPredictions, box_rows, write_oof
+from covidkit.report import write_report
+
+
+@pytest.fixture(scope="module")
+def prepared_run(tiny_input, tmp_path_factory):
+    from covidkit.prepare import prepare
+
+    run = tmp_path_factory.mktemp("run")
+    prepare(tiny_input / COMPETITION, run / "prepared", size=64, workers=1, folds=2, progress=False)
+    return run, prepared_train_table(run / "prepared", tiny_input / COMPETITION)
+
+
+def _learned_boxes(table: pd.DataFrame) -> OofPredictions:
+    """A detector that found every true box (moved a little), and one weak false box per image."""
+    rng = np.random.default_rng(0)
+    parts = []
+    for image_id, fold, boxes, h, w in zip(table["image_id"], table["fold"], table["boxes"],
+                                           table["orig_height"], table["orig_width"]):
+        found = boxes + rng.normal(0, 2.0, boxes.shape) if len(boxes) else np.zeros((0, 4))
+        scores = np.concatenate([rng.uniform(0.6, 1.0, len(found)), [0.1]])
+        parts.append(box_rows(image_id, fold, np.vstack([found, [[0.1 * w, 0.1 * h, 0.3 * w, 0.3 * h]]]), scores))
+    return OofPredictions.from_parts(parts, table[["image_id", "fold"]])
+
+
+def test_a_detector_replaced_by_its_untrained_twin_gets_the_banner(prepared_run, tiny_input, tmp_path, capsys):
+    from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn
+    from covidkit.pipeline import print_learning
+    from covidkit.train.fasterrcnn import predict_oof
+
+    run, table = prepared_run
+    torch.manual_seed(0)
+    spec = DetectorSpec(train_size=64, fpn_layers=(3, 4), anchor_sizes=(8, 16, 32), proposals_train=64,
+                        proposals_test=32, box_batch_size_per_image=32, representation_size=32)
+    untrained = predict_oof(build_fasterrcnn(arch="resnet18", spec=spec).eval(), table, 64, torch.device("cpu"), 4)
+    out = tmp_path / "03_train_siim_fasterrcnn"
+    write_oof(out / "oof_untrained.csv", untrained)
+    (tmp_path / "prepared").symlink_to(run / "prepared")
+
+    write_oof(out / "oof.csv", _learned_boxes(table))
+    [check] = check_run(tmp_path, tiny_input)
+    assert check.stage == "03_train_siim_fasterrcnn" and check.learned and check.value > 0.9
+    page = write_report(tmp_path, input_dir=tiny_input).read_text()
+    assert 'class="banner"' not in page and "Did every model learn?" in page
+    print_learning(check_run(tmp_path, tiny_input), ran=["03_train_siim_fasterrcnn"])
+    assert capsys.readouterr().out.startswith("every model learned")
+
+    write_oof(out / "oof.csv", untrained)  # what 03 writes when its model is the untrained one
+    [check] = check_run(tmp_path, tiny_input)
+    assert not check.learned and check.value == check.baseline
+    page = write_report(tmp_path, input_dir=tiny_input).read_text()
+    assert page.count('class="banner"') == 1
+    assert "did not learn: 03_train_siim_fasterrcnn Faster R-CNN" in page
+    print_learning(check_run(tmp_path, tiny_input), ran=["03_train_siim_fasterrcnn"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "DID NOT LEARN (1 of 1 checks):" and "03_train_siim_fasterrcnn Faster R-CNN" in lines[1]
+
+
+def test_a_constant_study_model_gets_the_banner_whatever_its_mean(prepared_run, tiny_input, tmp_path):
+    from covidkit.train.study import PROB_COLUMNS, output_dir, study_probabilities, summarise, write_oof_tables
+
+    _, table = prepared_run
+    images = table[["image_id", "study_id", "fold", "label"]].assign(split=table["fold"],
+                                                                  has_box=table["boxes"].map(len) > 0)
+    truth = np.eye(4)[[STUDY_CLASSES.index(c) for c in images["label"]]]
+    for name, probs in {"learned": 0.7 * truth + 0.075, "constant": np.full_like(truth, 0.25)}.items():
+        images[PROB_COLUMNS] = probs
+        images["p_none_head"] = np.where(images["has_box"], 0.2, 0.8)
+        studies = study_probabilities(images)
+        run = tmp_path / name
+        write_oof_tables(output_dir(run), images, studies, summarise(images, studies))
+        [check] = check_run(run, tiny_input)
+        if name == "learned":
+            assert check.learned and check.verdict == "learned"
+        else:
+            assert check.spread < MIN_SPREAD and check.constant and check.verdict.startswith("constant output")
+            assert "did not learn: 06_study_level study model" in write_report(run).read_text()
+
+
+def test_verdicts():
+    above = LearningCheck("s", "m", "AP", 0.30, 0.10, "untrained", 0.05, spread=0.2)
+    assert above.learned and above.verdict == "learned"
+    assert not LearningCheck("s", "m", "AP", 0.14, 0.10, "untrained", 0.05).learned
+    assert "needs > 0.150" in LearningCheck("s", "m", "AP", 0.14, 0.10, "untrained", 0.05).verdict
+    assert not LearningCheck("s", "m", "AUC", 0.9, 0.5, "chance", 0.05, spread=0.0).learned
+    assert not LearningCheck("s", "m", "AUC", float("nan"), 0.5, "chance", 0.05).learned
+    assert "0.300 against 0.100 (untrained): learned" in above.line()
+
+
+def test_fresh_test_sets_give_mean_spread_and_the_priors_baseline(models_dir, tmp_path):
+    from covidkit.fresh_tests import read_fresh_test_sets, score_fresh_test_sets
+    from covidkit.submission import validate_files
+
+    fresh = score_fresh_test_sets(models_dir, tmp_path / "fresh", seeds=[3, 4], test_studies=3, workers=0,
+                                  progress=False)
+    assert list(fresh.per_seed["seed"]) == [3, 4] and (fresh.per_seed["studies"] == 3).all()
+    for seed in (3, 4):
+        folder = tmp_path / "fresh" / f"seed{seed}"
+        sample = folder / COMPETITION / "sample_submission.csv"
+        assert not (folder / COMPETITION / "train_image_level.csv").exists()  # a test split alone
+        assert validate_files(folder / "submission.csv", sample) == []
+        assert validate_files(folder / "prior_submission.csv", sample) == []
+    assert fresh.per_seed["mAP"].between(0, 1).all() and fresh.per_seed["prior_mAP"].between(0, 1).all()
+    assert fresh.mean == pytest.approx(fresh.per_seed["mAP"].mean())
+    assert fresh.std == pytest.approx(fresh.per_seed["mAP"].std())
+    assert read_fresh_test_sets(tmp_path / "fresh").per_seed.equals(pd.read_csv(fresh.path))
+    # a second call reuses the written test sets (same data, same scores)
+    again = score_fresh_test_sets(models_dir, tmp_path / "fresh", seeds=[3, 4], test_studies=3, workers=0,
+                                  progress=False)
+    pd.testing.assert_frame_equal(again.per_seed, fresh.per_seed)
+    summary = json.dumps(fresh.summary())
+    assert "seeds 3, 4" in summary and "priors" in summary
