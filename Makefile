@@ -7,6 +7,7 @@ PROFILE ?= smoke
 INPUT  ?= input
 SIIM   := $(INPUT)/siim-covid19-detection
 
+WHEELS := $(VENV)/kaggle-wheels
 .PHONY: install pipeline data test clean
 
 install: $(STAMP)
@@ -29,8 +30,13 @@ data: install
 pipeline: data
 	$(VENV)/bin/covidkit pipeline --profile $(PROFILE) --input $(INPUT)
 
-test: install
-	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+# The prediction wheels a Kaggle bundle holds (tests/test_kaggle.py builds one offline from them).
+$(WHEELS)/.done: $(STAMP)
+	$(VENV)/bin/covidkit kaggle wheels --out $(WHEELS)
+	touch $@
+
+test: install $(WHEELS)/.done
+	COVIDKIT_WHEEL_CACHE=$(WHEELS) $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

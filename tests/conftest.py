@@ -83,6 +83,7 @@ def _tiny_run(run_dir: Path) -> Path:
         (fold_dir / "covidkit_config.json").write_text('{"imgsz": 64}')
 
     FusionParams(skip_box_thr=0.001).save(run_dir / "05_ensemble_wbf" / "fusion.json")
+    (run_dir / "05_ensemble_wbf" / "operating_point.json").write_text('{"threshold": 0.25}')
     spec = StudySpec(encoder="resnet18", width=8, image_size=64, prepared_size=TINY_PREPARED_SIZE)
     for split in (0, 1):
         torch.manual_seed(split)

@@ -104,7 +104,8 @@ def test_health_reports_ready_and_model_versions(client, predictor):
     response = client.get("/api/health")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "versions": predictor.versions,
-                               "max_upload_bytes": ServeConfig().max_upload_bytes}
+                               "max_upload_bytes": ServeConfig().max_upload_bytes,
+                               "box_threshold": predictor.box_threshold}
 
 
 def test_real_radiograph_dicom(client, predictor, radiograph_bytes, radiograph_pixels):
@@ -269,7 +270,7 @@ class CountingPredictor:
     """The real predictor, recording how many calls overlap."""
 
     def __init__(self, predictor):
-        self.predictor, self.versions = predictor, predictor.versions
+        self.predictor, self.versions, self.box_threshold = predictor, predictor.versions, predictor.box_threshold
         self.lock, self.running, self.most, self.calls = threading.Lock(), 0, 0, 0
 
     def predict(self, image):

@@ -20,13 +20,21 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def live_url(models_dir):
-    """The app served by uvicorn on a free loopback port, in a background thread."""
+def live_url(models_dir, real_radiograph):
+    """The app served by uvicorn on a free loopback port, in a background thread.
+
+    The models folder's display threshold is set to the median box score on the real radiograph, so that
+    the page's default shows some boxes and hides others.
+    """
+    import numpy as np
     import uvicorn
 
+    from covidkit.dicom import read_dicom
     from covidkit.predict import Predictor
 
-    app = create_app(Predictor.load(models_dir))
+    predictor = Predictor.load(models_dir)
+    predictor.box_threshold = round(float(np.median(predictor.predict(read_dicom(real_radiograph).pixels).scores)), 2)
+    app = create_app(predictor)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # the port is ours before uvicorn starts: no race for it
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -70,6 +78,14 @@ def test_upload_radiograph_shows_boxes_and_bars(live_url, real_radiograph, tmp_p
             assert result["boxes"], "the fixture's models predict boxes on this radiograph"
             boxes = page.locator("#boxes-layer")
             expect(boxes).to_be_visible()
+            # by default the boxes at or above the models folder's operating point; the slider shows them all
+            threshold = page.evaluate("() => fetch('/api/health').then((r) => r.json())")["box_threshold"]
+            expect(page.locator("#threshold")).to_have_value(f"{threshold:.2f}")
+            above = sum(b["score"] >= threshold for b in result["boxes"])
+            assert 0 < above < len(result["boxes"])
+            expect(boxes).to_have_attribute("data-count", str(above))
+            expect(page.locator("#box-count")).to_have_text(f"{above} shown of {len(result['boxes'])}")
+            page.locator("#threshold").fill("0")
             expect(boxes).to_have_attribute("data-count", str(len(result["boxes"])))
             bars = page.locator("#bars .bar")
             expect(bars).to_have_count(4)

@@ -11,7 +11,7 @@ import pytest
 from covidkit.boxes import format_boxes_column, label_from_boxes
 from covidkit.ensemble import (
     FusionParams, ap_table, best_fusion, fuse_boxes, fuse_oof, grid_fusions, grid_search, markdown_table,
-    precision_recall, tuned_out_of_fold,
+    operating_point, precision_recall, tuned_out_of_fold,
 )
 from covidkit.oof import OofPredictions, box_rows, opacity_ap, read_oof, write_oof
 from covidkit.pipeline import load_profile
@@ -156,6 +156,16 @@ def test_precision_recall_points_by_descending_score():
     np.testing.assert_allclose(precision, [1.0, 0.5, 2 / 3])
 
 
+def test_operating_point_is_the_best_f1_threshold():
+    truth = {"i": np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), "j": EMPTY}
+    # by score: hit (0.9), false (0.8), hit (0.7), false (0.3): F1 0.67, 0.5, 0.8, 0.67
+    oof = _oof({"i": ([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], [0.9, 0.7, 0.3]),
+                "j": ([[0, 0, 10, 10]], [0.8])}, ["i", "j"])
+    point = operating_point(oof, truth)
+    assert point == pytest.approx({"threshold": 0.7, "f1": 0.8, "precision": 2 / 3, "recall": 1.0})
+    assert operating_point(_oof({"j": ([[0, 0, 10, 10]], [0.8])}, ["i", "j"]), truth)["f1"] == 0.0
+
+
 def test_markdown_table():
     frame = pd.DataFrame({"model": ["a", "b"], "ap50": [0.5, 0.25]}).set_index("model")
     assert markdown_table(frame) == "| model | ap50 |\n|---|---|\n| a | 0.5000 |\n| b | 0.2500 |\n"
@@ -212,4 +222,7 @@ def test_notebook_05_in_the_smoke_profile(tmp_path):
     assert len(pd.read_csv(out / "grid.csv")) == math.prod(len(values) for values in grid.values()) > 1
     fused = read_oof(out / "oof.csv")
     assert sorted(fused.images["image_id"]) == sorted(["p0", "p1", "p2", "p3", "n0", "n1"])
+    # the fused hits score 0.6, the false boxes 0.45: the best F1 shows the hits only
+    assert json.loads((out / "operating_point.json").read_text()) == pytest.approx(
+        {"threshold": 0.6, "f1": 1.0, "precision": 1.0, "recall": 1.0})
     assert (out / "pr_curves.png").stat().st_size > 0

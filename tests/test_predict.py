@@ -39,6 +39,8 @@ def test_the_manifest_lists_every_fold_model_with_its_hash(models_dir):
     assert set(manifest["sha256"]) == {*sum(manifest["models"].values(), []), "fusion.json"}
     assert manifest["versions"]["torch"] and manifest["prepared_size"] == 64
     assert manifest["priors"]["study"] == {"negative": 0.25, "typical": 0.5, "indeterminate": 0.0, "atypical": 0.25}
+    assert manifest["box_threshold"] == 0.25  # 05's operating point
+    assert manifest["none_rule"] == "head" and manifest["hflip_tta"] is False  # no 06 summary in the tiny run
 
 
 def test_a_changed_model_file_is_refused(models_dir, tmp_path):
@@ -175,11 +177,14 @@ def test_notebook_07_exports_predicts_and_scores(tiny_run_dir, tiny_input, tmp_p
     from covidkit.pipeline import load_profile, notebooks_dir, run_notebook
 
     models, submission = tmp_path / "models", tmp_path / "submissions" / "submission.csv"
+    run_dir = shutil.copytree(tiny_run_dir, tmp_path / "run")  # 07 writes its fresh test sets there
     run = run_notebook(notebooks_dir() / "07_make_submission.ipynb", load_profile("smoke"), tmp_path,
-                       {"input_dir": str(tiny_input), "run_dir": str(tiny_run_dir), "models_dir": str(models),
-                        "submission": str(submission), "workers": 0})
+                       {"input_dir": str(tiny_input), "run_dir": str(run_dir), "models_dir": str(models),
+                        "submission": str(submission), "workers": 0, "fresh_test_seeds": [3],
+                        "fresh_test_studies": 2})
     assert read_manifest(models)["models"]["yolo"] == ["yolo/fold0.pt", "yolo/fold1.pt"]
     assert validate_files(submission, tiny_input / COMPETITION / "sample_submission.csv") == []
     text = "".join(o.get("text", "") for c in nbformat.read(run.output, 4).cells for o in c.get("outputs", []))
-    for line in ("negative", "opacity", "study mAP", "mAP"):
+    for line in ("negative", "opacity", "study mAP", "mAP", "s per image", "fresh test sets (seeds 3)"):
         assert line in text
+    assert len(pd.read_csv(run_dir / "fresh_tests" / "scores.csv")) == 1

@@ -89,6 +89,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     result = predict_competition(args.competition_dir, args.models_dir, args.out, device=args.device,
                                  hflip_tta=args.tta, workers=args.workers, progress=not args.quiet)
+    print(result.summary())
     return 1 if args.strict and result.failed else 0
 
 
@@ -99,6 +100,18 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         profile=args.profile, input_dir=Path(args.input),
         run_dir=Path(args.out) if args.out else None, only=args.only,
     )
+    return 0
+
+
+def _cmd_kaggle(args: argparse.Namespace) -> int:
+    from covidkit import kaggle
+
+    if args.action == "bundle":
+        kaggle.make_bundle(args.models_dir, args.out_dir, python=args.python, title=args.title,
+                           wheel_cache=args.wheel_cache, offline=args.offline)
+    else:
+        wheels = kaggle.fetch_wheels(kaggle.prediction_requirements(args.python), Path(args.out), args.python)
+        print(f"{len(wheels)} wheels for Python {args.python} in {args.out}")
     return 0
 
 
@@ -189,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="*", default=None, help="run only these notebooks (name prefixes, e.g. 00)")
     p.set_defaults(func=_cmd_pipeline)
 
+    p = sub.add_parser("kaggle", help="a Kaggle dataset (wheels, models, notebook) that submits offline")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    b = actions.add_parser("bundle", help="write the dataset folder for a models folder")
+    b.add_argument("models_dir", help="a models folder written by export_models (notebook 07: runs/<profile>/models)")
+    b.add_argument("out_dir", help="the folder to upload as a Kaggle dataset (replaced)")
+    b.add_argument("--python", default="3.11", help="Python of the Kaggle image the wheels are for (default 3.11)")
+    b.add_argument("--title", default=None, help="the dataset's title (default: covidkit bundle)")
+    b.add_argument("--wheel-cache", default=None,
+                   help="a folder of wheels already downloaded (what `covidkit kaggle wheels` writes); missing ones "
+                        "are downloaded into it")
+    b.add_argument("--offline", action="store_true", help="download nothing: --wheel-cache must hold every wheel")
+    b.set_defaults(func=_cmd_kaggle)
+    w = actions.add_parser("wheels", help="download the wheels a bundle needs into a folder (a cache for bundle)")
+    w.add_argument("--out", required=True)
+    w.add_argument("--python", default="3.11")
+    w.set_defaults(func=_cmd_kaggle)
+
     p = sub.add_parser("serve", help="web page and JSON API: upload a radiograph, see its opacities and study class")
     p.add_argument("models_dir", help="a models folder written by export_models (what `covidkit predict` takes)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback, this machine only)")
@@ -205,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PipelineError) as err:  # user errors: one line, no traceback
+    except (ValueError, FileNotFoundError, PipelineError) as err:  # BundleError is a ValueError  # user errors: one line, no traceback
         print(f"covidkit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

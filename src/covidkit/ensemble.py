@@ -302,10 +302,27 @@ def precision_recall(oof: OofPredictions, truth: Mapping[str, np.ndarray],
     return hits / max(n_gt, 1), hits / np.arange(1, len(tp) + 1)
 
 
+def operating_point(oof: OofPredictions, truth: Mapping[str, np.ndarray], iou_threshold: float = 0.5) -> dict:
+    """The box score threshold with the best F1 at IoU > ``iou_threshold`` on out-of-fold boxes.
+
+    What a reader is shown by default (``covidkit serve``): the AP ranks every box, a person looks at the
+    few above a threshold. Returns ``threshold``, ``f1``, ``precision``, ``recall``.
+    """
+    recall, precision = precision_recall(oof, truth, iou_threshold)
+    if not len(recall) or not recall.max() > 0:
+        return {"threshold": 1.0, "f1": 0.0, "precision": 0.0, "recall": 0.0}
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1))
+    scores = np.sort(oof.boxes["score"].to_numpy())[::-1]
+    return {"threshold": float(scores[best]), "f1": float(f1[best]), "precision": float(precision[best]),
+            "recall": float(recall[best])}
+
+
 # --------------------------------------------------------------------------- notebook 05
 
 NOTEBOOK = "05_ensemble_wbf"
 OOF_CSV = "oof.csv"  # the fused OOF boxes (with fusion.json's parameters), read by 06
+OPERATING_POINT_JSON = "operating_point.json"  # the best-F1 box score threshold of those boxes (covidkit serve)
 DETECTOR_OOF = {"Faster R-CNN": "03_train_siim_fasterrcnn/oof.csv", "YOLO": "04_train_siim_yolo/oof.csv"}
 ENSEMBLE = "WBF ensemble"
 TUNED = "WBF ensemble, parameters tuned on these images"
@@ -339,6 +356,7 @@ class EnsembleResult:
     grid: pd.DataFrame | None
     truth: dict[str, np.ndarray]
     out_dir: Path
+    operating_point: dict  # the best-F1 score threshold of the fused boxes (operating_point)
 
 
 def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
@@ -355,7 +373,8 @@ def run_ensemble(cfg: EnsembleConfig) -> EnsembleResult:
     """Fuse 03's and 04's OOF boxes, tabulate the AP@0.5 of each and of the fusion, save ``fusion.json``.
 
     Writes ``<run_dir>/05_ensemble_wbf/``: ``ap_table.csv`` / ``ap_table.md``, ``oof.csv`` (+ images,
-    the fusion with the saved parameters), ``fusion.json``, and ``grid.csv`` when a grid is given.
+    the fusion with the saved parameters), ``fusion.json``, ``operating_point.json`` (the best-F1 score
+    threshold of those boxes), and ``grid.csv`` when a grid is given.
     """
     from covidkit.data.siim import COMPETITION, read_image_labels
     from covidkit.oof import read_oof, write_oof
@@ -385,8 +404,12 @@ def run_ensemble(cfg: EnsembleConfig) -> EnsembleResult:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "ap_table.csv")
     (out / "ap_table.md").write_text(markdown_table(table))
-    write_oof(out / OOF_CSV, oofs[TUNED if TUNED in oofs else ENSEMBLE])
+    fused = oofs[TUNED if TUNED in oofs else ENSEMBLE]
+    write_oof(out / OOF_CSV, fused)
     params.save(out / FUSION_JSON)
+    point = operating_point(fused, truth)
+    (out / OPERATING_POINT_JSON).write_text(json.dumps(point, indent=2) + "\n")
     if grid is not None:
         grid.to_csv(out / "grid.csv", index=False)
-    return EnsembleResult(table=table, oofs=oofs, params=params, grid=grid, truth=truth, out_dir=out)
+    return EnsembleResult(table=table, oofs=oofs, params=params, grid=grid, truth=truth, out_dir=out,
+                          operating_point=point)

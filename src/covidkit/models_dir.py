@@ -2,7 +2,8 @@
 
 What ``covidkit predict`` and ``covidkit serve`` take, and what a Kaggle dataset would hold::
 
-    manifest.json          format, versions, the files with their SHA-256, sizes, priors, 06's none rule
+    manifest.json          format, versions, the files with their SHA-256, sizes, priors, 06's none rule,
+                           05's box score threshold for display
     fusion.json            the WBF parameters chosen in 05 (covidkit.ensemble.FusionParams)
     stacker.json           06's study stacker (covidkit.stacking), when 06 fitted one
     fasterrcnn/fold<k>.pt  03's models: weights + DetectorSpec + architecture + inference size
@@ -103,6 +104,14 @@ def _yolo_imgsz(weights: Path) -> int:
     return int(yaml.safe_load((run / "args.yaml").read_text())["imgsz"])
 
 
+def box_threshold(run_dir: str | Path) -> float:
+    """The box score threshold a reader is shown by default: 05's best-F1 operating point (0: every box)."""
+    from covidkit.ensemble import OPERATING_POINT_JSON
+
+    path = Path(run_dir) / ENSEMBLE_NOTEBOOK / OPERATING_POINT_JSON
+    return float(json.loads(path.read_text())["threshold"]) if path.is_file() else 0.0
+
+
 def none_rule(run_dir: str | Path) -> str:
     """The image ``none`` rule 06 chose (``summary.json``); ``head`` for a run without that choice."""
     path = Path(run_dir) / STUDY_NOTEBOOK / "summary.json"
@@ -156,11 +165,14 @@ def package_versions() -> dict[str, str | None]:
     return found
 
 
-def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str | Path | None = None) -> Path:
+def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str | Path | None = None,
+                  hflip_tta: bool = False) -> Path:
     """Copy every fold model of 03, 04 and 06 of ``run_dir``, 05's ``fusion.json`` and a manifest to ``out_dir``.
 
     06's ``stacker.json`` goes with them when 06 fitted one (``stack_boxes``).
 
+    ``hflip_tta``: whether the models are meant to predict each image flipped too (07's setting, which
+    06 validated them with); recorded for the Kaggle bundle's notebook.
     ``competition_dir`` (with the training CSVs) gives the priors used for unreadable images;
     without it they come from 00's ``folds.csv``. Without 05's ``fusion.json`` the default
     ``FusionParams`` are written, with a warning. ``out_dir`` is replaced. Returns ``out_dir``.
@@ -216,6 +228,8 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
         "fusion": FUSION_JSON,
         "stacker": stacker,
         "none_rule": none_rule(run_dir),
+        "box_threshold": box_threshold(run_dir),
+        "hflip_tta": hflip_tta,
         "priors": training_priors(competition_dir) if competition_dir else folds_priors(run_dir),
         "sha256": {rel: sha256(out_dir / rel) for rel in hashed},
     }

@@ -144,6 +144,7 @@ class Predictor:
         self.hflip_tta = hflip_tta
         self.prepared_size = int(manifest["prepared_size"])
         self.none_rule = manifest.get("none_rule", "head")
+        self.box_threshold = float(manifest.get("box_threshold", 0.0))  # what a reader is shown by default
         self._lock = threading.Lock()  # ultralytics' predictors keep per-call state: one image at a time
 
     @classmethod
@@ -313,6 +314,13 @@ class CompetitionPrediction:
     failed: dict[str, str]  # image_id -> reason
     seconds: float
 
+    def summary(self) -> str:
+        """What a user wants to see at the end: rows, unreadable images, time per image, where the log is."""
+        rows = self.images + self.studies
+        return (f"{self.submission}: {rows} rows ({self.studies} studies, {self.images} images), "
+                f"{len(self.failed)} images unreadable (prior rows, listed in the log), "
+                f"{self.seconds / max(self.images, 1):.2f} s per image ({self.seconds:.0f} s in all); log: {self.log}")
+
 
 def sample_ids(sample: pd.DataFrame) -> tuple[list[str], list[str]]:
     ids = sample["id"].astype(str)
@@ -377,7 +385,6 @@ def _write_log(out_csv: Path, n_images: int, n_studies: int, failed: dict[str, s
     log.write_text("\n".join(lines) + "\n")
     for line in lines[1:]:
         print(line, file=sys.stderr)
-    print(lines[0])
     return log
 
 

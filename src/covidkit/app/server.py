@@ -54,6 +54,7 @@ class PredictorLike(Protocol):
     """What the app needs of :class:`covidkit.predict.Predictor`."""
 
     versions: dict
+    box_threshold: float  # the boxes shown by default score at least this
 
     def predict(self, image: np.ndarray) -> Any: ...
 
@@ -92,6 +93,8 @@ class Health(BaseModel):
     status: str
     versions: dict[str, Any]
     max_upload_bytes: int
+    box_threshold: float = Field(description="the boxes shown by default score at least this: the best-F1 "
+                                             "operating point of the out-of-fold boxes (0: every box)")
 
 
 class Problem(BaseModel):
@@ -121,7 +124,8 @@ def create_app(predictor: PredictorLike, config: ServeConfig = ServeConfig()) ->
 
     @app.get("/api/health", response_model=Health)
     async def health() -> Health:
-        return Health(status="ok", versions=predictor.versions, max_upload_bytes=config.max_upload_bytes)
+        return Health(status="ok", versions=predictor.versions, max_upload_bytes=config.max_upload_bytes,
+                      box_threshold=predictor.box_threshold)
 
     @app.post("/api/predict", response_model=Prediction, responses=problems)
     async def predict(

@@ -138,8 +138,9 @@ function flatten(value, prefix = "") {
 }
 
 function renderFacts(result) {
+  const shown = result.boxes.filter((b) => b.score >= Number($("threshold").value)).length;
   $("none-prob").textContent = `${(100 * result.none_prob).toFixed(1)} %`;
-  $("box-count").textContent = String(result.boxes.length);
+  $("box-count").textContent = `${shown} shown of ${result.boxes.length}`;
   $("image-size").textContent = `${result.width} × ${result.height} px (${result.kind})`;
   const rows = [
     ...Object.entries(result.timings).map(([k, v]) => [`time · ${k}`, `${v.toFixed(3)} s`]),
@@ -159,10 +160,20 @@ $("file").addEventListener("change", (event) => {
   if (file) upload(file);
   event.target.value = ""; // choosing the same file again uploads it again
 });
-$("threshold").addEventListener("input", () => {
+function setThreshold(value) {
+  $("threshold").value = String(value);
   $("threshold-value").textContent = Number($("threshold").value).toFixed(2);
-  if (current) drawImage();
+}
+
+$("threshold").addEventListener("input", () => {
+  setThreshold($("threshold").value);
+  if (current) render();
 });
+// The default: the models folder's operating point (the best F1 of the out-of-fold boxes), not every box.
+fetch("/api/health")
+  .then((response) => response.json())
+  .then((health) => setThreshold(health.box_threshold.toFixed(2)))
+  .catch(() => {});
 window.addEventListener("resize", () => render());
 document.addEventListener("dragover", (event) => {
   event.preventDefault();
