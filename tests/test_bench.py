@@ -42,3 +42,13 @@ def test_naive_baseline_gives_the_same_picture_as_prepare(tmp_path):
     naive = cv2.imread(str(tmp_path / "naive.png"), cv2.IMREAD_UNCHANGED)
     ours = resize_square(read_dicom(path).pixels, 256)
     assert abs(naive.astype(int) - ours).max() <= 1
+
+
+def test_bench_scale_runs_every_step_on_fabricated_tables(capsys):
+    """``covidkit bench scale`` at a small size: every step runs on the fabricated tables (figures: README)."""
+    from covidkit.cli import main
+
+    assert main(["bench", "scale", "--train-images", "80", "--test-images", "8", "--boxes", "10"]) == 0
+    out = capsys.readouterr().out
+    for step in ("OOF opacity AP", "05 fusion", "06 none rule", "06 study stacker", "07 competition metric"):
+        assert step in out

@@ -72,6 +72,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if len(args.paths) != 2:
             raise ValueError("bench predict takes MODELS_DIR COMPETITION_DIR")
         bench.bench_predict(args.paths[0], args.paths[1], n=args.n, device=args.device, hflip_tta=args.tta)
+    elif args.what == "scale":
+        from covidkit.bench_scale import bench_scale
+
+        bench_scale(n_train=args.train_images, n_test=args.test_images, boxes=args.boxes)
     elif args.what == "cogseg":
         from covidkit.ct.bench import bench_cogseg
 
@@ -167,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("bench", help="benchmarks (throughput, ratios against baselines)")
-    p.add_argument("what", choices=["prepare", "cogseg", "predict", "decovnet"])
+    p.add_argument("what", choices=["prepare", "cogseg", "predict", "decovnet", "scale"])
     p.add_argument("--images", type=int, default=48, help="number of DICOMs to time")
     p.add_argument("--size", type=int, default=512, help="prepared PNG side (prepare), CT slice side (cogseg, decovnet)")
     p.add_argument("--workers", type=int, default=None, help="prepare: processes (default: all cores)")
@@ -179,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16, help="predict: test images to time")
     p.add_argument("--device", default="cpu", help="predict, decovnet: torch device of the models")
     p.add_argument("--tta", action="store_true", help="predict: horizontal-flip test-time augmentation")
+    p.add_argument("--train-images", type=int, default=6334, help="scale: training images (the competition's)")
+    p.add_argument("--test-images", type=int, default=1263, help="scale: test images (the competition's)")
+    p.add_argument("--boxes", type=int, default=100, help="scale: boxes per image, model and fold")
     p.add_argument("--input", default=None,
                    help="prepare: a competition folder to take the DICOMs from, decovnet: a folder holding "
                         "ct-covid-volumes/ (default: synthetic data in a temp dir)")

@@ -165,6 +165,18 @@ def _top(boxes: np.ndarray, scores: np.ndarray, k: int | None) -> tuple[np.ndarr
     return boxes[keep], scores[keep]
 
 
+def _rows_by_image(boxes: pd.DataFrame, image_ids: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each of ``image_ids``' boxes and scores from an OOF box table: one sort, then array slices (a pandas
+    selection per image costs more than the fusion itself on the competition's 6,334 images)."""
+    order = np.argsort(boxes["image_id"].to_numpy(dtype=str), kind="stable")
+    ids = boxes["image_id"].to_numpy(dtype=str)[order]
+    coords = boxes[["x1", "y1", "x2", "y2"]].to_numpy(np.float64)[order]
+    scores = boxes["score"].to_numpy(np.float64)[order]
+    starts = np.searchsorted(ids, image_ids, side="left")
+    ends = np.searchsorted(ids, image_ids, side="right")
+    return [coords[a:b] for a, b in zip(starts, ends)], [scores[a:b] for a, b in zip(starts, ends)]
+
+
 @dataclass
 class _NormalisedOof:
     """Per image, each model's normalised boxes and scores: grouped once, fused many times (the grid)."""
@@ -181,17 +193,10 @@ class _NormalisedOof:
         if missing:
             raise KeyError(f"{len(missing)} images have no original size, e.g. {missing[:5]}")
         folds = oofs[0].images.set_index("image_id")["fold"]
-        grouped = [{i: g for i, g in oof.boxes.groupby("image_id")} for oof in oofs]
         data = cls(ids, [int(folds[i]) for i in ids], [sizes[i] for i in ids])
-        for image_id, hw in zip(ids, data.sizes):
-            row = []
-            for groups in grouped:
-                g = groups.get(image_id)
-                if g is None:
-                    row.append((EMPTY.copy(), np.zeros(0)))
-                else:
-                    row.append(_normalised(g[["x1", "y1", "x2", "y2"]].to_numpy(), g["score"].to_numpy(), hw))
-            data.per_model.append(row)
+        per_model = [_rows_by_image(oof.boxes, ids) for oof in oofs]
+        for k, hw in enumerate(data.sizes):
+            data.per_model.append([_normalised(boxes[k], scores[k], hw) for boxes, scores in per_model])
         return data
 
     def fuse(self, params: FusionParams, weights: Sequence[float]) -> OofPredictions:
