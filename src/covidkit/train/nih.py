@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from covidkit.data.nih import DATASET, LABELS, NihDataset, patient_split, read_nih_table
+from covidkit.models import pretrained
 from covidkit.models.backbones import build_classifier, save_backbone
 from covidkit.train import (
     TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device,
@@ -53,7 +54,7 @@ class NihPretrainConfig:
     run_dir: str
     seed: int = 42
     arch: str = "resnext101_32x8d"
-    weights: str | None = None  # local full-model weights file (e.g. ImageNet); None: random init
+    weights: str | None = None  # "imagenet" (torchvision's file in input/weights/), a file or path; None: random
     epochs: int = 10
     batch_size: int = 32
     optimizer: str = "sgd"  # "sgd" (Nesterov momentum, the recipe) or "adamw" (learns in fewer steps: smoke)
@@ -156,7 +157,7 @@ def run_nih_pretrain(cfg: NihPretrainConfig) -> NihPretrainResult:
     val_set = NihDataset(val_table, classification_transform(aug, train=False), cache_size)
 
     seed_everything(cfg.seed)
-    model = build_classifier(cfg.arch, len(LABELS), cfg.weights)
+    model = build_classifier(cfg.arch, len(LABELS), pretrained.resolve(cfg.weights, cfg.input_dir, cfg.arch, NOTEBOOK))
     train_cfg = TrainConfig(
         run_dir=str(out / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
         num_workers=cfg.num_workers, amp=cfg.amp, monitor="val_loss", monitor_mode="min",

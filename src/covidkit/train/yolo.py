@@ -16,7 +16,7 @@ Each notebook writes into ``<run_dir>/<notebook name>/`` (``run_dir``: the pipel
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import pandas as pd
 from covidkit.boxes import scale_boxes
 from covidkit.data import rsna, siim, yolo_format
 from covidkit.data.rsna import RsnaYoloDataset
-from covidkit.models import yolo
+from covidkit.models import pretrained, yolo
 from covidkit.models.yolo import YoloRun, YoloTrainConfig
 from covidkit.oof import OofPredictions, box_rows, opacity_ap, per_fold_ap, write_oof
 
@@ -54,11 +54,21 @@ def pretrain_rsna(input_dir: str | Path, run_dir: str | Path, cfg: YoloTrainConf
     Weights end in ``pretrained_weights(run_dir)``.
     """
     yolo.setup_ultralytics(run_dir)
+    cfg = replace(cfg, model=starting_model(cfg.model, input_dir))
     out = output_dir(run_dir, RSNA_NOTEBOOK)
     dataset = rsna.convert_to_yolo(Path(input_dir) / rsna.COMPETITION, out / "data", size=image_size,
                                    val_fraction=val_fraction, seed=cfg.seed, workers=workers, limit=limit)
     run = yolo.train_yolo(cfg, dataset.data_yaml, out / "train", resume=resume)
     return RsnaPretraining(dataset, run)
+
+
+def starting_model(model: str, input_dir: str | Path) -> str:
+    """What 02 starts from: a model YAML as it is (random weights); a ``.pt`` checkpoint (ultralytics' COCO
+    ``yolo11l.pt``) from ``<input_dir>/weights/`` or a path, else, with a one-line warning, its YAML."""
+    if Path(model).suffix != ".pt":
+        return model
+    found = pretrained.resolve(model, input_dir, stage=RSNA_NOTEBOOK)
+    return str(found) if found is not None else Path(model).with_suffix(".yaml").name
 
 
 def pretrained_weights(run_dir: str | Path) -> Path:
