@@ -72,6 +72,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if len(args.paths) != 2:
             raise ValueError("bench predict takes MODELS_DIR COMPETITION_DIR")
         bench.bench_predict(args.paths[0], args.paths[1], n=args.n, device=args.device, hflip_tta=args.tta)
+    elif args.what == "models":
+        from covidkit.bench_models import bench_models
+
+        bench_models()
     elif args.what == "scale":
         from covidkit.bench_scale import bench_scale
 
@@ -171,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("bench", help="benchmarks (throughput, ratios against baselines)")
-    p.add_argument("what", choices=["prepare", "cogseg", "predict", "decovnet", "scale"])
+    p.add_argument("what", choices=["prepare", "cogseg", "predict", "decovnet", "scale", "models"])
     p.add_argument("--images", type=int, default=48, help="number of DICOMs to time")
     p.add_argument("--size", type=int, default=512, help="prepared PNG side (prepare), CT slice side (cogseg, decovnet)")
     p.add_argument("--workers", type=int, default=None, help="prepare: processes (default: all cores)")
