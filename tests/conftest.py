@@ -33,13 +33,13 @@ TINY_PREPARED_SIZE = 64
 
 
 def _tiny_run(run_dir: Path) -> Path:
-    """A run folder holding what 00, 01, 03, 04, 05 and 06 leave for ``export_models``, in their layouts.
+    """A run folder holding what 00, 01, 03, 04, 05 and 06 leave for ``export_models``, where the layout says.
 
     Real models, two folds each, initialised with fixed seeds instead of trained (seconds, not
-    minutes): a resnet18 Faster R-CNN in the engine's checkpoint format, the YOLO nano as
-    ultralytics saves it, the study model as 06 saves it, and 05's fusion parameters.
+    minutes): a resnet18 Faster R-CNN as 03 saves it, the YOLO nano as ultralytics saves it, the
+    study model as 06 saves it, and 05's fusion parameters and operating point.
     """
-    from dataclasses import asdict
+    import json
 
     import cv2
     import numpy as np
@@ -47,47 +47,44 @@ def _tiny_run(run_dir: Path) -> Path:
     import torch
 
     from covidkit.ensemble import FusionParams
-    from covidkit.train.fasterrcnn import FasterRcnnConfig, build_model
+    from covidkit.layout import RunLayout
     from covidkit.models.backbones import build_classifier, save_backbone
-    from covidkit.models.yolo import load_model, setup_ultralytics
+    from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, save_detector
     from covidkit.models.study import StudySpec, build_study_model, save_study_model
-    from covidkit.train import TrainConfig
+    from covidkit.models.yolo import load_model, setup_ultralytics
+    from covidkit.stages.siim_fasterrcnn import DETECTOR_FILE
 
-    prepared = run_dir / "prepared"
-    (prepared / "train").mkdir(parents=True)
-    cv2.imwrite(str(prepared / "train" / "a.png"), np.zeros((TINY_PREPARED_SIZE,) * 2, np.uint8))
+    layout = RunLayout(run_dir)
+    (layout.prepared.dir / "train").mkdir(parents=True)
+    cv2.imwrite(str(layout.prepared.png("train", "a")), np.zeros((TINY_PREPARED_SIZE,) * 2, np.uint8))
+    layout.prepared.meta_json.write_text(json.dumps({"prepared_size": TINY_PREPARED_SIZE}))
     pd.DataFrame({"image_id": list("abcd"), "label": ["negative", "typical", "typical", "atypical"],
-                  "fold": [0, 1, 0, 1]}).to_csv(prepared / "folds.csv", index=False)
+                  "fold": [0, 1, 0, 1]}).to_csv(layout.prepared.folds_csv, index=False)
 
     torch.manual_seed(0)
-    save_backbone(build_classifier("resnet18", 15), run_dir / "01_pretrain_nih_resnext" / "backbone.pt", "resnet18")
-    cfg = FasterRcnnConfig(input_dir="input", run_dir=str(run_dir), train_size=TINY_PREPARED_SIZE,
-                           infer_size=TINY_PREPARED_SIZE, fpn_layers=[3, 4], anchor_sizes=[8, 16, 32],
-                           proposals_train=64, proposals_test=32, box_batch_size_per_image=32,
-                           representation_size=32)
+    save_backbone(build_classifier("resnet18", 15), layout.nih.backbone, "resnet18")
+    spec = DetectorSpec(train_size=TINY_PREPARED_SIZE, fpn_layers=(3, 4), anchor_sizes=(8, 16, 32), proposals_train=64,
+                        proposals_test=32, box_batch_size_per_image=32, representation_size=32)
     for split in (0, 1):
         torch.manual_seed(split)
-        config = TrainConfig(run_dir=str(run_dir / "03_train_siim_fasterrcnn" / f"split{split}"), epochs=1,
-                             batch_size=1, hparams={**asdict(cfg), "split": split})
-        Path(config.run_dir).mkdir(parents=True)
-        torch.save({"model": build_model(cfg).state_dict(), "epoch": 1, "config": config.to_dict()},
-                   Path(config.run_dir) / "last.pt")
+        save_detector(build_fasterrcnn(arch="resnet18", spec=spec), "resnet18", spec, TINY_PREPARED_SIZE,
+                      layout.fasterrcnn.split(split) / DETECTOR_FILE)
 
     setup_ultralytics(run_dir)
     for fold in (0, 1):
-        fold_dir = run_dir / "04_train_siim_yolo" / f"fold{fold}"
+        fold_dir = layout.yolo.split(fold)
         (fold_dir / "weights").mkdir(parents=True)
         torch.manual_seed(fold)
         load_model("yolo11n.yaml").save(fold_dir / "weights" / "best.pt")
         (fold_dir / "results.csv").write_text("epoch,metrics/mAP50(B)\n1,0.0\n")
         (fold_dir / "covidkit_config.json").write_text('{"imgsz": 64}')
 
-    FusionParams(skip_box_thr=0.001).save(run_dir / "05_ensemble_wbf" / "fusion.json")
-    (run_dir / "05_ensemble_wbf" / "operating_point.json").write_text('{"threshold": 0.25}')
+    FusionParams(skip_box_thr=0.001).save(layout.ensemble.fusion)
+    layout.ensemble.operating_point.write_text('{"threshold": 0.25}')
     spec = StudySpec(encoder="resnet18", width=8, image_size=64, prepared_size=TINY_PREPARED_SIZE)
     for split in (0, 1):
         torch.manual_seed(split)
-        save_study_model(build_study_model(spec), spec, run_dir / "06_study_level" / f"split{split}" / "study_model.pt")
+        save_study_model(build_study_model(spec), spec, layout.study.model(split))
     return run_dir
 
 

@@ -8,7 +8,7 @@ import cv2
 import pytest
 from pydicom.data import get_testdata_file
 
-from covidkit.bench import bench_prepare, naive_convert
+from covidkit.bench.prepare import bench_prepare, naive_convert
 from covidkit.dicom import read_dicom
 from covidkit.prepare import resize_square
 

@@ -12,7 +12,7 @@ import pytest
 
 from covidkit.pipeline import notebooks_dir
 
-COMMANDS = ["synth", "prepare", "score", "validate", "predict", "pipeline", "serve", "bench"]
+COMMANDS = ["synth", "prepare", "score", "validate", "predict", "pipeline", "run", "serve", "bench", "kaggle"]
 
 
 def covidkit() -> str:
@@ -45,7 +45,7 @@ def test_synth_prepare_and_a_notebook_run_with_networking_off(tmp_path):
                     "--ct-volumes", "2"], check=True, capture_output=True, timeout=300)
     assert len(pd.read_csv(tmp_path / "ct-covid-volumes" / "labels.csv")) == 2
     done = subprocess.run([*offline, "prepare", str(tmp_path / "siim-covid19-detection"), str(tmp_path / "prep"),
-                           "--size", "128", "--workers", "2", "--folds", "2", "--strict"],
+                           "--prepared-size", "128", "--workers", "2", "--folds", "2", "--strict"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     meta = pd.read_csv(tmp_path / "prep" / "meta.csv")
@@ -55,7 +55,7 @@ def test_synth_prepare_and_a_notebook_run_with_networking_off(tmp_path):
     books = tmp_path / "notebooks"
     (books / "profiles").mkdir(parents=True)
     shutil.copy(notebooks_dir() / "00_prepare_data.ipynb", books)
-    (books / "profiles" / "offline.yaml").write_text("00_prepare_data:\n  image_size: 128\n  folds: 2\n")
+    (books / "profiles" / "offline.yaml").write_text("00_prepare_data:\n  prepared_size: 128\n  folds: 2\n")
     run = subprocess.run([*offline, "pipeline", "--profile", "offline", "--only", "00", "--input", str(tmp_path),
                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "COVIDKIT_NOTEBOOKS": str(books)})

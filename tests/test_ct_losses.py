@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from covidkit.ct.losses import (
+from covidkit.ct.cogseg.losses import (
     CogSegLoss, CogSegLossConfig, EdgeGuidedRMILoss, RMILoss, predicted_edges, region_vectors,
 )
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from covidkit.ct.medseg import (
+from covidkit.ct.cogseg.medseg import (
     MEDSEG_DIR, MEDSEG_MASKS, RADIOPAEDIA_DIR, RP_IMAGES, RP_MASKS, CTSegDataset, CTSlices, augment_paper,
     load_ct_dataset, lung_window, nifti_to_slices, slice_to_nifti,
 )
@@ -44,7 +44,7 @@ def test_medseg_loads_and_splits_70_30(ct_input):
 def test_radiopaedia_splits_by_volume(ct_input):
     with pytest.raises(ValueError, match="more than the 6 training"):
         load_ct_dataset(ct_input, "radiopaedia", size=64)  # only 4 volumes here
-    from covidkit.ct.medseg import load_radiopaedia
+    from covidkit.ct.cogseg.medseg import load_radiopaedia
 
     train, test = load_radiopaedia(ct_input / RADIOPAEDIA_DIR, size=64, train_volumes=3)
     assert len(train) == 9 and len(test) == 3

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from covidkit.ct.cogseg import CogSeg, CogSegConfig
-from covidkit.ct.metrics import ConfusionMatrix, segmentation_metrics
+from covidkit.ct.cogseg.model import CogSeg, CogSegConfig
+from covidkit.ct.cogseg.metrics import ConfusionMatrix, segmentation_metrics
 
 
 def test_cogseg_outputs_at_twice_the_input_resolution():

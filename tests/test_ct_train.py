@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from covidkit.ct.bench import bench_cogseg
-from covidkit.ct.cogseg import CogSeg, CogSegConfig
-from covidkit.ct.cogseg_train import AblationConfig, evaluate_model, load_splits, run_ablation
-from covidkit.ct.medseg import CTSegDataset
+from covidkit.ct.cogseg.bench import bench_cogseg
+from covidkit.ct.cogseg.model import CogSeg, CogSegConfig
+from covidkit.stages.ct_cogseg import AblationConfig, evaluate_model, load_splits, run_ablation
+from covidkit.ct.cogseg.medseg import CTSegDataset
 from covidkit.synth.ct_slices import CTSynthConfig, write_ct_slices
 
 

@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-from covidkit.ct import volumes as V
-from covidkit.ct.decovnet import DeCoVNet, scaled_pools
-from covidkit.ct.decovnet_train import (AugmentConfig, augment_volume, classification_metrics, classifier_arrays,
+from covidkit.ct.decovnet import volumes as V
+from covidkit.ct.decovnet.model import DeCoVNet, scaled_pools
+from covidkit.stages.ct_decovnet import (AugmentConfig, augment_volume, classification_metrics, classifier_arrays,
                                         lung_box)
-from covidkit.ct.localize import (LocalizationConfig, class_activation_map, hit_rate, hu_to_level, is_hit,
+from covidkit.ct.decovnet.localize import (LocalizationConfig, class_activation_map, hit_rate, hu_to_level, is_hit,
                                   localize_lesion)
-from covidkit.ct.lungmask import LungUNet, dice, predict_lung_mask, unsupervised_lung_mask
+from covidkit.ct.decovnet.lungmask import LungUNet, dice, predict_lung_mask, unsupervised_lung_mask
 from covidkit.synth.ct_volumes import CTVolumeSynthConfig, synth_volume, write_ct_volumes
 
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from covidkit.ct.decovnet_bench import bench_decovnet
-from covidkit.ct.decovnet_train import (DeCoVNetConfig, VolumeDataset, make_classifier_inputs, prepare_cases,
+from covidkit.ct.decovnet.bench import bench_decovnet
+from covidkit.stages.ct_decovnet import (DeCoVNetConfig, VolumeDataset, make_classifier_inputs, prepare_cases,
                                         train_decovnet)
-from covidkit.ct.lungmask import LungUNet
-from covidkit.ct.volumes import DATASET_DIR, LABELS_CSV, read_cases, read_volume, write_nifti
+from covidkit.ct.decovnet.lungmask import LungUNet
+from covidkit.ct.decovnet.volumes import DATASET_DIR, LABELS_CSV, read_cases, read_volume, write_nifti
 from covidkit.synth import WRITERS, SynthConfig
 from covidkit.synth import ct_volumes
 from covidkit.synth.ct_volumes import CTVolumeSynthConfig, write_ct_volume_set, write_ct_volumes
@@ -47,7 +47,7 @@ def test_bench_decovnet_times_every_stage(capsys):
 
 def test_bench_decovnet_cli_passes_its_options(monkeypatch, tmp_path):
     from covidkit.cli import main
-    from covidkit.ct import decovnet_bench
+    from covidkit.ct.decovnet import bench as decovnet_bench
 
     calls = []
     monkeypatch.setattr(decovnet_bench, "bench_decovnet", lambda **kwargs: calls.append(kwargs))

@@ -10,9 +10,10 @@ import pytest
 
 from covidkit.boxes import format_boxes_column, label_from_boxes
 from covidkit.ensemble import (
-    FusionParams, ap_table, best_fusion, fuse_boxes, fuse_oof, grid_fusions, grid_search, markdown_table,
-    operating_point, precision_recall, tuned_out_of_fold,
+    FusionParams, ap_table, best_fusion, fuse_boxes, fuse_oof, grid_fusions, grid_search, operating_point,
+    precision_recall, tuned_out_of_fold,
 )
+from covidkit.stages.ensemble_wbf import markdown_table
 from covidkit.oof import OofPredictions, box_rows, opacity_ap, read_oof, write_oof
 from covidkit.pipeline import load_profile
 

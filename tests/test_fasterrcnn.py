@@ -10,13 +10,13 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from covidkit.data.detection import OpacityDataset, truth_boxes
 from covidkit.data.nih import LABELS
-from covidkit.train.fasterrcnn import (
-    FasterRcnnConfig, detection_step, fasterrcnn_models, predict_oof, train_split, untrained_oof,
+from covidkit.stages.siim_fasterrcnn import (
+    DETECTOR_FILE, Config as FasterRcnnConfig, detection_step, predict_oof, train_split, untrained_oof,
 )
 from covidkit.models import DetectorSpec, build_classifier, build_fasterrcnn, inference_size, save_backbone
-from covidkit.models.fasterrcnn import predict_image
+from covidkit.models.fasterrcnn import predict_boxes
 from covidkit.oof import opacity_ap
-from covidkit.train import collate_lists
+from covidkit.engine import collate_lists
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD, DetectionAugment, detection_transform
 
 
@@ -109,7 +109,7 @@ def test_train_step_and_prediction_in_original_pixels(tmp_path, nih_backbone):
     model.roi_heads.score_thresh = 0.0  # an untrained head scores low; keep every box to check the scaling
     with inference_size(model, 128):
         assert model.transform.min_size == (128,)
-        oof = predict_oof(model, table, 128, torch.device("cpu"), batch_size=2)
+        oof = predict_oof(model, table, 64, 128, torch.device("cpu"), batch_size=2)
     assert model.transform.min_size == (96,) and model.transform.max_size == 96
     assert list(oof.images["image_id"]) == ["img0", "img1", "img2"]
     assert len(oof.boxes) > 0
@@ -117,10 +117,10 @@ def test_train_step_and_prediction_in_original_pixels(tmp_path, nih_backbone):
     assert oof.boxes["x2"].max() <= 128 + 1e-3 and oof.boxes["y2"].max() <= 256 + 1e-3
     assert oof.boxes["y2"].max() > 64 + 1e-3  # some box lies below the prepared image's 64 pixels: really scaled
 
-    # one image through predict_image (what predict and serve use): the OOF boxes of the same image; the
-    # PNG given as the original, its boxes come back in its 64 pixels instead of the 128 x 256 original
+    # one image through predict_boxes (what 07's FasterRcnnFold calls): the OOF boxes of the same image, in
+    # its 64 prepared pixels instead of the 128 x 256 original
     png = cv2.imread(table.loc[0, "path"], cv2.IMREAD_GRAYSCALE)
-    boxes, scores = predict_image(model, png, prepared_size=64, infer_size=128)
+    [(boxes, scores)] = predict_boxes(model, [torch.from_numpy(png).float().div(255).expand(3, -1, -1)], 128)
     same = oof.boxes[oof.boxes["image_id"] == "img0"]
     assert len(boxes) == len(same) > 0
     np.testing.assert_allclose(boxes * [2, 4, 2, 4], same[["x1", "y1", "x2", "y2"]].to_numpy(), rtol=1e-4, atol=1e-3)
@@ -169,16 +169,16 @@ def test_training_beats_the_untrained_detector_on_a_held_out_split(tmp_path):
     _backbone_with_measured_statistics(table, tmp_path / "backbone.pt")
     cfg = FasterRcnnConfig(
         input_dir=str(tmp_path), run_dir=str(tmp_path / "run"), backbone=str(tmp_path / "backbone.pt"),
-        train_size=96, infer_size=96, fpn_layers=[2, 3, 4], anchor_sizes=[16, 32, 64, 128], proposals_train=128,
+        input_size=96, infer_size=96, fpn_layers=[2, 3, 4], anchor_sizes=[16, 32, 64, 128], proposals_train=128,
         proposals_test=50, box_batch_size_per_image=32, representation_size=128, epochs=6, batch_size=4,
-        optimizer="adamw", lr=1e-3, num_workers=0, eval_batch_size=8, progress=False,
+        optimizer="adamw", lr=1e-3, workers=0, eval_batch_size=8, progress=False,
     )
-    oof, history = train_split(table, 1, cfg)
-    assert fasterrcnn_models(cfg.run_dir) == [tmp_path / "run" / "03_train_siim_fasterrcnn" / "split1" / "last.pt"]
+    oof, history = train_split(table, 1, cfg, prepared_size=96)
+    assert cfg.layout.fasterrcnn.splits(DETECTOR_FILE) == [tmp_path / "run" / "03_train_siim_fasterrcnn" / "split1"]
     held_out = table[table["split"] == 1]
     assert sorted(oof.images["image_id"]) == sorted(held_out["image_id"])  # only the held-out split
     truth = truth_boxes(held_out)
-    trained, untrained = opacity_ap(oof, truth), opacity_ap(untrained_oof(held_out, cfg), truth)
+    trained, untrained = opacity_ap(oof, truth), opacity_ap(untrained_oof(held_out, cfg, 96), truth)
     assert list(history["epoch"]) == [1, 2, 3, 4, 5, 6] and history["val_ap50"].iloc[-1] == pytest.approx(trained)
     assert untrained < 0.05
     assert trained > untrained + 0.15, (trained, untrained)

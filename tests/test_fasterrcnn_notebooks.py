@@ -8,9 +8,11 @@ import nbformat
 import pandas as pd
 import pytest
 
+from covidkit.prepare import train_table
 from covidkit.data.detection import truth_boxes
-from covidkit.data.siim import COMPETITION, prepared_train_table
-from covidkit.train.fasterrcnn import fasterrcnn_models
+from covidkit.data.siim import COMPETITION
+from covidkit.layout import RunLayout
+from covidkit.stages.siim_fasterrcnn import DETECTOR_FILE
 from covidkit.models import load_backbone
 from covidkit.oof import BOX_COLUMNS, opacity_ap, read_oof
 
@@ -43,7 +45,7 @@ def test_notebooks_01_and_03_in_the_smoke_profile(tiny_input, tmp_path):
 
     # 03: every prepared training image has an out-of-fold prediction, in original pixels
     det = run_dir / "03_train_siim_fasterrcnn"
-    table = prepared_train_table(run_dir / "prepared", tiny_input / COMPETITION)
+    table = train_table(run_dir / "prepared", tiny_input / COMPETITION)
     oof = read_oof(det / "oof.csv")
     assert (det / "oof.csv").read_text().splitlines()[0] == ",".join(BOX_COLUMNS)
     assert sorted(oof.images["image_id"]) == sorted(table["image_id"])
@@ -60,8 +62,7 @@ def test_notebooks_01_and_03_in_the_smoke_profile(tiny_input, tmp_path):
         metrics = pd.read_csv(det / f"split{split}" / "metrics.csv")
         assert list(metrics["epoch"]) == list(range(1, epochs + 1)) and "val_ap50" in metrics
         assert (det / f"split{split}" / "plots" / "val_ap50.png").is_file()
-    assert (det / "val_ap50.png").is_file() and (det / "oof_examples.png").is_file()
-    assert fasterrcnn_models(run_dir) == [det / "split0" / "last.pt", det / "split1" / "last.pt"]
+    assert RunLayout(run_dir).fasterrcnn.splits(DETECTOR_FILE) == [det / "split0", det / "split1"]
 
     # the notebook reports the AP it wrote
     ap = opacity_ap(oof, truth_boxes(table))

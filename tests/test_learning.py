@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from covidkit.data.siim import COMPETITION, STUDY_CLASSES, prepared_train_table
+from covidkit.prepare import train_table
+from covidkit.data.siim import COMPETITION, STUDY_CLASSES
+from covidkit.layout import RunLayout
 from covidkit.learning import MIN_SPREAD, LearningCheck, check_run
 from covidkit.oof import OofPredictions, box_rows, write_oof
 from covidkit.report import write_report
@@ -20,7 +22,7 @@ def prepared_run(tiny_input, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("run")
     prepare(tiny_input / COMPETITION, run / "prepared", size=64, workers=1, folds=2, progress=False)
-    return run, prepared_train_table(run / "prepared", tiny_input / COMPETITION)
+    return run, train_table(run / "prepared", tiny_input / COMPETITION)
 
 
 def _learned_boxes(table: pd.DataFrame) -> OofPredictions:
@@ -38,18 +40,18 @@ def _learned_boxes(table: pd.DataFrame) -> OofPredictions:
 def test_a_detector_replaced_by_its_untrained_twin_gets_the_banner(prepared_run, tiny_input, tmp_path, capsys):
     from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn
     from covidkit.pipeline import print_learning
-    from covidkit.train.fasterrcnn import predict_oof
+    from covidkit.stages.siim_fasterrcnn import predict_oof
 
     run, table = prepared_run
     torch.manual_seed(0)
     spec = DetectorSpec(train_size=64, fpn_layers=(3, 4), anchor_sizes=(8, 16, 32), proposals_train=64,
                         proposals_test=32, box_batch_size_per_image=32, representation_size=32)
-    untrained = predict_oof(build_fasterrcnn(arch="resnet18", spec=spec).eval(), table, 64, torch.device("cpu"), 4)
-    out = tmp_path / "03_train_siim_fasterrcnn"
-    write_oof(out / "oof_untrained.csv", untrained)
+    untrained = predict_oof(build_fasterrcnn(arch="resnet18", spec=spec).eval(), table, 64, 64, torch.device("cpu"), 4)
+    out = RunLayout(tmp_path).fasterrcnn
+    write_oof(out.untrained_oof, untrained)
     (tmp_path / "prepared").symlink_to(run / "prepared")
 
-    write_oof(out / "oof.csv", _learned_boxes(table))
+    write_oof(out.oof, _learned_boxes(table))
     [check] = check_run(tmp_path, tiny_input)
     assert check.stage == "03_train_siim_fasterrcnn" and check.learned and check.value > 0.9
     page = write_report(tmp_path, input_dir=tiny_input).read_text()
@@ -57,7 +59,7 @@ def test_a_detector_replaced_by_its_untrained_twin_gets_the_banner(prepared_run,
     print_learning(check_run(tmp_path, tiny_input), ran=["03_train_siim_fasterrcnn"])
     assert capsys.readouterr().out.startswith("every model learned")
 
-    write_oof(out / "oof.csv", untrained)  # what 03 writes when its model is the untrained one
+    write_oof(out.oof, untrained)  # what 03 writes when its model is the untrained one
     [check] = check_run(tmp_path, tiny_input)
     assert not check.learned and check.value == check.baseline
     page = write_report(tmp_path, input_dir=tiny_input).read_text()
@@ -69,7 +71,8 @@ def test_a_detector_replaced_by_its_untrained_twin_gets_the_banner(prepared_run,
 
 
 def test_a_constant_study_model_gets_the_banner_whatever_its_mean(prepared_run, tiny_input, tmp_path):
-    from covidkit.train.study import PROB_COLUMNS, output_dir, study_probabilities, summarise, write_oof_tables
+    from covidkit.stages.study_level import Config, write_tables
+    from covidkit.study_scores import PROB_COLUMNS, none_comparison, study_probabilities, summarise
 
     _, table = prepared_run
     images = table[["image_id", "study_id", "fold", "label"]].assign(split=table["fold"],
@@ -80,7 +83,8 @@ def test_a_constant_study_model_gets_the_banner_whatever_its_mean(prepared_run, 
         images["p_none_head"] = np.where(images["has_box"], 0.2, 0.8)
         studies = study_probabilities(images)
         run = tmp_path / name
-        write_oof_tables(output_dir(run), images, studies, summarise(images, studies))
+        write_tables(Config(run_dir=str(run)), images, studies, summarise(images, studies), None,
+                     none_comparison(images, studies))
         [check] = check_run(run, tiny_input)
         if name == "learned":
             assert check.learned and check.verdict == "learned"

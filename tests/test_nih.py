@@ -11,7 +11,7 @@ import torch
 
 from covidkit.data.nih import LABELS, NihDataset, multi_hot, patient_split, read_nih_table
 from covidkit.models.backbones import build_classifier, load_backbone, save_backbone
-from covidkit.train.nih import NihPretrainConfig, backbone_path, per_label_auroc, run_nih_pretrain
+from covidkit.stages.nih_pretrain import Config as NihPretrainConfig, per_label_auroc, run as run_nih_pretrain
 from covidkit.transforms import ClassificationAugment, classification_transform
 
 FINDINGS = ["No Finding", "Effusion|Mass", "Cardiomegaly", "No Finding", "Nodule|Effusion|Hernia",
@@ -134,10 +134,10 @@ def test_cached_dataset_decodes_once_and_gives_the_uncached_images(tmp_path, mon
 def test_short_pretraining_run_saves_a_backbone_and_resumes(tmp_path):
     write_nih(tmp_path / "input", n=12)
     cfg = NihPretrainConfig(input_dir=str(tmp_path / "input"), run_dir=str(tmp_path / "run"), arch="resnet18",
-                            epochs=2, batch_size=4, resize=40, crop=32, num_workers=0, val_fraction=0.34,
+                            epochs=2, batch_size=4, input_size=32, workers=0, val_fraction=0.34,
                             optimizer="adamw", cache_images=True, progress=False)
     result = run_nih_pretrain(cfg)
-    assert result.backbone == backbone_path(cfg.run_dir) and result.backbone.is_file()
+    assert result.backbone == cfg.layout.nih.backbone and result.backbone.is_file()
     assert list(result.metrics["epoch"]) == [1, 2]
     assert {"train_loss", "val_loss", "val_auroc", "lr"} <= set(result.metrics.columns)
     assert list(result.auroc.index) == LABELS

@@ -42,7 +42,7 @@ def test_unknown_profile_and_unknown_keys_are_clear_errors(tmp_path):
         load_profile("nope")
     book = list_notebooks(["00"])[0]
     with pytest.raises(PipelineError, match="does not declare"):
-        notebook_parameters(book, {"00_prepare_data": {"imgae_size": 3}}, {})
+        notebook_parameters(book, {"00_prepare_data": {"prepared_sise": 3}}, {})
     with pytest.raises(PipelineError, match="no notebook matches"):
         list_notebooks(["99"])
 
@@ -50,9 +50,28 @@ def test_unknown_profile_and_unknown_keys_are_clear_errors(tmp_path):
 def test_notebook_parameters_merge_common_section_and_overrides():
     book = list_notebooks(["00"])[0]
     profile = {"common": {"seed": 1, "run_dir": "a", "not_declared_by_00": 5},
-               "00_prepare_data": {"image_size": 64, "seed": 2}}
+               "00_prepare_data": {"prepared_size": 64, "seed": 2}}
     params = notebook_parameters(book, profile, {"run_dir": "b"})
-    assert params == {"seed": 2, "run_dir": "b", "image_size": 64}
+    assert params == {"seed": 2, "run_dir": "b", "prepared_size": 64}
+
+
+def test_each_notebook_is_the_front_of_one_stage_and_declares_its_config():
+    """A notebook's parameters are its stage's Config fields, with the same defaults: one source of truth."""
+    import ast
+
+    import papermill
+
+    from covidkit.stages import STAGES, defaults, stage_module
+
+    books = {b.stem: b for b in list_notebooks()}
+    assert set(books) == set(STAGES)
+    for name, book in books.items():
+        declared = {k: ast.literal_eval(v["default"]) for k, v in papermill.inspect_notebook(str(book)).items()}
+        expected = defaults(stage_module(name).Config)
+        assert declared == expected, f"{book.name} and covidkit.stages.{STAGES[name]}.Config disagree"
+        code = [c.source for c in nbformat.read(book, as_version=4).cells if c.cell_type == "code"]
+        assert f"{STAGES[name]}.Config.from_namespace(globals())" in code[1] or \
+            ".Config.from_namespace(globals())" in code[1], f"{book.name} does not build its stage's Config"
 
 
 @pytest.mark.slow

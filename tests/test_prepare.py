@@ -208,12 +208,12 @@ def test_splits_prepared_apart_share_one_meta(tmp_path):
 
 def test_cli_strict_exit_code(tmp_path, capsys):
     root = build_competition(tmp_path / "siim", {"mr_rle": GOOD["mr_rle"]}, bad=True, labels=False)
-    args = ["prepare", str(root), str(tmp_path / "out"), "--size", "32", "--workers", "1"]
+    args = ["prepare", str(root), str(tmp_path / "out"), "--prepared-size", "32", "--workers", "1"]
     assert main(args) == 0
     assert main([*args, "--strict"]) == 1
     assert capsys.readouterr().out.splitlines()[-1] == f"0 ok, {len(BAD)} failed, 1 skipped (already done)"
     clean = build_competition(tmp_path / "clean", {"mr_rle": GOOD["mr_rle"]}, bad=False, labels=False)
-    assert main(["prepare", str(clean), str(tmp_path / "out2"), "--size", "32", "--strict"]) == 0
+    assert main(["prepare", str(clean), str(tmp_path / "out2"), "--prepared-size", "32", "--strict"]) == 0
 
 
 def test_empty_input_is_an_error(tmp_path):

@@ -69,7 +69,7 @@ def test_an_ultralytics_checkpoint_is_found_in_the_weights_folder(tmp_path):
 
 
 def test_02_starts_from_the_yaml_when_the_checkpoint_is_absent(tmp_path):
-    from covidkit.train.yolo import starting_model
+    from covidkit.stages.rsna_yolo import starting_model
 
     assert starting_model("yolo11n.yaml", tmp_path) == "yolo11n.yaml"
     with pytest.warns(PretrainedWeightsMissing, match="02_pretrain_rsna_yolo: no pretrained weights at .*yolo11l.pt"):

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidkit.data.siim import COMPETITION, SOLUTION, STUDY_CLASSES, prepared_train_table, read_image_labels
+from covidkit.prepare import train_table
+from covidkit.data.siim import COMPETITION, SOLUTION, STUDY_CLASSES, read_image_labels
 from covidkit.oof import OofPredictions, box_rows, write_oof
-from covidkit.report import REPORT_HTML, write_report
+from covidkit.report import write_report
 
 SECTIONS = ["Did every model learn?", "Opacity detectors", "Study classes and none", "Submission score",
             "Fresh test sets", "Out-of-fold examples", "Test examples"]
@@ -25,7 +26,7 @@ def _assert_self_contained(page: str) -> None:
 def test_empty_run_folder_says_not_run(tmp_path):
     path = write_report(tmp_path / "run")
     page = path.read_text()
-    assert path == tmp_path / "run" / REPORT_HTML
+    assert path == tmp_path / "run" / "report.html"
     for title in SECTIONS:
         assert title in page
     assert page.count('class="missing"') >= len(SECTIONS)
@@ -47,22 +48,23 @@ def _detector_oof(table: pd.DataFrame, rng, jitter: float) -> OofPredictions:
 @pytest.fixture(scope="module")
 def full_run(tiny_input, models_dir, tmp_path_factory):
     """A run folder with every notebook's outputs, written by the package's own writers."""
-    from covidkit.ensemble import EnsembleConfig, run_ensemble
     from covidkit.fresh_tests import score_fresh_test_sets
+    from covidkit.layout import RunLayout
     from covidkit.prepare import prepare
-    from covidkit.train.study import (
-        PROB_COLUMNS, none_comparison, output_dir, study_probabilities, summarise, write_oof_tables,
-    )
+    from covidkit.stages import ensemble_wbf
+    from covidkit.stages.study_level import Config, write_tables
+    from covidkit.study_scores import PROB_COLUMNS, none_comparison, study_probabilities, summarise
     from covidkit.submission import ImagePrediction, write_submission
 
     run = tmp_path_factory.mktemp("run")
     competition = tiny_input / COMPETITION
     prepare(competition, run / "prepared", size=64, workers=1, folds=2, progress=False)
-    table = prepared_train_table(run / "prepared", competition)
+    table = train_table(run / "prepared", competition)
     rng = np.random.default_rng(0)
-    write_oof(run / "03_train_siim_fasterrcnn" / "oof.csv", _detector_oof(table, rng, 3.0))
-    write_oof(run / "04_train_siim_yolo" / "oof.csv", _detector_oof(table, rng, 6.0))
-    run_ensemble(EnsembleConfig(input_dir=str(tiny_input), run_dir=str(run)))
+    layout = RunLayout(run)
+    write_oof(layout.fasterrcnn.oof, _detector_oof(table, rng, 3.0))
+    write_oof(layout.yolo.oof, _detector_oof(table, rng, 6.0))
+    ensemble_wbf.run(ensemble_wbf.Config(input_dir=str(tiny_input), run_dir=str(run)))
 
     images = table[["image_id", "study_id", "fold", "label"]].assign(split=table["fold"],
                                                                   has_box=table["boxes"].map(len) > 0)
@@ -70,9 +72,8 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
     images[PROB_COLUMNS] = probs / probs.sum(1, keepdims=True)
     images["p_none_head"] = np.where(images["has_box"], 0.3, 0.7)
     studies = study_probabilities(images)
-    out = output_dir(run)
-    write_oof_tables(out, images, studies, summarise(images, studies))
-    none_comparison(images, studies).to_csv(out / "none_comparison.csv")
+    write_tables(Config(run_dir=str(run)), images, studies, summarise(images, studies), None,
+                 none_comparison(images, studies))
 
     sample = pd.read_csv(competition / "sample_submission.csv")
     test_images = read_image_labels(tiny_input / SOLUTION / "test_image_level.csv")
@@ -80,7 +81,8 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
                    zip(test_images["image_id"], test_images["boxes"])}
     studies_test = {i[:-len("_study")]: [0.25] * 4 for i in sample["id"] if i.endswith("_study")}
     submission = write_submission(run / "submission.csv", predictions, studies_test, order=sample["id"])
-    score_fresh_test_sets(models_dir, run / "fresh_tests", seeds=[5], test_studies=2, workers=0, progress=False)
+    score_fresh_test_sets(models_dir, layout.submission.fresh_tests, seeds=[5], test_studies=2, workers=0,
+                          progress=False)
     return run, submission
 
 
@@ -125,20 +127,21 @@ def test_with_a_study_stacker_the_report_shows_both_and_the_stackers_curves(full
     import shutil
 
     from covidkit.report import study_section
-    from covidkit.train.study import OOF_STUDIES_STACKED_CSV, SUMMARY_JSON, study_aps
+    from covidkit.layout import RunLayout
+    from covidkit.study_scores import study_aps
 
     run, _ = full_run
     stacked_run = tmp_path / "stacked"
     shutil.copytree(run, stacked_run)
-    out = stacked_run / "06_study_level"
-    studies = pd.read_csv(out / "oof_studies.csv", dtype={"study_id": str})
+    out = RunLayout(stacked_run).study
+    studies = pd.read_csv(out.oof_studies, dtype={"study_id": str})
     reversed_probs = studies.assign(**{f"p_{c}": studies[f"p_{c}"].to_numpy()[::-1] for c in STUDY_CLASSES})
-    reversed_probs.to_csv(out / OOF_STUDIES_STACKED_CSV, index=False)
-    summary = json.loads((out / SUMMARY_JSON).read_text())
+    reversed_probs.to_csv(out.oof_studies_stacked, index=False)
+    summary = json.loads(out.summary.read_text())
     summary["study_ap_stacked"] = study_aps(reversed_probs)
-    (out / SUMMARY_JSON).write_text(json.dumps(summary))
+    out.summary.write_text(json.dumps(summary))
 
-    plain, stacked = study_section(run), study_section(stacked_run)
+    plain, stacked = study_section(RunLayout(run)), study_section(RunLayout(stacked_run))
     assert "study model + boxes (07)" in stacked and "study model + boxes" not in plain
     assert f"{summary['study_ap_stacked']['mAP']:.3f}" in stacked
     figures = lambda page: re.findall(r'src="(data:image/png;base64,[^"]*)"', page)  # noqa: E731

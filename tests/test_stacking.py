@@ -10,9 +10,10 @@ import pytest
 
 from covidkit.data.siim import STUDY_CLASSES
 from covidkit.oof import OofPredictions, box_rows, write_oof
-from covidkit.stacking import (
-    STACKER_JSON, StudyStacker, fit_stacker, out_of_fold_probs, stacker_features, zone_box_scores,
-)
+from covidkit.layout import RunLayout
+from covidkit.stacking import StudyStacker, fit_stacker, out_of_fold_probs, stacker_features, zone_box_scores
+
+STACKER_JSON = "stacker.json"
 
 W, H = 2000, 2400
 
@@ -122,27 +123,29 @@ def _fake_06_and_05(run_dir, n: int = 80) -> pd.DataFrame:
     images["p_none_head"] = 0.5
     parts = [box_rows(i, f, *_pattern(STUDY_CLASSES.index(lab), rng)) for i, f, lab in zip(ids, images["fold"], labels)]
     oof = OofPredictions.from_parts([p for p in parts if len(p)], images[["image_id", "fold"]])
-    write_oof(run_dir / "05_ensemble_wbf" / "oof.csv", oof)
-    (run_dir / "prepared").mkdir(parents=True)
+    layout = RunLayout(run_dir)
+    write_oof(layout.ensemble.fused_oof, oof)
+    layout.prepared.dir.mkdir(parents=True)
     pd.DataFrame({"image_id": ids, "orig_height": H, "orig_width": W, "status": "ok"}).to_csv(
-        run_dir / "prepared" / "meta.csv", index=False)
+        layout.prepared.meta_csv, index=False)
     return images
 
 
 def test_06_fits_the_stacker_on_the_oof_rows_and_05s_boxes(tmp_path):
-    from covidkit.train.study import StudyTrainConfig, fused_boxes, stack_with_boxes, study_aps
+    from covidkit.stages.study_level import Config, fused_boxes, stack_with_boxes
+    from covidkit.study_scores import study_aps
 
     images = _fake_06_and_05(tmp_path)
-    cfg = StudyTrainConfig(input_dir="input", run_dir=str(tmp_path), stack_boxes=True)
-    studies = stack_with_boxes(images, fused_boxes(tmp_path), cfg)
+    cfg = Config(input_dir="input", run_dir=str(tmp_path), stack_boxes=True)
+    studies = stack_with_boxes(images, fused_boxes(cfg), cfg)
     assert sorted(studies["study_id"]) == sorted(images["study_id"])
     assert np.allclose(studies[[f"p_{c}" for c in STUDY_CLASSES]].sum(axis=1), 1)
     assert study_aps(studies)["mAP"] > 0.7
-    assert (tmp_path / "06_study_level" / STACKER_JSON).is_file()
+    assert cfg.layout.study.stacker.is_file()
 
-    (tmp_path / "05_ensemble_wbf" / "oof.csv").unlink()
+    cfg.layout.ensemble.fused_oof.unlink()
     with pytest.warns(UserWarning, match="run 05 first"):
-        assert fused_boxes(tmp_path) is None
+        assert fused_boxes(cfg) is None
 
 
 def test_07_applies_the_exported_stacker_fold_by_fold(tiny_run_dir, tmp_path):
@@ -156,7 +159,7 @@ def test_07_applies_the_exported_stacker_fold_by_fold(tiny_run_dir, tmp_path):
     shutil.copytree(tiny_run_dir, run)
     x, y = _dataset(120, seed=5)
     stacker = fit_stacker(x, y)
-    stacker.save(run / "06_study_level" / STACKER_JSON)
+    stacker.save(RunLayout(run).study.stacker)
     models = export_models(run, tmp_path / "models")
     manifest = read_manifest(models)
     assert manifest["stacker"] == STACKER_JSON and STACKER_JSON in manifest["sha256"]
@@ -185,7 +188,7 @@ def test_export_refuses_a_stacker_without_one_model_per_split(tiny_run_dir, tmp_
     run = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run)
     x, y = _dataset(120, seed=5)
-    fit_stacker(x, y).save(run / "06_study_level" / STACKER_JSON)
-    shutil.rmtree(run / "06_study_level" / "split1")
+    fit_stacker(x, y).save(RunLayout(run).study.stacker)
+    shutil.rmtree(RunLayout(run).study.split(1))
     with pytest.raises(ValueError, match="one model per split"):
         export_models(run, tmp_path / "models")

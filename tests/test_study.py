@@ -19,11 +19,11 @@ from covidkit.models.study import (
     predict_study_probs, save_study_model, study_models,
 )
 from covidkit.prepare import resize_square
-from covidkit.train.study import (
-    PROB_COLUMNS, StudyImageDataset, StudyTrainConfig, class_weights, none_ap, none_comparison, predict_table,
-    study_aps, study_probabilities, study_step, train_transform,
-)
-from covidkit.train import TrainConfig, fit
+from covidkit.data.study import StudyImageDataset
+from covidkit.models.study import train_transform
+from covidkit.stages.study_level import Config as StudyTrainConfig, class_weights, predict_table, study_step
+from covidkit.study_scores import PROB_COLUMNS, none_ap, none_comparison, study_aps, study_probabilities
+from covidkit.engine import TrainConfig, fit
 from covidkit.oof import OofPredictions
 
 SPEC = StudySpec(encoder="resnet18", width=8, image_size=64, prepared_size=96)

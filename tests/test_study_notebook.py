@@ -9,7 +9,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from covidkit.data.siim import COMPETITION, STUDY_CLASSES, prepared_train_table
+from covidkit.prepare import train_table
+from covidkit.data.siim import COMPETITION, STUDY_CLASSES
 
 
 @pytest.mark.slow
@@ -18,8 +19,8 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
 
     from covidkit.pipeline import REPO_ROOT, load_profile, notebook_parameters, notebooks_dir
     from covidkit.prepare import prepare
-    from covidkit.models.study import load_study_model, predict_study_probs, study_models
-    from covidkit.train.study import read_oof_images, read_oof_studies
+    from covidkit.layout import RunLayout
+    from covidkit.models.study import load_study_model, predict_study_probs
 
     run_dir = tmp_path / "run"
     prepare(tiny_input / COMPETITION, run_dir / "prepared", size=96, workers=1, folds=5, progress=False)
@@ -28,33 +29,35 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
                                                                "epochs": 2})
     assert params["fold_groups"] == 2 and params["encoder"] == "plain" and params["hflip_tta"] is True
     out = tmp_path / "06.ipynb"
-    (run_dir / "06_study_level").mkdir()
-    (run_dir / "06_study_level" / "stacker.json").write_text("{}")  # an earlier run's: must not reach 07
+    RunLayout(run_dir).study.dir.mkdir()
+    RunLayout(run_dir).study.stacker.write_text("{}")  # an earlier run's: must not reach 07
     papermill.execute_notebook(str(book), str(out), parameters=params, kernel_name="python3", cwd=str(REPO_ROOT),
                                progress_bar=False)
 
     # one model per split, loadable, predicting any-size images
-    models = study_models(run_dir)
+    out = RunLayout(run_dir).study
+    models = out.models()
     assert [p.parent.name for p in models] == ["split0", "split1"]
     model, spec = load_study_model(models[0])
-    assert spec.prepared_size == 96 and spec.image_size == params["image_size"]
-    table = prepared_train_table(run_dir / "prepared", tiny_input / COMPETITION)
+    assert spec.prepared_size == 96 and spec.image_size == params["input_size"]
+    table = train_table(run_dir / "prepared", tiny_input / COMPETITION)
     assert predict_study_probs(model, spec, [cv2.imread(table["path"][0], cv2.IMREAD_GRAYSCALE)]).shape == (1, 4)
 
     # every training image and study is out of fold exactly once, with probabilities summing to 1
-    images, studies = read_oof_images(run_dir), read_oof_studies(run_dir)
+    images = pd.read_csv(out.oof_images, dtype={"image_id": str, "study_id": str})
+    studies = pd.read_csv(out.oof_studies, dtype={"study_id": str})
     assert sorted(images["image_id"]) == sorted(table["image_id"])
     assert sorted(studies["study_id"]) == sorted(table["study_id"].unique())
     probs = studies[[f"p_{c}" for c in STUDY_CLASSES]].to_numpy()
     assert abs(probs.sum(1) - 1).max() < 1e-5
-    summary = json.loads((run_dir / "06_study_level" / "summary.json").read_text())
+    summary = json.loads(out.summary.read_text())
     assert math.isfinite(summary["study_ap"]["mAP"])
-    assert (run_dir / "06_study_level" / "confusion_matrix.png").is_file()
-    assert len(pd.read_csv(run_dir / "06_study_level" / "none_comparison.csv")) == 3  # no detector boxes here
+    assert out.confusion.is_file()
+    assert len(pd.read_csv(out.none_comparison)) == 3  # no detector boxes here
 
     text = "\n".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
     assert f"out-of-fold study mAP: {summary['study_ap']['mAP']:.3f}" in text
     # without 05's boxes the none rule is chosen out of fold among the classifier's own estimates
     assert summary["none_rule"]["chosen"] in ("head", "negative") and "none rule for 07" in text
     assert params["stack_boxes"] and "no stacker" in text  # the smoke profile stacks, but 05 did not run here
-    assert not (run_dir / "06_study_level" / "stacker.json").exists()  # the stale one was removed
+    assert not out.stacker.exists()  # the stale one was removed

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, RandomSampler
 
-from covidkit.train import (
+from covidkit.engine import (
     TrainConfig,
     WeightedSampler,
     autocast_context,
@@ -30,8 +30,8 @@ from covidkit.train import (
     seed_everything,
     to_device,
 )
-from covidkit.train.distributed import DistInfo
-from covidkit.train.loaders import make_train_sampler
+from covidkit.engine.distributed import DistInfo
+from covidkit.engine.loaders import make_train_sampler
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -164,7 +164,7 @@ def test_custom_samplers_must_be_resumable_and_rank_aware():
 
 
 def test_each_epoch_has_its_own_order_and_repeats_it():
-    from covidkit.train.loaders import make_train_loader
+    from covidkit.engine.loaders import make_train_loader
 
     data = torch.arange(32)
     cfg = config("unused", batch_size=32, num_workers=1)
@@ -430,7 +430,7 @@ import torch
 from torch import nn
 sys.path.insert(0, {tests!r})
 from test_train import NoisyImages, classify_step, sgd_nesterov, tiny_net
-from covidkit.train import TrainConfig, cosine_with_floor, fit, seed_everything
+from covidkit.engine import TrainConfig, cosine_with_floor, fit, seed_everything
 
 out = {out!r}
 rank = int(os.environ["RANK"])

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from covidkit.data import yolo_format
+from covidkit.engine import yolo as engine_yolo
 from covidkit.models import yolo
 
 TINY = dict(imgsz=64, batch=4, workers=0, device="cpu", overrides={"warmup_epochs": 0, "plots": True})
@@ -59,13 +60,15 @@ OFFLINE_SCRIPT = textwrap.dedent("""
 
     sys.path.insert(0, sys.argv[3])
     from test_yolo import TINY, write_toy_dataset
+    from covidkit.data.nih import read_grey
+    from covidkit.engine import yolo as engine_yolo
     from covidkit.models import yolo
 
     run_dir = Path(sys.argv[1])
     data_yaml = write_toy_dataset(Path(sys.argv[2]))
     yolo.setup_ultralytics(run_dir)
-    run = yolo.train_yolo(yolo.YoloTrainConfig(model="yolo11n.yaml", epochs=1, **TINY), data_yaml, run_dir / "train")
-    boxes = yolo.predict_boxes(yolo.load_model(run.weights), [Path(sys.argv[2]) / "png" / "toy0.png"], imgsz=64)
+    run = engine_yolo.train_yolo(engine_yolo.YoloTrainConfig(model="yolo11n.yaml", epochs=1, **TINY), data_yaml, run_dir / "train")
+    boxes = yolo.predict_boxes(yolo.load_model(run.weights), [read_grey(Path(sys.argv[2]) / "png" / "toy0.png")], imgsz=64)
     print(json.dumps({"attempts": attempts, "epochs": len(run.metrics), "predicted": len(boxes)}))
 """)
 
@@ -111,12 +114,12 @@ def test_model_names_that_would_download_are_refused(tmp_path):
 
 def test_fp16_is_not_offered():
     with pytest.raises(ValueError, match="fp16"):
-        yolo.YoloTrainConfig(precision="fp16")
+        engine_yolo.YoloTrainConfig(precision="fp16")
 
 
 def test_cpu_trains_in_fp32():
-    assert yolo.amp_setting("auto", "cpu") is False
-    assert yolo.amp_setting("bf16", "cpu") is False
+    assert engine_yolo.amp_setting("auto", "cpu") is False
+    assert engine_yolo.amp_setting("bf16", "cpu") is False
     assert yolo.resolve_device("cpu") == "cpu"
 
 
@@ -129,27 +132,27 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     data_yaml = write_toy_dataset(tmp_path / "data")
     yolo.setup_ultralytics(tmp_path / "run")
     tiny = {**TINY, "overrides": {**TINY["overrides"], "plots": False}}
-    cfg = yolo.YoloTrainConfig(model="yolo11n.yaml", epochs=2, save_period=1, **tiny)
+    cfg = engine_yolo.YoloTrainConfig(model="yolo11n.yaml", epochs=2, save_period=1, **tiny)
     run_dir = tmp_path / "run" / "train"
 
     def stop_after_first_epoch(trainer):
         raise Interrupt  # after last.pt of epoch 1 is saved (on_model_save comes after the save)
 
     with pytest.raises(Interrupt):
-        yolo.train_yolo(cfg, data_yaml, run_dir, callbacks={"on_model_save": stop_after_first_epoch})
-    assert yolo.run_state(run_dir) == "interrupted"
+        engine_yolo.train_yolo(cfg, data_yaml, run_dir, callbacks={"on_model_save": stop_after_first_epoch})
+    assert engine_yolo.run_state(run_dir) == "interrupted"
     assert (run_dir / "weights" / "epoch0.pt").is_file()
 
     started = []
-    run = yolo.train_yolo(cfg, data_yaml, run_dir,
+    run = engine_yolo.train_yolo(cfg, data_yaml, run_dir,
                           callbacks={"on_train_start": lambda trainer: started.append(trainer.start_epoch)})
     assert started == [1]  # the second epoch only
-    assert yolo.run_state(run_dir) == "finished"
+    assert engine_yolo.run_state(run_dir) == "finished"
     assert list(run.metrics["epoch"]) == [1, 2]
     assert (run_dir / "weights" / "epoch1.pt").is_file()
 
     finished = run.last.stat().st_mtime_ns
-    again = yolo.train_yolo(cfg, data_yaml, run_dir, callbacks={"on_train_start": started.append})
+    again = engine_yolo.train_yolo(cfg, data_yaml, run_dir, callbacks={"on_train_start": started.append})
     assert len(started) == 1 and again.last.stat().st_mtime_ns == finished  # a finished run is kept
 
     # resume=False replaces a run; a .pt model starts from its weights (not from random ones)
@@ -161,7 +164,7 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     def record_start(trainer):
         first.update({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
 
-    replaced = yolo.train_yolo(yolo.YoloTrainConfig(model=str(weights), epochs=1, **tiny), data_yaml, run_dir,
+    replaced = engine_yolo.train_yolo(engine_yolo.YoloTrainConfig(model=str(weights), epochs=1, **tiny), data_yaml, run_dir,
                                resume=False, callbacks={"on_train_start": record_start})
     assert list(replaced.metrics["epoch"]) == [1] and not (run_dir / "weights" / "epoch1.pt").exists()
     convs = [k for k, v in start.items() if v.ndim == 4]
@@ -193,7 +196,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     yolo.setup_ultralytics(tmp_path / "run")
     # exact under the smoke profile's conditions: CPU, workers 0, no mosaic, an optimizer step every batch
     tiny = {**TINY, "overrides": {**TINY["overrides"], "plots": False, "mosaic": 0.0, "nbs": TINY["batch"]}}
-    cfg = yolo.YoloTrainConfig(model="yolo11n.yaml", epochs=3, seed=7, **tiny)
+    cfg = engine_yolo.YoloTrainConfig(model="yolo11n.yaml", epochs=3, seed=7, **tiny)
 
     def final_weights(into: dict):
         def on_train_end(trainer):
@@ -202,7 +205,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
         return on_train_end
 
     straight: dict = {}
-    yolo.train_yolo(cfg, data_yaml, tmp_path / "run" / "straight", callbacks={"on_train_end": final_weights(straight)})
+    engine_yolo.train_yolo(cfg, data_yaml, tmp_path / "run" / "straight", callbacks={"on_train_end": final_weights(straight)})
 
     def stop_after_second_epoch(trainer):
         if trainer.epoch == 1:
@@ -210,11 +213,11 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
 
     interrupted = tmp_path / "run" / "interrupted"
     with pytest.raises(Interrupt):
-        yolo.train_yolo(cfg, data_yaml, interrupted, callbacks={"on_model_save": stop_after_second_epoch})
-    assert (interrupted / "weights" / yolo.RESUME_STATE).is_file()
+        engine_yolo.train_yolo(cfg, data_yaml, interrupted, callbacks={"on_model_save": stop_after_second_epoch})
+    assert (interrupted / "weights" / engine_yolo.RESUME_STATE).is_file()
     resumed: dict = {}
-    yolo.train_yolo(cfg, data_yaml, interrupted, callbacks={"on_train_end": final_weights(resumed)})
-    assert not (interrupted / "weights" / yolo.RESUME_STATE).exists()
+    engine_yolo.train_yolo(cfg, data_yaml, interrupted, callbacks={"on_train_end": final_weights(resumed)})
+    assert not (interrupted / "weights" / engine_yolo.RESUME_STATE).exists()
 
     for part in ("model", "ema"):
         floats = [k for k, v in straight[part].items() if v.is_floating_point()]

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from covidkit.prepare import train_table
 from covidkit.data import rsna, siim
 from covidkit.oof import opacity_ap, read_oof
 from covidkit.pipeline import load_profile, run_pipeline
-from covidkit.train.yolo import yolo_models
+from covidkit.layout import RunLayout
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,7 @@ def test_02_converts_rsna_and_pretrains(run_dir, tiny_input):
 
 def test_04_writes_out_of_fold_predictions_in_original_pixels(run_dir, tiny_input):
     text = notebook_text(run_dir, "04_train_siim_yolo")
-    table = siim.prepared_train_table(run_dir / "prepared", tiny_input / siim.COMPETITION)
+    table = train_table(run_dir / "prepared", tiny_input / siim.COMPETITION)
     out = run_dir / "04_train_siim_yolo"
     oof = read_oof(out / "oof.csv")
 
@@ -72,13 +73,13 @@ def test_04_writes_out_of_fold_predictions_in_original_pixels(run_dir, tiny_inpu
         assert Path(args["data"]).name == f"fold{split}.yaml"
         trained_on = {Path(line).stem for line in (out / "data" / f"fold{split}_train.txt").read_text().split()}
         assert trained_on == set(table.loc[table["fold"] % groups != split, "image_id"])
-    assert yolo_models(run_dir) == [out / f"fold{k}" / "weights" / "best.pt" for k in splits]
+    assert RunLayout(run_dir).yolo.splits("results.csv") == [out / f"fold{k}" for k in splits]
 
     boxes = oof.boxes.merge(table[["image_id", "orig_height", "orig_width"]], on="image_id")
     assert len(boxes) > 0 and (boxes["score"].between(0, 1)).all()
     assert (boxes["x1"] >= 0).all() and (boxes["x2"] <= boxes["orig_width"] + 1e-6).all()
     assert (boxes["y1"] >= 0).all() and (boxes["y2"] <= boxes["orig_height"] + 1e-6).all()
-    prepared_size = load_profile("smoke")["00_prepare_data"]["image_size"]
+    prepared_size = load_profile("smoke")["00_prepare_data"]["prepared_size"]
     assert (boxes[["x2", "y2"]].to_numpy() > prepared_size).any()  # scaled back from the prepared PNGs
 
     summary = json.loads((out / "summary.json").read_text())

@@ -34,7 +34,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     summary = prepare(
         Path(args.input_dir), Path(args.output_dir),
-        size=args.size, split=args.split, workers=args.workers, folds=args.folds, seed=args.seed,
+        size=args.prepared_size, split=args.split, workers=args.workers, folds=args.folds, seed=args.seed,
     )
     return 1 if args.strict and summary.failed else 0
 
@@ -61,34 +61,40 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from covidkit import bench
-
     if args.what == "prepare":
-        bench.bench_prepare(
-            images=args.images, size=args.size, workers=args.workers,
-            input_dir=Path(args.input) if args.input else None,
-        )
-    elif args.what == "predict":
-        if len(args.paths) != 2:
-            raise ValueError("bench predict takes MODELS_DIR COMPETITION_DIR")
-        bench.bench_predict(args.paths[0], args.paths[1], n=args.n, device=args.device, hflip_tta=args.tta)
-    elif args.what == "models":
-        from covidkit.bench_models import bench_models
+        from covidkit.bench.prepare import bench_prepare
 
-        bench_models()
+        bench_prepare(images=args.images, size=args.prepared_size, workers=args.workers,
+                      input_dir=Path(args.input) if args.input else None)
+    elif args.what == "predict":
+        from covidkit.bench.predict import bench_predict
+
+        bench_predict(args.models_dir, args.competition_dir, n=args.n, device=args.device, hflip_tta=args.tta)
     elif args.what == "scale":
-        from covidkit.bench_scale import bench_scale
+        from covidkit.bench.scale import bench_scale
 
         bench_scale(n_train=args.train_images, n_test=args.test_images, boxes=args.boxes)
+    elif args.what == "models":
+        from covidkit.bench.models import bench_models
+
+        bench_models(batches=tuple(args.batch_sizes))
     elif args.what == "cogseg":
-        from covidkit.ct.bench import bench_cogseg
+        from covidkit.ct.cogseg.bench import bench_cogseg
 
         bench_cogseg(size=args.size, batch_size=args.batch_size, steps=args.steps)
     elif args.what == "decovnet":
-        from covidkit.ct.decovnet_bench import bench_decovnet
+        from covidkit.ct.decovnet.bench import bench_decovnet
 
         bench_decovnet(volumes=args.volumes, slices=args.slices, size=args.size, device=args.device,
                        input_dir=Path(args.input) if args.input else None)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from covidkit.stages import overrides_of, run_stage
+
+    module, result = run_stage(args.stage, args.profile, overrides_of(args))
+    print(module.describe(result))
     return 0
 
 
@@ -154,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="convert a competition folder's DICOMs to PNG, with meta.csv and folds.csv")
     p.add_argument("input_dir", help="competition folder in the Kaggle layout (train/, test/, the CSVs)")
     p.add_argument("output_dir")
-    p.add_argument("--size", type=int, default=512, help="side of the square output PNG")
+    p.add_argument("--prepared-size", type=int, default=512, help="side of the square output PNGs")
     p.add_argument("--split", choices=["train", "test", "all"], default="all")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--folds", type=int, default=5, help="K of the grouped, stratified folds")
@@ -175,25 +181,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("bench", help="benchmarks (throughput, ratios against baselines)")
-    p.add_argument("what", choices=["prepare", "cogseg", "predict", "decovnet", "scale", "models"])
-    p.add_argument("--images", type=int, default=48, help="number of DICOMs to time")
-    p.add_argument("--size", type=int, default=512, help="prepared PNG side (prepare), CT slice side (cogseg, decovnet)")
-    p.add_argument("--workers", type=int, default=None, help="prepare: processes (default: all cores)")
-    p.add_argument("--batch-size", type=int, default=4, help="cogseg: slices per step")
-    p.add_argument("--steps", type=int, default=5, help="cogseg: timed steps")
-    p.add_argument("--volumes", type=int, default=4, help="decovnet: CT volumes to time")
-    p.add_argument("--slices", type=int, default=120, help="decovnet: slices of a synthetic volume (size x size each)")
-    p.add_argument("paths", nargs="*", metavar="PATH", help="predict: MODELS_DIR COMPETITION_DIR")
-    p.add_argument("--n", type=int, default=16, help="predict: test images to time")
-    p.add_argument("--device", default="cpu", help="predict, decovnet: torch device of the models")
-    p.add_argument("--tta", action="store_true", help="predict: horizontal-flip test-time augmentation")
-    p.add_argument("--train-images", type=int, default=6334, help="scale: training images (the competition's)")
-    p.add_argument("--test-images", type=int, default=1263, help="scale: test images (the competition's)")
-    p.add_argument("--boxes", type=int, default=100, help="scale: boxes per image, model and fold")
-    p.add_argument("--input", default=None,
-                   help="prepare: a competition folder to take the DICOMs from, decovnet: a folder holding "
-                        "ct-covid-volumes/ (default: synthetic data in a temp dir)")
+    benches = p.add_subparsers(dest="what", required=True, metavar="BENCH")
+    b = benches.add_parser("prepare", help="covidkit prepare against a naive loop and decoding alone")
+    b.add_argument("--images", type=int, default=48, help="number of DICOMs to time")
+    b.add_argument("--prepared-size", type=int, default=512, help="side of the prepared PNGs")
+    b.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    b.add_argument("--input", default=None, help="a competition folder to take the DICOMs from (default: copies "
+                                                  "of the real radiograph RG1)")
+    b = benches.add_parser("predict", help="per-image latency of each prediction stage of a models folder")
+    b.add_argument("models_dir")
+    b.add_argument("competition_dir")
+    b.add_argument("--n", type=int, default=16, help="test images to time")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+    b = benches.add_parser("scale", help="the cheap stages on competition-sized fabricated tables")
+    b.add_argument("--train-images", type=int, default=6334, help="training images (the competition's)")
+    b.add_argument("--test-images", type=int, default=1263, help="test images (the competition's)")
+    b.add_argument("--boxes", type=int, default=100, help="boxes per image, model and fold")
+    b = benches.add_parser("models", help="a training step of each full-size model on this machine")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    b = benches.add_parser("cogseg", help="CogSeg slices per second, inference and training")
+    b.add_argument("--size", type=int, default=512, help="output side (the input is half)")
+    b.add_argument("--batch-size", type=int, default=4)
+    b.add_argument("--steps", type=int, default=5, help="timed steps")
+    b = benches.add_parser("decovnet", help="DeCoVNet seconds per volume of the whole inference")
+    b.add_argument("--volumes", type=int, default=4)
+    b.add_argument("--slices", type=int, default=120, help="slices of a synthetic volume")
+    b.add_argument("--size", type=int, default=512, help="side of a synthetic slice")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--input", default=None, help="a folder holding ct-covid-volumes/ (default: synthetic volumes)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("run", help="one stage of the pipeline, as its notebook runs it (00 ... 07, 10, 11)")
+    p.add_argument("stage", help="the stage: 06, 06_study_level or study_level")
+    from covidkit.stages import stage_arguments
+
+    stage_arguments(p)
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("predict", help="a validated submission from a competition folder and a models folder")
     p.add_argument("competition_dir", help="competition folder (test/<study>/<series>/*.dcm, sample_submission.csv)")

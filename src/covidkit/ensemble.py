@@ -6,12 +6,12 @@ fused with ``ensemble_boxes.weighted_boxes_fusion`` (one list per model, one wei
 passed through NMS (``torchvision.ops.nms``) to drop fused boxes that still overlap, and mapped
 back to original pixels.
 
-Notebook 05 fuses the out-of-fold predictions of 03 (Faster R-CNN) and 04 (YOLO) with
-:func:`fuse_oof`, compares the opacity AP@0.5 of each model and of the fusion on the same images
-(:func:`ap_table`), and may choose the parameters on a small grid (:func:`grid_search`, with an
-honest score of that choice from :func:`tuned_out_of_fold`); the chosen ones are saved as
-``fusion.json`` (:meth:`FusionParams.save`) for notebook 07, which fuses every fold model's boxes per
-test image with :func:`fuse_boxes`.
+Stage 05 (``covidkit.stages.ensemble_wbf``) fuses the out-of-fold predictions of 03 (Faster R-CNN) and
+04 (YOLO) with :func:`fuse_oof`, compares the opacity AP@0.5 of each model and of the fusion on the same
+images (:func:`ap_table`), and may choose the parameters on a small grid (:func:`grid_search`, with an
+honest score of that choice from :func:`tuned_out_of_fold`); the chosen ones are saved
+(:meth:`FusionParams.save`) for 07, which fuses every fold model's boxes per test image with
+:func:`fuse_boxes`.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from covidkit.metrics import match_detections
 from covidkit.oof import OofPredictions, opacity_ap
 
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
-FUSION_JSON = "fusion.json"
 
 
 @dataclass(frozen=True)
@@ -135,13 +134,6 @@ def fuse_boxes(boxes_list: Sequence, scores_list: Sequence, image_hw: tuple[int,
 
 
 # --------------------------------------------------------------------------- out-of-fold predictions
-
-
-def read_image_sizes(meta_csv: str | Path) -> dict[str, tuple[int, int]]:
-    """``{image_id: (orig_height, orig_width)}`` from a ``meta.csv`` of ``covidkit prepare``."""
-    meta = pd.read_csv(meta_csv, dtype={"image_id": str})
-    meta = meta[meta["status"] != "failed"]
-    return {i: (int(h), int(w)) for i, h, w in zip(meta["image_id"], meta["orig_height"], meta["orig_width"])}
 
 
 def common_images(oofs: Sequence[OofPredictions]) -> list[str]:
@@ -321,100 +313,3 @@ def operating_point(oof: OofPredictions, truth: Mapping[str, np.ndarray], iou_th
     scores = np.sort(oof.boxes["score"].to_numpy())[::-1]
     return {"threshold": float(scores[best]), "f1": float(f1[best]), "precision": float(precision[best]),
             "recall": float(recall[best])}
-
-
-# --------------------------------------------------------------------------- notebook 05
-
-NOTEBOOK = "05_ensemble_wbf"
-OOF_CSV = "oof.csv"  # the fused OOF boxes (with fusion.json's parameters), read by 06
-OPERATING_POINT_JSON = "operating_point.json"  # the best-F1 box score threshold of those boxes (covidkit serve)
-DETECTOR_OOF = {"Faster R-CNN": "03_train_siim_fasterrcnn/oof.csv", "YOLO": "04_train_siim_yolo/oof.csv"}
-ENSEMBLE = "WBF ensemble"
-TUNED = "WBF ensemble, parameters tuned on these images"
-TUNED_OOF = "WBF ensemble, parameters tuned on the other folds' images"
-
-
-@dataclass
-class EnsembleConfig:
-    """Parameters of notebook 05 (names as in its ``parameters`` cell and the profile section)."""
-
-    input_dir: str
-    run_dir: str
-    weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # Faster R-CNN, YOLO
-    iou_thr: float = 0.55
-    skip_box_thr: float = 0.0
-    conf_type: str = "avg"
-    nms_iou_thr: float | None = 0.5
-    max_boxes: int | None = 20
-    grid: dict[str, list] | None = None  # {FusionParams field: values}; None: no tuning
-
-    def params(self) -> FusionParams:
-        return FusionParams(weights=tuple(self.weights), iou_thr=self.iou_thr, skip_box_thr=self.skip_box_thr,
-                            conf_type=self.conf_type, nms_iou_thr=self.nms_iou_thr, max_boxes=self.max_boxes)
-
-
-@dataclass
-class EnsembleResult:
-    table: pd.DataFrame  # opacity AP@0.5 per model on the shared OOF images (index: model)
-    oofs: dict[str, OofPredictions]  # the same rows' predictions, on those images
-    params: FusionParams  # what 07 uses (the tuned ones when a grid was given)
-    grid: pd.DataFrame | None
-    truth: dict[str, np.ndarray]
-    out_dir: Path
-    operating_point: dict  # the best-F1 score threshold of the fused boxes (operating_point)
-
-
-def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
-    """A GitHub Markdown table of ``frame`` with its index (``DataFrame.to_markdown`` needs tabulate,
-    which covidkit does not depend on for one table)."""
-    frame = frame.reset_index()
-    cells = [[float_format.format(v) if isinstance(v, float) else str(v) for v in row]
-             for row in frame.itertuples(index=False)]
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
-
-
-def run_ensemble(cfg: EnsembleConfig) -> EnsembleResult:
-    """Fuse 03's and 04's OOF boxes, tabulate the AP@0.5 of each and of the fusion, save ``fusion.json``.
-
-    Writes ``<run_dir>/05_ensemble_wbf/``: ``ap_table.csv`` / ``ap_table.md``, ``oof.csv`` (+ images,
-    the fusion with the saved parameters), ``fusion.json``, ``operating_point.json`` (the best-F1 score
-    threshold of those boxes), and ``grid.csv`` when a grid is given.
-    """
-    from covidkit.data.siim import COMPETITION, read_image_labels
-    from covidkit.oof import read_oof, write_oof
-
-    run_dir, out = Path(cfg.run_dir), Path(cfg.run_dir) / NOTEBOOK
-    singles = {name: read_oof(run_dir / rel) for name, rel in DETECTOR_OOF.items()}
-    sizes = read_image_sizes(run_dir / "prepared" / "meta.csv")
-    labels = read_image_labels(Path(cfg.input_dir) / COMPETITION / "train_image_level.csv")
-    truth = dict(zip(labels["image_id"], labels["boxes"]))
-    shared = common_images(list(singles.values()))
-    if not shared:
-        raise ValueError("the OOF predictions of 03 and 04 share no image")
-    oofs = {name: restrict(oof, shared) for name, oof in singles.items()}
-    params = cfg.params()
-    oofs[ENSEMBLE] = fuse_oof(list(singles.values()), sizes, params)
-    grid = None
-    if cfg.grid:
-        fusions = grid_fusions(list(singles.values()), sizes, cfg.grid, base=params)
-        tuned, grid = best_fusion(fusions, truth, cfg.grid)
-        if fusions[0][1].images["fold"].nunique() > 1:
-            oofs[TUNED_OOF] = tuned_out_of_fold(fusions, truth)[0]
-        if tuned != params:
-            oofs[TUNED] = next(oof for p, oof in fusions if p == tuned)
-        params = tuned
-    table = ap_table(oofs, truth)
-
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "ap_table.csv")
-    (out / "ap_table.md").write_text(markdown_table(table))
-    fused = oofs[TUNED if TUNED in oofs else ENSEMBLE]
-    write_oof(out / OOF_CSV, fused)
-    params.save(out / FUSION_JSON)
-    point = operating_point(fused, truth)
-    (out / OPERATING_POINT_JSON).write_text(json.dumps(point, indent=2) + "\n")
-    if grid is not None:
-        grid.to_csv(out / "grid.csv", index=False)
-    return EnsembleResult(table=table, oofs=oofs, params=params, grid=grid, truth=truth, out_dir=out,
-                          operating_point=point)

@@ -79,3 +79,9 @@ def make_folds(images: pd.DataFrame, study_labels: pd.DataFrame, k: int = 5, see
         studies[["study_id", "label", "fold"]], on="study_id", how="left", validate="many_to_one",
     )
     return out.astype({"fold": int})
+
+
+def validation_splits(folds, fold_groups: int | None):
+    """The validation split of each row: its fold, or ``fold % fold_groups`` (fewer, larger splits: a cheap
+    run trains fewer models and still predicts every image out of fold; patients still never cross)."""
+    return folds % fold_groups if fold_groups else folds

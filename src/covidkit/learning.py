@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covidkit.layout import RunLayout
+
 # "Clearly above" for each kind of figure, in its own units. An AP or AUROC difference smaller than these
 # is within what a few hundred synthetic images give by chance.
 AP_MARGIN = 0.05
@@ -80,54 +82,51 @@ def image_score_spread(boxes: pd.DataFrame, images: pd.DataFrame) -> float:
     return float(best.std(ddof=0)) if len(best) else 0.0
 
 
-def check_fasterrcnn(run_dir: Path, input_dir: Path | None) -> list[LearningCheck]:
+def check_fasterrcnn(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
     from covidkit.oof import opacity_ap, read_oof
 
-    out = run_dir / "03_train_siim_fasterrcnn"
+    out = layout.fasterrcnn
     truth = _truth(input_dir)
-    if truth is None or not (out / "oof.csv").is_file() or not (out / "oof_untrained.csv").is_file():
+    if truth is None or not out.oof.is_file() or not out.untrained_oof.is_file():
         return []
-    oof, untrained = read_oof(out / "oof.csv"), read_oof(out / "oof_untrained.csv")
+    oof, untrained = read_oof(out.oof), read_oof(out.untrained_oof)
     return [LearningCheck("03_train_siim_fasterrcnn", "Faster R-CNN", "OOF opacity AP@0.5", opacity_ap(oof, truth),
                           opacity_ap(untrained, truth), "untrained", AP_MARGIN,
                           image_score_spread(oof.boxes, oof.images))]
 
 
-def check_yolo(run_dir: Path, input_dir: Path | None) -> list[LearningCheck]:
+def check_yolo(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
     from covidkit.oof import read_oof
 
-    out = run_dir / "04_train_siim_yolo"
-    summary = _read_json(out / "summary.json")
+    out = layout.yolo
+    summary = _read_json(out.summary)
     if summary is None or summary.get("oof_ap50") is None or summary.get("untrained_ap50") is None:
         return []
-    oof = read_oof(out / "oof.csv")
+    oof = read_oof(out.oof)
     return [LearningCheck("04_train_siim_yolo", "YOLO", "OOF opacity AP@0.5", summary["oof_ap50"],
                           summary["untrained_ap50"], "untrained", AP_MARGIN, image_score_spread(oof.boxes, oof.images))]
 
 
-def check_fusion(run_dir: Path, input_dir: Path | None) -> list[LearningCheck]:
-    from covidkit.ensemble import DETECTOR_OOF, ENSEMBLE, TUNED_OOF
+def check_fusion(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    from covidkit.stages.ensemble_wbf import ENSEMBLE, TUNED_OOF
 
-    path = run_dir / "05_ensemble_wbf" / "ap_table.csv"
-    if not path.is_file():
+    if not layout.ensemble.ap_table.is_file():
         return []
-    table = pd.read_csv(path, index_col=0)["ap50"]
+    table = pd.read_csv(layout.ensemble.ap_table, index_col=0)["ap50"]
     row = TUNED_OOF if TUNED_OOF in table.index else ENSEMBLE
-    best = table.loc[list(DETECTOR_OOF)].idxmax()
+    best = table.loc[["Faster R-CNN", "YOLO"]].idxmax()
     return [LearningCheck("05_ensemble_wbf", row, "OOF opacity AP@0.5", float(table[row]), float(table[best]),
                           f"{best} alone", 0.0)]
 
 
-def check_study(run_dir: Path, input_dir: Path | None) -> list[LearningCheck]:
-    from covidkit.data.siim import STUDY_CLASSES
+def check_study(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    from covidkit.study_scores import PROB_COLUMNS
 
-    out = run_dir / "06_study_level"
-    summary = _read_json(out / "summary.json")
+    summary = _read_json(layout.study.summary)
     if summary is None:
         return []
     prior = summary["prior"]
-    studies = pd.read_csv(out / "oof_studies.csv")
-    spread = float(studies[[f"p_{c}" for c in STUDY_CLASSES]].std(ddof=0).max())
+    spread = float(pd.read_csv(layout.study.oof_studies)[PROB_COLUMNS].std(ddof=0).max())
     checks = [LearningCheck("06_study_level", "study model", "OOF study mAP", summary["study_ap"]["mAP"],
                             prior["mAP"], "class priors", AP_MARGIN, spread)]
     if "study_ap_stacked" in summary:
@@ -141,10 +140,10 @@ def check_study(run_dir: Path, input_dir: Path | None) -> list[LearningCheck]:
     return checks
 
 
-def check_fresh_tests(run_dir: Path, input_dir: Path | None) -> list[LearningCheck]:
+def check_fresh_tests(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
     from covidkit.fresh_tests import read_fresh_test_sets
 
-    fresh = read_fresh_test_sets(run_dir / "fresh_tests")
+    fresh = read_fresh_test_sets(layout.submission.fresh_tests)
     if fresh is None or fresh.per_seed.empty:
         return []
     return [LearningCheck("07_make_submission", "submission", f"test score, mean of {len(fresh.per_seed)} fresh "
@@ -152,13 +151,13 @@ def check_fresh_tests(run_dir: Path, input_dir: Path | None) -> list[LearningChe
                           AP_MARGIN)]
 
 
-CHECKS: list[Callable[[Path, Path | None], list[LearningCheck]]] = [
+CHECKS: list[Callable[[RunLayout, Path | None], list[LearningCheck]]] = [
     check_fasterrcnn, check_yolo, check_fusion, check_study, check_fresh_tests,
 ]
 
 
 def check_run(run_dir: str | Path, input_dir: str | Path | None = None) -> list[LearningCheck]:
     """Every check whose stage left its files in ``run_dir`` (``input_dir``: for the training labels)."""
-    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     input_dir = Path(input_dir) if input_dir is not None else None
-    return [check for fn in CHECKS for check in fn(run_dir, input_dir)]
+    return [check for fn in CHECKS for check in fn(layout, input_dir)]

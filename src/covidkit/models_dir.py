@@ -6,13 +6,13 @@ What ``covidkit predict`` and ``covidkit serve`` take, and what a Kaggle dataset
                            05's box score threshold for display
     fusion.json            the WBF parameters chosen in 05 (covidkit.ensemble.FusionParams)
     stacker.json           06's study stacker (covidkit.stacking), when 06 fitted one
-    fasterrcnn/fold<k>.pt  03's models: weights + DetectorSpec + architecture + inference size
+    fasterrcnn/fold<k>.pt  03's models (covidkit.models.fasterrcnn.save_detector: weights, spec, inference size)
     yolo/fold<k>.pt        04's ultralytics weights, as trained
     study/fold<k>.pt       06's study models (covidkit.models.study.save_study_model), as trained
 
-``export_models(run_dir, out_dir)`` builds it from a run folder; ``read_manifest`` reads it back
-and checks every file against its hash. The Faster R-CNN files drop what only training needs
-(optimizer, RNG states), so a fold is its weights and the facts needed to rebuild the network.
+Every model file carries what rebuilds its network, so exporting copies files and never rebuilds a stage's
+configuration. ``export_models(run_dir, out_dir)`` builds the folder from a run folder; ``read_manifest``
+reads it back and checks every file against its hash.
 """
 from __future__ import annotations
 
@@ -21,100 +21,45 @@ import json
 import platform
 import shutil
 import warnings
-from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from covidkit.data.siim import STUDY_CLASSES, read_image_labels, read_study_labels
-from covidkit.ensemble import FUSION_JSON, FusionParams
-from covidkit.stacking import STACKER_JSON
+from covidkit.ensemble import FusionParams
+from covidkit.layout import RunLayout
 
 MODELS_FORMAT = "covidkit.models/1"
-FASTERRCNN_FORMAT = "covidkit.fasterrcnn/1"
 MANIFEST = "manifest.json"
 DETECTORS = ("fasterrcnn", "yolo")  # the order of FusionParams.weights
 PACKAGES = ("covidkit", "torch", "torchvision", "ultralytics", "ensemble-boxes", "numpy", "pydicom")
 
-FASTERRCNN_NOTEBOOK = "03_train_siim_fasterrcnn"
-YOLO_NOTEBOOK = "04_train_siim_yolo"
-ENSEMBLE_NOTEBOOK = "05_ensemble_wbf"
-STUDY_NOTEBOOK = "06_study_level"
+FUSION_JSON = "fusion.json"  # 05's FusionParams
+STACKER_JSON = "stacker.json"  # 06's study stacker (covidkit.stacking)
 
 
 # --------------------------------------------------------------------------- the models of a run folder
 
 
-def fasterrcnn_checkpoints(run_dir: str | Path) -> list[Path]:
-    """03's fold models: the last epoch of each ``split<k>`` (the one that made the OOF predictions)."""
-    found = (Path(run_dir) / FASTERRCNN_NOTEBOOK).glob("split*/last.pt")
-    return sorted(found, key=lambda p: int(p.parent.name.removeprefix("split")))
-
-
-def yolo_weights(run_dir: str | Path) -> list[Path]:
+def yolo_weights(layout: RunLayout) -> list[Path]:
     """04's fold models: the weights each ``fold<k>`` run predicted its OOF images with."""
-    from covidkit.models.yolo import finished_run
+    from covidkit.engine.yolo import finished_run
 
-    runs = (Path(run_dir) / YOLO_NOTEBOOK).glob("fold*/results.csv")
-    runs = sorted((p.parent for p in runs), key=lambda p: int(p.name.removeprefix("fold")))
-    return [finished_run(run).weights for run in runs]
+    return [finished_run(run).weights for run in layout.yolo.splits("results.csv")]
 
 
-def prepared_size(run_dir: str | Path) -> int:
-    """The side of 00's square PNGs in ``<run_dir>/prepared`` (detectors see images resized to it first)."""
-    from PIL import Image
-
-    png = next((Path(run_dir) / "prepared").glob("*/*.png"), None)
-    if png is None:
-        raise FileNotFoundError(f"no prepared image under {Path(run_dir) / 'prepared'} (run 00 first)")
-    with Image.open(png) as image:  # header only
-        if image.width != image.height:
-            raise ValueError(f"prepared images are not square: {png} is {image.width}x{image.height}")
-        return image.width
-
-
-def fasterrcnn_payload(checkpoint: str | Path, run_dir: str | Path, size: int) -> dict:
-    """A training checkpoint of 03 -> weights, detector spec, architecture and sizes."""
-    from covidkit.train.fasterrcnn import FasterRcnnConfig
-    from covidkit.models.backbones import load_backbone
-    from covidkit.train.nih import backbone_path
-    from covidkit.train import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
-    hparams = ckpt["config"]["hparams"]
-    known = {f.name for f in fields(FasterRcnnConfig)}
-    cfg = FasterRcnnConfig(**{k: v for k, v in hparams.items() if k in known})
-    arch, _ = load_backbone(cfg.backbone or backbone_path(run_dir))
-    return {"format": FASTERRCNN_FORMAT, "arch": arch, "spec": asdict(cfg.detector_spec()),
-            "infer_size": cfg.infer_size, "prepared_size": size, "state_dict": ckpt["model"]}
-
-
-def _yolo_imgsz(weights: Path) -> int:
-    """The ``imgsz`` a 04 run trained at (its ``covidkit_config.json``, else ultralytics' ``args.yaml``)."""
-    import yaml
-
-    run = weights.parent.parent
-    config = run / "covidkit_config.json"
-    if config.is_file():
-        return int(json.loads(config.read_text())["imgsz"])
-    return int(yaml.safe_load((run / "args.yaml").read_text())["imgsz"])
-
-
-def box_threshold(run_dir: str | Path) -> float:
+def box_threshold(layout: RunLayout) -> float:
     """The box score threshold a reader is shown by default: 05's best-F1 operating point (0: every box)."""
-    from covidkit.ensemble import OPERATING_POINT_JSON
-
-    path = Path(run_dir) / ENSEMBLE_NOTEBOOK / OPERATING_POINT_JSON
+    path = layout.ensemble.operating_point
     return float(json.loads(path.read_text())["threshold"]) if path.is_file() else 0.0
 
 
-def none_rule(run_dir: str | Path) -> str:
-    """The image ``none`` rule 06 chose (``summary.json``); ``head`` for a run without that choice."""
-    path = Path(run_dir) / STUDY_NOTEBOOK / "summary.json"
+def none_rule(layout: RunLayout) -> str:
+    """The image ``none`` rule 06 chose (its ``summary.json``); ``head`` for a run without that choice."""
+    path = layout.study.summary
     summary = json.loads(path.read_text()) if path.is_file() else {}
     return summary.get("none_rule", {}).get("chosen", "head")
 
@@ -136,9 +81,9 @@ def training_priors(competition_dir: str | Path) -> dict:
             "none": float(np.mean([len(b) == 0 for b in images["boxes"]]))}
 
 
-def folds_priors(run_dir: str | Path) -> dict:
+def folds_priors(layout: RunLayout) -> dict:
     """Priors from 00's ``folds.csv`` alone (no image labels there: ``none`` takes P(negative))."""
-    folds = pd.read_csv(Path(run_dir) / "prepared" / "folds.csv", dtype={"image_id": str})
+    folds = pd.read_csv(layout.prepared.folds_csv, dtype={"image_id": str})
     shares = folds["label"].value_counts(normalize=True)
     study = {c: float(shares.get(c, 0.0)) for c in STUDY_CLASSES}
     return {"study": study, "none": study["negative"]}
@@ -177,60 +122,58 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
     without it they come from 00's ``folds.csv``. Without 05's ``fusion.json`` the default
     ``FusionParams`` are written, with a warning. ``out_dir`` is replaced. Returns ``out_dir``.
     """
-    from covidkit.models.study import study_models
+    from covidkit.engine.yolo import finished_run
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    sources = {"fasterrcnn": fasterrcnn_checkpoints(run_dir), "yolo": yolo_weights(run_dir),
-               "study": study_models(run_dir)}
+    layout, out_dir = RunLayout(run_dir), Path(out_dir)
+    from covidkit.stages.siim_fasterrcnn import DETECTOR_FILE
+
+    sources = {"fasterrcnn": [p / DETECTOR_FILE for p in layout.fasterrcnn.splits(DETECTOR_FILE)],
+               "yolo": yolo_weights(layout), "study": layout.study.models()}
     missing = [name for name, paths in sources.items() if not paths]
     if missing:
-        raise FileNotFoundError(f"{run_dir} has no fold model for {missing} (run notebooks 03, 04 and 06 first)")
-    size = prepared_size(run_dir)
+        raise FileNotFoundError(f"{layout.root} has no fold model for {missing} (run notebooks 03, 04 and 06 first)")
+    size = layout.prepared.size
     if out_dir.exists():
         shutil.rmtree(out_dir)
     for name in sources:
         (out_dir / name).mkdir(parents=True)
 
     files: dict[str, list[str]] = {name: [] for name in sources}
-    for k, checkpoint in enumerate(sources["fasterrcnn"]):
-        torch.save(fasterrcnn_payload(checkpoint, run_dir, size), out_dir / "fasterrcnn" / f"fold{k}.pt")
-        files["fasterrcnn"].append(f"fasterrcnn/fold{k}.pt")
-    for name in ("yolo", "study"):
+    for name in sources:
         for k, source in enumerate(sources[name]):
             shutil.copyfile(source, out_dir / name / f"fold{k}.pt")
             files[name].append(f"{name}/fold{k}.pt")
 
-    fusion_json = run_dir / ENSEMBLE_NOTEBOOK / FUSION_JSON
-    if fusion_json.is_file():
-        fusion = FusionParams.load(fusion_json)
+    if layout.ensemble.fusion.is_file():
+        fusion = FusionParams.load(layout.ensemble.fusion)
     else:
-        warnings.warn(f"{fusion_json} not found (run 05 first): exporting the default fusion parameters")
+        warnings.warn(f"{layout.ensemble.fusion} not found (run 05 first): exporting the default fusion parameters")
         fusion = FusionParams()
     fusion.save(out_dir / FUSION_JSON)
-    stacker = STACKER_JSON if (run_dir / STUDY_NOTEBOOK / STACKER_JSON).is_file() else None
+    stacker = STACKER_JSON if layout.study.stacker.is_file() else None
     if stacker:
         counts = {name: len(paths) for name, paths in sources.items()}
         if len(set(counts.values())) != 1:
             raise ValueError(f"06's study stacker reads each fold's detectors and study model together, as out of "
                              f"fold: 03, 04 and 06 need one model per split each, got {counts}")
-        shutil.copyfile(run_dir / STUDY_NOTEBOOK / STACKER_JSON, out_dir / stacker)
+        shutil.copyfile(layout.study.stacker, out_dir / stacker)
     hashed = [*sum(files.values(), []), FUSION_JSON, *([stacker] if stacker else [])]
 
     manifest = {
         "format": MODELS_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_run": str(run_dir.resolve()),
+        "source_run": str(layout.root.resolve()),
         "versions": package_versions(),
         "prepared_size": size,
         "detectors": list(DETECTORS),
         "models": files,
-        "yolo_imgsz": [_yolo_imgsz(p) for p in sources["yolo"]],
+        "yolo_imgsz": [finished_run(p.parent.parent).imgsz for p in sources["yolo"]],
         "fusion": FUSION_JSON,
         "stacker": stacker,
-        "none_rule": none_rule(run_dir),
-        "box_threshold": box_threshold(run_dir),
+        "none_rule": none_rule(layout),
+        "box_threshold": box_threshold(layout),
         "hflip_tta": hflip_tta,
-        "priors": training_priors(competition_dir) if competition_dir else folds_priors(run_dir),
+        "priors": training_priors(competition_dir) if competition_dir else folds_priors(layout),
         "sha256": {rel: sha256(out_dir / rel) for rel in hashed},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidkit.boxes import as_boxes
+from covidkit.boxes import as_boxes, scale_boxes
 
 BOX_COLUMNS = ["image_id", "fold", "x1", "y1", "x2", "y2", "score"]
 IMAGE_COLUMNS = ["image_id", "fold"]
@@ -48,6 +48,17 @@ def box_rows(image_id: str, fold: int, boxes, scores) -> pd.DataFrame:
     frame.insert(0, "image_id", str(image_id))
     frame["score"] = scores
     return frame
+
+
+def from_prepared(table: pd.DataFrame, predictions, prepared_size: int) -> "OofPredictions":
+    """An OOF table in original pixels from ``(boxes, scores)`` predicted on each row's square prepared image.
+
+    ``table``: ``image_id, fold, orig_height, orig_width`` per row, in the order of ``predictions``.
+    """
+    parts = [box_rows(row.image_id, row.fold, scale_boxes(boxes, (prepared_size, prepared_size),
+                                                          (row.orig_height, row.orig_width)), scores)
+             for row, (boxes, scores) in zip(table.itertuples(index=False), predictions)]
+    return OofPredictions.from_parts(parts, table[["image_id", "fold"]])
 
 
 @dataclass

@@ -1,42 +1,21 @@
-"""Run the numbered notebooks in order with papermill, with the parameters of a profile.
+"""``covidkit pipeline``: the numbered notebooks in order, with papermill and a profile's settings.
 
-A profile is ``notebooks/profiles/<name>.yaml``: a ``common`` section of values every
-notebook may declare (``input_dir``, ``run_dir``, ``seed`` ...) and one section per notebook,
-named after it without ``.ipynb``. A notebook receives the common values it declares in its
-``parameters`` cell plus its own section; a key in its own section that the notebook does not
-declare is an error (a typo in a profile must not pass silently).
+Each notebook is a thin front of one stage module (``covidkit.stages``); the profile
+(``covidkit.profiles``) gives it the ``common`` values it declares plus its own section. The executed copies
+go to ``<run_dir>/notebooks/``; a failing notebook stops the run with its name, cell and error.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
+from covidkit.layout import RunLayout
+from covidkit.profiles import REPO_ROOT, load_profile, merge_section, notebooks_dir
+from covidkit.stages import STAGES, field_names, stage_module
 
 class PipelineError(RuntimeError):
     """A notebook failed, or a profile does not fit the notebooks."""
-
-
-def notebooks_dir() -> Path:
-    """The ``notebooks/`` folder of the repository (``COVIDKIT_NOTEBOOKS`` overrides it)."""
-    path = Path(os.environ.get("COVIDKIT_NOTEBOOKS", REPO_ROOT / "notebooks"))
-    if not path.is_dir():
-        raise PipelineError(f"no notebooks folder at {path}; set COVIDKIT_NOTEBOOKS to the repository's notebooks/")
-    return path
-
-
-def load_profile(name: str) -> dict:
-    """The parsed profile ``notebooks/profiles/<name>.yaml``."""
-    path = notebooks_dir() / "profiles" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise PipelineError(f"unknown profile {name!r}; known: {', '.join(known)}")
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def list_notebooks(only: list[str] | None = None) -> list[Path]:
@@ -50,20 +29,19 @@ def list_notebooks(only: list[str] | None = None) -> list[Path]:
 
 
 def notebook_parameters(notebook: Path, profile: dict, overrides: dict) -> dict:
-    """The parameters papermill injects into ``notebook``: common values it declares, its section, overrides."""
+    """The parameters papermill injects into ``notebook``: common values it declares, its section, overrides.
+
+    A section key that is not a setting of the notebook's stage (``covidkit.stages``) is an error.
+    """
     import papermill
 
     declared = set(papermill.inspect_notebook(str(notebook)))
     section = profile.get(notebook.stem) or {}
-    unknown = sorted(set(section) - declared)
+    known = set(field_names(stage_module(notebook.stem).Config)) if notebook.stem in STAGES else declared
+    unknown = sorted(set(section) - (known & declared))
     if unknown:
         raise PipelineError(f"profile section {notebook.stem} sets {unknown}, which {notebook.name} does not declare")
     return {k: v for k, v in merge_section(profile, notebook.stem, overrides).items() if k in declared}
-
-
-def merge_section(profile: dict, name: str, overrides: dict) -> dict:
-    """The ``common`` values, then section ``name``, then ``overrides``."""
-    return {**(profile.get("common") or {}), **(profile.get(name) or {}), **overrides}
 
 
 @dataclass
@@ -93,7 +71,7 @@ def run_notebook(notebook: Path, profile: dict, run_dir: Path, overrides: dict) 
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    out = run_dir / "notebooks" / notebook.name
+    out = RunLayout(run_dir).notebooks / notebook.name
     out.parent.mkdir(parents=True, exist_ok=True)
     params = notebook_parameters(notebook, profile, overrides)
     start = time.perf_counter()
@@ -126,7 +104,7 @@ def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_di
             runs.append(run_notebook(book, params, run_dir, overrides))
             tqdm.write(f"{book.stem}: done in {runs[-1].seconds:.0f} s")
     print(f"run folder: {run_dir}")
-    print(f"executed notebooks: {run_dir / 'notebooks'}")
+    print(f"executed notebooks: {RunLayout(run_dir).notebooks}")
     print_outputs(params, run_dir, Path(input_dir), overrides, [b.stem for b in books])
     return runs
 
@@ -158,7 +136,7 @@ def print_outputs(profile: dict, run_dir: Path, input_dir: Path, overrides: dict
 
         section = merge_section(profile, SUBMISSION_NOTEBOOK, overrides)
         submission = REPO_ROOT / section.get("submission", "submissions/submission.csv")
-        models = REPO_ROOT / (section.get("models_dir") or run_dir / "models")
+        models = REPO_ROOT / (section.get("models_dir") or RunLayout(run_dir).submission.models)
         report = write_report(run_dir, submission_csv=submission, input_dir=input_dir.resolve(), checks=checks)
         print(f"submission: {submission}")
         print(f"models: {models}")

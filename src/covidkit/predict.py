@@ -51,9 +51,6 @@ from covidkit.prepare import init_worker, pool_context, resize_square
 from covidkit.stacking import StudyStacker, stacker_features, zone_box_scores
 from covidkit.submission import ImagePrediction, submission_frame, validate_submission, write_submission
 
-YOLO_CONF = 0.001  # low: AP wants the whole ranking (as 04's OOF predictions)
-YOLO_IOU = 0.6
-MAX_DETECTIONS = 100
 
 
 @dataclass
@@ -83,27 +80,19 @@ class FasterRcnnFold:
     """One fold of 03, from its ``fasterrcnn/fold<k>.pt``."""
 
     def __init__(self, path: Path, device: torch.device) -> None:
-        from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn
+        from covidkit.models.fasterrcnn import load_detector
 
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        self.model = build_fasterrcnn(arch=payload["arch"], spec=DetectorSpec(**payload["spec"]))
-        self.model.load_state_dict(payload["state_dict"])
-        self.model.to(device).eval()
-        self.infer_size = int(payload["infer_size"])
+        self.model, self.infer_size = load_detector(path, device)
         self.device = device
 
-    @torch.no_grad()
     def __call__(self, square: np.ndarray, hflip_tta: bool) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(boxes, scores)`` in ``square``'s pixels, per view (the image, then its flip)."""
-        from covidkit.models.fasterrcnn import inference_size
+        from covidkit.models.fasterrcnn import predict_boxes
 
         # what 03's evaluation transform gives: float in [0, 1], grey repeated to three channels
         x = torch.from_numpy(square).to(self.device).float().div_(255.0).expand(3, -1, -1)
         views = [x, x.flip(-1)] if hflip_tta else [x]
-        with inference_size(self.model, self.infer_size):
-            outputs = self.model(views)
-        return _unflipped([(o["boxes"].float().cpu().numpy(), o["scores"].float().cpu().numpy()) for o in outputs],
-                          square.shape[1])
+        return _unflipped(predict_boxes(self.model, views, self.infer_size), square.shape[1])
 
 
 class YoloFold:
@@ -117,12 +106,10 @@ class YoloFold:
         self.device = yolo_device(device)
 
     def __call__(self, square: np.ndarray, hflip_tta: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-        bgr = np.repeat(square[:, :, None], 3, axis=2)  # 04 trained on PNGs that OpenCV reads as 3 channels
-        views = [bgr, np.ascontiguousarray(bgr[:, ::-1])] if hflip_tta else [bgr]
-        results = self.model.predict(views, imgsz=self.imgsz, device=self.device, conf=YOLO_CONF, iou=YOLO_IOU,
-                                     max_det=MAX_DETECTIONS, verbose=False)
-        return _unflipped([(r.boxes.xyxy.cpu().numpy().astype(np.float64), r.boxes.conf.cpu().numpy())
-                           for r in results], square.shape[1])
+        from covidkit.models.yolo import predict_boxes
+
+        views = [square, np.ascontiguousarray(square[:, ::-1])] if hflip_tta else [square]
+        return _unflipped(predict_boxes(self.model, views, self.imgsz, self.device), square.shape[1])
 
 
 def _unflipped(views: list[tuple[np.ndarray, np.ndarray]], width: int) -> list[tuple[np.ndarray, np.ndarray]]:

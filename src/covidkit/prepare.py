@@ -1,4 +1,7 @@
-"""DICOM -> PNG for a competition folder: ``OUTPUT/<split>/<image_id>.png``, ``meta.csv``, ``folds.csv``.
+"""The prepared folder: DICOM -> PNG for a competition folder, and its tables read back.
+
+``prepare`` writes ``OUTPUT/<split>/<image_id>.png``, ``meta.csv``, ``folds.csv`` and ``meta.json`` (the size
+every later stage reads: ``prepared_size``); ``train_table`` joins them with the labels for training.
 
 All cores work through a process pool; every PNG is written to a temporary file in its folder
 and moved in place, so an interrupted run leaves no half-written image, and a re-run only does
@@ -8,6 +11,7 @@ A file that cannot be read is recorded in ``meta.csv`` with ``status = failed`` 
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import tempfile
@@ -20,7 +24,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from covidkit.data.siim import dicom_paths, read_study_labels
+from covidkit.atomic import atomic_write_text
+from covidkit.data.siim import dicom_paths, read_image_labels, read_study_labels
 from covidkit.dicom import DicomError, DicomInfo, read_dicom, read_info
 
 SPLITS = ("train", "test")
@@ -29,6 +34,10 @@ META_COLUMNS = [
     "photometric", "bits_stored", "transfer_syntax", "status", "error",
 ]
 MAX_PRINTED_FAILURES = 10
+# The prepared folder: <split>/<image_id>.png and these (covidkit.layout.Prepared names them in a run folder)
+META_CSV = "meta.csv"  # one row per DICOM found
+FOLDS_CSV = "folds.csv"  # the grouped, stratified folds of the training images
+META_JSON = "meta.json"  # the folder's facts: the size of its square PNGs
 
 
 @dataclass
@@ -57,6 +66,50 @@ class Task:
 
 def png_path(output_dir: str | Path, split: str, image_id: str) -> Path:
     return Path(output_dir) / split / f"{image_id}.png"
+
+
+def prepared_size(prepared_dir: str | Path) -> int:
+    """The side of a prepared folder's square PNGs, as ``prepare`` recorded it."""
+    path = Path(prepared_dir) / META_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: prepare the data first (notebook 00, covidkit prepare)")
+    return int(json.loads(path.read_text())["prepared_size"])
+
+
+def _check_size(output_dir: Path, size: int) -> None:
+    """A folder holds PNGs of one size: asking another of a folder prepared earlier is an error."""
+    if (output_dir / META_JSON).is_file() and prepared_size(output_dir) != size:
+        raise ValueError(f"{output_dir} was prepared at {prepared_size(output_dir)} px, not {size}: use another "
+                         "folder (or delete this one)")
+
+
+def image_sizes(prepared_dir: str | Path) -> dict[str, tuple[int, int]]:
+    """``{image_id: (orig_height, orig_width)}`` of every image a prepared folder converted."""
+    meta = pd.read_csv(Path(prepared_dir) / META_CSV, dtype={"image_id": str})
+    meta = meta[meta["status"] != "failed"]
+    return {i: (int(h), int(w)) for i, h, w in zip(meta["image_id"], meta["orig_height"], meta["orig_width"])}
+
+
+def train_table(prepared_dir: str | Path, competition_dir: str | Path) -> pd.DataFrame:
+    """The prepared training images with everything a model needs, one row per image.
+
+    Joins ``meta.csv`` (successfully prepared train images), ``folds.csv`` and the image-level
+    labels. Columns: ``image_id, study_id, patient_id, label, fold, path, orig_height, orig_width,
+    boxes`` where ``boxes`` are ``[N, 4]`` arrays in original pixels (see
+    ``covidkit.boxes.scale_boxes`` for the prepared size).
+    """
+    prepared_dir = Path(prepared_dir)
+    meta = pd.read_csv(prepared_dir / META_CSV, dtype={"image_id": str, "study_id": str})
+    meta = meta[(meta["split"] == "train") & (meta["status"] != "failed")]
+    folds = pd.read_csv(prepared_dir / FOLDS_CSV, dtype={"image_id": str})[["image_id", "label", "fold"]]
+    labels = read_image_labels(Path(competition_dir) / "train_image_level.csv")[["image_id", "boxes"]]
+    table = meta.merge(folds, on="image_id").merge(labels, on="image_id")
+    table["path"] = [str(png_path(prepared_dir, "train", i)) for i in table["image_id"]]
+    columns = ["image_id", "study_id", "patient_id", "label", "fold", "path", "orig_height", "orig_width", "boxes"]
+    table = table[columns].sort_values("image_id").reset_index(drop=True)
+    if table.empty:
+        raise ValueError(f"no prepared training image under {prepared_dir} (run 00 first)")
+    return table
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -183,7 +236,7 @@ def _write_folds(meta: pd.DataFrame, input_dir: Path, output_dir: Path, k: int, 
                            read_study_labels(input_dir / "train_study_level.csv"), k=k, seed=seed)
     except ValueError as err:  # the PNGs and meta.csv are already written: say what is missing
         raise ValueError(f"images prepared, but no {k} folds could be made: {err}") from None
-    _write_csv_atomic(folds, output_dir / "folds.csv")
+    _write_csv_atomic(folds, output_dir / FOLDS_CSV)
     return folds
 
 
@@ -206,6 +259,7 @@ def prepare(
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of train, test, all; got {split!r}")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    _check_size(output_dir, size)
     splits = list(SPLITS) if split == "all" else [split]
     tasks = _tasks(input_dir, output_dir, splits, size)
     if not tasks:
@@ -213,8 +267,9 @@ def prepare(
     _make_output_dirs(output_dir, splits)
     results = run_tasks(tasks, workers or os.cpu_count() or 1, desc=f"prepare {split}", progress=progress)
 
-    meta = _merge_meta([row for row, _ in results], output_dir / "meta.csv", splits)
-    _write_csv_atomic(meta, output_dir / "meta.csv")
+    meta = _merge_meta([row for row, _ in results], output_dir / META_CSV, splits)
+    _write_csv_atomic(meta, output_dir / META_CSV)
+    atomic_write_text(output_dir / META_JSON, json.dumps({"prepared_size": size}) + "\n")
     fold_table = None
     if "train" in splits and (input_dir / "train_study_level.csv").exists():
         fold_table = _write_folds(meta, input_dir, output_dir, folds, seed)
@@ -223,7 +278,7 @@ def prepare(
     skipped = sum(skipped for _, skipped in results)
     summary = PrepareSummary(ok=len(results) - len(failed) - skipped, failed=len(failed), skipped=skipped,
                              meta=meta, folds=fold_table)
-    _print_report(summary, failed, output_dir / "meta.csv")
+    _print_report(summary, failed, output_dir / META_CSV)
     return summary
 
 

@@ -13,7 +13,6 @@ import base64
 import html
 import io
 import json
-import math
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,17 +25,10 @@ from covidkit.data.siim import (
     COMPETITION, SOLUTION, SOLUTION_IMAGE_CSV, SOLUTION_STUDY_CSV, STUDY_CLASSES, read_image_labels,
 )
 from covidkit.metrics import format_scores, score_files
+from covidkit.layout import RunLayout
+from covidkit.plots import pr_curves
 from covidkit.oof import OofPredictions, opacity_ap, read_oof
 
-REPORT_HTML = "report.html"
-# OOF box files of the detectors and of the fusion, relative to the run folder.
-DETECTOR_OOF = {
-    "Faster R-CNN (03)": "03_train_siim_fasterrcnn/oof.csv",
-    "YOLO (04)": "04_train_siim_yolo/oof.csv",
-    "WBF ensemble (05)": "05_ensemble_wbf/oof.csv",
-}
-ENSEMBLE_TABLE = "05_ensemble_wbf/ap_table.csv"
-STUDY_DIR = "06_study_level"
 EXAMPLES = 8
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -74,9 +66,9 @@ def _require(*paths: Path) -> None:
         raise Missing(f"not run: {', '.join(absent)} missing")
 
 
-def find_input_dir(run_dir: Path) -> Path | None:
+def find_input_dir(layout: RunLayout) -> Path | None:
     """The ``input_dir`` the run's notebooks were given (papermill records it in each executed notebook)."""
-    for book in sorted((run_dir / "notebooks").glob("*.ipynb")):
+    for book in sorted(layout.notebooks.glob("*.ipynb")):
         try:
             params = json.loads(book.read_text())["metadata"]["papermill"]["parameters"]
         except (KeyError, ValueError):
@@ -95,21 +87,10 @@ def _truth(input_dir: Path | None) -> dict[str, np.ndarray]:
     return dict(zip(labels["image_id"], labels["boxes"]))
 
 
-def _detector_oofs(run_dir: Path) -> dict[str, OofPredictions]:
-    return {name: read_oof(run_dir / rel) for name, rel in DETECTOR_OOF.items() if (run_dir / rel).is_file()}
-
-
-def precision_recall_boxes(oof: OofPredictions, truth: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(recall, precision) of the opacity boxes by descending score, matched as the competition does."""
-    from covidkit.metrics import match_detections
-
-    gt = {i: np.asarray(truth.get(i, np.zeros((0, 4))), dtype=float).reshape(-1, 4) for i in oof.images["image_id"]}
-    n_gt = sum(len(b) for b in gt.values())
-    b = oof.boxes
-    tp = match_detections(gt, b["image_id"].to_numpy(dtype=object), b["score"].to_numpy(),
-                          b[["x1", "y1", "x2", "y2"]].to_numpy())
-    hits = np.cumsum(tp)
-    return hits / max(n_gt, 1), hits / np.arange(1, len(tp) + 1)
+def _detector_oofs(layout: RunLayout) -> dict[str, OofPredictions]:
+    files = {"Faster R-CNN (03)": layout.fasterrcnn.oof, "YOLO (04)": layout.yolo.oof,
+             "WBF ensemble (05)": layout.ensemble.fused_oof}
+    return {name: read_oof(path) for name, path in files.items() if path.is_file()}
 
 
 def precision_recall_labels(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,69 +100,57 @@ def precision_recall_labels(positive: np.ndarray, scores: np.ndarray) -> tuple[n
     return hits / max(hits[-1] if len(hits) else 0, 1), hits / np.arange(1, len(hits) + 1)
 
 
-def _pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for name, (recall, precision) in curves.items():
-        ax.plot(recall, precision, label=name)
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def detectors_section(run_dir: Path, input_dir: Path | None) -> str:
+def detectors_section(layout: RunLayout, input_dir: Path | None) -> str:
     """OOF opacity AP@0.5 of each detector and the fusion, PR curves, and 05's table."""
+    from covidkit.ensemble import precision_recall
+
     parts = []
-    table_path = run_dir / ENSEMBLE_TABLE
+    table_path = layout.ensemble.ap_table
     if table_path.is_file():
         parts += ["<h3>Single models and the fusion, same OOF images (05)</h3>",
                   _table_html(pd.read_csv(table_path, index_col=0))]
     else:
-        parts.append(f'<p class="missing">05 single-vs-fused table: not run ({ENSEMBLE_TABLE} missing)</p>')
-    oofs = _detector_oofs(run_dir)
+        parts.append(f'<p class="missing">05 single-vs-fused table: not run ({table_path} missing)</p>')
+    oofs = _detector_oofs(layout)
     if not oofs:
         raise Missing("not run: no OOF boxes of 03, 04 or 05")
     truth = _truth(input_dir)
     rows = [{"model": name, "images": len(oof.images), "boxes": len(oof.boxes), "opacity AP@0.5": opacity_ap(oof, truth)}
             for name, oof in oofs.items()]
-    curves = {f"{name} (AP {row['opacity AP@0.5']:.3f})": precision_recall_boxes(oof, truth)
+    curves = {f"{name} (AP {row['opacity AP@0.5']:.3f})": precision_recall(oof, truth)
               for (name, oof), row in zip(oofs.items(), rows)}
     parts += ["<h3>OOF opacity AP@0.5 of every model on all its OOF images</h3>",
               _table_html(pd.DataFrame(rows).set_index("model")),
-              _figure_html(_pr_figure(curves, "opacity, IoU > 0.5, out of fold"))]
+              _figure_html(pr_curves(curves, "opacity, IoU > 0.5, out of fold"))]
     return "\n".join(parts)
 
 
-def study_section(run_dir: Path) -> str:
+def study_section(layout: RunLayout) -> str:
     """06: OOF study APs, ``none`` APs, PR curves, confusion matrix."""
-    from covidkit.train.study import (
-        CONFUSION_PNG, OOF_IMAGES_CSV, OOF_STUDIES_CSV, OOF_STUDIES_STACKED_CSV, PROB_COLUMNS, SUMMARY_JSON,
-    )
+    from covidkit.study_scores import PROB_COLUMNS
 
-    out = run_dir / STUDY_DIR
-    _require(out / SUMMARY_JSON, out / OOF_STUDIES_CSV, out / OOF_IMAGES_CSV)
-    summary = json.loads((out / SUMMARY_JSON).read_text())
-    studies = pd.read_csv(out / OOF_STUDIES_CSV, dtype={"study_id": str})
-    images = pd.read_csv(out / OOF_IMAGES_CSV, dtype={"image_id": str, "study_id": str})
+    out = layout.study
+    _require(out.summary, out.oof_studies, out.oof_images)
+    summary = json.loads(out.summary.read_text())
+    studies = pd.read_csv(out.oof_studies, dtype={"study_id": str})
+    images = pd.read_csv(out.oof_images, dtype={"image_id": str, "study_id": str})
     columns = {"OOF AP": summary["study_ap"], "prior": summary["prior"]}
-    stacked_csv = out / OOF_STUDIES_STACKED_CSV
+    stacked_csv = out.oof_studies_stacked
     if "study_ap_stacked" in summary and stacked_csv.is_file():  # the stacker 07 applies: its curves are shown
         columns = {"OOF AP, study model": summary["study_ap"], "OOF AP, study model + boxes (07)": summary["study_ap_stacked"],
                    "prior": summary["prior"]}
         studies = pd.read_csv(stacked_csv, dtype={"study_id": str})
     table = pd.DataFrame(columns).loc[list(summary["study_ap"])]
     parts = [f"<p>{summary['studies']} studies, {summary['images']} images, out of fold.</p>", _table_html(table)]
-    none_csv = out / "none_comparison.csv"
+    none_csv = out.none_comparison
     none = pd.read_csv(none_csv, index_col=0) if none_csv.is_file() else pd.DataFrame(
         {"none_ap": summary["none_ap"]}).rename_axis("candidate")
     parts += ["<h3>Image-level <code>none</code> AP of each candidate rule</h3>", _table_html(none)]
     curves = {c: precision_recall_labels(studies["label"] == c, studies[col]) for c, col in zip(STUDY_CLASSES, PROB_COLUMNS)}
     curves["none (head)"] = precision_recall_labels(~images["has_box"].astype(bool), images["p_none_head"])
-    parts.append(_figure_html(_pr_figure(curves, "study classes and none, out of fold")))
-    if (out / CONFUSION_PNG).is_file():
-        parts += ["<h3>Confusion matrix</h3>", _png_html((out / CONFUSION_PNG).read_bytes())]
+    parts.append(_figure_html(pr_curves(curves, "study classes and none, out of fold")))
+    if out.confusion.is_file():
+        parts += ["<h3>Confusion matrix</h3>", _png_html(out.confusion.read_bytes())]
     return "\n".join(parts)
 
 
@@ -209,26 +178,26 @@ def _examples_figure(paths: list[Path], truths: list[np.ndarray], preds: list[np
                       predicted=[f(p) for f, p in zip(scale, preds)], predicted_scores=scores)
 
 
-def oof_examples_section(run_dir: Path, input_dir: Path | None) -> str:
+def oof_examples_section(layout: RunLayout, input_dir: Path | None) -> str:
     """OOF training images with true boxes (green) and the best available OOF boxes (orange)."""
-    oofs = _detector_oofs(run_dir)
+    oofs = _detector_oofs(layout)
     if not oofs:
         raise Missing("not run: no OOF boxes of 03, 04 or 05")
     name, oof = list(oofs.items())[-1]  # the fusion when 05 ran
     truth = _truth(input_dir)
-    meta = _meta(run_dir)
+    meta = _meta(layout)
     ids = _pick(oof.images["image_id"].tolist(), truth)
-    study = _study_titles(run_dir)
+    study = _study_titles(layout)
     boxes = oof.boxes.groupby("image_id")
     preds = [boxes.get_group(i) if i in boxes.groups else oof.boxes.iloc[:0] for i in ids]
     fig = _examples_figure(
-        [run_dir / "prepared" / "train" / f"{i}.png" for i in ids], [truth[i] for i in ids],
+        [layout.prepared.png("train", i) for i in ids], [truth[i] for i in ids],
         [p[["x1", "y1", "x2", "y2"]].to_numpy() for p in preds], [p["score"].to_numpy() for p in preds],
         [meta[i] for i in ids], [study.get(i, i[:12]) for i in ids])
     return f"<p>Boxes of {html.escape(name)}; green: truth, orange: predicted with score.</p>{_figure_html(fig)}"
 
 
-def test_examples_section(run_dir: Path, submission_csv: Path | None, solution_dir: Path | None) -> str:
+def test_examples_section(layout: RunLayout, submission_csv: Path | None, solution_dir: Path | None) -> str:
     """Test images with the submission's boxes (and the true boxes when the test labels exist)."""
     if submission_csv is None or not Path(submission_csv).is_file():
         raise Missing(f"not run: no submission ({submission_csv})")
@@ -240,22 +209,22 @@ def test_examples_section(run_dir: Path, submission_csv: Path | None, solution_d
     if solution_dir is not None and (Path(solution_dir) / SOLUTION_IMAGE_CSV).is_file():
         labels = read_image_labels(Path(solution_dir) / SOLUTION_IMAGE_CSV)
         truth = dict(zip(labels["image_id"], labels["boxes"]))
-    meta = _meta(run_dir)
-    ids = [i for i in _pick(sorted(predicted), truth) if (run_dir / "prepared" / "test" / f"{i}.png").is_file()]
+    meta = _meta(layout)
+    ids = [i for i in _pick(sorted(predicted), truth) if layout.prepared.png("test", i).is_file()]
     if not ids:
         raise Missing("not run: no prepared test image of the submission")
     fig = _examples_figure(
-        [run_dir / "prepared" / "test" / f"{i}.png" for i in ids], [truth.get(i, np.zeros((0, 4))) for i in ids],
+        [layout.prepared.png("test", i) for i in ids], [truth.get(i, np.zeros((0, 4))) for i in ids],
         [np.array([[p.x1, p.y1, p.x2, p.y2] for p in predicted[i]]).reshape(-1, 4) for i in ids],
         [np.array([p.conf for p in predicted[i]]) for i in ids], [meta[i] for i in ids], [i[:12] for i in ids])
     return f"<p>Green: truth (when labelled), orange: submitted boxes with score.</p>{_figure_html(fig)}"
 
 
-def _meta(run_dir: Path) -> dict[str, tuple[int, int]]:
-    _require(run_dir / "prepared" / "meta.csv")
-    meta = pd.read_csv(run_dir / "prepared" / "meta.csv", dtype={"image_id": str})
-    return {i: (int(h), int(w)) for i, h, w in zip(meta["image_id"], meta["orig_height"], meta["orig_width"])
-            if not (math.isnan(h) or math.isnan(w))}
+def _meta(layout: RunLayout) -> dict[str, tuple[int, int]]:
+    from covidkit.prepare import image_sizes
+
+    _require(layout.prepared.meta_csv)
+    return image_sizes(layout.prepared.dir)
 
 
 def _pick(ids: list[str], truth: dict[str, np.ndarray]) -> list[str]:
@@ -265,9 +234,9 @@ def _pick(ids: list[str], truth: dict[str, np.ndarray]) -> list[str]:
     return (with_box[: EXAMPLES * 3 // 4] + without)[:EXAMPLES]
 
 
-def _study_titles(run_dir: Path) -> dict[str, str]:
+def _study_titles(layout: RunLayout) -> dict[str, str]:
     """``{image_id: "label · p(label)"}`` from 06's OOF images, when it ran."""
-    path = run_dir / STUDY_DIR / "oof_images.csv"
+    path = layout.study.oof_images
     if not path.is_file():
         return {}
     images = pd.read_csv(path, dtype={"image_id": str})
@@ -304,11 +273,11 @@ def _section(title: str, build: Callable[[], str]) -> str:
     return f"<h2>{html.escape(title)}</h2>\n{body}"
 
 
-def fresh_tests_section(run_dir: Path) -> str:
+def fresh_tests_section(layout: RunLayout) -> str:
     """07's scores on fresh test sets (``covidkit.fresh_tests``): per seed, their mean and spread."""
     from covidkit.fresh_tests import read_fresh_test_sets
 
-    fresh = read_fresh_test_sets(run_dir / "fresh_tests")
+    fresh = read_fresh_test_sets(layout.submission.fresh_tests)
     if fresh is None:
         raise Missing("not run: no fresh_tests/scores.csv (07's fresh_test_seeds)")
     return f"<p>{html.escape(fresh.summary())}</p>" + _table_html(fresh.per_seed.set_index("seed"), digits=3)
@@ -323,28 +292,28 @@ def write_report(run_dir: str | Path, submission_csv: str | Path | None = None, 
     ``<input_dir>/siim-covid19-detection-solution`` when that exists. ``checks``: the run's
     ``covidkit.learning`` checks, when the caller has them already.
     """
-    run_dir = Path(run_dir)
-    input_dir = Path(input_dir) if input_dir is not None else find_input_dir(run_dir)
+    layout = RunLayout(run_dir)
+    input_dir = Path(input_dir) if input_dir is not None else find_input_dir(layout)
     if solution_dir is None and input_dir is not None and (input_dir / SOLUTION).is_dir():
         solution_dir = input_dir / SOLUTION
     from covidkit.learning import check_run
 
-    checks = check_run(run_dir, input_dir) if checks is None else checks
+    checks = check_run(layout.root, input_dir) if checks is None else checks
     sections = [
         _section("Did every model learn?", lambda: learning_section(checks)),
-        _section("Opacity detectors, out of fold (03, 04, 05)", lambda: detectors_section(run_dir, input_dir)),
-        _section("Study classes and none, out of fold (06)", lambda: study_section(run_dir)),
+        _section("Opacity detectors, out of fold (03, 04, 05)", lambda: detectors_section(layout, input_dir)),
+        _section("Study classes and none, out of fold (06)", lambda: study_section(layout)),
         _section("Submission score (07)", lambda: submission_section(submission_csv, solution_dir)),
-        _section("Fresh test sets (07)", lambda: fresh_tests_section(run_dir)),
-        _section("Out-of-fold examples", lambda: oof_examples_section(run_dir, input_dir)),
-        _section("Test examples", lambda: test_examples_section(run_dir, submission_csv, solution_dir)),
+        _section("Fresh test sets (07)", lambda: fresh_tests_section(layout)),
+        _section("Out-of-fold examples", lambda: oof_examples_section(layout, input_dir)),
+        _section("Test examples", lambda: test_examples_section(layout, submission_csv, solution_dir)),
     ]
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>covidkit report</title>"
             f"<style>{STYLE}</style></head><body>\n<h1>covidkit run report</h1>\n"
-            f"<p>Run folder <code>{html.escape(str(run_dir.resolve()))}</code>, written {stamp}.</p>\n"
+            f"<p>Run folder <code>{html.escape(str(layout.root.resolve()))}</code>, written {stamp}.</p>\n"
             + learning_banners(checks) + "\n" + "\n".join(sections) + "\n</body></html>\n")
-    path = run_dir / REPORT_HTML
+    path = layout.report
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 
 ZONE_ROWS = 3
-STACKER_JSON = "stacker.json"
 FEATURE_NAMES = ("log_p_negative", "log_p_typical", "log_p_indeterminate", "log_p_atypical",
                  *(f"box_{row}_{side}" for side in ("worse", "better") for row in ("upper", "middle", "lower")))
 

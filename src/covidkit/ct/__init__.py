@@ -1,13 +1,7 @@
-"""CT lesion segmentation: CogSeg (Sang et al., ICASSP 2021), super-resolution and edge-guided RMI co-learning.
+"""The CT methods beside the radiograph pipeline, each a package of its own (they share nothing):
 
-Modules:
-
-- ``medseg``: the MedSeg 100-slice and Radiopaedia 9-volume sets (NIfTI), splits, the paper's augmentation,
-  the training dataset (input downsampled by 2, full-resolution image and mask);
-- ``cogseg``: the model (shared U-Net encoder, segmentation and super-resolution decoders);
-- ``losses``: RMI, edge-guided RMI and the combined CogSeg loss;
-- ``metrics``: mIoU, DSC, sensitivity, specificity;
-- ``cogseg_train``: the ablation of the paper's tables, trained with :mod:`covidkit.train`;
-- ``plots``: predicted masks over slices, training curves;
-- ``bench``: throughput of inference and of a training step.
+- ``cogseg``: CogSeg (Sang et al., ICASSP 2021), CT lesion segmentation co-learned with super-resolution and
+  edge-guided RMI (notebook 10, ``covidkit.stages.ct_cogseg``);
+- ``decovnet``: DeCoVNet (Wang et al., IEEE TMI 2020), CT volume classification with lesion localization
+  (notebook 11, ``covidkit.stages.ct_decovnet``).
 """

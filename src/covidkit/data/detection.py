@@ -1,36 +1,14 @@
-"""The SIIM opacity detection dataset over the prepared PNGs (``covidkit.data.siim.prepared_train_table``)."""
+"""The SIIM opacity detection dataset over the prepared PNGs (``covidkit.prepare.train_table``)."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from covidkit.boxes import scale_boxes
-from covidkit.data.nih import read_grey
-from covidkit.models.fasterrcnn import OPACITY
+from covidkit.data.prepared import PreparedImages
 
-TABLE_COLUMNS = ("image_id", "path", "orig_height", "orig_width", "boxes")
-
-
-class PreparedImages(Dataset):
-    """Rows of a prepared train table: each row's grey PNG with its boxes in that PNG's pixels."""
-
-    def __init__(self, table: pd.DataFrame, transform) -> None:
-        missing = [c for c in TABLE_COLUMNS if c not in table.columns]
-        if missing:
-            raise ValueError(f"prepared table lacks columns {missing}")
-        self.table = table.reset_index(drop=True)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def image_and_boxes(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        row = self.table.iloc[index]
-        grey = read_grey(row["path"])
-        return grey, scale_boxes(row["boxes"], (row["orig_height"], row["orig_width"]), grey.shape)
+OPACITY = 1  # the opacity class index (0: background, as torchvision's detection models count)
 
 
 class OpacityDataset(PreparedImages):

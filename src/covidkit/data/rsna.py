@@ -91,7 +91,7 @@ def convert_to_yolo(rsna_dir: str | Path, out_dir: str | Path, size: int = 512, 
     meta = meta.sort_values("image_id").reset_index(drop=True)
     ok = meta[meta["status"] == "ok"]
     for row in ok.itertuples(index=False):
-        yolo_format.write_labels(out_dir / "labels" / f"{row.image_id}.txt", row.boxes,
+        yolo_format.write_labels(yolo_format.label_path(out_dir, row.image_id), row.boxes,
                                  (int(row.orig_height), int(row.orig_width)))
     meta["n_boxes"] = [len(b) for b in meta["boxes"]]
     meta.drop(columns=["boxes"]).to_csv(out_dir / "meta.csv", index=False)

@@ -87,22 +87,3 @@ def dicom_paths(competition_dir: str | Path, split: str) -> dict[str, Path]:
     """``{image_id: path}`` for every ``<split>/<study>/<series>/<image>.dcm``."""
     root = Path(competition_dir) / split
     return {p.stem: p for p in sorted(root.glob("*/*/*.dcm"))}
-
-
-def prepared_train_table(prepared_dir: str | Path, competition_dir: str | Path) -> pd.DataFrame:
-    """The prepared training images with everything a model needs, one row per image.
-
-    Joins ``meta.csv`` (successfully prepared train images), ``folds.csv`` and the image-level
-    labels. Columns: ``image_id, study_id, patient_id, label, fold, path, orig_height, orig_width,
-    boxes`` where ``boxes`` are ``[N, 4]`` arrays in original pixels (see
-    ``covidkit.boxes.scale_boxes`` for the prepared size).
-    """
-    prepared_dir = Path(prepared_dir)
-    meta = pd.read_csv(prepared_dir / "meta.csv", dtype={"image_id": str, "study_id": str})
-    meta = meta[(meta["split"] == "train") & (meta["status"] != "failed")]
-    folds = pd.read_csv(prepared_dir / "folds.csv", dtype={"image_id": str})[["image_id", "label", "fold"]]
-    labels = read_image_labels(Path(competition_dir) / "train_image_level.csv")[["image_id", "boxes"]]
-    table = meta.merge(folds, on="image_id").merge(labels, on="image_id")
-    table["path"] = [str(prepared_dir / "train" / f"{i}.png") for i in table["image_id"]]
-    columns = ["image_id", "study_id", "patient_id", "label", "fold", "path", "orig_height", "orig_width", "boxes"]
-    return table[columns].sort_values("image_id").reset_index(drop=True)

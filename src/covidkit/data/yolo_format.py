@@ -97,8 +97,13 @@ def write_split(root: Path, name: str, train_images: Sequence[Path], val_images:
     return write_data_yaml(root / f"{name}.yaml", train_list, val_list)
 
 
-def siim_image_path(root: Path, image_id: str) -> Path:
-    return root / "images" / f"{image_id}.png"
+def image_path(root: Path, image_id: str) -> Path:
+    """Where a YOLO dataset keeps an image (ultralytics finds its labels by replacing ``images`` with ``labels``)."""
+    return Path(root) / "images" / f"{image_id}.png"
+
+
+def label_path(root: Path, image_id: str) -> Path:
+    return Path(root) / "labels" / f"{image_id}.txt"
 
 
 def write_siim_dataset(table: pd.DataFrame, root: str | Path) -> Path:
@@ -111,8 +116,8 @@ def write_siim_dataset(table: pd.DataFrame, root: str | Path) -> Path:
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "labels").mkdir(parents=True, exist_ok=True)
     for row in tqdm(table.itertuples(index=False), total=len(table), desc="YOLO labels", unit="img", leave=False):
-        link_image(Path(row.path), siim_image_path(root, row.image_id))
-        write_labels(root / "labels" / f"{row.image_id}.txt", row.boxes, (row.orig_height, row.orig_width))
+        link_image(Path(row.path), image_path(root, row.image_id))
+        write_labels(label_path(root, row.image_id), row.boxes, (row.orig_height, row.orig_width))
     return root
 
 
@@ -120,7 +125,7 @@ def write_siim_fold(table: pd.DataFrame, root: str | Path, fold: int, column: st
     """The data YAML of fold ``fold`` of ``table[column]``: validate on it, train on the others."""
     root = Path(root)
     is_val = table[column].to_numpy() == fold
-    paths = np.array([siim_image_path(root, i) for i in table["image_id"]], dtype=object)
+    paths = np.array([image_path(root, i) for i in table["image_id"]], dtype=object)
     return write_split(root, f"fold{fold}", list(paths[~is_val]), list(paths[is_val]))
 
 

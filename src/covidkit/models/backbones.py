@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
-from covidkit.train.checkpoint import load_tagged, save_checkpoint
+from covidkit.model_file import load_tagged, save_checkpoint
 
 BACKBONE_FORMAT = "covidkit.backbone/1"
 # torchvision's ResNet family; detection.backbone_utils.resnet_fpn_backbone accepts the same names.

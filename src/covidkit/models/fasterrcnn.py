@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +15,12 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
-from covidkit.boxes import scale_boxes
+from covidkit.model_file import load_tagged, save_checkpoint, unwrap
 from covidkit.models.backbones import check_arch, load_backbone
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-NUM_CLASSES = 2  # background, opacity
-OPACITY = 1
+NUM_CLASSES = 2  # background, opacity (covidkit.data.detection.OPACITY)
+DETECTOR_FORMAT = "covidkit.fasterrcnn/1"  # a file format tag: kept when the export moved to 03
 ROI_SIZE = 7  # RoIAlign output side, as in torchvision's Faster R-CNN
 
 
@@ -94,22 +94,29 @@ def build_fasterrcnn(arch: str | None = None, backbone_checkpoint: str | Path | 
 
 
 @torch.no_grad()
-def predict_image(model: FasterRCNN, image: np.ndarray, prepared_size: int, infer_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(boxes [N, 4] in ``image``'s pixels, scores [N])`` for one uint8 grey image of any size.
-
-    The image goes the way of the out-of-fold predictions: resized to 00's square
-    ``prepared_size`` (``covidkit.prepare.resize_square``), scaled to [0, 1] on three channels,
-    resized by the model to ``infer_size``; the boxes are scaled back. ``model`` is in eval mode.
-    """
-    from covidkit.prepare import resize_square
-
-    square = resize_square(image, prepared_size)
-    device = next(model.parameters()).device
-    x = torch.from_numpy(square).to(device).float().div_(255.0).expand(3, -1, -1)
+def predict_boxes(model: FasterRCNN, images: Sequence[torch.Tensor], infer_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(boxes [N, 4], scores [N])`` in each image's pixels, for float ``[3, H, W]`` images in [0, 1]
+    (what 03's evaluation transform gives). Out-of-fold (03) and test predictions (07) both come through here."""
+    model.eval()
     with inference_size(model, infer_size):
-        out = model([x])[0]
-    boxes = scale_boxes(out["boxes"].float().cpu().numpy(), square.shape, image.shape[:2])
-    return boxes, out["scores"].float().cpu().numpy()
+        outputs = model(list(images))
+    return [(o["boxes"].float().cpu().numpy().astype(np.float64), o["scores"].float().cpu().numpy().astype(np.float64))
+            for o in outputs]
+
+
+def save_detector(model: FasterRCNN, arch: str, spec: DetectorSpec, infer_size: int, path: str | Path) -> Path:
+    """One fold's detector: weights and what rebuilds the network (no optimizer state)."""
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    return save_checkpoint({"format": DETECTOR_FORMAT, "arch": arch, "spec": asdict(spec), "infer_size": infer_size,
+                            "state_dict": state}, path)
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[FasterRCNN, int]:
+    """A fold's detector written by ``save_detector``, in eval mode, and its inference size."""
+    ckpt = load_tagged(path, DETECTOR_FORMAT, "Faster R-CNN detector", "03_train_siim_fasterrcnn")
+    model = build_fasterrcnn(arch=ckpt["arch"], spec=DetectorSpec(**ckpt["spec"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), int(ckpt["infer_size"])
 
 
 @contextlib.contextmanager

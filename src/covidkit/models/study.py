@@ -35,7 +35,7 @@ from covidkit.data.siim import STUDY_CLASSES
 from covidkit.models.backbones import check_arch, load_backbone
 from covidkit.models.unet import PLAIN, PlainEncoder, ResNetEncoder, UNetDecoder, ZONES, zone_summary
 from covidkit.prepare import resize_square
-from covidkit.train.checkpoint import load_tagged, save_checkpoint
+from covidkit.model_file import load_tagged, save_checkpoint
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NOTEBOOK = "06_study_level"
@@ -90,6 +90,16 @@ class StudyNet(nn.Module):
         # the heat map is trained on the boxes alone (detached here); the study head reads it
         study = self.study_head(torch.cat([features[-1].mean(dim=(2, 3)), zone_summary(mask.detach())], 1))
         return {"study": study, "none": -mask.flatten(1).amax(1), "mask": mask}
+
+
+def study_loss(out: dict[str, torch.Tensor], target: dict[str, torch.Tensor], class_weights: torch.Tensor | None = None,
+               none_weight: float = 0.0, mask_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy over the study classes + the weighted heat-map and ``none`` terms; ``(total, parts)``."""
+    ce = F.cross_entropy(out["study"].float(), target["label"], weight=class_weights)
+    none = F.binary_cross_entropy_with_logits(out["none"].float(), target["none"].float())
+    mask_target = F.adaptive_avg_pool2d(target["mask"], out["mask"].shape[-2:])
+    mask = F.binary_cross_entropy_with_logits(out["mask"].float(), mask_target)
+    return ce + none_weight * none + mask_weight * mask, {"ce": ce, "none_bce": none, "mask_bce": mask}
 
 
 def build_study_model(spec: StudySpec, backbone_checkpoint: str | Path | None = None) -> StudyNet:

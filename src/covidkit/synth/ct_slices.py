@@ -1,4 +1,4 @@
-"""Synthetic axial chest CT slices in the two MedSeg layouts (see :mod:`covidkit.ct.medseg`).
+"""Synthetic axial chest CT slices in the two MedSeg layouts (see :mod:`covidkit.ct.cogseg.medseg`).
 
 Each slice is a phantom in Hounsfield units: air, a body with a fat layer, a spine, two lungs with vessels
 (bright lines and dots, not lesions), and lesions of the three labelled kinds:
@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from covidkit.ct.medseg import (
+from covidkit.ct.cogseg.medseg import (
     MEDSEG_DIR, MEDSEG_IMAGES, MEDSEG_MASKS, RADIOPAEDIA_DIR, RP_IMAGES, RP_MASKS, slice_to_nifti,
 )
 

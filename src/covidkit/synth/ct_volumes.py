@@ -1,4 +1,4 @@
-"""Synthetic chest CT volumes with COVID-19 labels, for DeCoVNet (see :mod:`covidkit.ct.volumes`).
+"""Synthetic chest CT volumes with COVID-19 labels, for DeCoVNet (see :mod:`covidkit.ct.decovnet.volumes`).
 
 Each volume is a phantom in Hounsfield units: air, a body with a fat layer, a spine, two lungs whose
 shape varies from case to case (wavy borders, apex and base), branching vessels, a trachea and main
@@ -22,7 +22,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from covidkit.ct.volumes import (DATASET_DIR, LABELS_CSV, LESIONS_DIR, VOLUMES_DIR, write_dicom_series,
+from covidkit.ct.decovnet.volumes import (DATASET_DIR, LABELS_CSV, LESIONS_DIR, VOLUMES_DIR, write_dicom_series,
                                  write_nifti)
 
 if TYPE_CHECKING:

@@ -1,11 +1,12 @@
-"""Notebook 01: multi-label pretraining of a ResNet-family backbone on NIH ChestX-ray14.
+"""Stage 01: multi-label pretraining of a ResNet-family backbone on NIH ChestX-ray14.
 
 15 labels (14 findings + No Finding), BCE with logits, SGD with Nesterov momentum, the cosine
-schedule with a floor, AMP on CUDA, per-label AUROC on a patient-grouped validation split. The
-backbone is saved to ``<run_dir>/01_pretrain_nih_resnext/backbone.pt`` for the detectors and
-the study classifier.
+schedule with a floor, AMP on CUDA, per-label AUROC on a patient-grouped validation split.
 
-Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.train.nih --profile full``.
+Reads ``<input_dir>/nih-chest-xrays/`` (Kaggle layout) and, with ``weights: imagenet``, torchvision's
+ImageNet file in ``<input_dir>/weights/``. Writes ``<run_dir>/01_pretrain_nih_resnext/``: ``backbone.pt``
+(what 03 and 06 load), ``auroc.csv`` (per label), ``train/`` (the engine's run: checkpoints, metrics, plots).
+Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.stages.nih_pretrain --profile full``.
 """
 from __future__ import annotations
 
@@ -25,33 +26,18 @@ from tqdm import tqdm
 from covidkit.data.nih import DATASET, LABELS, NihDataset, patient_split, read_nih_table
 from covidkit.models import pretrained
 from covidkit.models.backbones import build_classifier, save_backbone
-from covidkit.train import (
-    TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device,
+from covidkit.engine import (
+    TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, read_metrics, seed_everything, to_device,
 )
-from covidkit.train.distributed import all_gather_object, barrier, dist_info
-from covidkit.profiles import config_from_params
+from covidkit.engine.distributed import all_gather_object, barrier, dist_info
+from covidkit.stages import StageConfig, stage_main
 from covidkit.transforms import ClassificationAugment, classification_transform
 
 NOTEBOOK = "01_pretrain_nih_resnext"
-BACKBONE_FILE = "backbone.pt"
-
-
-def output_dir(run_dir: str | Path) -> Path:
-    """This notebook's folder inside a run folder."""
-    return Path(run_dir) / NOTEBOOK
-
-
-def backbone_path(run_dir: str | Path) -> Path:
-    """Where 01 saves the NIH backbone of a run (what 03 and the study classifier load)."""
-    return output_dir(run_dir) / BACKBONE_FILE
 
 
 @dataclass
-class NihPretrainConfig:
-    """Parameters of notebook 01 (names as in its ``parameters`` cell and the profile section)."""
-
-    input_dir: str
-    run_dir: str
+class Config(StageConfig):
     seed: int = 42
     arch: str = "resnext101_32x8d"
     weights: str | None = None  # "imagenet" (torchvision's file in input/weights/), a file or path; None: random
@@ -63,22 +49,21 @@ class NihPretrainConfig:
     weight_decay: float = 1e-4
     lr_floor: float = 0.05
     val_fraction: float = 0.1
-    resize: int = 256
-    crop: int = 224
-    num_workers: int = 4
+    input_size: int = 224  # the centre crop the network sees (the short side is resized to 8/7 of it first)
+    workers: int = 4  # DataLoader workers
     cache_images: bool = False  # keep the decoded images, resized, in memory (small data sets)
     amp: bool = True
     resume: bool = True
     progress: bool = True
 
-    @classmethod
-    def from_params(cls, params: dict) -> NihPretrainConfig:
-        """From a profile section (unknown keys are an error)."""
-        return config_from_params(cls, params, NOTEBOOK)
+    @property
+    def resize(self) -> int:
+        """The short side before the centre crop (256 for 224, as the ImageNet recipe)."""
+        return round(self.input_size * 8 / 7)
 
 
 @dataclass
-class NihPretrainResult:
+class Result:
     backbone: Path
     metrics: pd.DataFrame  # one row per epoch (the engine's metrics.csv)
     auroc: pd.DataFrame  # per label: auroc, positives, negatives (validation split, best epoch)
@@ -135,23 +120,23 @@ def mean_auroc(auroc: pd.DataFrame) -> float:
     return float(defined.mean()) if len(defined) else math.nan
 
 
-def make_evaluate(dataset, cfg: NihPretrainConfig):
+def make_evaluate(dataset, cfg: Config):
     """The engine's per-epoch ``evaluate``: validation BCE and mean AUROC."""
     def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
-        probs, targets = predict_probabilities(model, dataset, device, cfg.batch_size, cfg.num_workers)
+        probs, targets = predict_probabilities(model, dataset, device, cfg.batch_size, cfg.workers)
         p = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7)
         loss = nn.functional.binary_cross_entropy(p, torch.from_numpy(targets)).item()
         return {"val_loss": loss, "val_auroc": mean_auroc(per_label_auroc(probs, targets))}
     return evaluate
 
 
-def run_nih_pretrain(cfg: NihPretrainConfig) -> NihPretrainResult:
+def run(cfg: Config) -> Result:
     """Train, pick the epoch with the lowest validation loss, report per-label AUROC, save the backbone."""
     info = init_distributed()
-    out = output_dir(cfg.run_dir)
+    out = cfg.layout.nih
     table = read_nih_table(Path(cfg.input_dir) / DATASET)
     train_table, val_table = patient_split(table, cfg.val_fraction, cfg.seed)
-    aug = ClassificationAugment(resize=cfg.resize, crop=cfg.crop)
+    aug = ClassificationAugment(resize=cfg.resize, crop=cfg.input_size)
     cache_size = cfg.resize if cfg.cache_images else None
     train_set = NihDataset(train_table, classification_transform(aug, train=True), cache_size)
     val_set = NihDataset(val_table, classification_transform(aug, train=False), cache_size)
@@ -159,8 +144,8 @@ def run_nih_pretrain(cfg: NihPretrainConfig) -> NihPretrainResult:
     seed_everything(cfg.seed)
     model = build_classifier(cfg.arch, len(LABELS), pretrained.resolve(cfg.weights, cfg.input_dir, cfg.arch, NOTEBOOK))
     train_cfg = TrainConfig(
-        run_dir=str(out / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-        num_workers=cfg.num_workers, amp=cfg.amp, monitor="val_loss", monitor_mode="min",
+        run_dir=str(out.train), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+        num_workers=cfg.workers, amp=cfg.amp, monitor="val_loss", monitor_mode="min",
         progress=cfg.progress, hparams=asdict(cfg),
     )
     result = fit(
@@ -174,26 +159,22 @@ def run_nih_pretrain(cfg: NihPretrainConfig) -> NihPretrainResult:
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
-        probs, targets = predict_probabilities(model, val_set, device, cfg.batch_size, cfg.num_workers, cfg.progress)
+        probs, targets = predict_probabilities(model, val_set, device, cfg.batch_size, cfg.workers, cfg.progress)
     auroc = per_label_auroc(probs, targets)
     if info.is_main:
-        auroc.to_csv(out / "auroc.csv")
-        save_backbone(model, backbone_path(cfg.run_dir), cfg.arch, labels=LABELS, seed=cfg.seed,
+        auroc.to_csv(out.auroc_csv)
+        save_backbone(model, out.backbone, cfg.arch, labels=LABELS, seed=cfg.seed,
                       val_mean_auroc=mean_auroc(auroc))
     barrier()
-    metrics = pd.read_csv(Path(train_cfg.run_dir) / "metrics.csv")
-    return NihPretrainResult(backbone_path(cfg.run_dir), metrics, auroc, out)
+    return Result(out.backbone, read_metrics(train_cfg.run_dir), auroc, out.dir)
+
+
+def describe(result: Result) -> str:
+    return result.auroc.to_string(float_format="%.3f") + f"\nbackbone: {result.backbone}"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from covidkit.profiles import profile_argument_parser, section_parameters
-
-    args = profile_argument_parser(__doc__.splitlines()[0]).parse_args(argv)
-    params = section_parameters(args.profile, NOTEBOOK, input_dir=args.input, run_dir=args.run_dir)
-    result = run_nih_pretrain(NihPretrainConfig.from_params(params))
-    if dist_info().is_main:
-        print(result.auroc.to_string(float_format="%.3f"))
-        print(f"backbone: {result.backbone}")
+    stage_main(__name__, argv)
 
 
 if __name__ == "__main__":

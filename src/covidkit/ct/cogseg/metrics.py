@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from covidkit.ct.medseg import CLASS_NAMES, LESION_CLASSES
+from covidkit.ct.cogseg.medseg import CLASS_NAMES, LESION_CLASSES
 
 METRICS = ("IoU", "DSC", "sensitivity", "specificity")
 

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from covidkit.ct.decovnet import DeCoVNet
-from covidkit.ct.decovnet_train import DeCoVNetConfig, classifier_arrays, predict_volume, prepare_volume
-from covidkit.ct.lungmask import LungUNet, predict_lung_mask
-from covidkit.ct.volumes import DATASET_DIR, CTVolume, read_cases, read_volume
+from covidkit.ct.decovnet.model import DeCoVNet
+from covidkit.stages.ct_decovnet import DeCoVNetConfig, classifier_arrays, predict_volume, prepare_volume
+from covidkit.ct.decovnet.lungmask import LungUNet, predict_lung_mask
+from covidkit.ct.decovnet.volumes import DATASET_DIR, CTVolume, read_cases, read_volume
 
 
 def _volumes(n: int, slices: int, size: int, input_dir: Path | None, seed: int) -> list[CTVolume]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from covidkit.bench.memory import peak_rss_mib, reset_peak_rss
 from covidkit.data.siim import STUDY_CLASSES
 
 TRAIN_IMAGES, TEST_IMAGES = 6334, 1263  # the competition's
@@ -102,7 +103,7 @@ def _steps(t: Tables) -> dict[str, Callable[[], object]]:
     from covidkit.oof import opacity_ap
     from covidkit.stacking import fit_stacker, oof_zone_scores, out_of_fold_probs, stacker_features
     from covidkit.submission import ImagePrediction, submission_frame, validate_submission
-    from covidkit.train.study import choose_none_rule
+    from covidkit.stages.study_level import choose_none_rule
 
     params = FusionParams()
     rng = np.random.default_rng(1)
@@ -161,35 +162,12 @@ def _steps(t: Tables) -> dict[str, Callable[[], object]]:
     }
 
 
-def _reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM) to the current one."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mib() -> float:
-    """The process's peak resident memory since the last reset (VmHWM), in MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _measure(fn: Callable[[], object]) -> tuple[float, float]:
     """Seconds and the process's peak resident memory (MiB) while ``fn`` ran (not traced: tracing slows Python)."""
-    _reset_peak_rss()
+    reset_peak_rss()
     start = time.perf_counter()
     fn()
-    return time.perf_counter() - start, _peak_rss_mib()
+    return time.perf_counter() - start, peak_rss_mib()
 
 
 def bench_scale(n_train: int = TRAIN_IMAGES, n_test: int = TEST_IMAGES, boxes: int = BOXES_PER_MODEL,

@@ -5,9 +5,9 @@ import time
 
 import torch
 
-from covidkit.ct.cogseg import CogSeg, CogSegConfig
-from covidkit.ct.losses import CogSegLoss, CogSegLossConfig
-from covidkit.ct.medseg import NUM_CLASSES
+from covidkit.ct.cogseg.model import CogSeg, CogSegConfig
+from covidkit.ct.cogseg.losses import CogSegLoss, CogSegLossConfig
+from covidkit.ct.cogseg.medseg import NUM_CLASSES
 
 
 def _synced_seconds(fn, device: torch.device, repeats: int) -> float:
@@ -28,7 +28,7 @@ def bench_cogseg(size: int = 512, batch_size: int = 4, steps: int = 5, warmup: i
     Inference: eval mode, segmentation path, softmax. Training: forward with the SR branch, the full CogSeg loss
     (CE + SR MSE + 4 L1 + edge-guided RMI), backward, Adam step. AMP on CUDA when ``amp``.
     """
-    from covidkit.train import autocast_context, default_device
+    from covidkit.engine import autocast_context, default_device
 
     dev = torch.device(device) if device else default_device()
     torch.manual_seed(0)

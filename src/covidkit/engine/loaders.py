@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from covidkit.train.config import TrainConfig
-from covidkit.train.distributed import DistInfo
-from covidkit.train.seed import loader_generator
+from covidkit.engine.config import TrainConfig
+from covidkit.engine.distributed import DistInfo
+from covidkit.engine.seed import loader_generator
 
 
 class WeightedSampler(Sampler[int]):
@@ -93,7 +93,7 @@ def make_train_sampler(
         if not callable(getattr(sampler, "set_epoch", None)):
             raise TypeError(
                 f"{type(sampler).__name__} has no set_epoch(epoch): a resumed run could not repeat its order; "
-                "use covidkit.train.WeightedSampler, DistributedSampler, or pass sample_weights"
+                "use covidkit.engine.WeightedSampler, DistributedSampler, or pass sample_weights"
             )
         if info.distributed and getattr(sampler, "num_replicas", None) != info.world_size:
             raise ValueError(

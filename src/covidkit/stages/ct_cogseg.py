@@ -1,4 +1,4 @@
-"""The CogSeg ablation of the paper's Tables 1 and 2, trained with the shared engine (:mod:`covidkit.train`).
+"""The CogSeg ablation of the paper's Tables 1 and 2, trained with the shared engine (:mod:`covidkit.engine`).
 
 Variants (each adds to the one before):
 
@@ -27,10 +27,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from covidkit.ct.cogseg import CogSeg, CogSegConfig
-from covidkit.ct.losses import CogSegLoss, CogSegLossConfig
-from covidkit.ct.medseg import CLASS_NAMES, NUM_CLASSES, CTSegDataset, CTSlices, augment_paper, load_ct_dataset
-from covidkit.ct.metrics import ConfusionMatrix, summarize
+from covidkit.ct.cogseg.model import CogSeg, CogSegConfig
+from covidkit.ct.cogseg.losses import CogSegLoss, CogSegLossConfig
+from covidkit.ct.cogseg.medseg import CLASS_NAMES, NUM_CLASSES, CTSegDataset, CTSlices, augment_paper, load_ct_dataset
+from covidkit.ct.cogseg.metrics import ConfusionMatrix, summarize
 
 VARIANTS: dict[str, CogSegLossConfig] = {
     "U-Net": CogSegLossConfig(sr=False, feature_scales=0, rmi="none"),
@@ -112,7 +112,7 @@ def predict_masks(model: CogSeg, dataset: CTSegDataset, device: torch.device | s
 
 def evaluate_model(model: CogSeg, dataset: CTSegDataset, device: torch.device | str = "cpu",
                    batch_size: int = 8) -> dict[str, float]:
-    """The paper's metrics (:mod:`covidkit.ct.metrics`) of ``model`` on ``dataset``."""
+    """The paper's metrics (:mod:`covidkit.ct.cogseg.metrics`) of ``model`` on ``dataset``."""
     cm = ConfusionMatrix(NUM_CLASSES)
     cm.update(dataset.masks, torch.from_numpy(predict_masks(model, dataset, device, batch_size)))
     return summarize(cm)
@@ -142,7 +142,7 @@ def load_splits(cfg: AblationConfig) -> tuple[CTSlices, CTSlices]:
 def train_variant(name: str, cfg: AblationConfig, train: CTSegDataset, test: CTSegDataset,
                   device: torch.device | str | None = None) -> tuple[CogSeg, Path]:
     """Train one ablation variant in ``<run_dir>/<slug>``; returns the model (last epoch, CPU, eval) and folder."""
-    from covidkit.train import TrainConfig, cosine_with_floor, fit, seed_everything
+    from covidkit.engine import TrainConfig, cosine_with_floor, fit, seed_everything
 
     loss_cfg = VARIANTS[name]
     run_dir = Path(cfg.run_dir) / slug(name)
@@ -169,7 +169,7 @@ def train_variant(name: str, cfg: AblationConfig, train: CTSegDataset, test: CTS
 
 def run_ablation(cfg: AblationConfig, device: torch.device | str | None = None) -> AblationResult:
     """Train and evaluate every variant of ``cfg.variants``; writes ``<run_dir>/ablation.csv``."""
-    from covidkit.train import default_device, is_main_process
+    from covidkit.engine import default_device, is_main_process
 
     device = torch.device(device) if device else default_device()
     train, test = load_splits(cfg)

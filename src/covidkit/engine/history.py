@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from covidkit.train.atomic import atomic_path, atomic_write_text
+from covidkit.atomic import atomic_path, atomic_write_text
 
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"

@@ -28,8 +28,8 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
-from covidkit.ct.decovnet import DeCoVNet
-from covidkit.ct.volumes import LUNG_WINDOW
+from covidkit.ct.decovnet.model import DeCoVNet
+from covidkit.ct.decovnet.volumes import LUNG_WINDOW
 
 
 @dataclass

@@ -12,25 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from covidkit.train.atomic import atomic_path
+from covidkit.model_file import save_checkpoint, unwrap
 
 LAST = "last.pt"
 BEST = "best.pt"
 # Keys a best.pt keeps: enough to use the weights and know where they come from.
 WEIGHT_KEYS = ("model", "epoch", "history", "config", "best")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to a temp file, then move it into place."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return path
 
 
 def weights_only(state: dict[str, Any]) -> dict[str, Any]:
@@ -43,17 +30,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def load_tagged(path: str | Path, fmt: str, what: str, made_by: str) -> dict[str, Any]:
-    """A model file saved as a dict with ``"format": fmt``; clear errors when it is missing or another kind."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist (run {made_by} first)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        raise ValueError(f"{path} is not a covidkit {what} (format {fmt})")
-    return ckpt
 
 
 def load_weights(path: str | Path, model: nn.Module, strict: bool = True) -> dict[str, Any]:

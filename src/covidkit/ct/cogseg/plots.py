@@ -10,7 +10,7 @@ import covidkit.plots  # noqa: F401  (picks a headless matplotlib backend outsid
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from covidkit.ct.medseg import CLASS_NAMES, CTSlices  # noqa: E402
+from covidkit.ct.cogseg.medseg import CLASS_NAMES, CTSlices  # noqa: E402
 
 # ground-glass yellow, consolidation red, effusion cyan
 CLASS_COLORS = np.array([[0, 0, 0], [1.0, 0.85, 0.0], [0.9, 0.1, 0.1], [0.0, 0.8, 0.9]])
@@ -56,7 +56,7 @@ def plot_predictions(slices: CTSlices, predictions: Mapping[str, np.ndarray], n:
 
 def plot_loss_curves(run_dirs: Mapping[str, Path], metrics: tuple[str, ...] = ("train_loss", "train_ce", "val_DSC")):
     """One panel per metric of the engine's ``metrics.csv``, one line per variant, x axis: epoch."""
-    from covidkit.train.history import read_metrics
+    from covidkit.engine.history import read_metrics
 
     histories = {name: read_metrics(path) for name, path in run_dirs.items()}
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)

@@ -21,14 +21,14 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from covidkit.train import distributed as D
-from covidkit.train.atomic import atomic_write_text
-from covidkit.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, weights_only
-from covidkit.train.config import TrainConfig, config_differences
-from covidkit.train.device import amp_enabled, autocast_context
-from covidkit.train.history import best_row, plot_metrics, write_metrics
-from covidkit.train.loaders import make_train_loader, make_train_sampler
-from covidkit.train.seed import derived_seed, rng_state, seed_everything, set_rng_state
+from covidkit.engine import distributed as D
+from covidkit.atomic import atomic_write_text
+from covidkit.engine.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, weights_only
+from covidkit.engine.config import TrainConfig, config_differences
+from covidkit.engine.device import amp_enabled, autocast_context
+from covidkit.engine.history import best_row, plot_metrics, write_metrics
+from covidkit.engine.loaders import make_train_loader, make_train_sampler
+from covidkit.engine.seed import derived_seed, rng_state, seed_everything, set_rng_state
 
 TrainStep = Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, Mapping[str, Any]]]
 EvalFn = Callable[[nn.Module, torch.device], Mapping[str, float]]

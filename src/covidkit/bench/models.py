@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from covidkit.bench_scale import _peak_rss_mib, _reset_peak_rss
+from covidkit.bench.memory import peak_rss_mib, reset_peak_rss
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _study(batch: int):
 
 
 def _decovnet(batch: int):
-    from covidkit.ct.decovnet import DeCoVNet
+    from covidkit.ct.decovnet.model import DeCoVNet
 
     model = DeCoVNet()
     x, y = torch.randn(batch, 2, 64, 224, 336), torch.randint(0, 2, (batch,))
@@ -91,7 +91,7 @@ def _decovnet(batch: int):
 
 
 def _cogseg(batch: int):
-    from covidkit.ct.cogseg import CogSeg, CogSegConfig
+    from covidkit.ct.cogseg.model import CogSeg, CogSegConfig
 
     model = CogSeg(CogSegConfig(base_channels=32))
     x, y = torch.randn(batch, 1, 256, 256), torch.randint(0, 4, (batch, 512, 512))
@@ -127,14 +127,14 @@ def measure(name: str, batches=(1, 2)) -> ModelCost:
         loss_fn().backward()  # one warm-up step: lazy allocations, optimizer state
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _reset_peak_rss()
-        before = _peak_rss_mib()  # right after the reset: the current resident memory
+        reset_peak_rss()
+        before = peak_rss_mib()  # right after the reset: the current resident memory
         start = time.perf_counter()
         loss_fn().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         seconds[batch] = time.perf_counter() - start
-        step_mib[batch] = max(_peak_rss_mib() - before, 0.0)
+        step_mib[batch] = max(peak_rss_mib() - before, 0.0)
         del model, opt
     return ModelCost(name, params, optimizer, seconds, step_mib)
 

@@ -1,10 +1,10 @@
 """DeCoVNet end to end: preprocessing, the lung U-Net, the classifier, evaluation and localization.
 
 :func:`run_decovnet` is what ``notebooks/11_ct_decovnet.ipynb`` calls. For a ``ct-covid-volumes/``
-folder (see :mod:`covidkit.ct.volumes`) it
+folder (see :mod:`covidkit.ct.decovnet.volumes`) it
 
 1. reads every volume in HU, resamples it to ``target_spacing``, windows it to 8 bits
-   ([-1200, 600] HU) and computes its unsupervised lung mask (:mod:`covidkit.ct.lungmask`);
+   ([-1200, 600] HU) and computes its unsupervised lung mask (:mod:`covidkit.ct.decovnet.lungmask`);
 2. trains the 2D lung U-Net on axial slices of the training cases with those masks as labels, and
    segments every volume with it, slice by slice;
 3. crops each volume and its U-Net lung mask to the lung bounding box and resizes the slices to
@@ -12,10 +12,10 @@ folder (see :mod:`covidkit.ct.volumes`) it
 4. trains DeCoVNet (cross-entropy, Adam, batch 1, classes balanced by sampling; augmentation: random
    crop of 0.7-1 of each side, rotation up to 25 degrees, horizontal flip with p 0.5, contrast 0.5-1.5);
 5. scores the held-out cases (ROC and precision-recall curves with their AUCs, accuracy, sensitivity,
-   specificity at 0.5) and localizes the lesion of each one (:mod:`covidkit.ct.localize`), with the
+   specificity at 0.5) and localizes the lesion of each one (:mod:`covidkit.ct.decovnet.localize`), with the
    hit rate where lesion masks exist.
 
-Both trainings use the shared engine (:mod:`covidkit.train`): checkpoints, resume, metrics CSV and
+Both trainings use the shared engine (:mod:`covidkit.engine`): checkpoints, resume, metrics CSV and
 loss plots in ``<run_dir>/decovnet/lung_unet/`` and ``<run_dir>/decovnet/classifier/``. The held-out
 split is scored every epoch only to draw its curves: the reported model is the last epoch's, no model
 is selected on the held-out cases.
@@ -39,14 +39,14 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from covidkit.ct.cache import cache_key, data_digest, is_cached, save_npz, source_stamp, weights_digest
-from covidkit.ct.decovnet import DeCoVNet
-from covidkit.ct.localize import (Localization, LocalizationConfig, class_activation_map, hit_rate, is_hit,
+from covidkit.ct.decovnet.cache import cache_key, data_digest, is_cached, save_npz, source_stamp, weights_digest
+from covidkit.ct.decovnet.model import DeCoVNet
+from covidkit.ct.decovnet.localize import (Localization, LocalizationConfig, class_activation_map, hit_rate, is_hit,
                                   localize_lesion)
-from covidkit.ct.lungmask import (LungSliceDataset, LungUNet, UnsupervisedLungConfig, lung_unet_step,
+from covidkit.ct.decovnet.lungmask import (LungSliceDataset, LungUNet, UnsupervisedLungConfig, lung_unet_step,
                                   predict_lung_mask, resize_slices, unsupervised_lung_mask)
-from covidkit.ct.volumes import CTCase, CTVolume, read_cases, read_nifti, read_volume, resample, window
-from covidkit.train import TrainConfig, class_balanced_weights, fit, seed_everything
+from covidkit.ct.decovnet.volumes import CTCase, CTVolume, read_cases, read_nifti, read_volume, resample, window
+from covidkit.engine import TrainConfig, class_balanced_weights, fit, seed_everything
 
 WORK_DIR = "decovnet"
 

@@ -1,4 +1,4 @@
-"""Benchmarks. ``bench_prepare``: ``covidkit prepare`` against a naive loop and against decoding alone.
+"""``covidkit bench prepare``: ``covidkit prepare`` against a naive loop and against decoding alone.
 
 - naive loop: one process, one file after another: ``dcmread``, ``apply_voi_lut`` (float64),
   invert, min-max, ``cv2.resize``, ``cv2.imwrite`` with default settings (the public SIIM recipe);
@@ -65,15 +65,15 @@ class PrepareBench:
             f"{self.workers} workers, {os.cpu_count()} CPUs, best of {self.repeats}",
             f"{'method':<34}{'seconds':>9}{'images/s':>10}",
             *(f"{name:<34}{sec:>9.2f}{self.images / sec:>10.2f}" for name, sec in rows),
-            _verdict(f"prepare / naive images/s: {self.speedup:.2f}x", self.speedup >= SPEEDUP_TARGET,
+            verdict(f"prepare / naive images/s: {self.speedup:.2f}x", self.speedup >= SPEEDUP_TARGET,
                      f">= {SPEEDUP_TARGET}x"),
-            _verdict(f"prepare / decode-only time: {self.overhead:.2f}x", self.overhead <= OVERHEAD_TARGET,
+            verdict(f"prepare / decode-only time: {self.overhead:.2f}x", self.overhead <= OVERHEAD_TARGET,
                      f"<= {OVERHEAD_TARGET}x"),
         ]
         return "\n".join(lines)
 
 
-def _verdict(text: str, ok: bool, target: str) -> str:
+def verdict(text: str, ok: bool, target: str) -> str:
     return f"{text:<44}target {target:<9}{'OK' if ok else 'MISSED'}"
 
 
@@ -173,67 +173,3 @@ def bench_prepare(images: int = 48, size: int = 512, workers: int | None = None,
 
 
 # --------------------------------------------------------------------------- bench_predict
-
-PREDICT_OVERHEAD_TARGET = 0.05  # fusion + bookkeeping, as a share of the whole per-image time
-
-
-@dataclass(frozen=True)
-class PredictBench:
-    """Mean seconds per image of each stage of ``covidkit predict`` (``Predictor.predict`` + decoding)."""
-
-    images: int
-    device: str
-    hflip_tta: bool
-    stages: dict[str, float]  # decode, resize, fasterrcnn, yolo, fusion, study, bookkeeping
-
-    @property
-    def whole(self) -> float:
-        return sum(self.stages.values())
-
-    @property
-    def overhead(self) -> float:
-        """Fusion and bookkeeping (everything outside decoding, resizing and the models) over the whole."""
-        return (self.stages["fusion"] + self.stages["bookkeeping"]) / self.whole
-
-    def table(self) -> str:
-        lines = [
-            f"predict benchmark: {self.images} test images, device {self.device}, "
-            f"hflip TTA {'on' if self.hflip_tta else 'off'}, {os.cpu_count()} CPUs, one image at a time",
-            f"{'stage':<14}{'ms/image':>10}{'share':>8}",
-            *(f"{name:<14}{sec * 1000:>10.1f}{sec / self.whole:>8.1%}" for name, sec in self.stages.items()),
-            f"{'whole':<14}{self.whole * 1000:>10.1f}{1:>8.0%}",
-            _verdict(f"fusion + bookkeeping share: {self.overhead:.1%}", self.overhead < PREDICT_OVERHEAD_TARGET,
-                     f"< {PREDICT_OVERHEAD_TARGET:.0%}"),
-        ]
-        return "\n".join(lines)
-
-
-def bench_predict(models_dir: str | Path, competition_dir: str | Path, n: int = 16, device: str = "cpu",
-                  hflip_tta: bool = False) -> PredictBench:
-    """Per-image latency of each prediction stage on the first ``n`` test DICOMs of ``competition_dir``.
-
-    Decoding is timed in this process (``covidkit predict`` overlaps it with the models in a
-    pool); the first image is predicted once untimed (lazy initialisation of the models).
-    """
-    from covidkit.dicom import read_dicom
-    from covidkit.predict import Predictor
-
-    paths = list(dicom_paths(competition_dir, "test").values())[:n]
-    if not paths:
-        raise FileNotFoundError(f"no test DICOM under {Path(competition_dir) / 'test'}")
-    predictor = Predictor.load(models_dir, device=device, hflip_tta=hflip_tta)
-    predictor.predict(read_dicom(paths[0]).pixels)
-    totals: dict[str, float] = {}
-    for path in paths:
-        start = time.perf_counter()
-        pixels = read_dicom(path).pixels
-        decode_s = time.perf_counter() - start
-        timings = predictor.predict(pixels).timings
-        stages = {"decode": decode_s, **{k: v for k, v in timings.items() if k != "total"}}
-        stages["bookkeeping"] = timings["total"] - sum(v for k, v in timings.items() if k != "total")
-        for name, sec in stages.items():
-            totals[name] = totals.get(name, 0.0) + sec
-    result = PredictBench(images=len(paths), device=device, hflip_tta=hflip_tta,
-                          stages={k: v / len(paths) for k, v in totals.items()})
-    print(result.table())
-    return result

@@ -9,7 +9,7 @@ entry point reading a profile section: ``nih`` (01), ``yolo`` (02, 04), ``faster
 
 API (stable; other modules build on it)::
 
-    from covidkit.train import TrainConfig, cosine_with_floor, fit, load_weights, seed_everything
+    from covidkit.engine import TrainConfig, cosine_with_floor, fit, load_weights, seed_everything
 
     cfg = TrainConfig(run_dir="runs/x/nih", epochs=10, batch_size=32, seed=42,
                       monitor="val_auc", monitor_mode="max", hparams={"lr": 1e-3, "arch": "resnext50"})
@@ -65,15 +65,15 @@ Modules: ``config`` (TrainConfig), ``loop`` (fit, train_one_epoch, FitResult), `
 ``distributed``, ``loaders`` (samplers, DataLoader, collate), ``schedules``, ``seed``, ``device``,
 ``history`` (metrics files and plots).
 """
-from covidkit.train.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from covidkit.train.config import TrainConfig
-from covidkit.train.device import autocast_context, default_device, to_device
-from covidkit.train.distributed import DistInfo, init_distributed, is_main_process
-from covidkit.train.history import read_metrics
-from covidkit.train.loaders import WeightedSampler, class_balanced_weights, collate_lists
-from covidkit.train.loop import FitResult, fit, train_one_epoch
-from covidkit.train.schedules import cosine_with_floor
-from covidkit.train.seed import seed_everything
+from covidkit.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from covidkit.engine.config import TrainConfig
+from covidkit.engine.device import autocast_context, default_device, to_device
+from covidkit.engine.distributed import DistInfo, init_distributed, is_main_process
+from covidkit.engine.history import read_metrics
+from covidkit.engine.loaders import WeightedSampler, class_balanced_weights, collate_lists
+from covidkit.engine.loop import FitResult, fit, train_one_epoch
+from covidkit.engine.schedules import cosine_with_floor
+from covidkit.engine.seed import seed_everything
 
 __all__ = [
     "DistInfo",

@@ -1,0 +1,5 @@
+"""Benchmarks (``covidkit bench ...``), one module each: ``prepare`` (DICOM to PNG against a naive loop),
+``predict`` (per-image latency of a models folder), ``scale`` (the cheap stages at the competition's size),
+``models`` (a training step of each full-size model); CogSeg's and DeCoVNet's are in their packages. Speed is
+measured here, never in the tests.
+"""

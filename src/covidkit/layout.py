@@ -1,0 +1,256 @@
+"""The run folder: where every stage reads and writes. Nothing else spells a path inside a run.
+
+``RunLayout(run_dir)`` has one attribute per stage, each naming that stage's folder and files::
+
+    <run_dir>/
+      prepared/                    00: <split>/<image_id>.png, meta.csv, folds.csv, meta.json (the size)
+      01_pretrain_nih_resnext/     01: backbone.pt, auroc.csv, train/
+      02_pretrain_rsna_yolo/       02: data/, train/ (weights/best.pt: 04's start)
+      03_train_siim_fasterrcnn/    03: split<k>/ (engine runs; last.pt is the fold model), oof.csv, oof_untrained.csv
+      04_train_siim_yolo/          04: data/, fold<k>/ (ultralytics runs), oof.csv, oof_untrained.csv, summary.json
+      05_ensemble_wbf/             05: ap_table.csv/.md, oof.csv (fused), fusion.json, operating_point.json, grid.csv
+      06_study_level/              06: split<k>/study_model.pt, oof_images.csv, oof_studies.csv, summary.json, ...
+      models/                      07: the exported models folder (covidkit.models_dir)
+      fresh_tests/                 07: seed<S>/ test sets and their submissions, scores.csv
+      ct_cogseg/                   10: one engine run per variant, ablation.csv, figures
+      decovnet/                    11: prepared/, inputs/, lung_unet/, classifier/, predictions.csv, metrics.json
+      notebooks/                   the executed notebooks
+      report.html
+
+A stage's folder is named after its notebook, so the executed notebook and what it wrote sit side by side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from covidkit import prepare
+
+OOF_CSV = "oof.csv"  # a detector's out-of-fold boxes (covidkit.oof), beside oof_images.csv
+UNTRAINED_OOF_CSV = "oof_untrained.csv"  # the same images predicted by the untrained twin
+SUMMARY_JSON = "summary.json"
+
+
+def _split_index(path: Path, prefix: str) -> int:
+    return int(path.name.removeprefix(prefix))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """00: the square PNGs, their table, the folds, and the size they were prepared at (``covidkit.prepare``)."""
+
+    dir: Path
+
+    @property
+    def meta_csv(self) -> Path:
+        return self.dir / prepare.META_CSV
+
+    @property
+    def folds_csv(self) -> Path:
+        return self.dir / prepare.FOLDS_CSV
+
+    @property
+    def meta_json(self) -> Path:
+        return self.dir / prepare.META_JSON
+
+    def png(self, split: str, image_id: str) -> Path:
+        return prepare.png_path(self.dir, split, image_id)
+
+    @property
+    def size(self) -> int:
+        """The side of the square PNGs, as 00 recorded it."""
+        return prepare.prepared_size(self.dir)
+
+    def train_table(self, competition_dir: str | Path):
+        """The prepared training images joined with their folds and labels (``covidkit.prepare.train_table``)."""
+        return prepare.train_table(self.dir, competition_dir)
+
+
+@dataclass(frozen=True)
+class NihPretrain:
+    """01."""
+
+    dir: Path
+
+    @property
+    def backbone(self) -> Path:
+        return self.dir / "backbone.pt"
+
+    @property
+    def auroc_csv(self) -> Path:
+        return self.dir / "auroc.csv"
+
+    @property
+    def train(self) -> Path:
+        return self.dir / "train"
+
+
+@dataclass(frozen=True)
+class RsnaYolo:
+    """02."""
+
+    dir: Path
+
+    @property
+    def data(self) -> Path:
+        return self.dir / "data"
+
+    @property
+    def train(self) -> Path:
+        return self.dir / "train"
+
+    @property
+    def weights(self) -> Path:
+        """The weights 04 starts from."""
+        return self.train / "weights" / "best.pt"
+
+
+@dataclass(frozen=True)
+class Detector:
+    """03 and 04: one training run per split, and the out-of-fold boxes."""
+
+    dir: Path
+    split_prefix: str  # "split" (03, engine runs), "fold" (04, ultralytics runs)
+
+    @property
+    def oof(self) -> Path:
+        return self.dir / OOF_CSV
+
+    @property
+    def untrained_oof(self) -> Path:
+        return self.dir / UNTRAINED_OOF_CSV
+
+    @property
+    def summary(self) -> Path:
+        return self.dir / SUMMARY_JSON
+
+    @property
+    def data(self) -> Path:
+        return self.dir / "data"
+
+    def split(self, k: int) -> Path:
+        return self.dir / f"{self.split_prefix}{k}"
+
+    def splits(self, marker: str) -> list[Path]:
+        """The split folders holding ``marker`` (a file every finished split has), in split order."""
+        found = {p.parent for p in self.dir.glob(f"{self.split_prefix}*/{marker}")}
+        return sorted(found, key=lambda p: _split_index(p, self.split_prefix))
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """05."""
+
+    dir: Path
+
+    @property
+    def fused_oof(self) -> Path:
+        return self.dir / OOF_CSV
+
+    @property
+    def fusion(self) -> Path:
+        return self.dir / "fusion.json"
+
+    @property
+    def operating_point(self) -> Path:
+        return self.dir / "operating_point.json"
+
+    @property
+    def ap_table(self) -> Path:
+        return self.dir / "ap_table.csv"
+
+    @property
+    def ap_table_md(self) -> Path:
+        return self.dir / "ap_table.md"
+
+    @property
+    def grid(self) -> Path:
+        return self.dir / "grid.csv"
+
+    @property
+    def pr_curves(self) -> Path:
+        return self.dir / "pr_curves.png"
+
+
+@dataclass(frozen=True)
+class StudyLevel:
+    """06."""
+
+    dir: Path
+
+    def split(self, k: int) -> Path:
+        return self.dir / f"split{k}"
+
+    def model(self, k: int) -> Path:
+        return self.split(k) / "study_model.pt"
+
+    def models(self) -> list[Path]:
+        """The fold models, in split order."""
+        return sorted(self.dir.glob("split*/study_model.pt"), key=lambda p: _split_index(p.parent, "split"))
+
+    @property
+    def oof_images(self) -> Path:
+        """Per image: split, fold, label, has_box, p_<class>..., p_none_head."""
+        return self.dir / "oof_images.csv"
+
+    @property
+    def oof_studies(self) -> Path:
+        """Per study: the mean of its images' probabilities."""
+        return self.dir / "oof_studies.csv"
+
+    @property
+    def oof_studies_stacked(self) -> Path:
+        """As ``oof_studies``, the stacker's out-of-fold probabilities."""
+        return self.dir / "oof_studies_stacked.csv"
+
+    @property
+    def summary(self) -> Path:
+        """The OOF APs, the class priors, the none rule chosen."""
+        return self.dir / SUMMARY_JSON
+
+    @property
+    def none_comparison(self) -> Path:
+        return self.dir / "none_comparison.csv"
+
+    @property
+    def confusion(self) -> Path:
+        return self.dir / "confusion_matrix.png"
+
+    @property
+    def stacker(self) -> Path:
+        return self.dir / "stacker.json"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """07: the exported models folder and the fresh test sets."""
+
+    run_dir: Path
+
+    @property
+    def models(self) -> Path:
+        return self.run_dir / "models"
+
+    @property
+    def fresh_tests(self) -> Path:
+        """The fresh test sets' folder (``covidkit.fresh_tests`` names what is inside)."""
+        return self.run_dir / "fresh_tests"
+
+
+class RunLayout:
+    """Every stage's folder and files in one run folder (see the module docstring)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.root = Path(run_dir)
+        self.prepared = Prepared(self.root / "prepared")
+        self.nih = NihPretrain(self.root / "01_pretrain_nih_resnext")
+        self.rsna_yolo = RsnaYolo(self.root / "02_pretrain_rsna_yolo")
+        self.fasterrcnn = Detector(self.root / "03_train_siim_fasterrcnn", "split")
+        self.yolo = Detector(self.root / "04_train_siim_yolo", "fold")
+        self.ensemble = Ensemble(self.root / "05_ensemble_wbf")
+        self.study = StudyLevel(self.root / "06_study_level")
+        self.submission = Submission(self.root)
+        self.cogseg = self.root / "ct_cogseg"
+        self.decovnet = self.root / "decovnet"
+        self.notebooks = self.root / "notebooks"
+        self.report = self.root / "report.html"

@@ -1,0 +1,130 @@
+"""The pipeline's stages: one module per numbered notebook, in order (this package's own module stays light:
+``covidkit --help`` imports it).
+
+Each stage module has a ``Config`` dataclass (the stage's single source of defaults: the notebook's
+``parameters`` cell and the profile sections use its field names, and a test checks they agree), a
+``run(cfg) -> Result`` that does the work, ``describe(result) -> str`` (what ``main`` prints), and ``main()``,
+so that ``covidkit run STAGE`` and ``python -m covidkit.stages.<module>`` (under ``torchrun`` too) run the
+same code as the notebook. Each module's docstring says what the stage reads and writes (paths from
+``covidkit.layout``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import MISSING, dataclass, fields
+from types import ModuleType
+
+from covidkit.profiles import ProfileError, load_profile, merge_section, parse_overrides
+
+STAGES = {  # notebook -> module of covidkit.stages
+    "00_prepare_data": "prepare",
+    "01_pretrain_nih_resnext": "nih_pretrain",
+    "02_pretrain_rsna_yolo": "rsna_yolo",
+    "03_train_siim_fasterrcnn": "siim_fasterrcnn",
+    "04_train_siim_yolo": "siim_yolo",
+    "05_ensemble_wbf": "ensemble_wbf",
+    "06_study_level": "study_level",
+    "07_make_submission": "submission",
+    "10_ct_cogseg": "ct_cogseg",
+    "11_ct_decovnet": "ct_decovnet",
+}
+
+
+def notebook_of(stage: str) -> str:
+    """The notebook name of a stage given as ``06``, ``06_study_level`` or ``study_level``."""
+    for notebook, module in STAGES.items():
+        if stage in (notebook, module, notebook[:2]):
+            return notebook
+    raise ProfileError(f"unknown stage {stage!r}; known: {', '.join(STAGES)} (or their modules: "
+                       f"{', '.join(STAGES.values())})")
+
+
+def stage_module(stage: str) -> ModuleType:
+    return importlib.import_module(f"covidkit.stages.{STAGES[notebook_of(stage)]}")
+
+
+@dataclass
+class StageConfig:
+    """What every stage takes: the input folder (the datasets) and the run folder."""
+
+    input_dir: str = "input"
+    run_dir: str = "runs/smoke"
+
+    @classmethod
+    def from_params(cls, params: dict):
+        """From a profile section merged with ``common``: the keys the stage takes (``section_parameters``
+        has checked that the section itself holds no other)."""
+        return cls(**{k: v for k, v in params.items() if k in field_names(cls)})
+
+    @classmethod
+    def from_namespace(cls, namespace: dict):
+        """From a notebook's parameters (its globals after the ``parameters`` cell)."""
+        return cls(**{name: namespace[name] for name in field_names(cls) if name in namespace})
+
+    @property
+    def layout(self):
+        """The run folder's ``covidkit.layout.RunLayout``."""
+        from covidkit.layout import RunLayout
+
+        return RunLayout(self.run_dir)
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def defaults(cls) -> dict:
+    """``{field: default}`` of a Config dataclass (default factories called)."""
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def section_parameters(profile: str, stage: str, overrides: dict | None = None) -> dict:
+    """``common``, then the stage's section of ``profile``, then ``overrides``; a section key that the stage's
+    ``Config`` does not have is an error (a typo in a profile must not pass silently)."""
+    notebook = notebook_of(stage)
+    params = load_profile(profile)
+    config = stage_module(notebook).Config
+    unknown = sorted(set(params.get(notebook) or {}) - set(field_names(config)))
+    unknown += sorted(set(overrides or {}) - set(field_names(config)))
+    if unknown:
+        raise ProfileError(f"{notebook} has no setting {', '.join(unknown)} (its settings: "
+                           f"{', '.join(field_names(config))})")
+    return merge_section(params, notebook, {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+def run_stage(stage: str, profile: str = "smoke", overrides: dict | None = None):
+    """Run one stage with a profile's settings (what ``covidkit run`` and each stage's ``main`` do)."""
+    module = stage_module(stage)
+    cfg = module.Config.from_params(section_parameters(profile, stage, overrides))
+    return module, module.run(cfg)
+
+
+def stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--profile", default="smoke", help="notebooks/profiles/<profile>.yaml (smoke, full)")
+    parser.add_argument("--input", default=None, help="folder holding the dataset folders (default: the profile's)")
+    parser.add_argument("--run-dir", default=None, help="run folder (default: the profile's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the stage (value in YAML, e.g. --set epochs=3)")
+    return parser
+
+
+def overrides_of(args: argparse.Namespace) -> dict:
+    return {"input_dir": args.input, "run_dir": args.run_dir, **parse_overrides(args.set)}
+
+
+def stage_main(module_name: str, argv: list[str] | None = None) -> None:
+    """A stage module's ``main``: ``python -m covidkit.stages.<stage> [--profile P] [--set key=value ...]``."""
+    from covidkit.engine.distributed import dist_info
+
+    module = importlib.import_module(module_name)
+    args = stage_arguments(argparse.ArgumentParser(description=module.__doc__.splitlines()[0])).parse_args(argv)
+    module, result = run_stage(module_name.rsplit(".", 1)[1], args.profile, overrides_of(args))
+    if dist_info().is_main:
+        print(module.describe(result))

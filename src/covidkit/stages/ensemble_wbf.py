@@ -1,0 +1,122 @@
+"""Stage 05: weighted boxes fusion of the two detectors' out-of-fold boxes, and its parameters for 07.
+
+Reads 03's and 04's ``oof.csv`` (+ ``oof_images.csv``), 00's ``meta.csv`` (original sizes) and the training
+labels. Writes ``<run_dir>/05_ensemble_wbf/``: ``ap_table.csv`` / ``ap_table.md`` (opacity AP@0.5 of each
+detector and of the fusion on the same OOF images), ``oof.csv`` (the fused OOF boxes with the saved
+parameters; 06 reads them), ``fusion.json`` (what 07 fuses with), ``operating_point.json`` (the best-F1 score
+threshold of those boxes: what the web page shows by default), ``grid.csv`` (with a ``grid``) and
+``pr_curves.png``. With a grid, the parameters are chosen on the OOF images; the row "tuned on the other folds'
+images" is the honest score of that choice (``covidkit.ensemble.tuned_out_of_fold``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidkit.data.siim import COMPETITION, read_image_labels
+from covidkit.ensemble import (
+    FusionParams, ap_table, best_fusion, common_images, fuse_oof, grid_fusions, operating_point, precision_recall,
+    restrict, tuned_out_of_fold,
+)
+from covidkit.oof import OofPredictions, read_oof, write_oof
+from covidkit.plots import pr_curves, plt
+from covidkit.prepare import image_sizes
+from covidkit.stages import StageConfig, stage_main
+
+ENSEMBLE = "WBF ensemble"
+TUNED = "WBF ensemble, parameters tuned on these images"
+TUNED_OOF = "WBF ensemble, parameters tuned on the other folds' images"
+
+
+@dataclass
+class Config(StageConfig):
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # Faster R-CNN, YOLO
+    iou_thr: float = 0.55  # boxes of different models overlapping more than this are fused
+    skip_box_thr: float = 0.0  # boxes scoring below this are dropped before the fusion
+    conf_type: str = "avg"  # "avg", "max", "box_and_model_avg" or "absent_model_aware_avg"
+    nms_iou_thr: float | None = 0.5  # NMS after the fusion, None for none
+    max_boxes: int | None = 20  # each model's best boxes per image that take part
+    grid: dict | None = None  # e.g. {"iou_thr": [0.55, 0.4], "weights": [[1, 1], [1, 2]]}; None: no tuning
+
+    def params(self) -> FusionParams:
+        return FusionParams(weights=tuple(self.weights), iou_thr=self.iou_thr, skip_box_thr=self.skip_box_thr,
+                            conf_type=self.conf_type, nms_iou_thr=self.nms_iou_thr, max_boxes=self.max_boxes)
+
+
+@dataclass
+class Result:
+    table: pd.DataFrame  # opacity AP@0.5 per model on the shared OOF images (index: model)
+    oofs: dict[str, OofPredictions]  # the same rows' predictions, on those images
+    params: FusionParams  # what 07 uses (the tuned ones when a grid was given)
+    grid: pd.DataFrame | None
+    truth: dict[str, np.ndarray]
+    operating_point: dict  # the best-F1 score threshold of the fused boxes
+    out_dir: Path
+
+
+def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
+    """A GitHub Markdown table of ``frame`` with its index (``DataFrame.to_markdown`` needs tabulate,
+    which covidkit does not depend on for one table)."""
+    frame = frame.reset_index()
+    cells = [[float_format.format(v) if isinstance(v, float) else str(v) for v in row]
+             for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
+
+
+def run(cfg: Config) -> Result:
+    layout = cfg.layout
+    singles = {"Faster R-CNN": read_oof(layout.fasterrcnn.oof), "YOLO": read_oof(layout.yolo.oof)}
+    sizes = image_sizes(layout.prepared.dir)
+    labels = read_image_labels(Path(cfg.input_dir) / COMPETITION / "train_image_level.csv")
+    truth = dict(zip(labels["image_id"], labels["boxes"]))
+    shared = common_images(list(singles.values()))
+    if not shared:
+        raise ValueError("the OOF predictions of 03 and 04 share no image")
+    oofs = {name: restrict(oof, shared) for name, oof in singles.items()}
+    params = cfg.params()
+    oofs[ENSEMBLE] = fuse_oof(list(singles.values()), sizes, params)
+    grid = None
+    if cfg.grid:
+        fusions = grid_fusions(list(singles.values()), sizes, cfg.grid, base=params)
+        tuned, grid = best_fusion(fusions, truth, cfg.grid)
+        if fusions[0][1].images["fold"].nunique() > 1:
+            oofs[TUNED_OOF] = tuned_out_of_fold(fusions, truth)[0]
+        if tuned != params:
+            oofs[TUNED] = next(oof for p, oof in fusions if p == tuned)
+        params = tuned
+    table = ap_table(oofs, truth)
+
+    out = layout.ensemble
+    out.dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out.ap_table)
+    out.ap_table_md.write_text(markdown_table(table))
+    fused = oofs[TUNED if TUNED in oofs else ENSEMBLE]
+    write_oof(out.fused_oof, fused)
+    params.save(out.fusion)
+    point = operating_point(fused, truth)
+    out.operating_point.write_text(json.dumps(point, indent=2) + "\n")
+    if grid is not None:
+        grid.to_csv(out.grid, index=False)
+    curves = {f"{name} (AP {table.loc[name, 'ap50']:.3f})": precision_recall(oof, truth) for name, oof in oofs.items()}
+    fig = pr_curves(curves, "opacity, IoU > 0.5, out of fold")
+    fig.savefig(out.pr_curves, dpi=100)
+    plt.close(fig)
+    return Result(table=table, oofs=oofs, params=params, grid=grid, truth=truth, operating_point=point,
+                  out_dir=out.dir)
+
+
+def describe(result: Result) -> str:
+    return markdown_table(result.table) + f"fusion parameters for 07: {result.params.to_dict()}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, argv)
+
+
+if __name__ == "__main__":
+    main()

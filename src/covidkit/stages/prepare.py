@@ -1,0 +1,43 @@
+"""Stage 00: DICOM to PNG for the competition folder, ``meta.csv``, the grouped folds, the prepared size.
+
+Reads ``<input_dir>/siim-covid19-detection/`` (Kaggle layout: ``train/``, ``test/``, the CSVs).
+Writes ``<run_dir>/prepared/``: ``<split>/<image_id>.png`` (square, ``prepared_size``), ``meta.csv`` (one row
+per DICOM: original size, photometric, status and error), ``folds.csv`` (grouped, stratified K folds) and
+``meta.json`` (the size, which every later stage reads). Re-running finishes an interrupted run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from covidkit.data.siim import COMPETITION
+from covidkit.prepare import PrepareSummary, prepare
+from covidkit.stages import StageConfig, stage_main
+
+
+@dataclass
+class Config(StageConfig):
+    prepared_size: int = 512  # side of the square PNGs
+    folds: int = 5  # K of the grouped, stratified folds
+    seed: int = 42  # of the fold assignment
+    workers: int | None = None  # processes (None: all cores)
+
+
+Result = PrepareSummary
+
+
+def run(cfg: Config) -> PrepareSummary:
+    return prepare(Path(cfg.input_dir) / COMPETITION, cfg.layout.prepared.dir, size=cfg.prepared_size,
+                   split="all", workers=cfg.workers, folds=cfg.folds, seed=cfg.seed)
+
+
+def describe(result: PrepareSummary) -> str:
+    return result.line()
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, argv)
+
+
+if __name__ == "__main__":
+    main()

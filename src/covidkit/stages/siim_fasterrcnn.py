@@ -1,0 +1,266 @@
+"""Stage 03: K-fold Faster R-CNN opacity detector on SIIM, out-of-fold predictions, OOF AP@0.5.
+
+One model per validation split of 00's folds, started from the NIH backbone of 01. Each model is trained at
+``input_size`` with box-aware augmentations, validated each epoch (opacity AP@0.5 at ``infer_size``), and its
+*last* epoch predicts its held-out images: the epoch count is fixed beforehand, so the out-of-fold AP is not
+tuned on the data it reports on. ``fold_groups`` merges the K folds into fewer splits (patients still never
+cross); ``folds`` restricts the run to some splits (the OOF then covers those only).
+
+Reads ``<run_dir>/prepared/`` (00), 01's ``backbone.pt`` (or ``backbone``), the training labels. Writes
+``<run_dir>/03_train_siim_fasterrcnn/``: ``split<k>/`` (the engine's runs: checkpoints, ``metrics.csv``, plots;
+``detector.pt``, the fold model 07 exports), ``oof.csv`` + ``oof_images.csv`` (the shared OOF format, original
+pixels), ``oof_untrained.csv`` (the untrained baseline).
+Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.stages.siim_fasterrcnn --profile full``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from covidkit.data.detection import OpacityDataset, truth_boxes
+from covidkit.data.siim import COMPETITION
+from covidkit.engine import (
+    TrainConfig, collate_lists, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device,
+)
+from covidkit.engine.distributed import all_gather_object, barrier, device_for, dist_info
+from covidkit.ensemble import restrict
+from covidkit.folds import validation_splits
+from covidkit.models.backbones import load_backbone
+from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, predict_boxes, save_detector
+from covidkit.oof import OofPredictions, from_prepared, opacity_ap, write_oof
+from covidkit.stages import StageConfig, stage_main
+from covidkit.transforms import DetectionAugment, detection_transform
+
+DETECTOR_FILE = "detector.pt"  # a split's fold model, in its engine run folder
+
+
+@dataclass
+class Config(StageConfig):
+    seed: int = 42
+    backbone: str | None = None  # NIH backbone checkpoint; None: the one 01 saved in the run folder
+    input_size: int = 512  # training resolution
+    infer_size: int = 1024  # validation / out-of-fold resolution
+    # the detector's shape (see covidkit.models.DetectorSpec): torchvision's defaults, small in smoke
+    trainable_layers: int = 5
+    fpn_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    proposals_train: int = 2000
+    proposals_test: int = 1000
+    box_batch_size_per_image: int = 512
+    representation_size: int = 1024
+    frozen_batchnorm: bool = True  # False: the backbone's batch norms train (smoke: a barely pretrained backbone)
+    epochs: int = 12
+    batch_size: int = 8
+    optimizer: str = "sgd"  # "sgd" (momentum) or "adamw" (learns faster from weak backbones: smoke)
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_floor: float = 0.05
+    clip_grad_norm: float | None = 10.0
+    fold_groups: int | None = None  # None: one model per fold of folds.csv
+    folds: list[int] | None = None  # splits to train; None: every split
+    eval_batch_size: int = 8
+    workers: int = 4  # DataLoader workers
+    amp: bool = True
+    resume: bool = True
+    progress: bool = True
+
+    @property
+    def backbone_checkpoint(self) -> Path:
+        return Path(self.backbone) if self.backbone else self.layout.nih.backbone
+
+    def detector_spec(self) -> DetectorSpec:
+        return DetectorSpec(
+            train_size=self.input_size, trainable_layers=self.trainable_layers, fpn_layers=self.fpn_layers,
+            anchor_sizes=self.anchor_sizes, proposals_train=self.proposals_train, proposals_test=self.proposals_test,
+            box_batch_size_per_image=self.box_batch_size_per_image, representation_size=self.representation_size,
+            frozen_batchnorm=self.frozen_batchnorm,
+        )
+
+
+@dataclass
+class Result:
+    oof: OofPredictions  # last-epoch predictions of every split's model on its held-out images
+    untrained_oof: OofPredictions  # the same images, predicted by the detector before training
+    oof_ap: float
+    untrained_ap: float
+    fold_ap: pd.DataFrame  # per split: trained and untrained AP
+    metrics: pd.DataFrame  # per split and epoch (the engine's metrics.csv rows)
+    out_dir: Path
+
+
+def training_table(cfg: Config) -> pd.DataFrame:
+    """00's prepared train table with its validation ``split`` column."""
+    table = cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION)
+    table["split"] = validation_splits(table["fold"], cfg.fold_groups)
+    return table
+
+
+def splits_to_run(table: pd.DataFrame, cfg: Config) -> list[int]:
+    splits = sorted(int(s) for s in table["split"].unique())
+    if cfg.folds is None:
+        return splits
+    unknown = sorted(set(cfg.folds) - set(splits))
+    if unknown:
+        raise ValueError(f"folds {unknown} are not among the splits {splits}")
+    return sorted(cfg.folds)
+
+
+def detection_step(model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict]:
+    images, targets = batch
+    images = to_device(images, device, non_blocking=True)
+    targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device), "labels": t["labels"].to(device)}
+               for t in targets]
+    losses = model(images, targets)
+    return sum(losses.values()), losses
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with momentum (torchvision's detection recipe) or AdamW, over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+@torch.no_grad()
+def predict_oof(model: nn.Module, table: pd.DataFrame, prepared_size: int, size: int, device: torch.device,
+                batch_size: int, workers: int = 0, progress: bool = False) -> OofPredictions:
+    """Boxes in original pixels for every row of ``table`` (prepared squares of ``prepared_size``, resized by the
+    model to ``size``); each rank predicts a shard, all get all."""
+    info = dist_info()
+    dataset = OpacityDataset(table, detection_transform(DetectionAugment(), train=False))
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate_lists)
+    rows, predictions = [], []
+    for images, targets in tqdm(loader, desc="predict", leave=False, disable=not (progress and info.is_main)):
+        predictions += predict_boxes(model, to_device(images, device), size)
+        rows += [target["index"] for target in targets]
+    gathered = [p for rank in all_gather_object((rows, predictions)) for p in zip(*rank)]
+    gathered.sort(key=lambda item: item[0])
+    return from_prepared(table.iloc[[i for i, _ in gathered]], [p for _, p in gathered], prepared_size)
+
+
+def make_evaluate(val_table: pd.DataFrame, cfg: Config, prepared_size: int, latest: list[OofPredictions] | None = None):
+    """The engine's per-epoch ``evaluate``: opacity AP@0.5 of the held-out split.
+
+    ``latest``, when given, keeps the most recent epoch's predictions (the last epoch's are the OOF).
+    """
+    truth = truth_boxes(val_table)
+
+    def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
+        oof = predict_oof(model, val_table, prepared_size, cfg.infer_size, device, cfg.eval_batch_size, cfg.workers)
+        if latest is not None:
+            latest[:] = [oof]
+        return {"val_ap50": opacity_ap(oof, truth)}
+    return evaluate
+
+
+def build_model(cfg: Config) -> nn.Module:
+    return build_fasterrcnn(backbone_checkpoint=cfg.backbone_checkpoint, spec=cfg.detector_spec())
+
+
+def train_split(table: pd.DataFrame, split: int, cfg: Config, prepared_size: int) -> tuple[OofPredictions, pd.DataFrame]:
+    """Train on every split but ``split``; returns the last epoch's predictions on ``split`` and the metrics.
+
+    The split's fold model goes to ``split<k>/detector.pt`` (weights and what rebuilds the network).
+    """
+    train_table, val_table = table[table["split"] != split], table[table["split"] == split]
+    train_set = OpacityDataset(train_table, detection_transform(DetectionAugment(), train=True, size=cfg.input_size))
+    seed_everything(cfg.seed)
+    model = build_model(cfg)
+    latest: list[OofPredictions] = []  # the last evaluated epoch's held-out predictions: the OOF
+    train_cfg = TrainConfig(
+        run_dir=str(cfg.layout.fasterrcnn.split(split)), epochs=cfg.epochs, batch_size=cfg.batch_size,
+        seed=cfg.seed, num_workers=cfg.workers, amp=cfg.amp, clip_grad_norm=cfg.clip_grad_norm,
+        monitor="val_ap50", monitor_mode="max", progress=cfg.progress, hparams={**asdict(cfg), "split": split},
+    )
+    result = fit(
+        model, train_set, detection_step,
+        functools.partial(make_optimizer, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay),
+        train_cfg, scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
+        evaluate=make_evaluate(val_table, cfg, prepared_size, latest), collate_fn=collate_lists, resume=cfg.resume,
+    )
+    if not latest:  # a finished run found by resume: fit returned without training or evaluating
+        load_weights(result.last_checkpoint, model)
+        device = next(model.parameters()).device
+        latest.append(predict_oof(model, val_table, prepared_size, cfg.infer_size, device, cfg.eval_batch_size,
+                                  cfg.workers, cfg.progress))
+    if dist_info().is_main:
+        save_detector(model, load_backbone(cfg.backbone_checkpoint)[0], cfg.detector_spec(), cfg.infer_size,
+                      cfg.layout.fasterrcnn.split(split) / DETECTOR_FILE)
+    return latest[0], pd.DataFrame(result.history).assign(split=split)
+
+
+def untrained_oof(table: pd.DataFrame, cfg: Config, prepared_size: int) -> OofPredictions:
+    """The baseline: the detector as training starts it (NIH backbone, random heads), on the same images."""
+    seed_everything(cfg.seed)
+    model = build_model(cfg)
+    device = device_for(dist_info())
+    return predict_oof(model.to(device), table, prepared_size, cfg.infer_size, device, cfg.eval_batch_size,
+                       cfg.workers, cfg.progress)
+
+
+def split_aps(oof: OofPredictions, baseline: OofPredictions, table: pd.DataFrame) -> pd.DataFrame:
+    """Trained and untrained AP of each validation split (``nan`` where a split has no box)."""
+    truth = truth_boxes(table)
+    rows = []
+    for split, ids in table.groupby("split")["image_id"]:
+        if not oof.images["image_id"].isin(ids).any():
+            continue
+        rows.append({"split": split, "images": len(ids),
+                     "boxes": int(sum(len(truth[i]) for i in ids)),
+                     "ap50": opacity_ap(restrict(oof, ids), truth),
+                     "untrained_ap50": opacity_ap(restrict(baseline, ids), truth)})
+    return pd.DataFrame(rows).set_index("split")
+
+
+def run(cfg: Config) -> Result:
+    """Train every split's model, write ``oof.csv`` and ``oof_untrained.csv`` (+ ``_images``), report the APs."""
+    info = init_distributed()
+    out = cfg.layout.fasterrcnn
+    table = training_table(cfg)
+    prepared_size = cfg.layout.prepared.size
+    pieces, metrics = [], []
+    for split in splits_to_run(table, cfg):
+        oof, history = train_split(table, split, cfg, prepared_size)
+        pieces.append(oof)
+        metrics.append(history)
+    oof = OofPredictions.concat(pieces)
+    evaluated = table[table["image_id"].isin(oof.images["image_id"])]
+    baseline = untrained_oof(evaluated, cfg, prepared_size)
+    truth = truth_boxes(evaluated)
+    if info.is_main:
+        write_oof(out.oof, oof)
+        write_oof(out.untrained_oof, baseline)
+    barrier()
+    return Result(
+        oof=oof, untrained_oof=baseline, oof_ap=opacity_ap(oof, truth), untrained_ap=opacity_ap(baseline, truth),
+        fold_ap=split_aps(oof, baseline, evaluated), metrics=pd.concat(metrics, ignore_index=True), out_dir=out.dir,
+    )
+
+
+def describe(result: Result) -> str:
+    return (result.fold_ap.to_string(float_format="%.3f") + f"\nOOF opacity AP@0.5: {result.oof_ap:.4f} "
+            f"(untrained: {result.untrained_ap:.4f})\nOOF predictions: {result.out_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Stage 04: YOLO fine-tuned on SIIM, one model per validation split, out-of-fold boxes.
+
+Reads ``<run_dir>/prepared/`` (00), ``<input_dir>/siim-covid19-detection/train_image_level.csv`` and 02's
+weights. Writes ``<run_dir>/04_train_siim_yolo/``: ``data/`` (links to the PNGs, labels, one data YAML per
+split), ``fold<k>/`` (one ultralytics run per split), ``oof.csv`` + ``oof_images.csv`` (the shared OOF
+format of ``covidkit.oof``, original pixels), ``oof_untrained.csv`` (the untrained baseline), ``summary.json``
+(per-fold and OOF AP@0.5, untrained AP). Each split's model predicts its held-out images with the weights
+ultralytics keeps: with ``val: false`` in ``hyp`` (both profiles) that is the last epoch, not a checkpoint
+picked on the images it is scored on.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidkit.data import yolo_format
+from covidkit.data.nih import read_grey
+from covidkit.data.siim import COMPETITION
+from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo
+from covidkit.folds import validation_splits
+from covidkit.models.yolo import PREDICT_CONF, load_model, predict_boxes, setup_ultralytics
+from covidkit.oof import OofPredictions, from_prepared, opacity_ap, per_fold_ap, write_oof
+from covidkit.stages import StageConfig, stage_main
+
+
+@dataclass
+class Config(StageConfig):
+    seed: int = 42
+    model: str | None = None  # None: the weights of 02; or another .pt file, or a model YAML
+    baseline_model: str | None = "yolo11l.yaml"  # untrained model YAML to compare with; None: skip
+    input_size: int = 1024
+    epochs: int = 30
+    batch_size: int = 16  # total over all GPUs
+    device: str | None = None  # None: every visible GPU, else the CPU; or "cpu", "0", "0,1,2,3"
+    workers: int = 8
+    fold_groups: int | None = None  # merge the folds of 00 into this many splits (as 03); None: one per fold
+    folds: list[int] | None = None  # splits to train; None: all (OOF over every training image)
+    conf: float = PREDICT_CONF  # lowest score kept in the OOF predictions (the AP needs the low ones)
+    save_period: int = -1
+    resume: bool = True
+    hyp: dict = field(default_factory=dict)  # any other ultralytics training argument
+
+    def train_config(self) -> YoloTrainConfig:
+        return YoloTrainConfig(model=self.model or str(self.layout.rsna_yolo.weights), imgsz=self.input_size,
+                               epochs=self.epochs, batch=self.batch_size, device=self.device, workers=self.workers,
+                               seed=self.seed, save_period=self.save_period, overrides=self.hyp)
+
+
+@dataclass
+class Result:
+    runs: dict[int, YoloRun]
+    oof: OofPredictions
+    fold_ap: pd.Series
+    ap: float
+    baseline_ap: float | None
+    out_dir: Path
+
+
+def predict_table(model, table: pd.DataFrame, cfg: Config, conf: float, prepared_size: int) -> OofPredictions:
+    """A YOLO's boxes on the rows of a prepared table, in original pixels."""
+    images = [read_grey(p) for p in table["path"]]
+    return from_prepared(table, predict_boxes(model, images, cfg.input_size, cfg.device, conf), prepared_size)
+
+
+def untrained_predictions(table: pd.DataFrame, cfg: Config, prepared_size: int) -> OofPredictions:
+    """The baseline: ``baseline_model`` at its random initial weights (seed ``cfg.seed``), on the same images.
+
+    conf 0: an untrained head scores everything near its prior (~1e-4), below any threshold; its AP is that
+    of its boxes, not of an empty prediction.
+    """
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    return predict_table(load_model(cfg.baseline_model), table, cfg, 0.0, prepared_size)
+
+
+def run(cfg: Config) -> Result:
+    setup_ultralytics(cfg.run_dir)
+    out = cfg.layout.yolo
+    table = cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION)
+    prepared_size = cfg.layout.prepared.size
+    table["split"] = validation_splits(table["fold"], cfg.fold_groups)
+    all_splits = sorted(int(s) for s in table["split"].unique())
+    splits = all_splits if cfg.folds is None else [int(f) for f in cfg.folds]
+    unknown = sorted(set(splits) - set(all_splits))
+    if unknown:
+        raise ValueError(f"folds {unknown} are not among the splits {all_splits} of folds.csv")
+    data_root = yolo_format.write_siim_dataset(table, out.data)
+
+    runs, pieces = {}, []
+    for split in splits:
+        data_yaml = yolo_format.write_siim_fold(table, data_root, split, column="split")
+        runs[split] = train_yolo(cfg.train_config(), data_yaml, out.split(split), resume=cfg.resume)
+        held_out = table[table["split"] == split]
+        pieces.append(predict_table(load_model(runs[split].weights), held_out, cfg, cfg.conf, prepared_size))
+    oof = OofPredictions.concat(pieces)
+    write_oof(out.oof, oof)
+
+    truth = dict(zip(table["image_id"], table["boxes"]))
+    baseline_ap = None
+    if cfg.baseline_model:
+        untrained = untrained_predictions(table[table["split"].isin(splits)], cfg, prepared_size)
+        write_oof(out.untrained_oof, untrained)
+        baseline_ap = opacity_ap(untrained, truth)
+    result = Result(runs=runs, oof=oof, fold_ap=per_fold_ap(oof, truth), ap=opacity_ap(oof, truth),
+                    baseline_ap=baseline_ap, out_dir=out.dir)
+    summary = {"oof_ap50": _number(result.ap), "untrained_ap50": _number(result.baseline_ap),
+               "fold_ap50": {int(k): _number(v) for k, v in result.fold_ap.items()},
+               "folds": splits, "images": len(oof.images), "model": cfg.train_config().model}
+    out.summary.write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def _number(value: float | None) -> float | None:
+    """JSON has no NaN (AP of a fold without ground-truth boxes): None instead."""
+    return None if value is None or np.isnan(value) else float(value)
+
+
+def describe(result: Result) -> str:
+    return (result.fold_ap.to_string(float_format="%.4f") + f"\nOOF opacity AP@0.5: {result.ap:.4f}"
+            f"   untrained: {result.baseline_ap}\nOOF predictions: {result.out_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, argv)
+
+
+if __name__ == "__main__":
+    main()

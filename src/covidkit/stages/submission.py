@@ -1,0 +1,76 @@
+"""Stage 07: the models folder, the submission, its score, and the honest score on fresh test sets.
+
+1. Export every fold model of 03, 04 and 06, 05's fusion parameters, 06's stacker and a manifest (hashes,
+   priors, the ``none`` rule, the display threshold) into one self-contained models folder
+   (``covidkit.models_dir``): what ``covidkit predict``, ``covidkit serve`` and ``covidkit kaggle bundle`` take.
+2. Predict every row of the competition's ``sample_submission.csv`` from the test DICOMs
+   (``covidkit.predict.predict_competition``), validated before it is written.
+3. Score it when the test labels lie beside the competition (synthetic data only).
+4. With ``fresh_test_seeds``: the test split of each seed, written alone, predicted and scored with the same
+   models folder, beside a submission of the priors (``covidkit.fresh_tests``).
+
+Reads the run folder's 00-06 outputs and ``<input_dir>/siim-covid19-detection/test/``. Writes
+``<run_dir>/models/`` (or ``models_dir``), ``submission`` and its ``.log``, ``<run_dir>/fresh_tests/``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from covidkit.data.siim import COMPETITION
+from covidkit.fresh_tests import FreshTestSets, score_fresh_test_sets
+from covidkit.models_dir import export_models
+from covidkit.predict import CompetitionPrediction, predict_competition, score_if_labelled
+from covidkit.stages import StageConfig, stage_main
+
+
+@dataclass
+class Config(StageConfig):
+    models_dir: str | None = None  # where to export the models; None: <run_dir>/models
+    submission: str = "submissions/submission.csv"  # the submission to write
+    device: str = "cpu"  # "cpu", "cuda" ...
+    hflip_tta: bool = False  # also predict each image flipped, and average
+    workers: int | None = None  # decoding processes beside the models, None: one core less than all
+    fresh_test_seeds: list[int] = field(default_factory=list)  # seeds of fresh synthetic test sets to score
+    fresh_test_studies: int = 80  # studies in each fresh test set
+
+
+@dataclass
+class Result:
+    models: Path
+    prediction: CompetitionPrediction
+    scores: dict | None  # the metric on the competition's test labels, when they exist
+    fresh: FreshTestSets | None
+
+
+def run(cfg: Config) -> Result:
+    competition = Path(cfg.input_dir) / COMPETITION
+    models = export_models(cfg.run_dir, cfg.models_dir or cfg.layout.submission.models, competition_dir=competition,
+                           hflip_tta=cfg.hflip_tta)
+    prediction = predict_competition(competition, models, cfg.submission, device=cfg.device, hflip_tta=cfg.hflip_tta,
+                                     workers=cfg.workers)
+    fresh = None
+    if cfg.fresh_test_seeds:
+        fresh = score_fresh_test_sets(models, cfg.layout.submission.fresh_tests, cfg.fresh_test_seeds,
+                                      cfg.fresh_test_studies, device=cfg.device, hflip_tta=cfg.hflip_tta,
+                                      workers=cfg.workers)
+    return Result(models, prediction, score_if_labelled(competition, cfg.submission), fresh)
+
+
+def describe(result: Result) -> str:
+    from covidkit.metrics import format_scores
+
+    lines = [f"models: {result.models}", result.prediction.summary()]
+    if result.scores:
+        lines.append(format_scores(result.scores))
+    if result.fresh is not None:
+        lines.append(result.fresh.summary())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, argv)
+
+
+if __name__ == "__main__":
+    main()
