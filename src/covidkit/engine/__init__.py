@@ -4,8 +4,9 @@ Shaped like torchvision's ``references/detection`` (a small epoch loop, distribu
 helpers in their own modules). The task-specific part is two small callables; everything else
 (seeds, AMP, DDP, checkpoints, resume, metrics, plots, progress bars) is the engine's.
 
-Beside the engine, the runners of the training notebooks, each also a ``python -m`` / ``torchrun -m``
-entry point reading a profile section: ``nih`` (01), ``yolo`` (02, 04), ``fasterrcnn`` (03), ``study`` (06).
+The stages (``covidkit.stages``) are its users; ultralytics YOLO has its own trainer, which ``yolo`` gives the
+same guarantees (seeds per epoch, exact resume, offline precision choice). Model files share the format of
+``covidkit.model_file`` with the engine's checkpoints, so loading a model never imports the engine.
 
 API (stable; other modules build on it)::
 
@@ -63,7 +64,7 @@ What the engine does for each run (``cfg.run_dir``; only rank 0 writes):
 
 Modules: ``config`` (TrainConfig), ``loop`` (fit, train_one_epoch, FitResult), ``checkpoint``,
 ``distributed``, ``loaders`` (samplers, DataLoader, collate), ``schedules``, ``seed``, ``device``,
-``history`` (metrics files and plots).
+``history`` (metrics files and plots), ``yolo`` (ultralytics training).
 """
 from covidkit.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from covidkit.engine.config import TrainConfig
