@@ -67,22 +67,22 @@ def rule_probabilities(images: pd.DataFrame, boxes: OofPredictions | None) -> di
 def choose_none_rule(images: pd.DataFrame, boxes: OofPredictions | None, setting: str = AUTO) -> dict:
     """The ``none`` rule 07 applies, and an honest OOF AP of that choice.
 
-    ``setting`` ``auto``: the rule with the best ``none`` AP on all OOF images is chosen; its honest score
-    takes, for each fold of 00, the rule that scores best on the other folds' images (as 05 scores its
-    tuned fusion). A named rule is used as it is. Returns ``chosen``, ``ap_out_of_fold`` and each rule's
-    ``ap`` on all images.
+    ``setting`` ``auto``: the rule with the best ``none`` AP on all OOF images is chosen. Its honest score
+    takes, for each fold of 00, the rule that scores best on the other folds' images, scored on that fold's
+    images; the score is the mean over the folds (the rules' probabilities have different scales, so the
+    folds are not pooled). A named rule is used as it is and scored the same way. Returns ``chosen``,
+    ``ap_out_of_fold``, and each rule's ``ap`` on all images.
     """
     probs = rule_probabilities(images, boxes)
     aps = {rule: none_ap(images, p) for rule, p in probs.items()}
-    if setting != AUTO:
-        return {"chosen": setting, "ap_out_of_fold": aps[setting], "ap": aps}
     folds = images["fold"].to_numpy()
-    honest = np.zeros(len(images))
+    per_fold = []
     for fold in np.unique(folds):
         here = folds == fold
-        best = max(probs, key=lambda r: none_ap(images[~here], probs[r][~here]))
-        honest[here] = probs[best][here]
-    return {"chosen": max(aps, key=aps.get), "ap_out_of_fold": none_ap(images, honest), "ap": aps}
+        rule = setting if setting != AUTO else max(probs, key=lambda r: none_ap(images[~here], probs[r][~here]))
+        per_fold.append(none_ap(images[here], probs[rule][here]))
+    chosen = setting if setting != AUTO else max(aps, key=aps.get)
+    return {"chosen": chosen, "ap_out_of_fold": float(np.nanmean(per_fold)), "ap": aps}
 
 
 def none_comparison(images: pd.DataFrame, studies: pd.DataFrame, boxes: OofPredictions | None = None) -> pd.DataFrame:
