@@ -12,7 +12,7 @@ from covidkit.data.siim import COMPETITION, SOLUTION, STUDY_CLASSES, read_image_
 from covidkit.oof import OofPredictions, box_rows, write_oof
 from covidkit.report import write_report
 
-SECTIONS = ["Did every model learn?", "Opacity detectors", "Study classes and none", "Submission score",
+SECTIONS = ["Did every model learn?", "Stages: wall time", "Opacity detectors", "Study classes and none", "Submission score",
             "Fresh test sets", "Out-of-fold examples", "Test examples"]
 
 

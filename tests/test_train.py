@@ -319,6 +319,23 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     assert moves[None] > 10 * moves[1e-3]
 
 
+def test_max_steps_ends_the_run_after_that_many_optimizer_steps(tmp_path):
+    """A dry run's limit: 24 samples in batches of 4 are 6 steps an epoch; 8 steps are one epoch and 2 batches."""
+    steps = []
+
+    def counting_step(model, batch, device):
+        steps.append(len(batch[0]))
+        return classify_step(model, batch, device)
+
+    cfg = config(tmp_path / "limited", epochs=5, max_steps=8)
+    result = fit(fresh_model(), NoisyImages(24), counting_step, sgd_nesterov, cfg, scheduler_fn=cosine_with_floor)
+    assert len(steps) == 8 and [r["epoch"] for r in result.history] == [1, 2]
+    assert load_checkpoint(result.last_checkpoint)["epoch"] == 2
+    # resuming the finished run trains no more
+    fit(fresh_model(), NoisyImages(24), counting_step, sgd_nesterov, cfg, resume=True)
+    assert len(steps) == 8
+
+
 def test_epoch_scheduler_and_nonfinite_loss(tmp_path):
     data = NoisyImages(8)
     cfg = config(tmp_path / "epoch", scheduler_interval="epoch")

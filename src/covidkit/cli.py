@@ -112,7 +112,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     run_pipeline(
         profile=args.profile, input_dir=Path(args.input),
-        run_dir=Path(args.out) if args.out else None, only=args.only,
+        run_dir=Path(args.out) if args.out else None, only=args.only, dry_run=args.dry_run,
     )
     return 0
 
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default="input", help="folder holding the dataset folders")
     p.add_argument("--out", default=None, help="run folder (default: runs/<profile>)")
     p.add_argument("--only", nargs="*", default=None, help="run only these notebooks (name prefixes, e.g. 00)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the profile's settings on a few items per split and 1-2 steps per model (dry_run.json)")
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("kaggle", help="a Kaggle dataset (wheels, models, notebook) that submits offline")

@@ -15,6 +15,7 @@
       ct_cogseg/                   10: one engine run per variant, ablation.csv, figures
       decovnet/                    11: prepared/, inputs/, lung_unet/, classifier/, predictions.csv, metrics.json
       notebooks/                   the executed notebooks
+      stages.json, dry_run.json    each notebook's wall time and peak memory (a run, a dry run)
       report.html
 
 A stage's folder is named after its notebook, so the executed notebook and what it wrote sit side by side.
@@ -254,3 +255,5 @@ class RunLayout:
         self.decovnet = self.root / "decovnet"
         self.notebooks = self.root / "notebooks"
         self.report = self.root / "report.html"
+        self.stage_record = self.root / "stages.json"  # each notebook's wall time and peak memory
+        self.dry_run_record = self.root / "dry_run.json"  # the same, of a dry run

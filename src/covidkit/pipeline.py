@@ -49,10 +49,23 @@ class NotebookRun:
     name: str
     output: Path
     seconds: float
+    peak_rss_mib: float | None = None  # of the notebook's kernel
+
+def _peak_rss_mib(pid: int) -> float | None:
+    """A live process's peak resident memory (Linux ``VmHWM``), in MiB; None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+KERNEL_PEAKS: list[float | None] = []  # the peak memory of each kernel, read as it shuts down
 
 
 def ipc_kernel_manager() -> type:
-    """A kernel manager whose kernel talks over Unix sockets instead of TCP on localhost.
+    """A kernel manager whose kernel talks over Unix sockets instead of TCP on localhost, and which records
+    the kernel's peak resident memory (``KERNEL_PEAKS``) before shutting it down.
 
     With networking switched off (``unshare -rn``) there is no loopback interface, so a kernel on
     TCP never answers; on Unix sockets it does, and no port is opened on the machine.
@@ -62,6 +75,11 @@ def ipc_kernel_manager() -> type:
 
     class IpcKernelManager(AsyncKernelManager):
         transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+        async def _async_shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
+            pid = getattr(self.provisioner, "pid", None)
+            KERNEL_PEAKS.append(_peak_rss_mib(pid) if pid else None)
+            await super()._async_shutdown_kernel(now=now, restart=restart)
 
     return IpcKernelManager
 
@@ -85,17 +103,23 @@ def run_notebook(notebook: Path, profile: dict, run_dir: Path, overrides: dict) 
             f"{notebook.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
             f"executed copy with the traceback: {out}"
         ) from None
-    return NotebookRun(notebook.stem, out, time.perf_counter() - start)
+    return NotebookRun(notebook.stem, out, time.perf_counter() - start, KERNEL_PEAKS[-1] if KERNEL_PEAKS else None)
 
 
 def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_dir: Path | None = None,
-                 only: list[str] | None = None) -> list[NotebookRun]:
-    """Run the numbered notebooks (all, or ``only``) with ``profile``; stop at the first failure."""
+                 only: list[str] | None = None, dry_run: bool = False) -> list[NotebookRun]:
+    """Run the numbered notebooks (all, or ``only``) with ``profile``; stop at the first failure.
+
+    ``dry_run``: every stage with the profile's settings on a few items and one or two steps per model
+    (``covidkit.stages.StageConfig``). Each notebook's wall time and its kernel's peak memory go to
+    ``<run_dir>/dry_run.json`` (a dry run) or ``stages.json``, and to the report.
+    """
     from tqdm.auto import tqdm
 
     params = load_profile(profile)
     run_dir = Path(run_dir or REPO_ROOT / "runs" / profile).resolve()
-    overrides = {"input_dir": str(Path(input_dir).resolve()), "run_dir": str(run_dir)}
+    overrides = {"input_dir": str(Path(input_dir).resolve()), "run_dir": str(run_dir),
+                 **({"dry_run": True} if dry_run else {})}
     books = list_notebooks(only)
     runs = []
     with tqdm(books, desc=f"pipeline [{profile}]", unit="notebook") as bar:
@@ -103,10 +127,21 @@ def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_di
             bar.set_postfix_str(book.stem)
             runs.append(run_notebook(book, params, run_dir, overrides))
             tqdm.write(f"{book.stem}: done in {runs[-1].seconds:.0f} s")
+            write_stage_record(RunLayout(run_dir), runs, dry_run)
     print(f"run folder: {run_dir}")
     print(f"executed notebooks: {RunLayout(run_dir).notebooks}")
     print_outputs(params, run_dir, Path(input_dir), overrides, [b.stem for b in books])
     return runs
+
+
+def write_stage_record(layout: RunLayout, runs: list[NotebookRun], dry_run: bool) -> None:
+    """Each notebook's wall time and peak memory so far: ``dry_run.json`` or ``stages.json``."""
+    import json
+
+    from covidkit.atomic import atomic_write_text
+
+    rows = [{"stage": r.name, "seconds": round(r.seconds, 1), "peak_rss_mib": r.peak_rss_mib} for r in runs]
+    atomic_write_text(layout.dry_run_record if dry_run else layout.stage_record, json.dumps(rows, indent=2) + "\n")
 
 
 def print_learning(checks: list, ran: list[str]) -> None:

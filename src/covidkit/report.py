@@ -273,6 +273,17 @@ def _section(title: str, build: Callable[[], str]) -> str:
     return f"<h2>{html.escape(title)}</h2>\n{body}"
 
 
+def stages_section(layout: RunLayout) -> str:
+    """Each notebook's wall time and its kernel's peak resident memory (``covidkit pipeline`` records them)."""
+    record = next((p for p in (layout.dry_run_record, layout.stage_record) if p.is_file()), None)
+    if record is None:
+        raise Missing("not run through covidkit pipeline: no stages.json or dry_run.json")
+    rows = pd.DataFrame(json.loads(record.read_text())).set_index("stage")
+    kind = "a dry run: the profile's settings on a few items, 1-2 steps per model" if record == layout.dry_run_record \
+        else "the run"
+    return f"<p>{html.escape(kind)} ({html.escape(record.name)})</p>" + _table_html(rows, digits=1)
+
+
 def fresh_tests_section(layout: RunLayout) -> str:
     """07's scores on fresh test sets (``covidkit.fresh_tests``): per seed, their mean and spread."""
     from covidkit.fresh_tests import read_fresh_test_sets
@@ -301,6 +312,7 @@ def write_report(run_dir: str | Path, submission_csv: str | Path | None = None, 
     checks = check_run(layout.root, input_dir) if checks is None else checks
     sections = [
         _section("Did every model learn?", lambda: learning_section(checks)),
+        _section("Stages: wall time and peak memory", lambda: stages_section(layout)),
         _section("Opacity detectors, out of fold (03, 04, 05)", lambda: detectors_section(layout, input_dir)),
         _section("Study classes and none, out of fold (06)", lambda: study_section(layout)),
         _section("Submission score (07)", lambda: submission_section(submission_csv, solution_dir)),

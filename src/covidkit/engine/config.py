@@ -25,6 +25,7 @@ class TrainConfig:
     shuffle: bool = True
     drop_last: bool = False
     accumulate_steps: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps in all (a dry run's limit); None: all epochs
     clip_grad_norm: float | None = None
     amp: bool = True  # CUDA only; CPU always trains in float32
     amp_dtype: str = "float16"  # float16 uses a GradScaler, bfloat16 does not need one
@@ -41,6 +42,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.run_dir = str(self.run_dir)
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         for name in ("epochs", "batch_size", "accumulate_steps", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -66,18 +66,21 @@ def train_one_epoch(
     scheduler: LRScheduler | None = None,
     show_progress: bool = True,
     desc: str = "train",
+    max_batches: int | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns this rank's mean ``loss`` and mean of each log.
+    """One pass over ``loader`` (its first ``max_batches``); returns this rank's mean ``loss`` and mean of each log.
 
     ``scheduler``, when given, steps after every optimizer step (per-iteration schedules).
     """
     model.train()
-    n_batches = len(loader)
+    n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     accum = cfg.accumulate_steps
     sums: dict[str, float] = defaultdict(float)
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True)
     for i, batch in enumerate(bar):
+        if i == n_batches:
+            break
         group_start = i - i % accum
         group_size = min(accum, n_batches - group_start)
         steps_now = i + 1 == group_start + group_size
@@ -136,13 +139,13 @@ def fit(
             atomic_write_text(cfg.path / CONFIG_JSON, json.dumps(cfg.to_dict(), indent=2))
 
     show = cfg.progress and info.is_main
-    epochs = tqdm(range(start, cfg.epochs), desc="epochs", initial=start, total=cfg.epochs, disable=not show)
+    epochs = tqdm(range(start, run.epochs), desc="epochs", initial=start, total=run.epochs, disable=not show)
     for epoch in epochs:
         history.append(_run_epoch(run, epoch, train_data, train_step, evaluate, collate_fn, show))
         state = _training_state(run, epoch + 1, history)  # every rank: gathers the RNG states
         if info.is_main:
             _write_epoch(state, cfg, history)
-            epochs.write(_summary(history[-1], cfg.epochs))
+            epochs.write(_summary(history[-1], run.epochs))
         if on_epoch_end is not None:
             _isolated_rng(on_epoch_end, epoch + 1, history[-1])
     D.barrier()
@@ -162,6 +165,8 @@ class _Run:
     scheduler: LRScheduler | None
     scaler: torch.amp.GradScaler
     sampler: Sampler
+    epochs: int  # cfg.epochs, or fewer when cfg.max_steps ends the run earlier
+    steps_per_epoch: int  # optimizer steps
 
 
 def _build_run(
@@ -183,7 +188,10 @@ def _build_run(
     batches = _batches_per_epoch(len(train_sampler), cfg)
     if batches == 0:
         raise ValueError(f"no training batch: {len(train_sampler)} samples per rank, batch size {cfg.batch_size}")
-    steps = cfg.epochs * (math.ceil(batches / cfg.accumulate_steps) if cfg.scheduler_interval == "step" else 1)
+    steps_per_epoch = math.ceil(batches / cfg.accumulate_steps)
+    epochs = cfg.epochs if cfg.max_steps is None else min(cfg.epochs, math.ceil(cfg.max_steps / steps_per_epoch))
+    total_steps = epochs * steps_per_epoch if cfg.max_steps is None else min(epochs * steps_per_epoch, cfg.max_steps)
+    steps = total_steps if cfg.scheduler_interval == "step" else epochs
     scaler = torch.amp.GradScaler(device.type, enabled=amp_enabled(device, cfg.amp) and cfg.amp_dtype == "float16")
     return _Run(
         cfg=cfg,
@@ -195,6 +203,8 @@ def _build_run(
         scheduler=scheduler_fn(optimizer, steps) if scheduler_fn is not None else None,
         scaler=scaler,
         sampler=train_sampler,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
     )
 
 
@@ -215,14 +225,15 @@ def _run_epoch(
         train_data, run.sampler, cfg, epoch, run.info, collate_fn, pin_memory=run.device.type == "cuda"
     )
     per_step = run.scheduler if cfg.scheduler_interval == "step" else None
+    max_batches = None if cfg.max_steps is None else (cfg.max_steps - epoch * run.steps_per_epoch) * cfg.accumulate_steps
     logs = train_one_epoch(
         run.net, loader, train_step, run.optimizer, run.device, cfg, run.scaler, per_step,
-        show_progress=show, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        show_progress=show, desc=f"epoch {epoch + 1}/{run.epochs}", max_batches=max_batches,
     )
     if run.scheduler is not None and per_step is None:
         run.scheduler.step()
     row.update({f"train_{k}": v for k, v in D.mean_across_ranks(logs).items()})
-    if evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+    if evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == run.epochs):
         row.update(_evaluate(run.model, evaluate, run.device))
         if cfg.monitor and cfg.monitor not in row:
             raise KeyError(f"monitor {cfg.monitor!r} is not among the epoch's metrics {sorted(row)}")

@@ -44,12 +44,22 @@ def stage_module(stage: str) -> ModuleType:
     return importlib.import_module(f"covidkit.stages.{STAGES[notebook_of(stage)]}")
 
 
+DRY_RUN_ITEMS = 4  # a dry run's images (or volumes, slices) per split
+DRY_RUN_STEPS = 2  # a dry run's optimizer steps per model
+
+
 @dataclass
 class StageConfig:
-    """What every stage takes: the input folder (the datasets) and the run folder."""
+    """What every stage takes: the input folder (the datasets), the run folder, and the dry-run switch.
+
+    ``dry_run``: every stage runs with its settings as they are (models, sizes, folds, TTA, export) on a few
+    items per split (``max_items``) and one or two optimizer steps per model (``max_steps``): the whole path
+    of a long run, in minutes (``covidkit pipeline --dry-run``).
+    """
 
     input_dir: str = "input"
     run_dir: str = "runs/smoke"
+    dry_run: bool = False
 
     @classmethod
     def from_params(cls, params: dict):
@@ -63,11 +73,29 @@ class StageConfig:
         return cls(**{name: namespace[name] for name in field_names(cls) if name in namespace})
 
     @property
+    def max_items(self) -> int | None:
+        return DRY_RUN_ITEMS if self.dry_run else None
+
+    @property
+    def max_steps(self) -> int | None:
+        return DRY_RUN_STEPS if self.dry_run else None
+
+    @property
     def layout(self):
         """The run folder's ``covidkit.layout.RunLayout``."""
         from covidkit.layout import RunLayout
 
         return RunLayout(self.run_dir)
+
+
+def limit_rows(table, n: int | None, by: str = "split"):
+    """``n`` rows of each ``by`` group (the table itself when ``n`` is None): with a ``label`` column, one of each
+    label first, so that a dry run still sees every class."""
+    if n is None:
+        return table
+    keys = [by, "label"] if "label" in table else [by]
+    order = table.assign(_k=table.groupby(keys, sort=False).cumcount()).sort_values("_k", kind="stable")
+    return order.groupby(by, sort=False, group_keys=False).head(n).drop(columns="_k").sort_index()
 
 
 def field_names(cls) -> list[str]:

@@ -136,6 +136,8 @@ def run(cfg: Config) -> Result:
     out = cfg.layout.nih
     table = read_nih_table(Path(cfg.input_dir) / DATASET)
     train_table, val_table = patient_split(table, cfg.val_fraction, cfg.seed)
+    if cfg.max_items is not None:
+        train_table, val_table = train_table.head(cfg.max_items), val_table.head(cfg.max_items)
     aug = ClassificationAugment(resize=cfg.resize, crop=cfg.input_size)
     cache_size = cfg.resize if cfg.cache_images else None
     train_set = NihDataset(train_table, classification_transform(aug, train=True), cache_size)
@@ -145,7 +147,7 @@ def run(cfg: Config) -> Result:
     model = build_classifier(cfg.arch, len(LABELS), pretrained.resolve(cfg.weights, cfg.input_dir, cfg.arch, NOTEBOOK))
     train_cfg = TrainConfig(
         run_dir=str(out.train), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-        num_workers=cfg.workers, amp=cfg.amp, monitor="val_loss", monitor_mode="min",
+        num_workers=cfg.workers, amp=cfg.amp, monitor="val_loss", monitor_mode="min", max_steps=cfg.max_steps,
         progress=cfg.progress, hparams=asdict(cfg),
     )
     result = fit(

@@ -38,7 +38,9 @@ class Config(StageConfig):
     hyp: dict = field(default_factory=dict)  # any other ultralytics training argument
 
     def train_config(self, model: str) -> YoloTrainConfig:
-        return YoloTrainConfig(model=model, imgsz=self.input_size, epochs=self.epochs, batch=self.batch_size,
+        # ultralytics counts epochs, not steps: a dry run's few images make one step an epoch
+        epochs = self.epochs if self.max_steps is None else min(self.epochs, self.max_steps)
+        return YoloTrainConfig(model=model, imgsz=self.input_size, epochs=epochs, batch=self.batch_size,
                                device=self.device, workers=self.workers, seed=self.seed,
                                save_period=self.save_period, overrides=self.hyp)
 
@@ -62,7 +64,8 @@ def run(cfg: Config) -> Result:
     setup_ultralytics(cfg.run_dir)
     out = cfg.layout.rsna_yolo
     dataset = rsna.convert_to_yolo(Path(cfg.input_dir) / rsna.COMPETITION, out.data, size=cfg.input_size,
-                                   val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit)
+                                   val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                   limit=cfg.limit if cfg.max_items is None else 2 * cfg.max_items)
     run_ = train_yolo(cfg.train_config(starting_model(cfg.model, cfg.input_dir)), dataset.data_yaml, out.train,
                       resume=cfg.resume)
     return Result(dataset, run_)

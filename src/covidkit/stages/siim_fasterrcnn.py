@@ -35,7 +35,7 @@ from covidkit.folds import validation_splits
 from covidkit.models.backbones import load_backbone
 from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, predict_boxes, save_detector
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, write_oof
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, limit_rows, stage_main
 from covidkit.transforms import DetectionAugment, detection_transform
 
 DETECTOR_FILE = "detector.pt"  # a split's fold model, in its engine run folder
@@ -100,7 +100,7 @@ def training_table(cfg: Config) -> pd.DataFrame:
     """00's prepared train table with its validation ``split`` column."""
     table = cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION)
     table["split"] = validation_splits(table["fold"], cfg.fold_groups)
-    return table
+    return limit_rows(table, cfg.max_items)
 
 
 def splits_to_run(table: pd.DataFrame, cfg: Config) -> list[int]:
@@ -184,7 +184,7 @@ def train_split(table: pd.DataFrame, split: int, cfg: Config, prepared_size: int
     latest: list[OofPredictions] = []  # the last evaluated epoch's held-out predictions: the OOF
     train_cfg = TrainConfig(
         run_dir=str(cfg.layout.fasterrcnn.split(split)), epochs=cfg.epochs, batch_size=cfg.batch_size,
-        seed=cfg.seed, num_workers=cfg.workers, amp=cfg.amp, clip_grad_norm=cfg.clip_grad_norm,
+        seed=cfg.seed, num_workers=cfg.workers, amp=cfg.amp, clip_grad_norm=cfg.clip_grad_norm, max_steps=cfg.max_steps,
         monitor="val_ap50", monitor_mode="max", progress=cfg.progress, hparams={**asdict(cfg), "split": split},
     )
     result = fit(

@@ -24,7 +24,7 @@ from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo
 from covidkit.folds import validation_splits
 from covidkit.models.yolo import PREDICT_CONF, load_model, predict_boxes, setup_ultralytics
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, per_fold_ap, write_oof
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, limit_rows, stage_main
 
 
 @dataclass
@@ -45,8 +45,10 @@ class Config(StageConfig):
     hyp: dict = field(default_factory=dict)  # any other ultralytics training argument
 
     def train_config(self) -> YoloTrainConfig:
+        # ultralytics counts epochs, not steps: a dry run's few images make one step an epoch
+        epochs = self.epochs if self.max_steps is None else min(self.epochs, self.max_steps)
         return YoloTrainConfig(model=self.model or str(self.layout.rsna_yolo.weights), imgsz=self.input_size,
-                               epochs=self.epochs, batch=self.batch_size, device=self.device, workers=self.workers,
+                               epochs=epochs, batch=self.batch_size, device=self.device, workers=self.workers,
                                seed=self.seed, save_period=self.save_period, overrides=self.hyp)
 
 
@@ -84,6 +86,7 @@ def run(cfg: Config) -> Result:
     table = cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION)
     prepared_size = cfg.layout.prepared.size
     table["split"] = validation_splits(table["fold"], cfg.fold_groups)
+    table = limit_rows(table, cfg.max_items)
     all_splits = sorted(int(s) for s in table["split"].unique())
     splits = all_splits if cfg.folds is None else [int(f) for f in cfg.folds]
     unknown = sorted(set(splits) - set(all_splits))

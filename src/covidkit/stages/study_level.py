@@ -41,7 +41,7 @@ from covidkit.models.study import (
 from covidkit.oof import OofPredictions, read_oof
 from covidkit.plots import confusion_figure
 from covidkit.prepare import image_sizes
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, limit_rows, stage_main
 from covidkit.study_scores import (
     AUTO, PROB_COLUMNS, choose_none_rule, none_ap, none_comparison, study_aps, study_probabilities, summarise,
 )
@@ -160,7 +160,7 @@ def training_table(cfg: Config) -> pd.DataFrame:
     table = cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION)
     table["split"] = validation_splits(table["fold"], cfg.fold_groups)
     table["has_box"] = table["boxes"].map(len) > 0
-    return table
+    return limit_rows(table, cfg.max_items)
 
 
 def make_evaluate(val_table: pd.DataFrame, spec: StudySpec):
@@ -180,7 +180,7 @@ def train_split(table: pd.DataFrame, split: int, spec: StudySpec, cfg: Config) -
     out = cfg.layout.study
     train_cfg = TrainConfig(
         run_dir=str(out.split(split) / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-        num_workers=cfg.workers, amp=cfg.amp, eval_every=min(cfg.eval_every, cfg.epochs),
+        num_workers=cfg.workers, amp=cfg.amp, eval_every=min(cfg.eval_every, cfg.epochs), max_steps=cfg.max_steps,
         drop_last=len(train_table) >= 2 * cfg.batch_size,  # no 1-image batch for batch norm, unless data is tiny
         progress=cfg.progress, hparams={**cfg.training_hparams(), "split": split},
     )
