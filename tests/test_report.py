@@ -50,6 +50,7 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
     """A run folder with every notebook's outputs, written by the package's own writers."""
     from covidkit.fresh_tests import score_fresh_test_sets
     from covidkit.layout import RunLayout
+    from covidkit.pipeline import NotebookRun, write_stage_record
     from covidkit.prepare import prepare
     from covidkit.stages import ensemble_wbf
     from covidkit.stages.study_level import Config, write_tables
@@ -83,6 +84,7 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
     submission = write_submission(run / "submission.csv", predictions, studies_test, order=sample["id"])
     score_fresh_test_sets(models_dir, layout.submission.fresh_tests, seeds=[5], test_studies=2, workers=0,
                           progress=False)
+    write_stage_record(layout, [NotebookRun("00_prepare_data", layout.notebooks / "00.ipynb", 12.5, 321.0)], False)
     return run, submission
 
 
@@ -95,7 +97,7 @@ def test_report_of_a_complete_run(full_run, tiny_input):
     assert 'class="missing"' not in page
     for model in ("Faster R-CNN", "YOLO", "WBF ensemble"):
         assert model in page
-    for name in (*STUDY_CLASSES, "mAP", "study_negative", "opacity"):
+    for name in (*STUDY_CLASSES, "mAP", "study_negative", "opacity", "00_prepare_data", "321.0"):
         assert name in page
     # figures: detector PR, study PR, confusion matrix, OOF examples, test examples
     assert page.count("data:image/png;base64,") == 5
