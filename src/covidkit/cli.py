@@ -21,6 +21,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         nih_images=args.nih_images,
         rsna_images=args.rsna_images,
         max_size=args.max_size,
+        min_size=args.min_size,
         ct=not args.no_ct,
         ct_volumes=args.ct_volumes,
         test_only=args.test_only,
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rsna-images", type=int, default=200)
     p.add_argument("--max-size", type=int, default=2500,
                    help="largest side of a synthetic SIIM DICOM, in pixels (real data: up to ~4000)")
+    p.add_argument("--min-size", type=int, default=512, help="smallest side of a synthetic SIIM DICOM, in pixels")
     p.add_argument("--no-ct", action="store_true", help="skip the synthetic CT sets")
     p.add_argument("--ct-volumes", type=int, default=40,
                    help="CT volumes for DeCoVNet, half positive (40: the smoke set; DeCoVNet needs more to generalise)")
