@@ -1,9 +1,13 @@
 """Synthetic axial chest CT slices in the two MedSeg layouts (see :mod:`covidkit.ct.medseg`).
 
 Each slice is a phantom in Hounsfield units: air, a body with a fat layer, a spine, two lungs with vessels
-(bright lines and dots, not lesions), and lesions of the three labelled kinds:
+(bright lines and dots, not lesions), and lesions of the three labelled kinds. The aerated lung varies with
+inspiration (-900 to -820 HU) and, as in a supine patient, grows denser towards the back (up to +20 to +150 HU
+at the most posterior pixels); image noise varies between slices (10-35 HU, as dose and kernel do).
 
-- ground-glass (label 1): faint, hazy patches (+150 to +300 HU over the lung, soft edges; vessels show through);
+- ground-glass (label 1): hazy patches, mostly peripheral, +120 to +450 HU over the lung (-720 to -340 HU,
+  5th-95th percentile, the faint end overlapping the dependent lung), of uneven density, with soft edges;
+  vessels show through;
 - consolidation (label 2): dense patches near soft-tissue density with sharper edges;
 - pleural effusion (label 3): a dependent, crescent-shaped band of fluid along the posterior lung base.
 
