@@ -13,11 +13,12 @@ def test_cogseg_notebook_smoke(tmp_path):
 
     write_ct_slices(tmp_path, CTSynthConfig(seed=2, medseg_slices=40, medseg_size=128, rp_volumes=0))
     run = run_notebook(list_notebooks(["10"])[0], load_profile("smoke"), run_dir=tmp_path / "run",
-                       overrides={"input_dir": str(tmp_path), "run_dir": str(tmp_path / "run")})
+                       overrides={"input_dir": str(tmp_path), "run_dir": str(tmp_path / "run"),
+                                  "epochs": 2})  # the plumbing; test_ct_train checks that the variants learn
     assert run.output.is_file()
     out = tmp_path / "run" / "ct_cogseg"
     table = pd.read_csv(out / "ablation.csv")
-    assert table["variant"].tolist() == ["U-Net", "+SR (1 L1)", "+SR (4 L1)", "+RMI", "+edge-guided RMI"]
+    assert table["variant"].tolist() == ["untrained", "U-Net", "+SR (1 L1)", "+SR (4 L1)", "+RMI", "+edge-guided RMI"]
     assert table[["mIoU", "DSC", "sensitivity", "specificity"]].notna().all().all()
     assert (out / "predictions_medseg.png").stat().st_size > 0
     assert (out / "loss_curves_medseg.png").stat().st_size > 0

@@ -12,8 +12,18 @@ Variants (each adds to the one before):
 ====================  =========================================================================
 
 Each variant trains in ``<run_dir>/<slug>/`` (engine files: ``metrics.csv``, checkpoints, plots) and is
-evaluated, with its last-epoch weights, on the test split; the table goes to ``<run_dir>/ablation.csv``.
-There is no validation split in the paper, so no checkpoint is picked on test scores.
+evaluated, with its last-epoch weights, on the test split; the table goes to ``<run_dir>/ablation.csv``, with
+an ``untrained`` row (the networks' common starting point) as the baseline. There is no validation split in
+the paper, so no checkpoint is picked on test scores.
+
+Two things every variant shares, beyond the paper (both fixed the smoke run's constant maps, see the README):
+the segmentation head starts at the class prior (:meth:`CogSeg.init_class_prior`), and the cross-entropy
+weights each class by ``frequency ** -class_balance`` (``class_balance = 0``: the paper's plain CE), so that
+the rare classes (consolidation and effusion, under 1 % of the pixels each) get a share of the gradient that
+the auxiliary losses do not drown.
+
+``python -m covidkit.ct.cogseg_train --seeds 11 12 13`` writes the synthetic MedSeg set of each seed, runs
+the profile's ablation on each and prints the table of every seed and the mean and spread over seeds.
 """
 from __future__ import annotations
 
@@ -40,6 +50,8 @@ VARIANTS: dict[str, CogSegLossConfig] = {
     "+edge-guided RMI": CogSegLossConfig(sr=True, feature_scales=4, rmi="edge"),
 }
 TABLE_COLUMNS = ["variant", "mIoU", "DSC", "sensitivity", "specificity"]
+UNTRAINED = "untrained"  # the baseline row: the networks' starting point (the U-Net's, with the same seed)
+OUTPUT_COLUMNS = ["lesion % pred", "lesion % true", "slice r"]
 
 
 @dataclass
@@ -47,7 +59,8 @@ class AblationConfig:
     """What to train and how. ``size`` is the output (and label) side; the network sees ``size // 2``.
 
     ``augment``: the paper's rotations and scales of the training slices (it used them on the small MedSeg
-    set). ``max_train_slices`` / ``max_test_slices`` cap the splits (smoke runs; None: all).
+    set). ``class_balance``: exponent of the cross-entropy's inverse class-frequency weights (0: plain CE).
+    ``max_train_slices`` / ``max_test_slices`` cap the splits (None: all).
     """
 
     input_dir: str
@@ -59,6 +72,7 @@ class AblationConfig:
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    class_balance: float = 0.5
     augment: bool = True
     seed: int = 42
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
@@ -66,6 +80,17 @@ class AblationConfig:
     max_test_slices: int | None = None
     num_workers: int = 0
     progress: bool = True
+
+    @classmethod
+    def from_params(cls, params: dict, dataset: str) -> AblationConfig:
+        """The config of ``dataset`` from notebook 10's parameters (a profile's ``common`` + ``10_ct_cogseg``):
+        run folder ``<run_dir>/ct_cogseg/<dataset>``, the paper's augmentation on MedSeg only."""
+        params = dict(params)
+        run_dir = Path(params.pop("run_dir")) / "ct_cogseg" / dataset
+        params.pop("datasets", None)
+        variants = params.pop("variants", None) or list(VARIANTS)
+        augment = params.pop("augment", True) and dataset == "medseg"
+        return cls(run_dir=str(run_dir), dataset=dataset, variants=list(variants), augment=augment, **params)
 
     def __post_init__(self):
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -110,17 +135,31 @@ def predict_masks(model: CogSeg, dataset: CTSegDataset, device: torch.device | s
     return torch.cat(preds).numpy()
 
 
+def output_summary(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Whether the predicted maps follow the slices: the lesion percentage of the pixels predicted and true,
+    and ``slice r``, the Pearson correlation over slices of the predicted and true lesion fractions (NaN when
+    the predicted fraction does not vary from slice to slice: a constant map)."""
+    pred_frac = (pred > 0).reshape(len(pred), -1).mean(axis=1)
+    true_frac = (truth > 0).reshape(len(truth), -1).mean(axis=1)
+    constant = pred_frac.std() == 0 or true_frac.std() == 0
+    r = float("nan") if constant else float(np.corrcoef(pred_frac, true_frac)[0, 1])
+    return {"lesion % pred": 100 * float(pred_frac.mean()), "lesion % true": 100 * float(true_frac.mean()),
+            "slice r": r}
+
+
 def evaluate_model(model: CogSeg, dataset: CTSegDataset, device: torch.device | str = "cpu",
                    batch_size: int = 8) -> dict[str, float]:
-    """The paper's metrics (:mod:`covidkit.ct.cogseg.metrics`) of ``model`` on ``dataset``."""
+    """The paper's metrics (:mod:`covidkit.ct.cogseg.metrics`) of ``model`` on ``dataset``, and
+    :func:`output_summary`."""
+    pred = predict_masks(model, dataset, device, batch_size)
     cm = ConfusionMatrix(NUM_CLASSES)
-    cm.update(dataset.masks, torch.from_numpy(predict_masks(model, dataset, device, batch_size)))
-    return summarize(cm)
+    cm.update(dataset.masks, torch.from_numpy(pred))
+    return {**summarize(cm), **output_summary(pred, dataset.masks.numpy())}
 
 
 def _val_metrics(model, device, dataset: CTSegDataset, batch_size: int) -> dict[str, float]:
     metrics = evaluate_model(model, dataset, device, batch_size)
-    return {f"val_{k}": metrics[k] for k in ("mIoU", "DSC")}
+    return {f"val_{k}": metrics[k] for k in ("mIoU", "DSC", "lesion % pred")}
 
 
 def _adam(model, lr: float, weight_decay: float):
@@ -139,24 +178,52 @@ def load_splits(cfg: AblationConfig) -> tuple[CTSlices, CTSlices]:
     return train, test
 
 
+def class_frequencies(masks: torch.Tensor) -> torch.Tensor:
+    """Fraction of the pixels of ``masks`` in each class, ``[NUM_CLASSES]``."""
+    counts = torch.bincount(masks.flatten(), minlength=NUM_CLASSES)[:NUM_CLASSES].double()
+    return (counts / counts.sum()).float()
+
+
+def class_weights(frequencies: torch.Tensor, exponent: float) -> torch.Tensor | None:
+    """Cross-entropy weights ``frequency ** -exponent``, scaled so that the mean weight per pixel is 1 (the loss
+    keeps its size); None for ``exponent == 0``. 0.5 (inverse square root) is the usual compromise between
+    plain CE, under which classes of under 1 % of the pixels learn slowly, and full inverse frequency, which
+    over-segments them."""
+    if not exponent:
+        return None
+    weights = frequencies.clamp_min(1e-6) ** -exponent
+    return weights / (frequencies * weights).sum()
+
+
+def build_variant(name: str, cfg: AblationConfig, train: CTSegDataset) -> tuple[CogSeg, CogSegLoss]:
+    """The untrained network of variant ``name`` (seeded by ``cfg.seed``) and its loss, both set from the
+    training masks: the class weights of the CE and, matching them, the head's starting prior."""
+    from covidkit.engine import seed_everything
+
+    loss_cfg = VARIANTS[name]
+    frequencies = class_frequencies(train.masks)
+    weights = class_weights(frequencies, cfg.class_balance)
+    seed_everything(cfg.seed)
+    model = CogSeg(CogSegConfig(num_classes=NUM_CLASSES, base_channels=cfg.base_channels, sr=loss_cfg.sr))
+    # the minimum of the (weighted) CE for a network that cannot yet tell pixels apart
+    model.init_class_prior(frequencies if weights is None else frequencies * weights)
+    return model, CogSegLoss(NUM_CLASSES, loss_cfg, weights)
+
+
 def train_variant(name: str, cfg: AblationConfig, train: CTSegDataset, test: CTSegDataset,
                   device: torch.device | str | None = None) -> tuple[CogSeg, Path]:
     """Train one ablation variant in ``<run_dir>/<slug>``; returns the model (last epoch, CPU, eval) and folder."""
-    from covidkit.engine import TrainConfig, cosine_with_floor, fit, seed_everything
+    from covidkit.engine import TrainConfig, cosine_with_floor, fit
 
-    loss_cfg = VARIANTS[name]
     run_dir = Path(cfg.run_dir) / slug(name)
-    model_cfg = CogSegConfig(num_classes=NUM_CLASSES, base_channels=cfg.base_channels, sr=loss_cfg.sr)
+    model, loss_fn = build_variant(name, cfg, train)
     train_cfg = TrainConfig(
         run_dir=str(run_dir), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
         num_workers=cfg.num_workers, drop_last=len(train) > cfg.batch_size, progress=cfg.progress,
-        hparams={"variant": name, "model": asdict(model_cfg), "loss": asdict(loss_cfg), "lr": cfg.lr,
-                 "weight_decay": cfg.weight_decay, "dataset": cfg.dataset, "size": cfg.size,
-                 "augment": cfg.augment, "train_slices": len(train)},
+        hparams={"variant": name, "model": asdict(model.cfg), "loss": asdict(loss_fn.cfg), "lr": cfg.lr,
+                 "weight_decay": cfg.weight_decay, "class_balance": cfg.class_balance, "dataset": cfg.dataset,
+                 "size": cfg.size, "augment": cfg.augment, "train_slices": len(train)},
     )
-    seed_everything(cfg.seed)
-    model = CogSeg(model_cfg)
-    loss_fn = CogSegLoss(NUM_CLASSES, loss_cfg)
     fit(
         model, train, functools.partial(cogseg_train_step, loss_fn=loss_fn),
         functools.partial(_adam, lr=cfg.lr, weight_decay=cfg.weight_decay), train_cfg,
@@ -174,7 +241,8 @@ def run_ablation(cfg: AblationConfig, device: torch.device | str | None = None) 
     device = torch.device(device) if device else default_device()
     train, test = load_splits(cfg)
     train_ds, test_ds = CTSegDataset(train), CTSegDataset(test)
-    rows, run_dirs, models = [], {}, {}
+    untrained, _ = build_variant("U-Net", cfg, train_ds)
+    rows, run_dirs, models = [{"variant": UNTRAINED, **evaluate_model(untrained.eval(), test_ds)}], {}, {}
     for name in cfg.variants:
         model, run_dirs[name] = train_variant(name, cfg, train_ds, test_ds, device)
         rows.append({"variant": name, **evaluate_model(model, test_ds, device, cfg.batch_size)})
@@ -187,7 +255,60 @@ def run_ablation(cfg: AblationConfig, device: torch.device | str | None = None) 
 
 
 def ablation_table(results: dict[str, AblationResult]) -> pd.DataFrame:
-    """The paper's table for each dataset: lesion-mean mIoU, DSC, sensitivity, specificity, DSC per lesion class."""
+    """The paper's table for each dataset: lesion-mean mIoU, DSC, sensitivity, specificity, DSC per lesion class,
+    and the :func:`output_summary` columns (predicted against true lesion percentage, slice correlation)."""
     per_class = [f"DSC/{c}" for c in CLASS_NAMES[1:]]
-    tables = [r.table[TABLE_COLUMNS + per_class].assign(dataset=name) for name, r in results.items()]
+    columns = TABLE_COLUMNS + per_class + OUTPUT_COLUMNS
+    tables = [r.table[columns].assign(dataset=name) for name, r in results.items()]
     return pd.concat(tables, ignore_index=True).set_index(["dataset", "variant"])
+
+
+NOTEBOOK = "10_ct_cogseg"
+SUMMARY_COLUMNS = ["DSC", "mIoU", *[f"DSC/{c}" for c in CLASS_NAMES[1:]], "lesion % pred", "slice r"]
+
+
+def run_seeds(seeds: list[int], out: Path, profile: str = "smoke") -> pd.DataFrame:
+    """The profile's MedSeg ablation on the synthetic set of each seed (written to ``out/data-<seed>`` by the
+    writer ``covidkit synth --seed <seed>`` uses, unless there); one row per (seed, variant)."""
+    from covidkit.profiles import section_parameters
+    from covidkit.synth.ct_slices import CTSynthConfig, write_ct_slices
+
+    out = Path(out)
+    tables = []
+    for seed in seeds:
+        data = out / f"data-{seed}"
+        if not (data / "medseg-covid19").is_dir():
+            write_ct_slices(data, CTSynthConfig(seed=seed, rp_volumes=0))  # the same slices as the full synth's
+        params = section_parameters(profile, NOTEBOOK, input_dir=str(data), run_dir=str(out / f"seed-{seed}"))
+        result = run_ablation(AblationConfig.from_params(params, "medseg"))
+        tables.append(result.table.assign(seed=seed))
+    return pd.concat(tables, ignore_index=True)
+
+
+def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of each variant's figures (rows in the ablation's order)."""
+    order = list(dict.fromkeys(table["variant"]))
+    summary = table.groupby("variant", sort=False)[SUMMARY_COLUMNS].agg(["mean", "std"])
+    return summary.loc[order]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The CogSeg ablation (notebook 10) on the synthetic MedSeg sets "
+                                                 "of several seeds: the tables and their mean and spread.")
+    parser.add_argument("--profile", default="smoke", help="notebooks/profiles/<profile>.yaml (smoke, full)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13], help="seeds of the synthetic data")
+    parser.add_argument("--out", default="runs/cogseg-seeds", help="folder for the data and the run folders")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    table = run_seeds(args.seeds, out, args.profile)
+    table.to_csv(out / "ablation_seeds.csv", index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        for seed, rows in table.groupby("seed", sort=False):
+            print(f"seed {seed}:\n{rows.drop(columns='seed').set_index('variant').round(3)}\n")
+        print(f"mean and standard deviation over seeds {args.seeds}:\n{seed_summary(table).round(3)}")
+
+
+if __name__ == "__main__":
+    main()

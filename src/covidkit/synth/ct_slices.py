@@ -1,9 +1,13 @@
 """Synthetic axial chest CT slices in the two MedSeg layouts (see :mod:`covidkit.ct.cogseg.medseg`).
 
 Each slice is a phantom in Hounsfield units: air, a body with a fat layer, a spine, two lungs with vessels
-(bright lines and dots, not lesions), and lesions of the three labelled kinds:
+(bright lines and dots, not lesions), and lesions of the three labelled kinds. The aerated lung varies with
+inspiration (-900 to -820 HU) and, as in a supine patient, grows denser towards the back (up to +20 to +150 HU
+at the most posterior pixels); image noise varies between slices (10-35 HU, as dose and kernel do).
 
-- ground-glass (label 1): faint, hazy patches (+150 to +300 HU over the lung, soft edges; vessels show through);
+- ground-glass (label 1): hazy patches, mostly peripheral, +120 to +450 HU over the lung (-720 to -340 HU,
+  5th-95th percentile, the faint end overlapping the dependent lung), of uneven density, with soft edges;
+  vessels show through;
 - consolidation (label 2): dense patches near soft-tissue density with sharper edges;
 - pleural effusion (label 3): a dependent, crescent-shaped band of fluid along the posterior lung base.
 
@@ -92,10 +96,37 @@ def _vessels(rng: np.random.Generator, size: int, lungs: np.ndarray) -> np.ndarr
     return canvas.astype(bool) & lungs
 
 
-def _random_lung_point(rng: np.random.Generator, lungs: np.ndarray) -> tuple[float, float]:
+def _random_lung_point(rng: np.random.Generator, lungs: np.ndarray,
+                       weights: np.ndarray | None = None) -> tuple[float, float]:
+    """A lung pixel, uniformly or with probability proportional to ``weights`` (an image)."""
     ys, xs = np.nonzero(lungs)
-    i = rng.integers(len(ys))
+    p = None if weights is None else weights[ys, xs] / weights[ys, xs].sum()
+    i = rng.choice(len(ys), p=p)
     return float(xs[i]), float(ys[i])
+
+
+def _peripheral_weights(lungs: np.ndarray) -> np.ndarray:
+    """Higher near the pleura (decaying over ~10 % of the side): COVID-19 ground glass is mostly peripheral."""
+    depth = cv2.distanceTransform(lungs.astype(np.uint8), cv2.DIST_L2, 3)
+    return np.exp(-depth / (0.1 * lungs.shape[0]))
+
+
+def _dependent_density(rng: np.random.Generator, lungs: np.ndarray) -> np.ndarray:
+    """HU added to the aerated lung towards the back: a supine patient's dependent lung is denser.
+
+    Up to 20-150 HU at the most posterior pixels, rising steeply there, so that the normal posterior lung
+    overlaps the faint end of ground glass and only its shape and local contrast tell them apart.
+    """
+    rows = np.nonzero(lungs.any(axis=1))[0]
+    t = np.clip((np.arange(lungs.shape[0]) - rows.min()) / max(1, rows.max() - rows.min()), 0, 1)
+    return (rng.uniform(20, 150) * t ** 3).astype(np.float32)[:, None]
+
+
+def _patchy(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth factor in about [0.6, 1.4]: ground glass is not of one density throughout."""
+    coarse = cv2.GaussianBlur(rng.normal(0, 1, (32, 32)).astype(np.float32), (0, 0), 1.2)
+    field = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    return 1 + 0.4 * field / (np.abs(field).max() + 1e-6)
 
 
 def _effusion(rng: np.random.Generator, lungs: np.ndarray) -> np.ndarray:
@@ -127,16 +158,19 @@ def ct_phantom(rng: np.random.Generator, size: int, z: float = 0.5) -> tuple[np.
     hu[(xx ** 2 + (yy - 0.48) ** 2) <= 0.09 ** 2] = BONE_HU
 
     lungs = _lungs(rng, size, z)
-    hu[lungs] = LUNG_HU + cv2.GaussianBlur(rng.normal(0, 25, (size, size)).astype(np.float32), (0, 0), 2)[lungs]
+    texture = cv2.GaussianBlur(rng.normal(0, 25, (size, size)).astype(np.float32), (0, 0), 2)
+    aerated = rng.uniform(-900, -820) + _dependent_density(rng, lungs) + texture  # inspiration varies
+    hu[lungs] = aerated[lungs]
     hu[_vessels(rng, size, lungs)] = TISSUE_HU
 
     mask = np.zeros((size, size), np.uint8)
     px = size / 512
     if rng.random() < 0.85:  # ground-glass: faint haze added on top, vessels stay visible
+        peripheral = _peripheral_weights(lungs)
         for _ in range(rng.integers(1, 6)):
-            blob = _blob(rng, size, _random_lung_point(rng, lungs), rng.uniform(0.05, 0.13) * size)
+            blob = _blob(rng, size, _random_lung_point(rng, lungs, peripheral), rng.uniform(0.05, 0.13) * size)
             soft = cv2.GaussianBlur(blob.astype(np.float32), (0, 0), 5 * px)
-            hu += rng.uniform(150, 300) * soft * lungs
+            hu += rng.uniform(120, 450) * soft * _patchy(rng, size) * lungs
             mask[(soft > 0.5) & lungs] = 1
     if rng.random() < 0.5:  # consolidation: dense, replaces the lung (and its vessels)
         for _ in range(rng.integers(1, 4)):
@@ -149,7 +183,8 @@ def ct_phantom(rng: np.random.Generator, size: int, z: float = 0.5) -> tuple[np.
         hu[effusion] = rng.uniform(5, 20)
         mask[effusion] = 3
 
-    hu = cv2.GaussianBlur(hu, (0, 0), 0.6 * px) + rng.normal(0, 15, (size, size)).astype(np.float32)
+    noise = rng.uniform(10, 35)  # dose and kernel vary between scans
+    hu = cv2.GaussianBlur(hu, (0, 0), 0.6 * px) + rng.normal(0, noise, (size, size)).astype(np.float32)
     return np.clip(hu, -1024, 3000).astype(np.int16), mask
 
 

@@ -221,14 +221,18 @@ class CogSegLossConfig:
 class CogSegLoss(nn.Module):
     """``ce * CE + sr * MSE(SR, image) + feature * sum_k L1(seg_k, sr_k) + rmi * (edge-guided) RMI``.
 
+    ``class_weights`` (one per class, optional) weight the cross-entropy's pixels by their true class.
+
     Called on the model's output dict (``seg`` logits, and when the SR branch ran ``sr``, ``seg_features``,
     ``sr_features``), the long mask ``[N, H, W]`` and the full-resolution image ``[N, 1, H, W]``. Returns the
     total; ``last_parts`` holds the weighted parts of the last call.
     """
 
-    def __init__(self, num_classes: int, cfg: CogSegLossConfig | None = None):
+    def __init__(self, num_classes: int, cfg: CogSegLossConfig | None = None,
+                 class_weights: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg = cfg or CogSegLossConfig()
+        self.class_weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         if cfg.rmi not in ("none", "rmi", "edge"):
             raise ValueError(f"rmi must be 'none', 'rmi' or 'edge', got {cfg.rmi!r}")
         if cfg.feature_scales and not cfg.sr:
@@ -243,7 +247,8 @@ class CogSegLoss(nn.Module):
     def forward(self, outputs: dict, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         logits = outputs["seg"].float()
-        parts = {"ce": cfg.ce_weight * F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)}
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        parts = {"ce": cfg.ce_weight * F.cross_entropy(logits, mask, weight=weight, ignore_index=IGNORE_INDEX)}
         if cfg.sr:
             if outputs.get("sr") is None:
                 raise ValueError("the loss needs the SR output: run the model with the SR branch")

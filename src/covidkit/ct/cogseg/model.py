@@ -112,6 +112,13 @@ class CogSeg(nn.Module):
         return out
 
     @torch.no_grad()
+    def init_class_prior(self, frequencies: torch.Tensor) -> None:
+        """Start the segmentation head at the class prior: bias ``log(frequency)``, so that the first steps
+        need not spend themselves learning that most pixels are background (Lin et al., focal loss, 2017)."""
+        prior = torch.as_tensor(frequencies, dtype=torch.float32).clamp_min(1e-6)
+        self.seg_decoder.head.bias.copy_(torch.log(prior / prior.sum()))
+
+    @torch.no_grad()
     def predict_proba(self, low: torch.Tensor) -> torch.Tensor:
         """Per-pixel class probabilities ``[N, classes, 2h, 2w]`` from the segmentation path alone."""
         return self.forward(low, with_sr=False)["seg"].float().softmax(dim=1)
