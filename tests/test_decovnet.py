@@ -12,7 +12,7 @@ from covidkit.stages.ct_decovnet import (AugmentConfig, augment_volume, classifi
                                         lung_box)
 from covidkit.ct.decovnet.localize import (LocalizationConfig, class_activation_map, hit_rate, hu_to_level, is_hit,
                                   localize_lesion)
-from covidkit.ct.decovnet.lungmask import LungUNet, dice, predict_lung_mask, unsupervised_lung_mask
+from covidkit.ct.decovnet.lungmask import LungUNet, choose_lung_mask, dice, predict_lung_mask, unsupervised_lung_mask
 from covidkit.synth.ct_volumes import CTVolumeSynthConfig, synth_volume, write_ct_volumes
 
 
@@ -142,6 +142,21 @@ def test_unsupervised_lung_mask_overlaps_the_true_lungs():
         assert not mask[:, :, :3].any()  # the air around the body is not lung
 
 
+def test_a_lung_mask_over_the_air_around_the_body_is_replaced_by_the_unsupervised_one():
+    phantom = synth_volume(np.random.default_rng(2), slices=16, size=64, positive=True)
+    hu = phantom.hu.astype(np.float32)
+    unsupervised = unsupervised_lung_mask(hu, phantom.spacing)
+    all_air = hu < -320  # what an undertrained U-Net marks: every dark voxel, the air around the body too
+    assert all_air[:, :, 0].all() and dice(all_air, unsupervised) < 0.5
+    mask, fell_back = choose_lung_mask(all_air, unsupervised)
+    assert fell_back and not mask[:, :, 0].any() and dice(mask, phantom.lungs) > 0.9
+    slightly_off = np.roll(unsupervised, 1, axis=2)  # a good U-Net mask differs a little: it is kept
+    mask, fell_back = choose_lung_mask(slightly_off, unsupervised)
+    assert not fell_back and mask is slightly_off
+    mask, fell_back = choose_lung_mask(all_air, np.zeros_like(unsupervised))  # nothing better to fall back to
+    assert not fell_back and mask is all_air
+
+
 def test_lung_unet_is_applied_slice_by_slice_at_any_volume_size():
     torch.manual_seed(0)
     model = LungUNet(width=4, depth=3)
@@ -166,16 +181,20 @@ def test_classifier_input_is_cropped_to_the_lungs_and_resized():
     assert arrays["lungs"][4, 8, 12] and not arrays["lungs"][4, 0, 0]  # a few pixels of margin in-plane
 
 
-def test_augmentation_keeps_shape_and_channels_and_flips():
+def test_augmentation_moves_both_channels_together_and_keeps_the_image_range():
     x = torch.zeros(2, 6, 32, 48)
-    x[0, :, :, :10] = 0.8
+    x[0, :, 8:24, 4:20] = 0.6
     x[1, :, 8:24, 4:20] = 1.0
-    flip_only = AugmentConfig(crop_scale=(1.0, 1.0), rotation=0.0, flip=1.0, contrast=(1.0, 1.0))
-    flipped = augment_volume(x, flip_only)
-    torch.testing.assert_close(flipped, x.flip(-1))
+    shift_only = AugmentConfig(rotation=0.0, translate=0.0, scale=(1.0, 1.0), shear=0.0, brightness=(1.0, 1.0),
+                               contrast=(1.0, 1.0))
+    torch.testing.assert_close(augment_volume(x, shift_only), x)  # the identity map changes nothing
     g = torch.Generator().manual_seed(0)
     y = augment_volume(x, AugmentConfig(), generator=g)
     assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    assert not torch.equal(y[1], x[1])  # moved
+    moved = y[1] > 0.5
+    assert (y[0][moved] > 0).all() and (y[0][y[1] < 0.01] < 0.05).all()  # the image moved with the mask
+    assert torch.equal(y[:, 0], y[:, 3])  # one map for every slice
 
 
 # ---------------------------------------------------------------------------------------------- localization

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from covidkit.ct.decovnet.bench import bench_decovnet
-from covidkit.stages.ct_decovnet import (DeCoVNetConfig, VolumeDataset, make_classifier_inputs, prepare_cases,
-                                        train_decovnet)
+from covidkit.stages.ct_decovnet import (DeCoVNetConfig, VolumeDataset, lung_fallbacks, make_classifier_inputs,
+                                        prepare_cases, train_decovnet)
 from covidkit.ct.decovnet.lungmask import LungUNet
 from covidkit.ct.decovnet.volumes import DATASET_DIR, LABELS_CSV, read_cases, read_volume, write_nifti
 from covidkit.synth import WRITERS, SynthConfig
@@ -40,7 +40,7 @@ def test_bench_decovnet_times_every_stage(capsys):
     table = bench_decovnet(volumes=2, slices=4, size=48, device="cpu", input_size=(32, 48), lung_size=32,
                            target_spacing=(8.0, 4.0, 4.0))
     assert len(table) == 2 and (table["input_slices"] >= 1).all()
-    stages = ["resample_window_s", "lung_mask_s", "crop_s", "classify_cam_localize_s"]
+    stages = ["prepare_s", "lung_mask_s", "crop_s", "classify_cam_localize_s"]
     np.testing.assert_allclose(table[stages].sum(axis=1), table["total_s"], rtol=1e-3)
     assert "s per volume" in capsys.readouterr().out
 
@@ -157,3 +157,37 @@ def test_resuming_the_classifier_on_other_data_fails_instead_of_reusing_it(tmp_p
     with pytest.raises(ValueError, match="config changed"):
         train_decovnet(VolumeDataset(files, [1 - y for y in labels]), None, tmp_path / "classifier", cfg)
 
+
+
+class _AllAirIsLung(torch.nn.Module):
+    """What an undertrained lung U-Net does: every dark pixel, the air around the body too, is lung."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (0.35 - x) * 50.0  # logit > 0 below 8-bit level 89 (about -570 HU)
+
+
+def _in_plane_boxes(inputs: dict) -> dict:
+    boxes = {}
+    for case, path in inputs.items():
+        with np.load(path) as arrays:
+            boxes[case] = arrays["box"][1:].tolist()
+    return boxes
+
+
+def test_a_lung_mask_over_the_air_around_the_body_is_caught_and_replaced(tmp_path):
+    cases = _small_set(tmp_path, cases=2)
+    prepared = prepare_cases(cases, tmp_path / "prepared", _small_cfg())
+    fields = {}
+    for case, path in prepared.items():
+        with np.load(path) as arrays:
+            fields[case] = [[0, arrays["image"].shape[1]], [0, arrays["image"].shape[2]]]
+    unchecked = make_classifier_inputs(prepared, _AllAirIsLung(), tmp_path / "unchecked", _small_cfg(lung_min_dice=0.0))
+    assert _in_plane_boxes(unchecked) == fields  # the defect: the lung box is the whole field of view
+    assert lung_fallbacks(unchecked.values()) == 0
+    checked = make_classifier_inputs(prepared, _AllAirIsLung(), tmp_path / "checked", _small_cfg())
+    assert lung_fallbacks(checked.values()) == len(cases)
+    for case, ((top, bottom), (left, right)) in _in_plane_boxes(checked).items():
+        (_, height), (_, width) = fields[case]
+        assert top > 0 and left > 0 and bottom < height and right < width
+        with np.load(checked[case]) as arrays:
+            assert arrays["lungs"].any() and not arrays["lungs"][:, :, [0, -1]].any()

@@ -9,8 +9,9 @@ folder (see :mod:`covidkit.ct.decovnet.volumes`) it
    segments every volume with it, slice by slice;
 3. crops each volume and its U-Net lung mask to the lung bounding box and resizes the slices to
    ``input_size`` (224 x 336 in the paper), keeping all slices: the classifier's two input channels;
-4. trains DeCoVNet (cross-entropy, Adam, batch 1, classes balanced by sampling; augmentation: random
-   crop of 0.7-1 of each side, rotation up to 25 degrees, horizontal flip with p 0.5, contrast 0.5-1.5);
+4. trains DeCoVNet (cross-entropy, Adam, batch 1, classes balanced by sampling; the released code's
+   augmentation: rotation up to 10 degrees, translation up to 10 %, scale 0.8-1.2, shear up to 10 degrees,
+   brightness 0.5-1.5, contrast 0.7-1.3, no flip);
 5. scores the held-out cases (ROC and precision-recall curves with their AUCs, accuracy, sensitivity,
    specificity at 0.5) and localizes the lesion of each one (:mod:`covidkit.ct.decovnet.localize`), with the
    hit rate where lesion masks exist.
@@ -43,20 +44,27 @@ from covidkit.ct.decovnet.cache import cache_key, data_digest, is_cached, save_n
 from covidkit.ct.decovnet.model import DeCoVNet
 from covidkit.ct.decovnet.localize import (Localization, LocalizationConfig, class_activation_map, hit_rate, is_hit,
                                   localize_lesion)
-from covidkit.ct.decovnet.lungmask import (LungSliceDataset, LungUNet, UnsupervisedLungConfig, lung_unet_step,
-                                  predict_lung_mask, resize_slices, unsupervised_lung_mask)
-from covidkit.ct.decovnet.volumes import CTCase, CTVolume, read_cases, read_nifti, read_volume, resample, window
+from covidkit.ct.decovnet.lungmask import (LungSliceDataset, LungUNet, UnsupervisedLungConfig, choose_lung_mask,
+                                  lung_unet_step, predict_lung_mask, resize_slices, unsupervised_lung_mask)
+from covidkit.ct.decovnet.volumes import (DATASET_DIR, CTCase, CTVolume, read_cases, read_nifti, read_volume, resample,
+                                 window)
 from covidkit.engine import TrainConfig, class_balanced_weights, fit, seed_everything
 
 WORK_DIR = "decovnet"
+NOTEBOOK = "11_ct_decovnet"
 
 
 @dataclass
 class AugmentConfig:
-    crop_scale: tuple[float, float] = (0.7, 1.0)  # fraction of each in-plane side kept by the random crop
-    rotation: float = 25.0  # degrees, uniform in [-rotation, rotation]
-    flip: float = 0.5  # probability of a horizontal flip
-    contrast: tuple[float, float] = (0.5, 1.5)  # factor around the volume's mean
+    """The released code's augmentation: one random affine map for every slice and both channels, then
+    brightness and contrast of the image (each slice blended with its own mean, as PIL does)."""
+
+    rotation: float = 10.0  # degrees, uniform in [-rotation, rotation]
+    translate: float = 0.1  # fraction of each side, uniform in [-translate, translate]
+    scale: tuple[float, float] = (0.8, 1.2)
+    shear: float = 10.0  # degrees
+    brightness: tuple[float, float] = (0.5, 1.5)  # factor on the 8-bit values
+    contrast: tuple[float, float] = (0.7, 1.3)  # factor around each slice's mean
 
 
 @dataclass
@@ -74,6 +82,7 @@ class DeCoVNetConfig:
     lung_batch_size: int = 16
     lung_lr: float = 1e-3
     lung_slices_per_case: int = 32
+    lung_min_dice: float = 0.5  # below this Dice with the unsupervised mask, the U-Net's mask is replaced by it
     # classifier
     epochs: int = 100
     lr: float = 1e-5
@@ -83,6 +92,24 @@ class DeCoVNetConfig:
     unsupervised: UnsupervisedLungConfig = field(default_factory=UnsupervisedLungConfig)
     num_workers: int = 0
     progress: bool = True
+
+    @classmethod
+    def from_params(cls, params: dict) -> DeCoVNetConfig:
+        """From a profile section's values (lists for the tuples, mappings for the nested configs; unknown
+        keys are an error)."""
+        from covidkit.profiles import config_from_params
+
+        nested = {"augment": AugmentConfig, "localization": LocalizationConfig, "unsupervised": UnsupervisedLungConfig}
+        values = {}
+        for name, value in params.items():
+            if name in nested and isinstance(value, dict):
+                value = config_from_params(nested[name], _tuples(value), f"{NOTEBOOK}.{name}")
+            values[name] = tuple(value) if isinstance(value, list) else value
+        return config_from_params(cls, values, NOTEBOOK)
+
+
+def _tuples(values: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
@@ -147,22 +174,20 @@ def to_input(arrays: dict[str, np.ndarray]) -> torch.Tensor:
 
 
 def augment_volume(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The same random crop, rotation and flip on every slice and both channels; contrast on the image."""
+    """``[2, T, H, W]`` (image in 0-1, lung mask): the same random affine map on every slice and both
+    channels, then brightness and contrast on the image."""
 
     def uniform(low: float, high: float) -> float:
         return float(low + (high - low) * torch.rand((), generator=generator))
 
     _, _, h, w = x.shape
-    scale = uniform(*cfg.crop_scale)
-    ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
-    top, left = int(uniform(0, h - ch + 1)), int(uniform(0, w - cw + 1))
-    x = TF.resized_crop(x, top, left, ch, cw, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=False)
-    x = TF.rotate(x, uniform(-cfg.rotation, cfg.rotation), interpolation=InterpolationMode.BILINEAR)
-    if uniform(0, 1) < cfg.flip:
-        x = x.flip(-1)
-    image = x[0]
-    mean = image.mean()
-    image = ((image - mean) * uniform(*cfg.contrast) + mean).clamp(0, 1)
+    x = TF.affine(x, angle=uniform(-cfg.rotation, cfg.rotation),
+                  translate=[round(uniform(-cfg.translate, cfg.translate) * w),
+                             round(uniform(-cfg.translate, cfg.translate) * h)],
+                  scale=uniform(*cfg.scale), shear=[uniform(-cfg.shear, cfg.shear)],
+                  interpolation=InterpolationMode.BILINEAR)
+    image = TF.adjust_brightness(x[0][:, None], uniform(*cfg.brightness))
+    image = TF.adjust_contrast(image, uniform(*cfg.contrast))[:, 0]
     return torch.stack([image, x[1]])
 
 
@@ -272,9 +297,18 @@ def train_lung_unet(files: list[Path], run_dir: Path, cfg: DeCoVNetConfig,
     return model.eval()
 
 
+def lung_mask(lung_model: LungUNet, image: np.ndarray, unsupervised: np.ndarray | None, cfg: DeCoVNetConfig,
+              device: torch.device | str = "cpu") -> tuple[np.ndarray, bool]:
+    """The U-Net lung mask of a windowed volume, or its unsupervised mask where the two disagree grossly
+    (:func:`covidkit.ct.decovnet.lungmask.choose_lung_mask`); and whether it fell back."""
+    unet = predict_lung_mask(lung_model, image, cfg.lung_size, device=device)
+    return choose_lung_mask(unet, unsupervised, cfg.lung_min_dice)
+
+
 def make_classifier_inputs(prepared: dict[str, Path], lung_model: LungUNet, out_dir: Path, cfg: DeCoVNetConfig,
                            device: torch.device | str = "cpu") -> dict[str, Path]:
-    """Stage 3 for every case (cached): U-Net lung mask, crop, resize -> ``inputs/<case>.npz``."""
+    """Stage 3 for every case (cached): lung mask, crop, resize -> ``inputs/<case>.npz`` (``fallback``: the
+    unsupervised mask replaced the U-Net's)."""
     paths = {}
     lung_model.to(device)
     lung_digest = weights_digest(lung_model)
@@ -283,13 +317,14 @@ def make_classifier_inputs(prepared: dict[str, Path], lung_model: LungUNet, out_
         paths[case_id] = path
         with np.load(src) as arrays:
             key = cache_key(prepared=str(arrays["key"]), lung_model=lung_digest, lung_size=cfg.lung_size,
-                            input_size=cfg.input_size)
+                            lung_min_dice=cfg.lung_min_dice, input_size=cfg.input_size)
             if is_cached(path, key):
                 continue
-            image = arrays["image"]
+            image, unsupervised = arrays["image"], arrays["lungs"]
             lesions = arrays["lesions"] if "lesions" in arrays else None
-        lungs = predict_lung_mask(lung_model, image, cfg.lung_size, device=device)
-        save_npz(path, **classifier_arrays(image, lungs, lesions, cfg.input_size), key=np.array(key))
+        lungs, fallback = lung_mask(lung_model, image, unsupervised, cfg, device)
+        save_npz(path, **classifier_arrays(image, lungs, lesions, cfg.input_size), fallback=np.array(fallback),
+                 key=np.array(key))
     return paths
 
 
@@ -380,6 +415,15 @@ def evaluate_cases(model: DeCoVNet, inputs: dict[str, Path], cases: list[CTCase]
     return predictions, metrics
 
 
+def lung_fallbacks(files) -> int:
+    """How many classifier inputs use the unsupervised lung mask instead of the U-Net's."""
+    count = 0
+    for path in files:
+        with np.load(path) as arrays:
+            count += bool(arrays["fallback"])
+    return count
+
+
 def run_decovnet(dataset_dir: Path | str, run_dir: Path | str, cfg: DeCoVNetConfig | None = None,
                  device: torch.device | str | None = None) -> DeCoVNetRun:
     """The whole pipeline on a ``ct-covid-volumes/`` folder; writes ``<run_dir>/decovnet/``."""
@@ -396,6 +440,7 @@ def run_decovnet(dataset_dir: Path | str, run_dir: Path | str, cfg: DeCoVNetConf
     model = train_decovnet(train_set, test_set, work / "classifier", cfg, device)
     predictions, metrics = evaluate_cases(model, inputs, test, cfg, device)
     metrics["train_cases"] = len(train)
+    metrics["lung_fallbacks"] = lung_fallbacks(inputs.values())
     predictions.to_csv(work / "predictions.csv", index=False)
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
     pd.DataFrame([metrics]).to_csv(work / "metrics.csv", index=False)
@@ -404,9 +449,9 @@ def run_decovnet(dataset_dir: Path | str, run_dir: Path | str, cfg: DeCoVNetConf
 
 def infer_volume(volume: CTVolume, lung_model: LungUNet, model: DeCoVNet, cfg: DeCoVNetConfig,
                  device: torch.device | str = "cpu") -> tuple[float, Localization, dict[str, np.ndarray]]:
-    """Inference on one raw volume: resample + window, U-Net lung mask, crop, classifier, CAM, localization."""
-    prepared = prepare_volume(volume, cfg, with_unsupervised=False)
-    lungs = predict_lung_mask(lung_model, prepared.image, cfg.lung_size, device=device)
+    """Inference on one raw volume: resample + window, lung mask, crop, classifier, CAM, localization."""
+    prepared = prepare_volume(volume, cfg)
+    lungs, _ = lung_mask(lung_model, prepared.image, prepared.lungs, cfg, device)
     arrays = classifier_arrays(prepared.image, lungs, None, cfg.input_size)
     prob, _, localization = predict_volume(model, arrays, cfg, device)
     return prob, localization, arrays
@@ -462,3 +507,49 @@ def plot_localization(arrays: dict[str, np.ndarray], cam: np.ndarray, localizati
     fig.suptitle(f"{title}  (CAM: colours; localized lesion: red; labelled lesion: green; centre: +)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings to a mapping, each value parsed as YAML (``lr=3e-4``, ``input_size=[96, 144]``)."""
+    import yaml
+
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        settings[key.strip()] = _number_or_value(yaml.safe_load(value))
+    return settings
+
+
+def _number_or_value(value):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; a learning rate is meant."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    from covidkit.profiles import profile_argument_parser, section_parameters
+
+    parser = profile_argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the profile section (YAML), e.g. --set epochs=40; repeatable")
+    args = parser.parse_args(argv)
+    params = section_parameters(args.profile, NOTEBOOK, input_dir=args.input, run_dir=args.run_dir,
+                                **parse_settings(args.set))
+    params.pop("examples", None)  # the notebook's figure count
+    input_dir, run_dir = Path(params.pop("input_dir")), Path(params.pop("run_dir"))
+    run = run_decovnet(input_dir / DATASET_DIR, run_dir, DeCoVNetConfig.from_params(params))
+    print(pd.Series(run.metrics, name="held-out").to_string())
+    print(f"predictions: {run.work_dir / 'predictions.csv'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """``covidkit bench decovnet``: seconds per volume of the whole DeCoVNet inference.
 
-Whole inference = resample + window, U-Net lung mask slice by slice, crop and resize, the classifier,
+Whole inference = resample + window + unsupervised lung mask, U-Net lung mask slice by slice (the
+unsupervised one where they disagree grossly), crop and resize, the classifier,
 the class activation map and the lesion localization (reading the files is not counted). The paper
 reports 1.93 s per volume on a GPU. The networks are untrained here: speed does not depend on the
 weights. Volumes are synthetic (``slices`` x ``size`` x ``size``) unless ``input_dir`` holds a
@@ -16,8 +17,8 @@ import pandas as pd
 import torch
 
 from covidkit.ct.decovnet.model import DeCoVNet
-from covidkit.stages.ct_decovnet import DeCoVNetConfig, classifier_arrays, predict_volume, prepare_volume
-from covidkit.ct.decovnet.lungmask import LungUNet, predict_lung_mask
+from covidkit.stages.ct_decovnet import DeCoVNetConfig, classifier_arrays, lung_mask, predict_volume, prepare_volume
+from covidkit.ct.decovnet.lungmask import LungUNet
 from covidkit.ct.decovnet.volumes import DATASET_DIR, CTVolume, read_cases, read_volume
 
 
@@ -54,9 +55,9 @@ def bench_decovnet(volumes: int = 4, slices: int = 120, size: int = 512, input_d
     for i, volume in enumerate(data):
         times = {}
         start = time.perf_counter()
-        prepared = prepare_volume(volume, cfg, with_unsupervised=False)
-        times["resample_window_s"] = time.perf_counter() - start
-        lungs = predict_lung_mask(lung_model, prepared.image, cfg.lung_size, device=dev)
+        prepared = prepare_volume(volume, cfg)
+        times["prepare_s"] = time.perf_counter() - start
+        lungs, _ = lung_mask(lung_model, prepared.image, prepared.lungs, cfg, dev)
         _sync(dev)
         times["lung_mask_s"] = time.perf_counter() - start - sum(times.values())
         arrays = classifier_arrays(prepared.image, lungs, None, cfg.input_size)

@@ -5,7 +5,9 @@ needed: :func:`unsupervised_lung_mask` thresholds air, drops the air outside the
 3D connected components and fills holes (vessels, lesions) slice by slice. The U-Net
 (:class:`LungUNet`) learns those masks from axial slices windowed to 8 bits and is then applied to
 every slice (:func:`predict_lung_mask`), which is robust where the threshold is not (dense lesions along
-the pleura, noise).
+the pleura, noise). Where the two masks disagree grossly, the unsupervised one is kept
+(:func:`choose_lung_mask`): an undertrained U-Net marks all the air, the air around the body included, as
+lung, and the lung box is then the whole field of view.
 """
 from __future__ import annotations
 
@@ -78,6 +80,15 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+def choose_lung_mask(unet: np.ndarray, unsupervised: np.ndarray | None,
+                     min_dice: float = 0.5) -> tuple[np.ndarray, bool]:
+    """The U-Net's mask, or the non-empty unsupervised one when their Dice is below ``min_dice``;
+    returns the mask and whether it fell back to the unsupervised one."""
+    if unsupervised is None or not unsupervised.any() or dice(unet, unsupervised) >= min_dice:
+        return unet, False
+    return unsupervised.astype(bool), True
 
 
 # ---------------------------------------------------------------------------------------------- U-Net

@@ -6,7 +6,8 @@ Three stages, as in the paper:
 
 - **stem**: 3D convolution 2 -> 16 channels, kernel 5x7x7, stride (1, 2, 2), batch norm, ReLU, then a
   1x3x3 max pool with stride (1, 2, 2);
-- **two 3D residual blocks** (16 -> 64, then 64 -> 128 with in-plane stride 2);
+- **two 3D residual blocks** (16 -> 64, then 64 -> 128 with in-plane stride 2), with a temporal max pool
+  (2, 1, 1) between them that halves the number of slices;
 - **progressive classifier** (ProClf): three 3D convolutions (128 -> 64 -> 32 -> 32) interleaved with
   adaptive 3D max pooling that shrinks the volume step by step to one vector, then two fully connected
   layers to the 2 logits.
@@ -16,8 +17,14 @@ the I3D style (a 3x1x1 convolution across slices, a 1x3x3 one within slices, a 1
 widths 16 and 32) with a 1x1x1 projection shortcut; the ProClf's pooled sizes are (16, 24, 36),
 (4, 12, 18), (1, 6, 9), (1, 1, 1) for a 224 x 336 input and are scaled in-plane with ``input_size``
 (so a small smoke-test input is not blown up); the two fully connected layers have no non-linearity
-between them. The temporal max pool the released code places between the residual blocks is left out,
-so that very short volumes (a few slices) still work.
+between them; the temporal pool rounds up (``ceil_mode``), so that a one-slice volume still works.
+
+Batch norm uses the statistics of the volume it sees, in training and in evaluation alike
+(``track_running_stats=False``): the released code trains with batch 1 and never switches the network
+to evaluation mode, so each volume is normalised by its own statistics there too. Running averages of
+those per-volume statistics would normalise a held-out volume differently from every training volume.
+Initialisation as in the released code: He (fan-out) for the convolutions with zero biases, N(0, 0.01)
+for both fully connected layers, the last batch norm of each residual branch at zero.
 """
 from __future__ import annotations
 
@@ -30,6 +37,11 @@ PAPER_INPUT_SIZE = (224, 336)
 PAPER_POOLS = ((16, 24, 36), (4, 12, 18), (1, 6, 9))
 
 
+def _norm(channels: int) -> nn.BatchNorm3d:
+    """Batch norm over the volume at hand (see the module docstring)."""
+    return nn.BatchNorm3d(channels, track_running_stats=False)
+
+
 def scaled_pools(input_size: Sequence[int]) -> tuple[tuple[int, int, int], ...]:
     """The ProClf's pooled sizes for an in-plane ``input_size`` (the paper's, scaled in-plane)."""
     sh, sw = input_size[0] / PAPER_INPUT_SIZE[0], input_size[1] / PAPER_INPUT_SIZE[1]
@@ -40,7 +52,7 @@ class Stem(nn.Sequential):
     def __init__(self, in_channels: int = 2, out_channels: int = 16) -> None:
         super().__init__(
             nn.Conv3d(in_channels, out_channels, (5, 7, 7), stride=(1, 2, 2), padding=(2, 3, 3), bias=False),
-            nn.BatchNorm3d(out_channels),
+            _norm(out_channels),
             nn.ReLU(inplace=True),
             nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
         )
@@ -53,17 +65,17 @@ class ResBlock3d(nn.Module):
         super().__init__()
         self.branch = nn.Sequential(
             nn.Conv3d(in_channels, inner, (3, 1, 1), padding=(1, 0, 0), bias=False),
-            nn.BatchNorm3d(inner),
+            _norm(inner),
             nn.ReLU(inplace=True),
             nn.Conv3d(inner, inner, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False),
-            nn.BatchNorm3d(inner),
+            _norm(inner),
             nn.ReLU(inplace=True),
             nn.Conv3d(inner, out_channels, 1, bias=False),
-            nn.BatchNorm3d(out_channels),
+            _norm(out_channels),
         )
         self.shortcut = nn.Sequential(
             nn.Conv3d(in_channels, out_channels, 1, stride=(1, stride, stride), bias=False),
-            nn.BatchNorm3d(out_channels),
+            _norm(out_channels),
         )
         self.relu = nn.ReLU(inplace=True)
 
@@ -96,7 +108,11 @@ class DeCoVNet(nn.Module):
         super().__init__()
         self.input_size = tuple(input_size)
         self.stem = Stem(in_channels, 16)
-        self.blocks = nn.Sequential(ResBlock3d(16, 16, 64), ResBlock3d(64, 32, 128, stride=2))
+        self.blocks = nn.Sequential(
+            ResBlock3d(16, 16, 64),
+            nn.MaxPool3d((2, 1, 1), stride=(2, 1, 1), ceil_mode=True),
+            ResBlock3d(64, 32, 128, stride=2),
+        )
         self.classifier = ProgressiveClassifier(128, num_classes, scaled_pools(input_size))
         self._init_weights()
 
@@ -104,20 +120,20 @@ class DeCoVNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm3d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        # Only the output layer gets the small std-0.01 init. The released code gives it to both
-        # linear layers; with nothing between them their product starts near 1e-4, a saddle that
-        # Adam leaves only after many thousands of steps (the logits stay constant until then).
-        last = self.classifier.fc[-1]
-        nn.init.normal_(last.weight, std=0.01)
-        nn.init.zeros_(last.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
         for block in self.blocks:
-            nn.init.zeros_(block.branch[-1].weight)  # each block starts as its shortcut (Goyal et al. 2017)
+            if isinstance(block, ResBlock3d):
+                nn.init.zeros_(block.branch[-1].weight)  # each block starts as its shortcut (Goyal et al. 2017)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual blocks' output, ``[B, 128, T, H/8, W/8]``: where class activation maps are read."""
+        """The residual blocks' output, ``[B, 128, ceil(T/2), H/8, W/8]``: where class activation maps are read."""
         if x.ndim != 5:
             raise ValueError(f"DeCoVNet expects [B, C, T, H, W], got shape {tuple(x.shape)}")
         return self.blocks(self.stem(x))
