@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LinearLR, LRScheduler, SequentialLR
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -69,9 +70,12 @@ class FasterRcnnConfig:
     trainable_layers: int = 5
     fpn_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    anchor_scales: list[float] = field(default_factory=lambda: [1.0])
+    rpn_fg_iou: float = 0.7
     proposals_train: int = 2000
     proposals_test: int = 1000
     box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
     representation_size: int = 1024
     frozen_batchnorm: bool = True  # False: the backbone's batch norms train (smoke: a barely pretrained backbone)
     epochs: int = 12
@@ -81,9 +85,12 @@ class FasterRcnnConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_floor: float = 0.05
+    warmup_steps: int = 0  # linear warm-up from lr / 10 before the cosine (torchvision's detection recipe)
+    augment: dict = field(default_factory=dict)  # DetectionAugment fields to override (e.g. rotate_degrees)
     clip_grad_norm: float | None = 10.0
     fold_groups: int | None = None  # None: one model per fold of folds.csv
     folds_to_run: list[int] | None = None  # None: every split
+    eval_every: int = 1  # validation AP every this many epochs (and at the last, which predicts the OOF images)
     eval_batch_size: int = 8
     num_workers: int = 4
     amp: bool = True
@@ -95,6 +102,9 @@ class FasterRcnnConfig:
         """From a profile section (unknown keys are an error)."""
         return config_from_params(cls, params, NOTEBOOK)
 
+    def augmentations(self) -> DetectionAugment:
+        return DetectionAugment(**self.augment)
+
     @property
     def backbone_checkpoint(self) -> Path:
         return Path(self.backbone) if self.backbone else backbone_path(self.run_dir)
@@ -102,8 +112,9 @@ class FasterRcnnConfig:
     def detector_spec(self) -> DetectorSpec:
         return DetectorSpec(
             train_size=self.train_size, trainable_layers=self.trainable_layers, fpn_layers=self.fpn_layers,
-            anchor_sizes=self.anchor_sizes, proposals_train=self.proposals_train, proposals_test=self.proposals_test,
-            box_batch_size_per_image=self.box_batch_size_per_image, representation_size=self.representation_size,
+            anchor_sizes=self.anchor_sizes, anchor_scales=self.anchor_scales, rpn_fg_iou=self.rpn_fg_iou, proposals_train=self.proposals_train, proposals_test=self.proposals_test,
+            box_batch_size_per_image=self.box_batch_size_per_image, box_positive_fraction=self.box_positive_fraction,
+            representation_size=self.representation_size,
             frozen_batchnorm=self.frozen_batchnorm,
         )
 
@@ -160,6 +171,20 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weig
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, floor: float) -> LRScheduler:
+    """``warmup_steps`` of linear warm-up from ``lr_0 / 10``, then the cosine with a floor over the rest.
+
+    Without warm-up the randomly initialised heads' first AdamW steps at lr 1e-3 blew the losses up (README).
+    """
+    if warmup_steps < 1:
+        return cosine_with_floor(optimizer, total_steps, floor)
+    if warmup_steps >= total_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must be fewer than the run's {total_steps} steps")
+    warmup = LinearLR(optimizer, start_factor=0.1, total_iters=warmup_steps)
+    cosine = cosine_with_floor(optimizer, total_steps - warmup_steps, floor)
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
 @torch.no_grad()
 def predict_oof(model: nn.Module, table: pd.DataFrame, size: int, device: torch.device, batch_size: int,
                 num_workers: int = 0, progress: bool = False) -> OofPredictions:
@@ -204,20 +229,20 @@ def build_model(cfg: FasterRcnnConfig) -> nn.Module:
 def train_split(table: pd.DataFrame, split: int, cfg: FasterRcnnConfig) -> tuple[OofPredictions, pd.DataFrame]:
     """Train on every split but ``split``; returns the last epoch's predictions on ``split`` and the metrics."""
     train_table, val_table = table[table["split"] != split], table[table["split"] == split]
-    train_set = OpacityDataset(train_table, detection_transform(DetectionAugment(), train=True, size=cfg.train_size))
+    train_set = OpacityDataset(train_table, detection_transform(cfg.augmentations(), train=True, size=cfg.train_size))
     seed_everything(cfg.seed)
     model = build_model(cfg)
     latest: list[OofPredictions] = []  # the last evaluated epoch's held-out predictions: the OOF
     train_cfg = TrainConfig(
         run_dir=str(output_dir(cfg.run_dir) / f"split{split}"), epochs=cfg.epochs, batch_size=cfg.batch_size,
         seed=cfg.seed, num_workers=cfg.num_workers, amp=cfg.amp, clip_grad_norm=cfg.clip_grad_norm,
-        monitor="val_ap50", monitor_mode="max", progress=cfg.progress, hparams={**asdict(cfg), "split": split},
+        eval_every=cfg.eval_every, monitor="val_ap50", monitor_mode="max", progress=cfg.progress, hparams={**asdict(cfg), "split": split},
     )
     result = fit(
         model, train_set, detection_step,
         functools.partial(make_optimizer, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay),
-        train_cfg, scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
+        train_cfg, scheduler_fn=functools.partial(warmup_cosine, warmup_steps=cfg.warmup_steps, floor=cfg.lr_floor),
         evaluate=make_evaluate(val_table, cfg, latest), collate_fn=collate_lists, resume=cfg.resume,
     )
     if not latest:  # a finished run found by resume: fit returned without training or evaluating
