@@ -37,9 +37,16 @@ class DetectorSpec:
     trainable_layers: int = 5  # backbone stages trained, from the top (5: all)
     fpn_layers: tuple[int, ...] = (1, 2, 3, 4)  # ResNet stages feeding the FPN
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per FPN level, plus one for its extra pool level
+    # each level's size times these: several scales per octave (RetinaNet's 2^0, 2^1/3, 2^2/3) give a box
+    # between two levels' sizes anchors that overlap it by the RPN's IoU 0.7 (torchvision's default: one)
+    anchor_scales: tuple[float, ...] = (1.0,)
+    # an anchor overlapping a box by this IoU is an RPN positive (torchvision: 0.7; a small box may have no
+    # such anchor and then trains from its best-overlapping anchors alone)
+    rpn_fg_iou: float = 0.7
     proposals_train: int = 2000  # RPN proposals kept per image, before and after NMS
     proposals_test: int = 1000
     box_batch_size_per_image: int = 512  # proposals sampled per image for the box loss
+    box_positive_fraction: float = 0.25  # at most this share of them opacities
     representation_size: int = 1024  # width of the two-layer box head
     detections_per_img: int = 100
     score_thresh: float = 0.01  # low: the AP and the ensembles want the whole ranking
@@ -49,6 +56,7 @@ class DetectorSpec:
 
     def __post_init__(self) -> None:
         self.fpn_layers, self.anchor_sizes = tuple(self.fpn_layers), tuple(self.anchor_sizes)
+        self.anchor_scales = tuple(self.anchor_scales)
         if len(self.anchor_sizes) != len(self.fpn_layers) + 1:
             raise ValueError(f"{len(self.fpn_layers)} FPN levels + pool need {len(self.fpn_layers) + 1} anchor "
                              f"sizes, got {self.anchor_sizes}")
@@ -81,14 +89,15 @@ def build_fasterrcnn(arch: str | None = None, backbone_checkpoint: str | Path | 
     return FasterRCNN(
         backbone, min_size=spec.train_size, max_size=spec.train_size,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-        rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in spec.anchor_sizes),
+        rpn_anchor_generator=AnchorGenerator(tuple(tuple(s * m for m in spec.anchor_scales) for s in spec.anchor_sizes),
                                              ((0.5, 1.0, 2.0),) * len(spec.anchor_sizes)),
+        rpn_fg_iou_thresh=spec.rpn_fg_iou,
         rpn_pre_nms_top_n_train=spec.proposals_train, rpn_post_nms_top_n_train=spec.proposals_train,
         rpn_pre_nms_top_n_test=spec.proposals_test, rpn_post_nms_top_n_test=spec.proposals_test,
         box_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=ROI_SIZE, sampling_ratio=2),
         box_head=TwoMLPHead(backbone.out_channels * ROI_SIZE**2, spec.representation_size),
         box_predictor=FastRCNNPredictor(spec.representation_size, NUM_CLASSES),
-        box_batch_size_per_image=spec.box_batch_size_per_image,
+        box_batch_size_per_image=spec.box_batch_size_per_image, box_positive_fraction=spec.box_positive_fraction,
         box_detections_per_img=spec.detections_per_img, box_score_thresh=spec.score_thresh,
     )
 

@@ -51,9 +51,12 @@ class Config(StageConfig):
     trainable_layers: int = 5
     fpn_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    anchor_scales: list[float] = field(default_factory=lambda: [1.0])
+    rpn_fg_iou: float = 0.7
     proposals_train: int = 2000
     proposals_test: int = 1000
     box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
     representation_size: int = 1024
     frozen_batchnorm: bool = True  # False: the backbone's batch norms train (smoke: a barely pretrained backbone)
     epochs: int = 12
@@ -63,14 +66,19 @@ class Config(StageConfig):
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_floor: float = 0.05
+    augment: dict = field(default_factory=dict)  # DetectionAugment fields to override (e.g. rotate_degrees)
     clip_grad_norm: float | None = 10.0
     fold_groups: int | None = None  # None: one model per fold of folds.csv
     folds: list[int] | None = None  # splits to train; None: every split
+    eval_every: int = 1  # validation AP every this many epochs (and at the last, which predicts the OOF images)
     eval_batch_size: int = 8
     workers: int = 4  # DataLoader workers
     amp: bool = True
     resume: bool = True
     progress: bool = True
+
+    def augmentations(self) -> DetectionAugment:
+        return DetectionAugment(**self.augment)
 
     @property
     def backbone_checkpoint(self) -> Path:
@@ -79,8 +87,10 @@ class Config(StageConfig):
     def detector_spec(self) -> DetectorSpec:
         return DetectorSpec(
             train_size=self.input_size, trainable_layers=self.trainable_layers, fpn_layers=self.fpn_layers,
-            anchor_sizes=self.anchor_sizes, proposals_train=self.proposals_train, proposals_test=self.proposals_test,
-            box_batch_size_per_image=self.box_batch_size_per_image, representation_size=self.representation_size,
+            anchor_sizes=self.anchor_sizes, anchor_scales=self.anchor_scales, rpn_fg_iou=self.rpn_fg_iou,
+            proposals_train=self.proposals_train, proposals_test=self.proposals_test,
+            box_batch_size_per_image=self.box_batch_size_per_image, box_positive_fraction=self.box_positive_fraction,
+            representation_size=self.representation_size,
             frozen_batchnorm=self.frozen_batchnorm,
         )
 
@@ -178,14 +188,15 @@ def train_split(table: pd.DataFrame, split: int, cfg: Config, prepared_size: int
     The split's fold model goes to ``split<k>/detector.pt`` (weights and what rebuilds the network).
     """
     train_table, val_table = table[table["split"] != split], table[table["split"] == split]
-    train_set = OpacityDataset(train_table, detection_transform(DetectionAugment(), train=True, size=cfg.input_size))
+    train_set = OpacityDataset(train_table, detection_transform(cfg.augmentations(), train=True, size=cfg.input_size))
     seed_everything(cfg.seed)
     model = build_model(cfg)
     latest: list[OofPredictions] = []  # the last evaluated epoch's held-out predictions: the OOF
     train_cfg = TrainConfig(
         run_dir=str(cfg.layout.fasterrcnn.split(split)), epochs=cfg.epochs, batch_size=cfg.batch_size,
         seed=cfg.seed, num_workers=cfg.workers, amp=cfg.amp, clip_grad_norm=cfg.clip_grad_norm, max_steps=cfg.max_steps,
-        monitor="val_ap50", monitor_mode="max", progress=cfg.progress, hparams={**asdict(cfg), "split": split},
+        eval_every=cfg.eval_every, monitor="val_ap50", monitor_mode="max", progress=cfg.progress,
+        hparams={**asdict(cfg), "split": split},
     )
     result = fit(
         model, train_set, detection_step,
