@@ -1,6 +1,7 @@
-"""NIH ChestX-ray14: the Kaggle layout, the dataset, the backbone checkpoint and a short pretraining run."""
+"""NIH ChestX-ray14: the Kaggle layout, the dataset, the backbone checkpoint, a short pretraining run, and learning."""
 from __future__ import annotations
 
+import json
 import math
 
 import cv2
@@ -11,7 +12,10 @@ import torch
 
 from covidkit.data.nih import LABELS, NihDataset, multi_hot, patient_split, read_nih_table
 from covidkit.models.backbones import build_classifier, load_backbone, save_backbone
-from covidkit.stages.nih_pretrain import Config as NihPretrainConfig, per_label_auroc, run as run_nih_pretrain
+from covidkit.stages.nih_pretrain import (
+    MEAN_ROW, Config as NihPretrainConfig, auroc_summary, auroc_table, per_label_auroc, run as run_nih_pretrain,
+    with_mean_row,
+)
 from covidkit.transforms import ClassificationAugment, classification_transform
 
 FINDINGS = ["No Finding", "Effusion|Mass", "Cardiomegaly", "No Finding", "Nodule|Effusion|Hernia",
@@ -88,6 +92,23 @@ def test_per_label_auroc():
     assert math.isnan(auroc.loc["No Finding", "auroc"]) and auroc.loc["No Finding", "positives"] == 6
 
 
+def test_the_reported_mean_counts_the_labels_with_enough_positives_beside_the_untrained_network():
+    targets = np.zeros((8, len(LABELS)), np.float32)
+    targets[:4, 0] = 1  # Atelectasis: 4 positives, 4 negatives
+    targets[:2, 1] = 1  # Cardiomegaly: 2 positives
+    targets[:, -1] = 1 - targets[:, 0]  # No Finding: 4 positives
+    ranked = np.tile(np.linspace(1, 0, 8)[:, None], (1, len(LABELS)))  # perfect for the first 4 rows
+    table = auroc_table(ranked, 1 - ranked, targets, min_positives=3)
+    assert list(table.index[table["counted"]]) == ["Atelectasis", "No Finding"]
+    assert table.loc["Atelectasis", "auroc"] == 1.0 and table.loc["Atelectasis", "untrained_auroc"] == 0.0
+    summary = auroc_summary(table, 3, train_images=20)
+    assert summary["counted_positives"] == {"Atelectasis": 4, "No Finding": 4}
+    assert summary["mean_auroc"] == 0.5 and summary["untrained_mean_auroc"] == 0.5  # No Finding: 0 and 1
+    assert summary["validation_images"] == 8 and summary["train_images"] == 20
+    mean = with_mean_row(table).loc[MEAN_ROW]
+    assert mean["auroc"] == 0.5 and mean["counted"]
+
+
 def test_backbone_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = build_classifier("resnet18", len(LABELS))
@@ -142,13 +163,30 @@ def test_short_pretraining_run_saves_a_backbone_and_resumes(tmp_path):
     assert {"train_loss", "val_loss", "val_auroc", "lr"} <= set(result.metrics.columns)
     assert list(result.auroc.index) == LABELS
     assert (result.out_dir / "train" / "plots" / "loss.png").is_file()
-    assert (result.out_dir / "auroc.csv").is_file()
+    assert (result.out_dir / "auroc.csv").is_file() and (result.out_dir / "summary.json").is_file()
     arch, state = load_backbone(result.backbone)
     assert arch == "resnet18"
-    # the saved backbone is the trained one, not the initialisation
+    # the saved backbone is the last epoch's, not the initialisation
     torch.manual_seed(cfg.seed)
     assert not torch.equal(state["conv1.weight"], build_classifier("resnet18", len(LABELS)).conv1.weight)
     # a second call resumes the finished run instead of training again, and ends with the same weights
     again = run_nih_pretrain(cfg)
     assert list(again.metrics["epoch"]) == [1, 2]
     assert torch.equal(load_backbone(again.backbone)[1]["conv1.weight"], state["conv1.weight"])
+
+
+@pytest.mark.slow
+def test_pretraining_beats_its_untrained_twin_on_held_out_patients(tmp_path):
+    from covidkit.synth import SynthConfig, write_nih as write_synthetic_nih
+
+    write_synthetic_nih(tmp_path / "input", SynthConfig(seed=5, nih_images=160, nih_size=256, workers=1, ct=False))
+    cfg = NihPretrainConfig(input_dir=str(tmp_path / "input"), run_dir=str(tmp_path / "run"), arch="resnet18",
+                            epochs=4, batch_size=16, optimizer="adamw", val_fraction=0.4, input_size=64,
+                            workers=0, cache_images=True, min_positives=8, progress=False)
+    result = run_nih_pretrain(cfg)
+    summary = result.summary
+    assert summary == json.loads((result.out_dir / "summary.json").read_text())
+    assert len(summary["counted_positives"]) >= 2 and summary["validation_images"] >= 40
+    assert summary["untrained_mean_auroc"] < 0.65
+    assert summary["mean_auroc"] > summary["untrained_mean_auroc"] + 0.12, summary
+    assert result.metrics["val_auroc"].iloc[-1] == pytest.approx(summary["mean_auroc"], abs=1e-4)

@@ -79,7 +79,13 @@ class NihPretrain:
 
     @property
     def auroc_csv(self) -> Path:
+        """Per label: AUROC trained and untrained, class counts, whether counted; then the counted mean."""
         return self.dir / "auroc.csv"
+
+    @property
+    def summary(self) -> Path:
+        """The mean AUROC over the counted labels, trained and untrained."""
+        return self.dir / "summary.json"
 
     @property
     def train(self) -> Path:

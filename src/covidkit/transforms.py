@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+BLUR_REFERENCE_SIZE = 256  # the recipe's short side, at which ClassificationAugment.blur_sigma is given
 
 
 @dataclass
@@ -25,9 +26,15 @@ class ClassificationAugment:
     crop: int = 224
     hflip_p: float = 0.5
     blur_p: float = 0.3
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels at a short side of 256; scaled with ``resize``
     rotate_degrees: float = 20.0
     erase_p: float = 0.3
     erase_scale: tuple[float, float] = (0.01, 0.10)
+
+    def blur_sigma_at_size(self) -> tuple[float, float]:
+        """The blur in pixels at ``resize``: the same blur relative to the image at every input size."""
+        scale = self.resize / BLUR_REFERENCE_SIZE
+        return self.blur_sigma[0] * scale, self.blur_sigma[1] * scale
 
 
 @dataclass
@@ -67,7 +74,7 @@ def classification_transform(aug: ClassificationAugment, train: bool) -> v2.Comp
     if train:
         steps += [
             v2.RandomHorizontalFlip(aug.hflip_p),
-            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=aug.blur_p),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=aug.blur_sigma_at_size())], p=aug.blur_p),
             v2.RandomRotation(aug.rotate_degrees),
         ]
     steps += [v2.CenterCrop(aug.crop), *_to_model_input(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

@@ -13,6 +13,7 @@ Images are found wherever they lie below the folder (``**/*.png``), so the unspl
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -111,8 +112,19 @@ class NihDataset(Dataset):
         if self.cache_size is None:
             return read_grey(self.paths[index])
         if index not in self._cache:
-            self._cache[index] = resize_short_side(read_grey(self.paths[index]), self.cache_size)
+            self._cache[index] = self._decode(index)
         return self._cache[index]
+
+    def _decode(self, index: int) -> np.ndarray:
+        return resize_short_side(read_grey(self.paths[index]), self.cache_size)
+
+    def fill_cache(self, threads: int) -> None:
+        """Decode every image not cached yet, ``threads`` at a time (OpenCV releases the GIL while it decodes)."""
+        if self.cache_size is None:
+            raise ValueError("fill_cache needs a cache_size")
+        missing = [i for i in range(len(self)) if i not in self._cache]
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            self._cache.update(zip(missing, pool.map(self._decode, missing)))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = tv_tensors.Image(torch.from_numpy(self.grey(index))[None])

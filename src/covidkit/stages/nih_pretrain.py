@@ -1,7 +1,8 @@
 """Stage 01: multi-label pretraining of a ResNet-family backbone on NIH ChestX-ray14.
 
 15 labels (14 findings + No Finding), BCE with logits, SGD with Nesterov momentum, the cosine
-schedule with a floor, AMP on CUDA, per-label AUROC on a patient-grouped validation split.
+schedule with a floor, AMP on CUDA, per-label AUROC on a patient-grouped validation split, beside
+the same network untrained; the last epoch's backbone is saved.
 
 Reads ``<input_dir>/nih-chest-xrays/`` (Kaggle layout) and, with ``weights: imagenet``, torchvision's
 ImageNet file in ``<input_dir>/weights/``. Writes ``<run_dir>/01_pretrain_nih_resnext/``: ``backbone.pt``
@@ -11,6 +12,7 @@ Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.stages.nih_pretrain --profi
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,11 +31,12 @@ from covidkit.models.backbones import build_classifier, save_backbone
 from covidkit.engine import (
     TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, read_metrics, seed_everything, to_device,
 )
-from covidkit.engine.distributed import all_gather_object, barrier, dist_info
+from covidkit.engine.distributed import all_gather_object, barrier, device_for, dist_info
 from covidkit.stages import StageConfig, stage_main
 from covidkit.transforms import ClassificationAugment, classification_transform
 
 NOTEBOOK = "01_pretrain_nih_resnext"
+MEAN_ROW = "mean of the counted labels"
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Config(StageConfig):
     input_size: int = 224  # the centre crop the network sees (the short side is resized to 8/7 of it first)
     workers: int = 4  # DataLoader workers
     cache_images: bool = False  # keep the decoded images, resized, in memory (small data sets)
+    min_positives: int = 10  # the reported mean AUROC counts the labels with this many validation positives (and negatives)
     amp: bool = True
     resume: bool = True
     progress: bool = True
@@ -66,7 +70,8 @@ class Config(StageConfig):
 class Result:
     backbone: Path
     metrics: pd.DataFrame  # one row per epoch (the engine's metrics.csv)
-    auroc: pd.DataFrame  # per label: auroc, positives, negatives (validation split, best epoch)
+    auroc: pd.DataFrame  # per label (validation split, last epoch): auroc, untrained_auroc, positives, negatives, counted
+    summary: dict  # SUMMARY_JSON
     out_dir: Path
 
 
@@ -114,24 +119,71 @@ def per_label_auroc(probs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("label")
 
 
-def mean_auroc(auroc: pd.DataFrame) -> float:
-    """Mean over the labels whose AUROC is defined (``nan`` when none is)."""
-    defined = auroc["auroc"].dropna()
-    return float(defined.mean()) if len(defined) else math.nan
+def counted_labels(auroc: pd.DataFrame, min_positives: int) -> pd.Series:
+    """Labels with at least ``min_positives`` positives and as many negatives: enough to measure an AUROC."""
+    return (auroc["positives"] >= min_positives) & (auroc["negatives"] >= min_positives)
+
+
+def mean_auroc(auroc: pd.DataFrame, min_positives: int = 1) -> float:
+    """Mean AUROC over the counted labels (``nan`` when none is counted)."""
+    counted = auroc.loc[counted_labels(auroc, min_positives), "auroc"]
+    return float(counted.mean()) if len(counted) else math.nan
+
+
+def auroc_table(probs: np.ndarray, untrained_probs: np.ndarray, targets: np.ndarray, min_positives: int) -> pd.DataFrame:
+    """Per label: AUROC of the trained and of the untrained network, class counts, whether it is counted."""
+    table = per_label_auroc(probs, targets)
+    table.insert(1, "untrained_auroc", per_label_auroc(untrained_probs, targets)["auroc"])
+    table["counted"] = counted_labels(table, min_positives)
+    return table
+
+
+def auroc_summary(table: pd.DataFrame, min_positives: int, train_images: int) -> dict:
+    """The reported figure: mean AUROC over the counted labels, trained and untrained, and what it counts."""
+    counted = table[table["counted"]]
+    number = lambda x: None if math.isnan(x) else round(float(x), 4)  # noqa: E731  (JSON has no nan)
+    return {
+        "mean_auroc": number(counted["auroc"].mean()) if len(counted) else None,
+        "untrained_mean_auroc": number(counted["untrained_auroc"].mean()) if len(counted) else None,
+        "min_positives": min_positives,
+        "counted_positives": {label: int(n) for label, n in counted["positives"].items()},
+        "validation_images": int(table["positives"].iloc[0] + table["negatives"].iloc[0]),
+        "train_images": train_images,
+    }
+
+
+def with_mean_row(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` and a last row holding the means over its counted labels (what ``auroc.csv`` holds)."""
+    counted = table[table["counted"]]
+    mean = pd.DataFrame({"auroc": [counted["auroc"].mean()], "untrained_auroc": [counted["untrained_auroc"].mean()],
+                         "counted": [True]}, index=pd.Index([MEAN_ROW], name=table.index.name))
+    return pd.concat([table, mean])
 
 
 def make_evaluate(dataset, cfg: Config):
-    """The engine's per-epoch ``evaluate``: validation BCE and mean AUROC."""
+    """The engine's per-epoch ``evaluate``: validation BCE and the mean AUROC over the counted labels."""
     def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
         probs, targets = predict_probabilities(model, dataset, device, cfg.batch_size, cfg.workers)
         p = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7)
         loss = nn.functional.binary_cross_entropy(p, torch.from_numpy(targets)).item()
-        return {"val_loss": loss, "val_auroc": mean_auroc(per_label_auroc(probs, targets))}
+        return {"val_loss": loss, "val_auroc": mean_auroc(per_label_auroc(probs, targets), cfg.min_positives)}
     return evaluate
 
 
+def predict_eval(model: nn.Module, dataset, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """``predict_probabilities`` in eval mode without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return predict_probabilities(model, dataset, next(model.parameters()).device, cfg.batch_size,
+                                     cfg.workers, cfg.progress)
+
+
 def run(cfg: Config) -> Result:
-    """Train, pick the epoch with the lowest validation loss, report per-label AUROC, save the backbone."""
+    """Train, report per-label AUROC beside the untrained network's, save the last epoch's backbone.
+
+    The last epoch, not the best one on the validation split: the AUROC is measured on that split,
+    so picking the epoch there would flatter it (the cosine schedule ends at its floor anyway).
+    """
     info = init_distributed()
     out = cfg.layout.nih
     table = read_nih_table(Path(cfg.input_dir) / DATASET)
@@ -142,13 +194,18 @@ def run(cfg: Config) -> Result:
     cache_size = cfg.resize if cfg.cache_images else None
     train_set = NihDataset(train_table, classification_transform(aug, train=True), cache_size)
     val_set = NihDataset(val_table, classification_transform(aug, train=False), cache_size)
+    if cfg.cache_images:
+        for dataset in (train_set, val_set):
+            dataset.fill_cache(torch.get_num_threads())
 
     seed_everything(cfg.seed)
-    model = build_classifier(cfg.arch, len(LABELS), pretrained.resolve(cfg.weights, cfg.input_dir, cfg.arch, NOTEBOOK))
+    weights = pretrained.resolve(cfg.weights, cfg.input_dir, cfg.arch, NOTEBOOK)
+    model = build_classifier(cfg.arch, len(LABELS), weights).to(device_for(info))
+    untrained_probs, _ = predict_eval(model, val_set, cfg)
     train_cfg = TrainConfig(
         run_dir=str(out.train), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-        num_workers=cfg.workers, amp=cfg.amp, monitor="val_loss", monitor_mode="min", max_steps=cfg.max_steps,
-        progress=cfg.progress, hparams=asdict(cfg),
+        num_workers=cfg.workers, amp=cfg.amp, max_steps=cfg.max_steps, progress=cfg.progress,
+        hparams=asdict(cfg),
     )
     result = fit(
         model, train_set, bce_step,
@@ -157,22 +214,23 @@ def run(cfg: Config) -> Result:
         train_cfg, scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
         evaluate=make_evaluate(val_set, cfg), resume=cfg.resume,
     )
-    load_weights(result.best_checkpoint, model)
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.no_grad():
-        probs, targets = predict_probabilities(model, val_set, device, cfg.batch_size, cfg.workers, cfg.progress)
-    auroc = per_label_auroc(probs, targets)
+    load_weights(result.last_checkpoint, model)
+    probs, targets = predict_eval(model, val_set, cfg)
+    auroc = auroc_table(probs, untrained_probs, targets, cfg.min_positives)
+    summary = auroc_summary(auroc, cfg.min_positives, len(train_set))
     if info.is_main:
-        auroc.to_csv(out.auroc_csv)
+        with_mean_row(auroc).to_csv(out.auroc_csv)
+        out.summary.write_text(json.dumps(summary, indent=2))
         save_backbone(model, out.backbone, cfg.arch, labels=LABELS, seed=cfg.seed,
-                      val_mean_auroc=mean_auroc(auroc))
+                      val_mean_auroc=summary["mean_auroc"])
     barrier()
-    return Result(out.backbone, read_metrics(train_cfg.run_dir), auroc, out.dir)
+    return Result(out.backbone, read_metrics(train_cfg.run_dir), auroc, summary, out.dir)
 
 
 def describe(result: Result) -> str:
-    return result.auroc.to_string(float_format="%.3f") + f"\nbackbone: {result.backbone}"
+    return (with_mean_row(result.auroc).to_string(float_format="%.3f")
+            + f"\nmean AUROC {result.summary['mean_auroc']} (untrained {result.summary['untrained_mean_auroc']})"
+            + f"\nbackbone: {result.backbone}")
 
 
 def main(argv: list[str] | None = None) -> None:

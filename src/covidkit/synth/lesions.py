@@ -318,6 +318,8 @@ def anatomy_mods(findings: list[str], rng: np.random.Generator) -> AnatomyMods:
     mods = {}
     if "Cardiomegaly" in findings:
         mods["heart_scale"] = rng.uniform(1.25, 1.5)
+    if "Fibrosis" in findings:  # volume loss; with emphysema as well the volumes stay (emphysema overrides)
+        mods["lung_scale"] = rng.uniform(0.84, 0.93)
     if "Emphysema" in findings:
         mods.update(lung_scale=rng.uniform(1.08, 1.16), dome_scale=rng.uniform(0.25, 0.5),
                     lucency=rng.uniform(1.2, 1.35), vessel_density=rng.uniform(0.45, 0.65))
@@ -375,8 +377,12 @@ def edema(chest: Chest, rng: np.random.Generator) -> None:
 
 
 def fibrosis(chest: Chest, rng: np.random.Generator) -> None:
-    """Reticular (net-like) opacities, peripheral and basal, from the zero crossings of a noise field."""
-    n = smooth_noise(rng, chest.shape, 3.0)
+    """Coarse reticular (net-like) opacities, peripheral and basal, from the zero crossings of a noise field.
+
+    The net's mesh is a few millimetres to a centimetre (noise scale 4.5-7 canvas pixels, ~0.45 mm
+    each), as on radiographs of pulmonary fibrosis; the lungs are smaller (``anatomy_mods``).
+    """
+    n = smooth_noise(rng, chest.shape, rng.uniform(4.5, 7.0))
     net = np.exp(-(n / 0.25) ** 2)
     u, v = chest.uv()
     u, v = np.clip(u, 0, 1), np.clip(v, 0, 1)
@@ -386,17 +392,18 @@ def fibrosis(chest: Chest, rng: np.random.Generator) -> None:
 
 
 def pleural_thickening(chest: Chest, rng: np.random.Generator) -> None:
-    """A dense band along the chest wall inside the lung edge, or an apical cap."""
+    """A dense band along the chest wall inside the lung edge, or an apical cap, tapering at its ends."""
     side = int(rng.integers(2))
     lung = chest.lungs[side].astype(np.uint8)
     dist = cv2.distanceTransform(lung, cv2.DIST_L2, 5)
     u, v = chest.uv()
-    if rng.random() < 0.5:  # apical cap
-        where = v < 0.15
-    else:  # along the lateral chest wall
-        lo = rng.uniform(0.2, 0.6)
-        where = (v > lo) & (v < lo + 0.35) & (u > 0.55)
-    band = ((dist < chest.hw * rng.uniform(0.04, 0.08)) & where & (lung > 0)).astype(np.float32)
+    if rng.random() < 0.5:  # apical cap, thickest at the apex
+        extent = np.clip(1 - v / 0.18, 0, 1)
+    else:  # along the lateral chest wall, thickest in the middle of its length
+        lo, length = rng.uniform(0.2, 0.6), rng.uniform(0.25, 0.4)
+        extent = np.clip(1 - np.abs(v - lo - length / 2) / (length / 2), 0, 1) * np.clip((u - 0.45) / 0.15, 0, 1)
+    thickness = chest.hw * rng.uniform(0.04, 0.08) * np.sqrt(extent)  # a lens: rounded, tapering ends
+    band = ((dist < thickness) & (lung > 0)).astype(np.float32)
     opacify(chest, blur(band, 1.5))
     chest.add("lesions", rng.uniform(0.03, 0.07) * blur(band, 1.5))
 
