@@ -16,9 +16,9 @@ def test_cogseg_notebook_smoke(tmp_path):
                        overrides={"input_dir": str(tmp_path), "run_dir": str(tmp_path / "run"),
                                   "epochs": 2})  # the plumbing; test_ct_train checks that the variants learn
     assert run.output.is_file()
-    out = tmp_path / "run" / "ct_cogseg"
+    out = tmp_path / "run" / "10_ct_cogseg"
     table = pd.read_csv(out / "ablation.csv")
     assert table["variant"].tolist() == ["untrained", "U-Net", "+SR (1 L1)", "+SR (4 L1)", "+RMI", "+edge-guided RMI"]
     assert table[["mIoU", "DSC", "sensitivity", "specificity"]].notna().all().all()
     assert (out / "predictions_medseg.png").stat().st_size > 0
-    assert (out / "loss_curves_medseg.png").stat().st_size > 0
+    assert (out / "training_curves_medseg.png").stat().st_size > 0

@@ -10,7 +10,7 @@ import torch
 from covidkit.ct.cogseg.bench import bench_cogseg
 from covidkit.ct.cogseg.medseg import CTSegDataset
 from covidkit.ct.cogseg.model import CogSeg, CogSegConfig
-from covidkit.stages.ct_cogseg import (
+from covidkit.ct.cogseg.ablation import (
     UNTRAINED, VARIANTS, AblationConfig, build_variant, evaluate_model, load_splits, predict_masks, run_ablation,
 )
 from covidkit.synth.ct_slices import CTSynthConfig, write_ct_slices

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from covidkit.ct.decovnet.bench import bench_decovnet
-from covidkit.stages.ct_decovnet import (DeCoVNetConfig, VolumeDataset, lung_fallbacks, make_classifier_inputs,
+from covidkit.ct.decovnet.pipeline import (DeCoVNetConfig, VolumeDataset, lung_fallbacks, make_classifier_inputs,
                                         prepare_cases, train_decovnet)
 from covidkit.ct.decovnet.lungmask import LungUNet
 from covidkit.ct.decovnet.volumes import DATASET_DIR, LABELS_CSV, read_cases, read_volume, write_nifti
@@ -65,7 +65,7 @@ def test_decovnet_notebook_smoke(tmp_path):
                        overrides={"input_dir": str(tmp_path), "run_dir": str(tmp_path / "run"), "epochs": 1,
                                   "lung_epochs": 1, "examples": 2})
     assert run.output.is_file()
-    out = tmp_path / "run" / "decovnet"
+    out = tmp_path / "run" / "11_ct_decovnet"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 3 and metrics["train_cases"] == 7
     assert 0 <= metrics["roc_auc"] <= 1 and 0 <= metrics["hit_rate"] <= 1 and metrics["hit_cases"] >= 1

@@ -126,3 +126,40 @@ def test_fresh_test_sets_give_mean_spread_and_the_priors_baseline(models_dir, tm
     pd.testing.assert_frame_equal(again.per_seed, fresh.per_seed)
     summary = json.dumps(fresh.summary())
     assert "seeds 3, 4" in summary and "priors" in summary
+
+
+def test_a_constant_segmenter_and_a_chance_ct_classifier_get_the_banner(tmp_path):
+    """10: the untrained CogSeg (its head at the class prior: one class everywhere) as a variant is constant, a
+    perfect map learned; 11: a constant probability is flagged whatever its AUC; 01: the mean against untrained."""
+    from covidkit.ct.cogseg.ablation import UNTRAINED, AblationConfig, build_variant, evaluate_model, load_splits
+    from covidkit.ct.cogseg.medseg import NUM_CLASSES, CTSegDataset
+    from covidkit.ct.cogseg.metrics import ConfusionMatrix, summarize
+    from covidkit.ct.cogseg.ablation import output_summary
+    from covidkit.synth.ct_slices import CTSynthConfig, write_ct_slices
+
+    write_ct_slices(tmp_path / "input", CTSynthConfig(seed=2, medseg_slices=20, medseg_size=64, rp_volumes=0))
+    cfg = AblationConfig(input_dir=str(tmp_path / "input"), run_dir=str(tmp_path / "x"), size=64, base_channels=4,
+                         augment=False, progress=False)
+    train, test = (CTSegDataset(s) for s in load_splits(cfg))
+    untrained = evaluate_model(build_variant("U-Net", cfg, train)[0].eval(), test)
+    cm = ConfusionMatrix(NUM_CLASSES)
+    cm.update(test.masks, test.masks)
+    perfect = {**summarize(cm), **output_summary(test.masks.numpy(), test.masks.numpy())}
+    layout = RunLayout(tmp_path / "run")
+    layout.cogseg.dir.mkdir(parents=True)
+    pd.DataFrame([{"dataset": "medseg", "variant": UNTRAINED, **untrained},
+                  {"dataset": "medseg", "variant": "U-Net", **untrained},
+                  {"dataset": "medseg", "variant": "+edge-guided RMI", **perfect}]).to_csv(layout.cogseg.ablation)
+    layout.decovnet.dir.mkdir(parents=True)
+    layout.decovnet.metrics.write_text(json.dumps({"roc_auc": 0.8, "n": 6}))
+    pd.DataFrame({"case_id": list("abcdef"), "label": [0, 1] * 3, "prob": [0.5] * 6}).to_csv(
+        layout.decovnet.predictions, index=False)
+    layout.nih.dir.mkdir(parents=True)
+    layout.nih.summary.write_text(json.dumps({"mean_auroc": 0.7, "untrained_mean_auroc": 0.5,
+                                              "counted_positives": {"Effusion": 12, "Mass": 10}}))
+
+    checks = {c.model: c for c in check_run(layout.root)}
+    assert checks["U-Net (medseg)"].constant and not checks["U-Net (medseg)"].learned
+    assert checks["+edge-guided RMI (medseg)"].learned and checks["+edge-guided RMI (medseg)"].value == 1.0
+    assert checks["DeCoVNet"].constant and not checks["DeCoVNet"].learned
+    assert checks["NIH backbone"].learned and "2 labels" in checks["NIH backbone"].figure

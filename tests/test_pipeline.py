@@ -38,7 +38,9 @@ def test_notebooks_are_committed_clean_with_a_parameters_cell():
 
 
 def test_unknown_profile_and_unknown_keys_are_clear_errors(tmp_path):
-    with pytest.raises(PipelineError, match="unknown profile 'nope'.*smoke"):
+    from covidkit.profiles import ProfileError
+
+    with pytest.raises(ProfileError, match="unknown profile 'nope'.*smoke"):
         load_profile("nope")
     book = list_notebooks(["00"])[0]
     with pytest.raises(PipelineError, match="does not declare"):

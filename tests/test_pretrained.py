@@ -74,3 +74,17 @@ def test_02_starts_from_the_yaml_when_the_checkpoint_is_absent(tmp_path):
     assert starting_model("yolo11n.yaml", tmp_path) == "yolo11n.yaml"
     with pytest.warns(PretrainedWeightsMissing, match="02_pretrain_rsna_yolo: no pretrained weights at .*yolo11l.pt"):
         assert starting_model("yolo11l.pt", tmp_path) == "yolo11l.yaml"
+
+
+def test_fabricated_weights_go_through_the_imagenet_and_yolo_paths(tmp_path):
+    """What ``covidkit synth --weights`` writes for a dry run: found by ``weights: imagenet`` (any of torchvision's
+    names of the architecture, hash checked) and by ``model: yolo11l.pt``, loaded into the networks."""
+    from covidkit.models.pretrained import fabricate
+    from covidkit.models.yolo import load_model
+
+    checkpoint, yolo = fabricate(tmp_path, arch="resnet18", yolo="yolo11n")
+    assert resolve(IMAGENET, tmp_path, "resnet18") == checkpoint != tmp_path / "weights" / torchvision_file_name("resnet18")
+    model = build_classifier("resnet18", 15, checkpoint)
+    assert torch.equal(model.conv1.weight, torch.load(checkpoint)["conv1.weight"])
+    assert resolve("yolo11n.pt", tmp_path) == yolo
+    assert sum(p.numel() for p in load_model(yolo).model.parameters()) > 2_000_000

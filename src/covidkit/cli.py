@@ -27,6 +27,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         test_only=args.test_only,
     )
     write_all(Path(args.out), cfg)
+    if args.weights:
+        from covidkit.models.pretrained import fabricate
+
+        for path in fabricate(args.out):
+            print(f"fabricated weights (random values, real shapes): {path}")
     return 0
 
 
@@ -113,7 +118,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     run_pipeline(
         profile=args.profile, input_dir=Path(args.input),
-        run_dir=Path(args.out) if args.out else None, only=args.only, dry_run=args.dry_run,
+        run_dir=Path(args.run_dir) if args.run_dir else None, only=args.only, dry_run=args.dry_run,
     )
     return 0
 
@@ -157,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT volumes for DeCoVNet, half positive (40: the smoke set; DeCoVNet needs more to generalise)")
     p.add_argument("--test-only", action="store_true",
                    help="only a SIIM test split (--test-studies) and its solution folder: a fresh test set")
+    p.add_argument("--weights", action="store_true",
+                   help="also pretrained-weight files of the full profile's shapes, random values, in weights/ "
+                        "(ResNeXt-101 ImageNet, YOLO11-L): what a dry run loads to test the loading paths")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("prepare", help="convert a competition folder's DICOMs to PNG, with meta.csv and folds.csv")
@@ -235,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run the numbered notebooks in order with papermill")
     p.add_argument("--profile", default="smoke", help="parameter profile in notebooks/profiles/ (smoke, full)")
     p.add_argument("--input", default="input", help="folder holding the dataset folders")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<profile>)")
+    p.add_argument("--run-dir", "--out", dest="run_dir", default=None, help="run folder (default: runs/<profile>)")
     p.add_argument("--only", nargs="*", default=None, help="run only these notebooks (name prefixes, e.g. 00)")
     p.add_argument("--dry-run", action="store_true",
                    help="the profile's settings on a few items per split and 1-2 steps per model (dry_run.json)")

@@ -12,8 +12,8 @@
       06_study_level/              06: split<k>/study_model.pt, oof_images.csv, oof_studies.csv, summary.json, ...
       models/                      07: the exported models folder (covidkit.models_dir)
       fresh_tests/                 07: seed<S>/ test sets and their submissions, scores.csv
-      ct_cogseg/                   10: one engine run per variant, ablation.csv, figures
-      decovnet/                    11: prepared/, inputs/, lung_unet/, classifier/, predictions.csv, metrics.json
+      10_ct_cogseg/                10: <dataset>/<variant>/ (engine runs), ablation.csv, figures
+      11_ct_decovnet/              11: prepared/, inputs/, lung_unet/, classifier/, predictions.csv, metrics.json
       notebooks/                   the executed notebooks
       stages.json, dry_run.json    each notebook's wall time and peak memory (a run, a dry run)
       report.html
@@ -244,6 +244,59 @@ class Submission:
         return self.run_dir / "fresh_tests"
 
 
+@dataclass(frozen=True)
+class CogSeg:
+    """10."""
+
+    dir: Path
+
+    def dataset(self, name: str) -> Path:
+        """One dataset's ablation: a folder per variant (``covidkit.ct.cogseg.ablation``)."""
+        return self.dir / name
+
+    @property
+    def ablation(self) -> Path:
+        """Every dataset's table."""
+        return self.dir / "ablation.csv"
+
+    def predictions(self, dataset: str) -> Path:
+        return self.dir / f"predictions_{dataset}.png"
+
+    def training_curves(self, dataset: str) -> Path:
+        return self.dir / f"training_curves_{dataset}.png"
+
+
+@dataclass(frozen=True)
+class DeCoVNet:
+    """11 (``covidkit.ct.decovnet.pipeline.run_decovnet`` names what it writes inside ``dir``)."""
+
+    dir: Path
+
+    @property
+    def classifier(self) -> Path:
+        return self.dir / "classifier"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def predictions(self) -> Path:
+        """The held-out cases: probability, predicted lesion centre, hit."""
+        return self.dir / "predictions.csv"
+
+    @property
+    def roc_pr(self) -> Path:
+        return self.dir / "roc_pr.png"
+
+    @property
+    def training_curves(self) -> Path:
+        return self.dir / "training_curves.png"
+
+    def localization(self, case_id: str) -> Path:
+        return self.dir / f"localization_{case_id}.png"
+
+
 class RunLayout:
     """Every stage's folder and files in one run folder (see the module docstring)."""
 
@@ -257,8 +310,8 @@ class RunLayout:
         self.ensemble = Ensemble(self.root / "05_ensemble_wbf")
         self.study = StudyLevel(self.root / "06_study_level")
         self.submission = Submission(self.root)
-        self.cogseg = self.root / "ct_cogseg"
-        self.decovnet = self.root / "decovnet"
+        self.cogseg = CogSeg(self.root / "10_ct_cogseg")
+        self.decovnet = DeCoVNet(self.root / "11_ct_decovnet")
         self.notebooks = self.root / "notebooks"
         self.report = self.root / "report.html"
         self.stage_record = self.root / "stages.json"  # each notebook's wall time and peak memory

@@ -25,6 +25,7 @@ from covidkit.layout import RunLayout
 # is within what a few hundred synthetic images give by chance.
 AP_MARGIN = 0.05
 AUROC_MARGIN = 0.05
+DSC_MARGIN = 0.05
 MIN_SPREAD = 1e-3  # standard deviation of a model's outputs over the held-out items below which it is constant
 
 
@@ -80,6 +81,15 @@ def image_score_spread(boxes: pd.DataFrame, images: pd.DataFrame) -> float:
     """Standard deviation over the images of each image's best box score (0 where it has none)."""
     best = images["image_id"].map(boxes.groupby("image_id")["score"].max()).fillna(0.0)
     return float(best.std(ddof=0)) if len(best) else 0.0
+
+
+def check_nih(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    summary = _read_json(layout.nih.summary)
+    if summary is None or summary.get("mean_auroc") is None or summary.get("untrained_mean_auroc") is None:
+        return []
+    counted = len(summary["counted_positives"])
+    return [LearningCheck("01_pretrain_nih_resnext", "NIH backbone", f"held-out mean AUROC ({counted} labels)",
+                          summary["mean_auroc"], summary["untrained_mean_auroc"], "untrained", AUROC_MARGIN)]
 
 
 def check_fasterrcnn(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
@@ -151,8 +161,35 @@ def check_fresh_tests(layout: RunLayout, input_dir: Path | None) -> list[Learnin
                           AP_MARGIN)]
 
 
+def check_cogseg(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    from covidkit.ct.cogseg.ablation import UNTRAINED
+
+    if not layout.cogseg.ablation.is_file():
+        return []
+    table = pd.read_csv(layout.cogseg.ablation)
+    checks = []
+    for dataset, rows in table.groupby("dataset", sort=False):
+        rows = rows.set_index("variant")
+        if UNTRAINED not in rows.index:
+            continue
+        baseline = float(rows.loc[UNTRAINED, "DSC"])
+        for variant, row in rows.drop(index=UNTRAINED).iterrows():
+            checks.append(LearningCheck("10_ct_cogseg", f"{variant} ({dataset})", "test lesion DSC", float(row["DSC"]),
+                                        baseline, "untrained", DSC_MARGIN, float(row["lesion % pred sd"]) / 100))
+    return checks
+
+
+def check_decovnet(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    metrics = _read_json(layout.decovnet.metrics)
+    if metrics is None or not np.isfinite(metrics.get("roc_auc", np.nan)):
+        return []
+    probs = pd.read_csv(layout.decovnet.predictions)["prob"]
+    return [LearningCheck("11_ct_decovnet", "DeCoVNet", f"held-out ROC AUC ({metrics['n']} volumes)",
+                          metrics["roc_auc"], 0.5, "chance", AUROC_MARGIN, float(probs.std(ddof=0)))]
+
+
 CHECKS: list[Callable[[RunLayout, Path | None], list[LearningCheck]]] = [
-    check_fasterrcnn, check_yolo, check_fusion, check_study, check_fresh_tests,
+    check_nih, check_fasterrcnn, check_yolo, check_fusion, check_study, check_fresh_tests, check_cogseg, check_decovnet,
 ]
 
 

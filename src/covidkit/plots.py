@@ -12,6 +12,15 @@ import numpy as np
 from matplotlib.patches import Rectangle
 
 
+def save(fig, path, dpi: int = 100) -> None:
+    """Write ``fig`` to ``path`` (its folder made) and close it."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
 def draw_boxes(ax, boxes, color: str = "lime", scores: Sequence[float] | None = None, label: str | None = None):
     """Draw ``[N, 4]`` x1, y1, x2, y2 boxes on ``ax``, with their scores when given."""
     for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes, dtype=float).reshape(-1, 4)):

@@ -57,7 +57,7 @@ def resolve(weights: str | None, input_dir: str | Path, arch: str | None = None,
     """The local file a stage's ``weights`` setting names, checked, or None (random weights).
 
     ``weights``: None (random weights); ``IMAGENET`` (torchvision's default ImageNet file of ``arch`` in
-    ``<input_dir>/weights/``); a file name (looked for in ``<input_dir>/weights/``) or a path. An absent
+    ``<input_dir>/weights/``, or else another ``<arch>-<hash>.pth`` there, such as its V2 weights); a file name (looked for in ``<input_dir>/weights/``) or a path. An absent
     file is a one-line warning, not an error: training goes on from random weights.
     """
     if weights is None:
@@ -65,6 +65,8 @@ def resolve(weights: str | None, input_dir: str | Path, arch: str | None = None,
     name = torchvision_file_name(arch) if weights == IMAGENET else weights
     path = Path(name)
     candidates = [path] if path.is_absolute() or path.parent != Path(".") else [weights_dir(input_dir) / name, path]
+    if weights == IMAGENET:  # another of torchvision's ImageNet files of the architecture (e.g. its V2 weights)
+        candidates += [p for p in sorted(weights_dir(input_dir).glob(f"{arch}-*.pth")) if HASHED_NAME.search(p.name)]
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         what = f"torchvision's ImageNet weights of {arch}" if weights == IMAGENET else "pretrained weights"
@@ -72,3 +74,25 @@ def resolve(weights: str | None, input_dir: str | Path, arch: str | None = None,
                       "another): training goes on from random weights", PretrainedWeightsMissing, stacklevel=2)
         return None
     return check_hash(found)
+
+
+def fabricate(input_dir: str | Path, arch: str = "resnext101_32x8d", yolo: str = "yolo11l") -> list[Path]:
+    """Pretrained-weight files of the right shapes and random values in ``<input_dir>/weights/``: an ImageNet
+    checkpoint of ``arch`` named as torchvision names its files (``<arch>-<its own hash>.pth``) and ultralytics'
+    ``<yolo>.pt``. What a dry run loads to test the paths real files take (``covidkit synth --weights``)."""
+    import tempfile
+
+    import torch
+
+    from covidkit.models.backbones import build_classifier
+    from covidkit.models.yolo import load_model, setup_ultralytics
+
+    out = weights_dir(input_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"{arch}.tmp"
+    torch.save(build_classifier(arch, 1000).state_dict(), tmp)
+    checkpoint = out / f"{arch}-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth"
+    tmp.replace(checkpoint)
+    setup_ultralytics(tempfile.mkdtemp(prefix="covidkit-ultralytics-"))  # its settings, not in the weights folder
+    load_model(f"{yolo}.yaml").save(out / f"{yolo}.pt")
+    return [checkpoint, out / f"{yolo}.pt"]

@@ -1,8 +1,7 @@
-"""CogSeg figures: predicted masks over slices, and the training curves of the ablation variants."""
+"""CogSeg figures: predicted masks over slices (training curves: ``covidkit.plots.training_curves``)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 
@@ -52,22 +51,3 @@ def plot_predictions(slices: CTSlices, predictions: Mapping[str, np.ndarray], n:
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
-
-
-def plot_loss_curves(run_dirs: Mapping[str, Path], metrics: tuple[str, ...] = ("train_loss", "train_ce", "val_DSC")):
-    """One panel per metric of the engine's ``metrics.csv``, one line per variant, x axis: epoch."""
-    from covidkit.engine.history import read_metrics
-
-    histories = {name: read_metrics(path) for name, path in run_dirs.items()}
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for name, history in histories.items():
-            if metric in history:
-                ax.plot(history["epoch"], history[metric], marker="o", markersize=3, label=name)
-        ax.set_title(metric, fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
