@@ -81,9 +81,11 @@ def test_prepare_notebook_runs_on_synthetic_data(tiny_input, tmp_path):
     run_dir = tmp_path / "run"
     runs = run_pipeline("smoke", input_dir=tiny_input, run_dir=run_dir, only=["00"])
     assert [r.name for r in runs] == ["00_prepare_data"]
+    assert runs[0].peak_rss_mib > 50  # the kernel's own peak memory, read before it shut down
+    assert json.loads((run_dir / "stages.json").read_text())[0]["peak_rss_mib"] == runs[0].peak_rss_mib
     executed = nbformat.read(run_dir / "notebooks" / "00_prepare_data.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected and "image_size = 256" in injected[0].source
+    assert injected and "prepared_size = 256" in injected[0].source
     prepared = run_dir / "prepared"
     meta = pd.read_csv(prepared / "meta.csv")
     n_dicoms = sum(len(siim.dicom_paths(tiny_input / siim.COMPETITION, s)) for s in ("train", "test"))
@@ -91,7 +93,7 @@ def test_prepare_notebook_runs_on_synthetic_data(tiny_input, tmp_path):
     assert len(list((prepared / "train").glob("*.png"))) == (meta["split"] == "train").sum()
     folds = pd.read_csv(prepared / "folds.csv")
     assert sorted(folds["fold"].unique()) == list(range(5))
-    assert (run_dir / "prepared_examples.png").stat().st_size > 10_000
+    assert (prepared / "examples.png").stat().st_size > 10_000
     assert json.dumps(executed.metadata["papermill"]["parameters"])  # papermill recorded the run
 
 

@@ -3,7 +3,7 @@
 ``RunLayout(run_dir)`` has one attribute per stage, each naming that stage's folder and files::
 
     <run_dir>/
-      prepared/                    00: <split>/<image_id>.png, meta.csv, folds.csv, meta.json (the size)
+      prepared/                    00: <split>/<image_id>.png, meta.csv, folds.csv, meta.json (the size), examples.png
       01_pretrain_nih_resnext/     01: backbone.pt, auroc.csv, train/
       02_pretrain_rsna_yolo/       02: data/, train/ (weights/best.pt: 04's start)
       03_train_siim_fasterrcnn/    03: split<k>/ (engine runs; last.pt is the fold model), oof.csv, oof_untrained.csv
@@ -56,6 +56,11 @@ class Prepared:
 
     def png(self, split: str, image_id: str) -> Path:
         return prepare.png_path(self.dir, split, image_id)
+
+    @property
+    def examples(self) -> Path:
+        """00's figure: training images of each class with their boxes."""
+        return self.dir / "examples.png"
 
     @property
     def size(self) -> int:

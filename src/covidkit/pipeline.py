@@ -81,6 +81,8 @@ def ipc_kernel_manager() -> type:
             KERNEL_PEAKS.append(_peak_rss_mib(pid) if pid else None)
             await super()._async_shutdown_kernel(now=now, restart=restart)
 
+        shutdown_kernel = _async_shutdown_kernel  # jupyter_client binds the public name to the base method
+
     return IpcKernelManager
 
 
