@@ -38,7 +38,7 @@ def test_unet_learns_lesions_and_the_ablation_writes_its_table(ct_input, tmp_pat
     assert trained["DSC/ground-glass"] > 0.3
     assert trained["DSC"] > untrained["DSC"] + 0.1
     saved = pd.read_csv(tmp_path / "run" / "ablation.csv")
-    assert saved["variant"].tolist() == ["U-Net"]
+    assert saved["variant"].tolist() == [UNTRAINED, "U-Net"]
     assert (tmp_path / "run" / "u_net" / "metrics.csv").is_file()
 
 

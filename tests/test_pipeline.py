@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from covidkit.data import siim
+from covidkit.layout import RunLayout
 from covidkit.pipeline import (PipelineError, list_notebooks, load_profile, notebook_parameters,
                                notebooks_dir, run_pipeline)
 
@@ -125,3 +126,36 @@ def test_a_run_that_made_a_submission_ends_with_where_things_are(tmp_path, tiny_
     assert lines == {"submission": str(submission), "models": str(run_dir / "models"),
                      "report": str(run_dir / "report.html")}
     assert "covidkit run report" in (run_dir / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path):
+    """`covidkit pipeline --profile full --dry-run`, for 00, 01 and 11: the full profile's models at their full
+    sizes (ResNeXt-101 32x8d from fabricated ImageNet weights, DeCoVNet at 224 x 336) on a few items and two steps
+    each; the whole dry run is in the README (too long for the suite)."""
+    from covidkit.models.backbones import load_backbone
+    from covidkit.models.pretrained import fabricate
+    from covidkit.synth import SynthConfig, write_all
+    from covidkit.synth.ct_volumes import CTVolumeSynthConfig, write_ct_volumes
+
+    input_dir, run_dir = tmp_path / "input", tmp_path / "run"
+    write_all(input_dir, SynthConfig(seed=9, train_studies=10, test_studies=4, nih_images=16, rsna_images=4,
+                                     max_size=640, nih_size=256, rsna_size=256, workers=1, ct=False))
+    write_ct_volumes(input_dir, CTVolumeSynthConfig(seed=3, cases=10, min_slices=10, max_slices=14, size=64))
+    fabricate(input_dir, arch="resnext101_32x8d", yolo="yolo11n")
+    runs = run_pipeline("full", input_dir=input_dir, run_dir=run_dir, only=["00", "01", "11"], dry_run=True)
+
+    record = json.loads((run_dir / "dry_run.json").read_text())
+    assert [r["stage"] for r in record] == ["00_prepare_data", "01_pretrain_nih_resnext", "11_ct_decovnet"]
+    assert all(r["seconds"] > 0 and r["peak_rss_mib"] > 100 for r in record)
+    assert not (run_dir / "stages.json").exists()
+    layout = RunLayout(run_dir)
+    assert layout.prepared.size == 1024
+    arch, state = load_backbone(layout.nih.backbone)
+    assert arch == "resnext101_32x8d" and state["layer4.2.conv3.weight"].shape == (2048, 2048, 1, 1)
+    history = pd.read_csv(layout.nih.train / "metrics.csv")
+    assert len(history) <= 2 and history["train_loss"].notna().all()  # two optimizer steps in all
+    metrics = json.loads(layout.decovnet.metrics.read_text())
+    assert metrics["train_cases"] <= 4 and metrics["test_cases"] <= 4
+    assert len(pd.read_csv(layout.decovnet.classifier / "metrics.csv")) == 1
+    assert runs[-1].output.is_file()

@@ -28,10 +28,10 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
     params = notebook_parameters(book, load_profile("smoke"), {"input_dir": str(tiny_input), "run_dir": str(run_dir),
                                                                "epochs": 2})
     assert params["fold_groups"] == 2 and params["encoder"] == "plain" and params["hflip_tta"] is True
-    out = tmp_path / "06.ipynb"
+    book_out = tmp_path / "06.ipynb"
     RunLayout(run_dir).study.dir.mkdir()
     RunLayout(run_dir).study.stacker.write_text("{}")  # an earlier run's: must not reach 07
-    papermill.execute_notebook(str(book), str(out), parameters=params, kernel_name="python3", cwd=str(REPO_ROOT),
+    papermill.execute_notebook(str(book), str(book_out), parameters=params, kernel_name="python3", cwd=str(REPO_ROOT),
                                progress_bar=False)
 
     # one model per split, loadable, predicting any-size images
@@ -55,7 +55,7 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
     assert out.confusion.is_file()
     assert len(pd.read_csv(out.none_comparison)) == 3  # no detector boxes here
 
-    text = "\n".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+    text = "\n".join(o.get("text", "") for c in nbformat.read(book_out, as_version=4).cells for o in c.get("outputs", []))
     assert f"out-of-fold study mAP: {summary['study_ap']['mAP']:.3f}" in text
     # without 05's boxes the none rule is chosen out of fold among the classifier's own estimates
     assert summary["none_rule"]["chosen"] in ("head", "negative") and "none rule for 07" in text

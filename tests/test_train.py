@@ -281,8 +281,13 @@ def test_existing_run_needs_resume_and_the_same_config(tmp_path):
         fit(fresh_model(), data, classify_step, sgd_nesterov, cfg)
     with pytest.raises(ValueError, match="batch_size"):
         fit(fresh_model(), data, classify_step, sgd_nesterov, config(tmp_path, epochs=1, batch_size=2), resume=True)
+    with pytest.raises(ValueError, match="hparams"):  # a stage's training setting
+        fit(fresh_model(), data, classify_step, sgd_nesterov, config(tmp_path, epochs=1, hparams={"lr": 1.0}),
+            resume=True)
     again = fresh_model(init_seed=1)
-    result = fit(again, data, classify_step, sgd_nesterov, config(tmp_path, epochs=1, num_workers=1), resume=True)
+    how_it_runs = {"progress": False, "workers": 2, "resume": True}  # a stage's settings of how it runs
+    result = fit(again, data, classify_step, sgd_nesterov,
+                 config(tmp_path, epochs=1, num_workers=1, hparams=how_it_runs), resume=True)
     assert len(result.history) == 1  # finished: nothing retrained, weights come from last.pt
     assert all(torch.equal(again.state_dict()[k], v) for k, v in trained.items())
 

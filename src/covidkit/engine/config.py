@@ -11,6 +11,7 @@ SCHEDULER_INTERVALS = ("step", "epoch")
 MONITOR_MODES = ("max", "min")
 # Fields that may change when a run is resumed without changing what it computes.
 RESUMABLE_CHANGES = frozenset({"run_dir", "progress", "plots", "num_workers"})
+RESUMABLE_HPARAMS = frozenset({"run_dir", "progress", "resume", "workers", "num_workers", "eval_batch_size"})
 
 
 @dataclass
@@ -72,6 +73,9 @@ class TrainConfig:
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Fields that differ between a saved and a current config, except the harmless ones."""
     saved, current = _as_json(saved), _as_json(current)
+    for d in (saved, current):  # a stage's settings of how it runs, not of what it trains
+        if isinstance(d.get("hparams"), dict):
+            d["hparams"] = {k: v for k, v in d["hparams"].items() if k not in RESUMABLE_HPARAMS}
     keys = sorted(set(saved) | set(current))
     return [
         f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
