@@ -155,7 +155,8 @@ def test_cli_predict_validate_and_bench(competition, models_dir, tmp_path, capsy
     for stage in ("decode", "fasterrcnn", "yolo", "fusion", "study", "bookkeeping", "whole",
                   "fusion + bookkeeping share"):
         assert stage in table
-    assert main(["bench", "predict", str(models_dir)]) == 2
+    with pytest.raises(SystemExit):  # the competition folder is a required argument
+        main(["bench", "predict", str(models_dir)])
     assert main(["predict", str(competition), str(tmp_path), "--out", str(out)]) == 2  # not a models folder
 
 

@@ -141,7 +141,7 @@ def test_pngs_for_good_images_only_and_no_temporary_files(prepared):
         assert image.shape == (256, 256) and image.dtype == np.uint8
     for image_id in BAD:
         assert not (out / "train" / f"{image_id}.png").exists()
-    assert sorted(p.name for p in out.rglob("*") if p.is_file() and p.suffix != ".png") == ["folds.csv", "meta.csv"]
+    assert sorted(p.name for p in out.rglob("*") if p.is_file() and p.suffix != ".png") == ["folds.csv", "meta.csv", "meta.json"]
 
 
 def test_png_contents(prepared):
@@ -191,9 +191,11 @@ def test_rerun_redoes_only_what_is_missing(tmp_path):
     assert not list(out.rglob("*.tmp"))
     pd.testing.assert_frame_equal(second.meta, first.meta)  # skipped rows come from the headers
 
-    resized, _ = run_quiet(root, out, size=64, workers=1)  # another size: nothing is reused
+    with pytest.raises(ValueError, match="prepared at 128 px, not 64"):  # another size: another folder
+        run_quiet(root, out, size=64, workers=1)
+    resized, _ = run_quiet(root, tmp_path / "out64", size=64, workers=1)
     assert (resized.ok, resized.skipped) == (len(SMALL), 0)
-    assert read_png(out / "train" / "ct.png").shape == (64, 64)
+    assert read_png(tmp_path / "out64" / "train" / "ct.png").shape == (64, 64)
 
 
 def test_splits_prepared_apart_share_one_meta(tmp_path):
