@@ -66,7 +66,8 @@ Modules: ``config`` (TrainConfig), ``loop`` (fit, train_one_epoch, FitResult), `
 ``distributed``, ``loaders`` (samplers, DataLoader, collate), ``schedules``, ``seed``, ``device``,
 ``history`` (metrics files and plots), ``yolo`` (ultralytics training).
 """
-from covidkit.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from covidkit.engine.checkpoint import load_checkpoint, load_weights
+from covidkit.model_file import save_checkpoint
 from covidkit.engine.config import TrainConfig
 from covidkit.engine.device import autocast_context, default_device, to_device
 from covidkit.engine.distributed import DistInfo, init_distributed, is_main_process

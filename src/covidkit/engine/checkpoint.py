@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from covidkit.model_file import save_checkpoint, unwrap
+from covidkit.model_file import unwrap
 
 LAST = "last.pt"
 BEST = "best.pt"

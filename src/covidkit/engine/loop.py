@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from covidkit.engine import distributed as D
 from covidkit.atomic import atomic_write_text
-from covidkit.engine.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, weights_only
+from covidkit.engine.checkpoint import BEST, LAST, load_checkpoint, weights_only
+from covidkit.model_file import save_checkpoint
 from covidkit.engine.config import TrainConfig, config_differences
 from covidkit.engine.device import amp_enabled, autocast_context
 from covidkit.engine.history import best_row, plot_metrics, write_metrics

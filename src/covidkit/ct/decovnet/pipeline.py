@@ -46,7 +46,7 @@ from covidkit.ct.decovnet.localize import (Localization, LocalizationConfig, cla
                                   localize_lesion)
 from covidkit.ct.decovnet.lungmask import (LungSliceDataset, LungUNet, UnsupervisedLungConfig, choose_lung_mask,
                                   lung_unet_step, predict_lung_mask, resize_slices, unsupervised_lung_mask)
-from covidkit.ct.decovnet.volumes import (DATASET_DIR, CTCase, CTVolume, read_cases, read_nifti, read_volume, resample,
+from covidkit.ct.decovnet.volumes import (CTCase, CTVolume, read_cases, read_nifti, read_volume, resample,
                                  window)
 from covidkit.engine import TrainConfig, class_balanced_weights, fit, seed_everything
 
@@ -442,12 +442,3 @@ def run_decovnet(dataset_dir: Path | str, work_dir: Path | str, cfg: DeCoVNetCon
     pd.DataFrame([metrics]).to_csv(work / "metrics.csv", index=False)
     return DeCoVNetRun(work, metrics, predictions, lung_model, model, inputs)
 
-
-def infer_volume(volume: CTVolume, lung_model: LungUNet, model: DeCoVNet, cfg: DeCoVNetConfig,
-                 device: torch.device | str = "cpu") -> tuple[float, Localization, dict[str, np.ndarray]]:
-    """Inference on one raw volume: resample + window, lung mask, crop, classifier, CAM, localization."""
-    prepared = prepare_volume(volume, cfg)
-    lungs, _ = lung_mask(lung_model, prepared.image, prepared.lungs, cfg, device)
-    arrays = classifier_arrays(prepared.image, lungs, None, cfg.input_size)
-    prob, _, localization = predict_volume(model, arrays, cfg, device)
-    return prob, localization, arrays
