@@ -78,6 +78,37 @@ def test_each_notebook_is_the_front_of_one_stage_and_declares_its_config():
 
 
 @pytest.mark.slow
+def test_a_dry_run_writes_its_submission_in_its_run_folder(tmp_path):
+    """Not over a real submission in submissions/; a normal run keeps the profile's path."""
+    from covidkit.pipeline import notebook_parameters, run_overrides
+    from covidkit.profiles import load_profile, notebooks_dir
+
+    full = load_profile("full")
+    book = notebooks_dir() / "07_make_submission.ipynb"
+    dry = notebook_parameters(book, full, run_overrides(tmp_path / "in", tmp_path / "run", dry_run=True))
+    assert dry["dry_run"] is True and dry["submission"] == str(tmp_path / "run" / "submission.csv")
+    normal = notebook_parameters(book, full, run_overrides(tmp_path / "in", tmp_path / "run", dry_run=False))
+    assert "dry_run" not in normal or normal["dry_run"] is False
+    assert normal["submission"] == "submissions/submission.csv"
+    assert "submission" not in notebook_parameters(notebooks_dir() / "00_prepare_data.ipynb", full,
+                                                   run_overrides(tmp_path, tmp_path / "run", dry_run=True))
+
+
+def test_a_dry_run_keeps_a_few_rows_of_each_split_labels_taking_turns():
+    """``max_items`` rows of each held-out split and of each model's training rows, every label seen."""
+    from covidkit.stages import limit_rows, training_rows
+
+    table = pd.DataFrame({"split": [0] * 6 + [1] * 6 + [2] * 6,
+                          "label": ["negative"] * 4 + ["typical", "atypical"] + ["typical"] * 12})
+    limited = limit_rows(table, 4)
+    assert limited.groupby("split").size().tolist() == [4, 4, 4]
+    assert set(limited[limited["split"] == 0]["label"]) == {"negative", "typical", "atypical"}
+    train = training_rows(limited, 1, 3)
+    assert len(train) == 3 and 1 not in set(train["split"])
+    assert set(train["label"]) == {"negative", "typical", "atypical"}
+    assert len(training_rows(limited, 1, None)) == 8  # not a dry run: every other split
+
+
 def test_prepare_notebook_runs_on_synthetic_data(tiny_input, tmp_path):
     run_dir = tmp_path / "run"
     runs = run_pipeline("smoke", input_dir=tiny_input, run_dir=run_dir, only=["00"])
@@ -129,12 +160,13 @@ def test_a_run_that_made_a_submission_ends_with_where_things_are(tmp_path, tiny_
 
 
 @pytest.mark.slow
-def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path):
+def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path, capsys):
     """`covidkit pipeline --profile full --dry-run`, for 00, 01 and 11: the full profile's models at their full
     sizes (ResNeXt-101 32x8d from fabricated ImageNet weights, DeCoVNet at 224 x 336) on a few items and two steps
     each; the whole dry run is in the README (too long for the suite)."""
     from covidkit.models.backbones import load_backbone
     from covidkit.models.pretrained import fabricate
+    from covidkit.report import DRY_RUN_CHECKS
     from covidkit.synth import SynthConfig, write_all
     from covidkit.synth.ct_volumes import CTVolumeSynthConfig, write_ct_volumes
 
@@ -159,3 +191,5 @@ def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path):
     assert metrics["train_cases"] <= 4 and metrics["test_cases"] <= 4
     assert len(pd.read_csv(layout.decovnet.classifier / "metrics.csv")) == 1
     assert runs[-1].output.is_file()
+    out = capsys.readouterr().out  # two steps per model learn nothing: no verdicts, and it says why
+    assert DRY_RUN_CHECKS in out and "DID NOT LEARN" not in out

@@ -148,3 +148,24 @@ def test_with_a_study_stacker_the_report_shows_both_and_the_stackers_curves(full
     assert f"{summary['study_ap_stacked']['mAP']:.3f}" in stacked
     figures = lambda page: re.findall(r'src="(data:image/png;base64,[^"]*)"', page)  # noqa: E731
     assert figures(stacked)[0] != figures(plain)[0]  # the PR curves are drawn from the stacker's probabilities
+
+
+def test_a_dry_runs_report_says_the_learning_checks_do_not_apply(full_run, tiny_input, tmp_path):
+    import shutil
+
+    from covidkit.layout import RunLayout
+    from covidkit.pipeline import NotebookRun, write_stage_record
+    from covidkit.report import DRY_RUN_CHECKS
+
+    run, _ = full_run
+    dry = tmp_path / "dry"
+    shutil.copytree(run, dry)
+    layout = RunLayout(dry)
+    assert layout.stage_record.is_file() and not layout.is_dry_run
+    write_stage_record(layout, [NotebookRun("00_prepare_data", layout.notebooks / "00.ipynb", 12.0, 900.0)], True)
+    assert layout.is_dry_run and not layout.stage_record.exists()  # a dry run over a run folder relabels it
+    normal = write_report(run, input_dir=tiny_input).read_text()
+    page = write_report(dry, input_dir=tiny_input).read_text()
+    learning = re.compile(r"Did every model learn\?</h2>\s*<p class=\"missing\">([^<]*)</p>")
+    assert learning.search(normal) is None or learning.search(normal).group(1) != DRY_RUN_CHECKS
+    assert learning.search(page).group(1) == DRY_RUN_CHECKS and 'class="banner"' not in page

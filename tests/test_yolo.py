@@ -67,9 +67,17 @@ OFFLINE_SCRIPT = textwrap.dedent("""
     run_dir = Path(sys.argv[1])
     data_yaml = write_toy_dataset(Path(sys.argv[2]))
     yolo.setup_ultralytics(run_dir)
-    run = engine_yolo.train_yolo(engine_yolo.YoloTrainConfig(model="yolo11n.yaml", epochs=1, **TINY), data_yaml, run_dir / "train")
+    import torch
+    from ultralytics.utils import NUM_THREADS
+    threads = NUM_THREADS + 1  # ultralytics would set NUM_THREADS (cores - 1) for the whole process
+    torch.set_num_threads(threads)
+    seen = []
+    run = engine_yolo.train_yolo(engine_yolo.YoloTrainConfig(model="yolo11n.yaml", epochs=1, **TINY), data_yaml, run_dir / "train",
+                                 callbacks={"on_train_epoch_start": lambda trainer: seen.append(torch.get_num_threads())})
     boxes = yolo.predict_boxes(yolo.load_model(run.weights), [read_grey(Path(sys.argv[2]) / "png" / "toy0.png")], imgsz=64)
-    print(json.dumps({"attempts": attempts, "epochs": len(run.metrics), "predicted": len(boxes)}))
+    seen.append(torch.get_num_threads())
+    print(json.dumps({"attempts": attempts, "epochs": len(run.metrics), "predicted": len(boxes),
+                      "threads_kept": seen == [threads, threads]}))
 """)
 
 
@@ -92,9 +100,10 @@ def network_namespace_prefix() -> list[str]:
 
 @pytest.mark.slow
 def test_training_reaches_for_no_network(tmp_path):
-    """Without network (where ``unshare`` may) and with every socket connection refused and recorded."""
+    """Without network (where ``unshare`` may) and with every socket connection refused and recorded; torch's
+    thread count stays the caller's during training and after prediction."""
     report = run_offline_script(tmp_path, network_namespace_prefix())
-    assert report == {"attempts": [], "epochs": 1, "predicted": 1}
+    assert report == {"attempts": [], "epochs": 1, "predicted": 1, "threads_kept": True}
     cfg_dir = yolo.config_dir(tmp_path / "run") / yolo.CONFIG_SUBDIR
     settings = json.loads((cfg_dir / "settings.json").read_text())
     assert settings["sync"] is False and settings["api_key"] == ""

@@ -71,7 +71,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from covidkit.bench.prepare import bench_prepare
 
         bench_prepare(images=args.images, size=args.prepared_size, workers=args.workers,
-                      input_dir=Path(args.input) if args.input else None)
+                      input_dir=Path(args.input) if args.input else None, json_path=args.json)
     elif args.what == "predict":
         from covidkit.bench.predict import bench_predict
 
@@ -83,7 +83,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "models":
         from covidkit.bench.models import bench_models
 
-        bench_models(batches=tuple(args.batch_sizes))
+        bench_models(batches=tuple(args.batch_sizes), json_path=args.json)
+    elif args.what == "estimate":
+        from covidkit.bench.estimate import estimate
+
+        print(estimate(args.models, args.prepare, gpu_factor=args.gpu_factor, dry_run=args.dry_run))
     elif args.what == "cogseg":
         from covidkit.ct.cogseg.bench import bench_cogseg
 
@@ -198,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     b.add_argument("--input", default=None, help="a competition folder to take the DICOMs from (default: copies "
                                                   "of the real radiograph RG1)")
+    b.add_argument("--json", default=None, help="also write the figures there (for bench estimate)")
     b = benches.add_parser("predict", help="per-image latency of each prediction stage of a models folder")
     b.add_argument("models_dir")
     b.add_argument("competition_dir")
@@ -210,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--boxes", type=int, default=100, help="boxes per image, model and fold")
     b = benches.add_parser("models", help="a training step of each full-size model on this machine")
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    b.add_argument("--json", default=None, help="also write the figures there (for bench estimate)")
+    b = benches.add_parser("estimate", help="the full run on the real data, estimated from bench models / prepare")
+    b.add_argument("--models", required=True, help="the JSON of covidkit bench models --json")
+    b.add_argument("--prepare", required=True, help="the JSON of covidkit bench prepare --json (real-size DICOMs)")
+    b.add_argument("--dry-run", default=None, help="a full-profile dry run's dry_run.json (host memory per stage)")
+    b.add_argument("--gpu-factor", type=float, default=None, help="a training step on one modern GPU is this many "
+                                                                  "times faster than here (default: see README)")
     b = benches.add_parser("cogseg", help="CogSeg slices per second, inference and training")
     b.add_argument("--size", type=int, default=512, help="output side (the input is half)")
     b.add_argument("--batch-size", type=int, default=4)

@@ -12,6 +12,7 @@
       06_study_level/              06: split<k>/study_model.pt, oof_images.csv, oof_studies.csv, summary.json, ...
       models/                      07: the exported models folder (covidkit.models_dir)
       fresh_tests/                 07: seed<S>/ test sets and their submissions, scores.csv
+      submission.csv               07 of a dry run (a normal run writes the profile's submission path)
       10_ct_cogseg/                10: <dataset>/<variant>/ (engine runs), ablation.csv, figures
       11_ct_decovnet/              11: prepared/, inputs/, lung_unet/, classifier/, predictions.csv, metrics.json
       notebooks/                   the executed notebooks
@@ -248,6 +249,11 @@ class Submission:
         """The fresh test sets' folder (``covidkit.fresh_tests`` names what is inside)."""
         return self.run_dir / "fresh_tests"
 
+    @property
+    def dry_run_csv(self) -> Path:
+        """A dry run's submission: in its run folder, never over a real one in ``submissions/``."""
+        return self.run_dir / "submission.csv"
+
 
 @dataclass(frozen=True)
 class CogSeg:
@@ -321,3 +327,8 @@ class RunLayout:
         self.report = self.root / "report.html"
         self.stage_record = self.root / "stages.json"  # each notebook's wall time and peak memory
         self.dry_run_record = self.root / "dry_run.json"  # the same, of a dry run
+
+    @property
+    def is_dry_run(self) -> bool:
+        """The folder holds a dry run: its record, and no normal run's."""
+        return self.dry_run_record.is_file() and not self.stage_record.is_file()

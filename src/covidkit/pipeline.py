@@ -108,6 +108,15 @@ def run_notebook(notebook: Path, profile: dict, run_dir: Path, overrides: dict) 
     return NotebookRun(notebook.stem, out, time.perf_counter() - start, KERNEL_PEAKS[-1] if KERNEL_PEAKS else None)
 
 
+def run_overrides(input_dir: Path, run_dir: Path, dry_run: bool) -> dict:
+    """What ``covidkit pipeline`` sets over the profile: the folders, and in a dry run the switch and a
+    submission inside the run folder."""
+    overrides = {"input_dir": str(Path(input_dir).resolve()), "run_dir": str(run_dir)}
+    if dry_run:
+        overrides |= {"dry_run": True, "submission": str(RunLayout(run_dir).submission.dry_run_csv)}
+    return overrides
+
+
 def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_dir: Path | None = None,
                  only: list[str] | None = None, dry_run: bool = False) -> list[NotebookRun]:
     """Run the numbered notebooks (all, or ``only``) with ``profile``; stop at the first failure.
@@ -120,8 +129,7 @@ def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_di
 
     params = load_profile(profile)
     run_dir = Path(run_dir or REPO_ROOT / "runs" / profile).resolve()
-    overrides = {"input_dir": str(Path(input_dir).resolve()), "run_dir": str(run_dir),
-                 **({"dry_run": True} if dry_run else {})}
+    overrides = run_overrides(input_dir, run_dir, dry_run)
     books = list_notebooks(only)
     runs = []
     with tqdm(books, desc=f"pipeline [{profile}]", unit="notebook") as bar:
@@ -144,6 +152,8 @@ def write_stage_record(layout: RunLayout, runs: list[NotebookRun], dry_run: bool
 
     rows = [{"stage": r.name, "seconds": round(r.seconds, 1), "peak_rss_mib": r.peak_rss_mib} for r in runs]
     atomic_write_text(layout.dry_run_record if dry_run else layout.stage_record, json.dumps(rows, indent=2) + "\n")
+    # the folder now holds this kind of run (RunLayout.is_dry_run): the other kind's record would mislabel it
+    (layout.stage_record if dry_run else layout.dry_run_record).unlink(missing_ok=True)
 
 
 def print_learning(checks: list, ran: list[str]) -> None:
@@ -166,8 +176,10 @@ SUBMISSION_NOTEBOOK = "07_make_submission"
 def print_outputs(profile: dict, run_dir: Path, input_dir: Path, overrides: dict, ran: list[str]) -> None:
     """The stages that did not learn; after a run that made a submission, where it, the models and the report are."""
     from covidkit.learning import check_run
+    from covidkit.report import DRY_RUN_CHECKS
 
-    checks = check_run(run_dir, input_dir.resolve())
+    dry_run = RunLayout(run_dir).is_dry_run
+    checks = [] if dry_run else check_run(run_dir, input_dir.resolve())
     if SUBMISSION_NOTEBOOK in ran:
         from covidkit.report import write_report
 
@@ -178,4 +190,7 @@ def print_outputs(profile: dict, run_dir: Path, input_dir: Path, overrides: dict
         print(f"submission: {submission}")
         print(f"models: {models}")
         print(f"report: {report}")
-    print_learning(checks, ran)
+    if dry_run:
+        print(DRY_RUN_CHECKS)
+    else:
+        print_learning(checks, ran)

@@ -3,20 +3,22 @@
 The ``full`` profile's networks at their full sizes (ResNeXt-101 32x8d for 01 at 224 px, Faster R-CNN with a
 ResNeXt-101 FPN trained at 512 px, YOLO11-L at 640 px, the study U-Net on ResNeXt-101 at 512 px, DeCoVNet at
 224 x 336 with 64 slices, CogSeg at 256 -> 512 px), one training step (forward, loss, backward, optimizer) at
-batch 1 and 2: the seconds, and the growth of the process's peak resident memory over the step (activations
-and gradients; the first step also allocates the optimizer's state). Beside them, the parameters and the
-optimizer's state in MiB (float32). The README turns these into an estimate of the full run on a GPU.
+batch 1 and 2: the seconds, and the activation memory: the tensors autograd saves for the backward pass (what a
+GPU holds per batch beside the weights, their gradients and the optimizer state), summed over distinct
+storages, parameters excluded, float32. Beside them, the parameters and the optimizer's state in MiB.
+``covidkit bench estimate`` turns these into an estimate of the full run on a GPU.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from covidkit.bench.memory import peak_rss_mib, reset_peak_rss
 
 
 @dataclass
@@ -25,7 +27,7 @@ class ModelCost:
     params_mib: float
     optimizer_mib: float
     seconds: dict[int, float]  # per batch size: one training step
-    step_mib: dict[int, float]  # per batch size: peak resident memory growth during the step
+    activation_mib: dict[int, float]  # per batch size: what autograd saves for the backward pass
 
 
 def _mib(n_floats: int) -> float:
@@ -113,9 +115,25 @@ MODELS: dict[str, Callable[[int], tuple[nn.Module, Callable[[], torch.Tensor], s
 }
 
 
+def saved_for_backward(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """The loss, and the MiB of the distinct non-parameter storages autograd saved for its backward pass."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_fn()
+    return loss, sum(saved.values()) / 2**20
+
+
 def measure(name: str, batches=(1, 2)) -> ModelCost:
     build = MODELS[name]
-    seconds, step_mib = {}, {}
+    seconds, activation_mib = {}, {}
     params = optimizer = 0.0
     for batch in batches:
         torch.manual_seed(0)
@@ -127,26 +145,34 @@ def measure(name: str, batches=(1, 2)) -> ModelCost:
         loss_fn().backward()  # one warm-up step: lazy allocations, optimizer state
         opt.step()
         opt.zero_grad(set_to_none=True)
-        reset_peak_rss()
-        before = peak_rss_mib()  # right after the reset: the current resident memory
         start = time.perf_counter()
-        loss_fn().backward()
+        loss, activation_mib[batch] = saved_for_backward(model, loss_fn)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         seconds[batch] = time.perf_counter() - start
-        step_mib[batch] = max(peak_rss_mib() - before, 0.0)
-        del model, opt
-    return ModelCost(name, params, optimizer, seconds, step_mib)
+        del model, opt, loss
+    return ModelCost(name, params, optimizer, seconds, activation_mib)
 
 
-def bench_models(names: list[str] | None = None, batches=(1, 2)) -> list[ModelCost]:
-    """Measure each model (all by default) and print the table."""
+def bench_models(names: list[str] | None = None, batches=(1, 2), json_path: str | Path | None = None) -> list[ModelCost]:
+    """Measure each model (all by default) and print the table; ``json_path``: also write it there
+    (what ``covidkit bench estimate`` reads)."""
     costs = []
     print(f"{'model':<46} {'params MiB':>10} {'optim MiB':>9} " +
-          " ".join(f"{f's/step b{b}':>10} {f'MiB b{b}':>8}" for b in batches))
+          " ".join(f"{f's/step b{b}':>10} {f'act MiB b{b}':>12}" for b in batches))
     for name in names or list(MODELS):
         cost = measure(name, batches)
         costs.append(cost)
         print(f"{cost.name:<46} {cost.params_mib:>10.0f} {cost.optimizer_mib:>9.0f} " +
-              " ".join(f"{cost.seconds[b]:>10.2f} {cost.step_mib[b]:>8.0f}" for b in batches), flush=True)
+              " ".join(f"{cost.seconds[b]:>10.2f} {cost.activation_mib[b]:>12.0f}" for b in batches), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps([asdict(cost) for cost in costs], indent=1))
     return costs
+
+
+def load_costs(path: str | Path) -> list[ModelCost]:
+    """The costs a ``bench models --json`` run wrote (JSON turns the batch sizes into strings: back to ints)."""
+    return [ModelCost(c["name"], c["params_mib"], c["optimizer_mib"],
+                      {int(b): s for b, s in c["seconds"].items()}, {int(b): m for b, m in c["activation_mib"].items()})
+            for c in json.loads(Path(path).read_text())]

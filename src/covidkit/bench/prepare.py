@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -43,6 +44,14 @@ class PrepareBench:
     decode_s: float
     prepare_s: float
     repeats: int = 1
+    dicom_bytes: float = 0.0  # per image, the source files
+    dicom_pixels: float = 0.0  # per image, rows x columns of the source files
+    png_bytes: float = 0.0  # per image, what prepare wrote: the prepared footprint
+
+    @property
+    def prepare_core_s(self) -> float:
+        """Seconds of one core per image in ``covidkit prepare`` (the pool's time times its workers)."""
+        return self.prepare_s * self.workers / self.images
 
     @property
     def speedup(self) -> float:
@@ -65,6 +74,8 @@ class PrepareBench:
             f"{self.workers} workers, {os.cpu_count()} CPUs, best of {self.repeats}",
             f"{'method':<34}{'seconds':>9}{'images/s':>10}",
             *(f"{name:<34}{sec:>9.2f}{self.images / sec:>10.2f}" for name, sec in rows),
+            f"per image: DICOM {self.dicom_bytes / 2**20:.2f} MiB, prepared PNG {self.png_bytes / 2**20:.2f} MiB, "
+            f"{self.prepare_core_s:.2f} core-seconds in prepare",
             verdict(f"prepare / naive images/s: {self.speedup:.2f}x", self.speedup >= SPEEDUP_TARGET,
                      f">= {SPEEDUP_TARGET}x"),
             verdict(f"prepare / decode-only time: {self.overhead:.2f}x", self.overhead <= OVERHEAD_TARGET,
@@ -141,8 +152,18 @@ def _prepare_quiet(competition: Path, out: Path, size: int, workers: int) -> Non
         print(f"note: {summary.failed} of the benchmark's DICOMs failed in prepare")
 
 
+def _mean_bytes(paths) -> float:
+    sizes = [path.stat().st_size for path in paths]
+    return sum(sizes) / max(len(sizes), 1)
+
+
+def _mean_pixels(paths) -> float:
+    sizes = [int(ds.Rows) * int(ds.Columns) for ds in (pydicom.dcmread(path, stop_before_pixels=True) for path in paths)]
+    return sum(sizes) / max(len(sizes), 1)
+
+
 def bench_prepare(images: int = 48, size: int = 512, workers: int | None = None,
-                  input_dir: Path | None = None, repeats: int = 1) -> PrepareBench:
+                  input_dir: Path | None = None, repeats: int = 1, json_path: str | Path | None = None) -> PrepareBench:
     """Time the three ways on the same ``images`` DICOMs; print the table and return the numbers.
 
     With ``repeats > 1`` the three run in turn that many times and each keeps its best time
@@ -163,12 +184,15 @@ def bench_prepare(images: int = 48, size: int = 512, workers: int | None = None,
             times["naive"].append(_timed(_naive_loop, paths, tmp / f"naive{round_}", size))
             times["decode"].append(_timed(_decode_pool, paths, workers))
             times["prepare"].append(_timed(_prepare_quiet, tmp / "input", tmp / f"prepared{round_}", size, workers))
+        png_bytes = _mean_bytes((tmp / "prepared0").rglob("*.png"))
     result = PrepareBench(
         images=len(paths), workers=workers, size=size, source=source,
         naive_s=min(times["naive"]), decode_s=min(times["decode"]), prepare_s=min(times["prepare"]),
-        repeats=repeats,
+        repeats=repeats, dicom_bytes=_mean_bytes(files), dicom_pixels=_mean_pixels(files), png_bytes=png_bytes,
     )
     print(result.table())
+    if json_path:
+        Path(json_path).write_text(json.dumps({**asdict(result), "prepare_core_s": result.prepare_core_s}, indent=1))
     return result
 
 

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from covidkit.model_file import save_checkpoint, unwrap
-from covidkit.models.yolo import load_model, resolve_device
+from covidkit.models.yolo import keep_torch_threads, load_model, resolve_device
 
 PRECISIONS = ("auto", "bf16", "fp32")
 CONFIG_JSON = "covidkit_config.json"  # the YoloTrainConfig of a run, beside ultralytics' args.yaml
@@ -223,10 +223,13 @@ def train_yolo(cfg: YoloTrainConfig, data_yaml: str | Path, run_dir: str | Path,
         for event, fn in (callbacks or {}).items():
             model.add_callback(event, fn)
         args = train_args(cfg, Path(data_yaml).resolve(), run_dir)
-        if state == "interrupted":
-            model.train(resume=True, **{k: args[k] for k in ("data", "device", "workers")})
-        else:
-            model.train(**args)
+        with keep_torch_threads() as threads:
+            # the trainer has picked its device (and the thread count) by the time this runs
+            model.add_callback("on_pretrain_routine_start", lambda trainer: torch.set_num_threads(threads))
+            if state == "interrupted":
+                model.train(resume=True, **{k: args[k] for k in ("data", "device", "workers")})
+            else:
+                model.train(**args)
     return finished_run(run_dir)
 
 

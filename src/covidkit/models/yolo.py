@@ -16,15 +16,20 @@ closes each of them:
 - training (``covidkit.engine.yolo``) in bf16 on GPUs that have it, else fp32: ultralytics' fp16 mode runs an
   AMP check that downloads a model, bf16 and fp32 skip that check.
 
+On a CPU, ultralytics sets torch's thread count for the whole process to one less than the cores (one thread on
+two cores) whenever it picks a device; ``keep_torch_threads`` gives the caller's count back, for YOLO itself and
+for every model that runs after it in the same process.
+
 The variables are read when ultralytics is imported, so ``setup_ultralytics`` must run before
 it is (the environment carries over to the processes of multi-GPU training).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +98,17 @@ def setup_ultralytics(run_dir: str | Path, verbose: bool = False):
     return ultralytics
 
 
+@contextlib.contextmanager
+def keep_torch_threads() -> Iterator[int]:
+    """Run ultralytics with torch's current CPU thread count (yielded), and restore it afterwards: its
+    ``select_device`` sets it to ``NUM_THREADS`` (cores - 1) for the process."""
+    threads = torch.get_num_threads()
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
 def resolve_device(device: str | None) -> str:
     """``None`` -> every visible GPU (``"0,1,..."``), else ``"cpu"``; other values pass through."""
     if device is not None:
@@ -128,8 +144,10 @@ def predict_boxes(model, images: Sequence[np.ndarray], imgsz: int, device: str |
     out = []
     for start in tqdm(range(0, len(images), batch), desc="predict", unit="batch", leave=False, disable=not progress):
         chunk = [np.repeat(np.asarray(image)[:, :, None], 3, axis=2) for image in images[start:start + batch]]
-        for result in model.predict(chunk, imgsz=imgsz, device=device, conf=conf, iou=PREDICT_IOU,
-                                    max_det=MAX_DETECTIONS, verbose=False, half=False):
+        with keep_torch_threads():
+            results = model.predict(chunk, imgsz=imgsz, device=device, conf=conf, iou=PREDICT_IOU,
+                                    max_det=MAX_DETECTIONS, verbose=False, half=False)
+        for result in results:
             boxes = result.boxes
             out.append((boxes.xyxy.cpu().numpy().astype(np.float64), boxes.conf.cpu().numpy().astype(np.float64)))
     return out

@@ -53,8 +53,9 @@ class StageConfig:
     """What every stage takes: the input folder (the datasets), the run folder, and the dry-run switch.
 
     ``dry_run``: every stage runs with its settings as they are (models, sizes, folds, TTA, export) on a few
-    items per split (``max_items``) and one or two optimizer steps per model (``max_steps``): the whole path
-    of a long run, in minutes (``covidkit pipeline --dry-run``).
+    items per split (``max_items``: of each held-out split, and of each fold model's training rows) and one or
+    two optimizer steps per model (``max_steps``): the whole path of a long run, in minutes
+    (``covidkit pipeline --dry-run``).
     """
 
     input_dir: str = "input"
@@ -96,6 +97,15 @@ def limit_rows(table, n: int | None, by: str = "split"):
     keys = [by, "label"] if "label" in table else [by]
     order = table.assign(_k=table.groupby(keys, sort=False).cumcount()).sort_values("_k", kind="stable")
     return order.groupby(by, sort=False, group_keys=False).head(n).drop(columns="_k").sort_index()
+
+
+def training_rows(table, split: int, max_items: int | None):
+    """The rows that validation split ``split``'s model trains on (every other split); in a dry run
+    ``max_items`` of them in all (labels taking turns), as the held-out split has."""
+    train = table[table["split"] != split]
+    if max_items is None:
+        return train
+    return train.loc[limit_rows(train.assign(split=-1), max_items).index]
 
 
 def field_names(cls) -> list[str]:

@@ -35,7 +35,7 @@ from covidkit.folds import validation_splits
 from covidkit.models.backbones import load_backbone
 from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, predict_boxes, save_detector
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, write_oof
-from covidkit.stages import StageConfig, limit_rows, stage_main
+from covidkit.stages import StageConfig, limit_rows, stage_main, training_rows
 from covidkit.transforms import DetectionAugment, detection_transform
 
 DETECTOR_FILE = "detector.pt"  # a split's fold model, in its engine run folder
@@ -187,7 +187,7 @@ def train_split(table: pd.DataFrame, split: int, cfg: Config, prepared_size: int
 
     The split's fold model goes to ``split<k>/detector.pt`` (weights and what rebuilds the network).
     """
-    train_table, val_table = table[table["split"] != split], table[table["split"] == split]
+    train_table, val_table = training_rows(table, split, cfg.max_items), table[table["split"] == split]
     train_set = OpacityDataset(train_table, detection_transform(cfg.augmentations(), train=True, size=cfg.input_size))
     seed_everything(cfg.seed)
     model = build_model(cfg)

@@ -24,7 +24,7 @@ from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo
 from covidkit.folds import validation_splits
 from covidkit.models.yolo import PREDICT_CONF, load_model, predict_boxes, setup_ultralytics
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, per_fold_ap, write_oof
-from covidkit.stages import StageConfig, limit_rows, stage_main
+from covidkit.stages import StageConfig, limit_rows, stage_main, training_rows
 
 
 @dataclass
@@ -96,9 +96,10 @@ def run(cfg: Config) -> Result:
 
     runs, pieces = {}, []
     for split in splits:
-        data_yaml = yolo_format.write_siim_fold(table, data_root, split, column="split")
-        runs[split] = train_yolo(cfg.train_config(), data_yaml, out.split(split), resume=cfg.resume)
         held_out = table[table["split"] == split]
+        fold_table = pd.concat([training_rows(table, split, cfg.max_items), held_out])
+        data_yaml = yolo_format.write_siim_fold(fold_table, data_root, split, column="split")
+        runs[split] = train_yolo(cfg.train_config(), data_yaml, out.split(split), resume=cfg.resume)
         pieces.append(predict_table(load_model(runs[split].weights), held_out, cfg, cfg.conf, prepared_size))
     oof = OofPredictions.concat(pieces)
     write_oof(out.oof, oof)

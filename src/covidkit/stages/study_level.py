@@ -41,7 +41,7 @@ from covidkit.models.study import (
 from covidkit.oof import OofPredictions, read_oof
 from covidkit.plots import confusion_figure
 from covidkit.prepare import image_sizes
-from covidkit.stages import StageConfig, limit_rows, stage_main
+from covidkit.stages import StageConfig, limit_rows, stage_main, training_rows
 from covidkit.study_scores import (
     AUTO, PROB_COLUMNS, choose_none_rule, none_ap, none_comparison, study_aps, study_probabilities, summarise,
 )
@@ -174,7 +174,7 @@ def make_evaluate(val_table: pd.DataFrame, spec: StudySpec):
 
 def train_split(table: pd.DataFrame, split: int, spec: StudySpec, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
     """Train on every split but ``split``; the last epoch predicts ``split``. Returns (OOF rows, metrics, model file)."""
-    train_table, val_table = table[table["split"] != split], table[table["split"] == split]
+    train_table, val_table = training_rows(table, split, cfg.max_items), table[table["split"] == split]
     seed_everything(cfg.seed)
     model = build_study_model(spec, cfg.backbone_checkpoint)
     out = cfg.layout.study

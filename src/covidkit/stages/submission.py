@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from covidkit.data.siim import COMPETITION
+from covidkit.engine.device import default_device
 from covidkit.fresh_tests import FreshTestSets, score_fresh_test_sets
 from covidkit.models_dir import export_models
 from covidkit.predict import CompetitionPrediction, predict_competition, score_if_labelled
@@ -28,7 +29,7 @@ from covidkit.stages import StageConfig, stage_main
 class Config(StageConfig):
     models_dir: str | None = None  # where to export the models; None: <run_dir>/models
     submission: str = "submissions/submission.csv"  # the submission to write
-    device: str = "cpu"  # "cpu", "cuda" ...
+    device: str | None = None  # "cpu", "cuda" ...; None: cuda when a GPU is visible, else cpu
     hflip_tta: bool = False  # also predict each image flipped, and average
     workers: int | None = None  # decoding processes beside the models, None: one core less than all
     fresh_test_seeds: list[int] = field(default_factory=list)  # seeds of fresh synthetic test sets to score
@@ -45,14 +46,15 @@ class Result:
 
 def run(cfg: Config) -> Result:
     competition = Path(cfg.input_dir) / COMPETITION
+    device = cfg.device or str(default_device())
     models = export_models(cfg.run_dir, cfg.models_dir or cfg.layout.submission.models, competition_dir=competition,
                            hflip_tta=cfg.hflip_tta)
-    prediction = predict_competition(competition, models, cfg.submission, device=cfg.device, hflip_tta=cfg.hflip_tta,
+    prediction = predict_competition(competition, models, cfg.submission, device=device, hflip_tta=cfg.hflip_tta,
                                      workers=cfg.workers)
     fresh = None
     if cfg.fresh_test_seeds:
         fresh = score_fresh_test_sets(models, cfg.layout.submission.fresh_tests, cfg.fresh_test_seeds,
-                                      cfg.fresh_test_studies, device=cfg.device, hflip_tta=cfg.hflip_tta,
+                                      cfg.fresh_test_studies, device=device, hflip_tta=cfg.hflip_tta,
                                       workers=cfg.workers)
     return Result(models, prediction, score_if_labelled(competition, cfg.submission), fresh)
 

@@ -1,0 +1,160 @@
+"""``covidkit bench estimate``: what the full profile needs on the real data, on paper, from parts measured here.
+
+No GPU and none of the real data are on the machines this project is developed on, so the full run's cost is
+estimated from three measurements of this machine and the full profile's settings:
+
+- ``covidkit bench models --json``: one training step of each full-size model at batch 1 and 2 (seconds, the
+  resident memory the step adds), and its parameter and optimizer memory;
+- ``covidkit bench prepare --prepared-size 1024 --json`` on real-size DICOMs: core-seconds and bytes per image;
+- optionally a full-profile dry run's ``dry_run.json``: each stage's peak host memory at full model size.
+
+Training time = items per epoch x epochs x models (folds, ablation variants) x the measured CPU seconds per
+item at batch 2, divided by ``gpu_factor`` (how much faster one modern GPU runs the same step; stated, not
+measured). Inference (out-of-fold, test, TTA, per-epoch validation) costs a third of a training item, at the
+inference size. GPU memory = weights + gradients + optimizer state + the activations autograd keeps for the
+backward pass (linear in the batch, from batch 1 and 2) + ``CUDA_CONTEXT_MIB``; float32, so an upper bound under
+autocast, and without the allocator's fragmentation and cuDNN's workspaces. Everything printed is an estimate.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from covidkit.bench.models import ModelCost, load_costs
+from covidkit.stages import section_parameters
+
+# The real data sets (the issue and the datasets' own documentation).
+SIIM_TRAIN, SIIM_TEST = 6334, 1263
+NIH_TRAIN_VAL, NIH_ALL = 86524, 112120  # train_val_list.txt and every image
+RSNA_TRAIN = 26684
+MEDSEG_SLICES, RADIOPAEDIA_SLICES = 100, 829
+DECOVNET_TRAIN, DECOVNET_TEST = 499, 131
+NIH_PNG_MIB = 0.38  # NIH's 1024 px 8-bit PNGs: about 42 GB over 112,120 images
+RSNA_DICOM_MIB = 0.15  # RSNA's 1024 px JPEG-baseline DICOMs: about 3.7 GB over 26,684 + 3,000 images
+CT_VOLUME_MIB = 75.0  # assumed: a 512 x 512 x ~300 int16 volume, gzip-compressed NIfTI
+CUDA_CONTEXT_MIB = 600
+INFER_COST = 1 / 3  # an inference item against a training item (forward only)
+GPU_FACTOR = 200.0  # one modern GPU under autocast against this 2-core CPU, per training item (README)
+GPU_BOX_CORES = 8  # the CPU cores of the GPU box, for 00's DICOM decoding
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one stage trains and infers with one of ``bench models``' networks."""
+
+    stage: str
+    model: str  # a name in covidkit.bench.models.MODELS
+    train_items: float  # per epoch and model
+    epochs: int
+    models: int  # folds or ablation variants
+    batch: int  # per GPU
+    infer_items: float = 0.0  # after and during training, all models together
+    infer_scale: float = 1.0  # pixels of an inference item over a training item's
+
+
+def _full(stage: str) -> dict:
+    return section_parameters("full", stage)
+
+
+def workloads() -> list[Workload]:
+    """The full profile's training and inference, per stage, on the real data's sizes."""
+    nih, rsna, frcnn = _full("01_pretrain_nih_resnext"), _full("02_pretrain_rsna_yolo"), _full("03_train_siim_fasterrcnn")
+    yolo, study = _full("04_train_siim_yolo"), _full("06_study_level")
+    cogseg, decov = _full("10_ct_cogseg"), _full("11_ct_decovnet")
+    folds = _full("00_prepare_data")["folds"]
+    views = 2 if study["hflip_tta"] else 1
+    siim_fold_train = SIIM_TRAIN * (folds - 1) / folds
+    test_passes = SIIM_TEST * folds * views  # 07: every fold model, every view
+    cogseg_train = (0.7 * MEDSEG_SLICES * (10 if cogseg["augment"] else 1)  # 5 rotations + 4 scales + the slice
+                    + 0.7 * RADIOPAEDIA_SLICES)
+    return [
+        Workload("01", "01 ResNeXt-101 32x8d classifier, 224 px", NIH_TRAIN_VAL * (1 - nih["val_fraction"]),
+                 nih["epochs"], 1, nih["batch_size"], NIH_TRAIN_VAL * nih["val_fraction"] * nih["epochs"]),
+        Workload("02", "02/04 YOLO11-L, 640 px", RSNA_TRAIN * (1 - rsna["val_fraction"]), rsna["epochs"], 1,
+                 rsna["batch_size"], RSNA_TRAIN * rsna["val_fraction"] * rsna["epochs"]),
+        Workload("03", "03 Faster R-CNN ResNeXt-101 FPN, 512 px", siim_fold_train, frcnn["epochs"], folds,
+                 frcnn["batch_size"], SIIM_TRAIN + test_passes, (frcnn["infer_size"] / frcnn["input_size"]) ** 2),
+        Workload("04", "02/04 YOLO11-L, 640 px", siim_fold_train, yolo["epochs"], folds, yolo["batch_size"],
+                 SIIM_TRAIN + test_passes),
+        Workload("06", "06 study U-Net, ResNeXt-101 encoder, 512 px", siim_fold_train, study["epochs"], folds,
+                 study["batch_size"], SIIM_TRAIN * views + test_passes),
+        Workload("10", "10 CogSeg, 256 -> 512 px", cogseg_train, cogseg["epochs"], 5, cogseg["batch_size"],
+                 0.3 * (MEDSEG_SLICES + RADIOPAEDIA_SLICES) * 5),
+        Workload("11", "11 DeCoVNet, 64 x 224 x 336", DECOVNET_TRAIN, decov["epochs"], 1, 1,
+                 DECOVNET_TEST * decov["epochs"]),
+    ]
+
+
+def gpu_hours(work: Workload, cost: ModelCost, gpu_factor: float) -> float:
+    per_item = cost.seconds[2] / 2  # batch 2: closer to the per-item cost of a large batch than batch 1
+    items = work.train_items * work.epochs * work.models + work.infer_items * INFER_COST * work.infer_scale
+    return items * per_item / gpu_factor / 3600
+
+
+def gpu_memory_mib(cost: ModelCost, batch: int) -> float:
+    per_item = cost.activation_mib[2] - cost.activation_mib[1]  # batch 1's also holds what does not grow with it
+    fixed = cost.activation_mib[1] - per_item
+    return 2 * cost.params_mib + cost.optimizer_mib + fixed + batch * per_item + CUDA_CONTEXT_MIB
+
+
+def disk_gib(prepare: dict) -> dict[str, float]:
+    """The inputs and what the run writes, in GiB."""
+    png_1024 = prepare["png_bytes"] * (1024 / prepare["size"]) ** 2 / 2**30
+    siim = SIIM_TRAIN + SIIM_TEST
+    return {
+        "SIIM DICOMs (input)": siim * prepare["dicom_bytes"] / 2**30,
+        "NIH PNGs (input)": NIH_ALL * NIH_PNG_MIB / 1024,
+        "RSNA DICOMs (input)": (RSNA_TRAIN + 3000) * RSNA_DICOM_MIB / 1024,
+        "CT volumes (input, assumed)": (DECOVNET_TRAIN + DECOVNET_TEST) * CT_VOLUME_MIB / 1024,
+        "00 prepared PNGs, 1024 px": siim * png_1024,
+        "02 RSNA PNGs, 640 px": RSNA_TRAIN * png_1024 * (640 / 1024) ** 2,
+    }
+
+
+def estimate(models_json: str | Path, prepare_json: str | Path, gpu_factor: float | None = None,
+             dry_run: str | Path | None = None) -> str:
+    """The estimate tables, as Markdown."""
+    gpu_factor = gpu_factor or GPU_FACTOR
+    costs = {c.name: c for c in load_costs(models_json)}
+    prepare = json.loads(Path(prepare_json).read_text())
+    peaks = {}
+    if dry_run:
+        peaks = {row["stage"][:2]: row["peak_rss_mib"] for row in json.loads(Path(dry_run).read_text())}
+    lines = [f"ESTIMATE: the full profile on the real data, from this machine's measurements, GPU = {gpu_factor:g} x "
+             f"this CPU per training item (stated, not measured)", "",
+             "| stage | model | items x epochs x models | GPU h | GPU MiB b=1 | b=2 | profile batch | host MiB (CPU dry run) |",
+             "|---|---|---|---|---|---|---|---|"]
+    siim = SIIM_TRAIN + SIIM_TEST
+    prepare_h = siim * prepare["prepare_core_s"] / GPU_BOX_CORES / 3600
+    # RSNA's DICOMs are 1024 px: decoding scales with the pixels
+    rsna_h = RSNA_TRAIN * prepare["prepare_core_s"] * 1024**2 / prepare["dicom_pixels"] / GPU_BOX_CORES / 3600
+    rows = [("00", f"| 00 | DICOM -> 1024 px PNG ({GPU_BOX_CORES} CPU cores) | {siim:,} images | {prepare_h:.2f} (CPU) "
+                   f"| | | | {_fmt(peaks.get('00'))} |"),
+            ("02", f"| 02 | RSNA DICOM -> 640 px PNG ({GPU_BOX_CORES} CPU cores) | {RSNA_TRAIN:,} images "
+                   f"| {rsna_h:.2f} (CPU) | | | | |"),
+            ("05", f"| 05 | fusion and its grid (`bench scale`) | | < 0.1 (CPU) | | | | {_fmt(peaks.get('05'))} |"),
+            ("07", f"| 07 | export, fusion, stacker, submission (`bench scale`); the models' test inference is "
+                   f"in 03, 04, 06 | | < 0.1 (CPU) | | | | {_fmt(peaks.get('07'))} |")]
+    total = prepare_h + rsna_h
+    for work in workloads():
+        cost = costs[work.model]
+        hours = gpu_hours(work, cost, gpu_factor)
+        total += hours
+        rows.append((work.stage, (
+            f"| {work.stage} | {work.model} | {work.train_items:,.0f} x {work.epochs} x {work.models} "
+            f"| {hours:.{2 if hours < 1 else 1}f} | {gpu_memory_mib(cost, 1):,.0f} | {gpu_memory_mib(cost, 2):,.0f} "
+            f"| {gpu_memory_mib(cost, work.batch):,.0f} (b={work.batch}) | {_fmt(peaks.get(work.stage))} |")))
+    lines += [row for _, row in sorted(rows, key=lambda r: r[0])]  # stable: 02's data before its training
+    lines += [f"| all | | | **{total:.0f}** | | | | |", "",
+              "| disk | GiB |", "|---|---|"]
+    disk = disk_gib(prepare)
+    lines += [f"| {name} | {gib:,.1f} |" for name, gib in disk.items()]
+    checkpoints = sum(2 * (c.params_mib + c.optimizer_mib) for c in costs.values()) * 5 / 1024
+    lines += [f"| checkpoints (last + model file, 5 folds, upper bound) | {checkpoints:,.1f} |",
+              f"| all | **{sum(disk.values()) + checkpoints:,.0f}** |"]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:,.0f}"
