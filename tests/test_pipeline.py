@@ -11,6 +11,7 @@ from covidkit.data import siim
 from covidkit.layout import RunLayout
 from covidkit.pipeline import (PipelineError, list_notebooks, load_profile, notebook_parameters,
                                notebooks_dir, run_pipeline)
+from covidkit.report import DRY_RUN_CHECKS
 
 
 def test_profiles_cover_the_notebooks_they_name():
@@ -166,7 +167,6 @@ def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path, capsys)
     each; the whole dry run is in the README (too long for the suite)."""
     from covidkit.models.backbones import load_backbone
     from covidkit.models.pretrained import fabricate
-    from covidkit.report import DRY_RUN_CHECKS
     from covidkit.synth import SynthConfig, write_all
     from covidkit.synth.ct_volumes import CTVolumeSynthConfig, write_ct_volumes
 
@@ -193,3 +193,37 @@ def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path, capsys)
     assert runs[-1].output.is_file()
     out = capsys.readouterr().out  # two steps per model learn nothing: no verdicts, and it says why
     assert DRY_RUN_CHECKS in out and "DID NOT LEARN" not in out
+
+
+@pytest.mark.slow
+def test_a_dry_run_goes_through_every_stage_to_a_valid_submission(tiny_input, tmp_path, capsys):
+    """`covidkit pipeline --dry-run` through all ten notebooks (the smoke profile's models: the full profile's
+    whole dry run takes 29 minutes, README): every stage leaves its outputs, the models folder is exported, the
+    submission is valid and in the run folder, and dry_run.json has a row per notebook."""
+    from covidkit.data.siim import COMPETITION
+    from covidkit.submission import validate_files
+    from covidkit.synth.ct_slices import CTSynthConfig, write_ct_slices
+    from covidkit.synth.ct_volumes import CTVolumeSynthConfig, write_ct_volumes
+
+    input_dir, run_dir = tmp_path / "input", tmp_path / "run"
+    input_dir.mkdir()
+    for dataset in tiny_input.iterdir():  # the radiographs of the session's tiny set, and small CT sets beside
+        (input_dir / dataset.name).symlink_to(dataset)
+    write_ct_slices(input_dir, CTSynthConfig(seed=2, medseg_slices=20, medseg_size=64, rp_volumes=0))
+    write_ct_volumes(input_dir, CTVolumeSynthConfig(seed=3, cases=10, min_slices=10, max_slices=14, size=64))
+    runs = run_pipeline("smoke", input_dir=input_dir, run_dir=run_dir, dry_run=True)
+    layout = RunLayout(run_dir)
+    record = json.loads(layout.dry_run_record.read_text())
+    assert [r["stage"] for r in record] == [r.name for r in runs] and len(runs) == 10
+    for path in (layout.prepared.meta_csv, layout.prepared.folds_csv, layout.nih.backbone, layout.rsna_yolo.weights,
+                 layout.fasterrcnn.oof, layout.fasterrcnn.untrained_oof, layout.yolo.oof, layout.ensemble.fusion,
+                 layout.ensemble.fused_oof, layout.study.oof_images, layout.study.summary,
+                 layout.submission.models / "manifest.json", layout.cogseg.ablation, layout.decovnet.metrics,
+                 layout.report):
+        assert path.is_file(), path
+    for history in layout.fasterrcnn.dir.glob("split*/metrics.csv"):
+        assert len(pd.read_csv(history)) <= 2  # two optimizer steps in all
+    submission = layout.submission.dry_run_csv
+    assert validate_files(submission, input_dir / COMPETITION / "sample_submission.csv") == []
+    out = capsys.readouterr().out
+    assert f"submission: {submission}" in out and DRY_RUN_CHECKS in out

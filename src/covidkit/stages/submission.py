@@ -53,8 +53,9 @@ def run(cfg: Config) -> Result:
                                      workers=cfg.workers)
     fresh = None
     if cfg.fresh_test_seeds:
+        studies = cfg.fresh_test_studies if cfg.max_items is None else min(cfg.fresh_test_studies, cfg.max_items)
         fresh = score_fresh_test_sets(models, cfg.layout.submission.fresh_tests, cfg.fresh_test_seeds,
-                                      cfg.fresh_test_studies, device=device, hflip_tta=cfg.hflip_tta,
+                                      studies, device=device, hflip_tta=cfg.hflip_tta,
                                       workers=cfg.workers)
     return Result(models, prediction, score_if_labelled(competition, cfg.submission), fresh)
 
