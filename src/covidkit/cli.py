@@ -11,21 +11,15 @@ import sys
 from pathlib import Path
 
 
+SYNTH_SIZES = ("seed", "train_studies", "test_studies", "nih_images", "rsna_images", "max_size", "min_size", "ct_volumes")
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from covidkit.synth import SynthConfig, write_all
 
-    cfg = SynthConfig(
-        seed=args.seed,
-        train_studies=args.train_studies,
-        test_studies=args.test_studies,
-        nih_images=args.nih_images,
-        rsna_images=args.rsna_images,
-        max_size=args.max_size,
-        min_size=args.min_size,
-        ct=not args.no_ct,
-        ct_volumes=args.ct_volumes,
-        test_only=args.test_only,
-    )
+    # unset options keep SynthConfig's defaults (one place for them; importing it here keeps --help fast)
+    sizes = {name: getattr(args, name) for name in SYNTH_SIZES if getattr(args, name) is not None}
+    cfg = SynthConfig(**sizes, ct=not args.no_ct, test_only=args.test_only)
     write_all(Path(args.out), cfg)
     if args.weights:
         from covidkit.models.pretrained import fabricate
@@ -153,16 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the Kaggle layouts")
     p.add_argument("--out", required=True, help="folder to write the dataset folders into (e.g. input)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-studies", type=int, default=240)
-    p.add_argument("--test-studies", type=int, default=80)
-    p.add_argument("--nih-images", type=int, default=400)
-    p.add_argument("--rsna-images", type=int, default=200)
-    p.add_argument("--max-size", type=int, default=2500,
+    p.add_argument("--seed", type=int, help="default 0; the counts and sizes default to covidkit.synth.SynthConfig's")
+    p.add_argument("--train-studies", type=int)
+    p.add_argument("--test-studies", type=int)
+    p.add_argument("--nih-images", type=int)
+    p.add_argument("--rsna-images", type=int)
+    p.add_argument("--max-size", type=int,
                    help="largest side of a synthetic SIIM DICOM, in pixels (real data: up to ~4000)")
-    p.add_argument("--min-size", type=int, default=512, help="smallest side of a synthetic SIIM DICOM, in pixels")
+    p.add_argument("--min-size", type=int, help="smallest side of a synthetic SIIM DICOM, in pixels")
     p.add_argument("--no-ct", action="store_true", help="skip the synthetic CT sets")
-    p.add_argument("--ct-volumes", type=int, default=40,
+    p.add_argument("--ct-volumes", type=int,
                    help="CT volumes for DeCoVNet, half positive (40: the smoke set; DeCoVNet needs more to generalise)")
     p.add_argument("--test-only", action="store_true",
                    help="only a SIIM test split (--test-studies) and its solution folder: a fresh test set")

@@ -11,7 +11,7 @@ class SynthConfig:
     seed: int = 0
     train_studies: int = 240          # SIIM train studies
     test_studies: int = 80            # SIIM test studies (labels in siim-covid19-detection-solution/)
-    nih_images: int = 400             # NIH ChestX-ray14 images
+    nih_images: int = 1000            # NIH ChestX-ray14 images (01's validation split: ~10 labels with 10 positives)
     rsna_images: int = 200            # RSNA pneumonia train images
     rsna_test_images: int | None = None  # RSNA stage 2 test images; None: a tenth of rsna_images, at least 2
     max_size: int = 2500              # largest side of a SIIM DICOM
