@@ -72,3 +72,18 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert "Traceback" not in err
     assert main(["pipeline", "--profile", "nope", "--input", str(tmp_path)]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err
+
+
+def test_synth_options_left_out_take_synth_configs_defaults(monkeypatch, tmp_path):
+    import covidkit.synth
+    from covidkit.cli import build_parser
+    from covidkit.synth import SynthConfig
+
+    written = []
+    monkeypatch.setattr(covidkit.synth, "write_all", lambda out, cfg: written.append(cfg))
+    args = build_parser().parse_args(["synth", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    assert written == [SynthConfig()]
+    args = build_parser().parse_args(["synth", "--out", str(tmp_path), "--seed", "3", "--nih-images", "7", "--no-ct"])
+    args.func(args)
+    assert written[1] == SynthConfig(seed=3, nih_images=7, ct=False)
