@@ -314,7 +314,10 @@ def write_report(run_dir: str | Path, submission_csv: str | Path | None = None, 
         solution_dir = input_dir / SOLUTION
     from covidkit.learning import check_run
 
-    checks = [] if layout.is_dry_run else check_run(layout.root, input_dir) if checks is None else checks
+    if layout.is_dry_run:
+        checks = []
+    elif checks is None:
+        checks = check_run(layout.root, input_dir)
     sections = [
         _section("Did every model learn?", lambda: learning_section(checks, layout.is_dry_run)),
         _section("Stages: wall time and peak memory", lambda: stages_section(layout)),

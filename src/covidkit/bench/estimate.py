@@ -3,8 +3,8 @@
 No GPU and none of the real data are on the machines this project is developed on, so the full run's cost is
 estimated from three measurements of this machine and the full profile's settings:
 
-- ``covidkit bench models --json``: one training step of each full-size model at batch 1 and 2 (seconds, the
-  resident memory the step adds), and its parameter and optimizer memory;
+- ``covidkit bench models --json``: one training step of each full-size model at batch 1 and 2 (seconds, and the
+  activation memory autograd saves for the backward pass), and its parameter and optimizer memory;
 - ``covidkit bench prepare --prepared-size 1024 --json`` on real-size DICOMs: core-seconds and bytes per image;
 - optionally a full-profile dry run's ``dry_run.json``: each stage's peak host memory at full model size.
 

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 
-
 @dataclass
 class ModelCost:
     name: str
