@@ -10,10 +10,14 @@ import pytest
 import torch
 
 from covidkit.ct.decovnet.bench import bench_decovnet
-from covidkit.ct.decovnet.pipeline import (DeCoVNetConfig, VolumeDataset, lung_fallbacks, make_classifier_inputs,
-                                        prepare_cases, train_decovnet)
+from covidkit.ct.decovnet.model import DeCoVNet
+from covidkit.ct.decovnet.pipeline import (DeCoVNetConfig, VolumeDataset, evaluate_cases, lung_fallbacks,
+                                        make_classifier_inputs, prepare_cases, run_decovnet, split_cases,
+                                        train_decovnet)
 from covidkit.ct.decovnet.lungmask import LungUNet
 from covidkit.ct.decovnet.volumes import DATASET_DIR, LABELS_CSV, read_cases, read_volume, write_nifti
+from covidkit.engine import seed_everything
+from covidkit.learning import MIN_SPREAD
 from covidkit.synth import WRITERS, SynthConfig
 from covidkit.synth import ct_volumes
 from covidkit.synth.ct_volumes import CTVolumeSynthConfig, write_ct_volume_set, write_ct_volumes
@@ -191,3 +195,25 @@ def test_a_lung_mask_over_the_air_around_the_body_is_caught_and_replaced(tmp_pat
         assert top > 0 and left > 0 and bottom < height and right < width
         with np.load(checked[case]) as arrays:
             assert arrays["lungs"].any() and not arrays["lungs"][:, :, [0, -1]].any()
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_decovnet_learns_the_synthetic_volumes_and_beats_its_untrained_twin(tmp_path):
+    """The smoke profile's recipe on a synthetic set of its size (fewer volumes do not generalise: 56 training
+    volumes gave AUC 0.48): the held-out volumes are ranked far better than by the same network untrained, and
+    the probabilities vary from volume to volume (no constant output)."""
+    root = write_ct_volumes(tmp_path / "data", CTVolumeSynthConfig(seed=11, cases=160, min_slices=20, max_slices=28))
+    cfg = DeCoVNetConfig(target_spacing=(8.0, 2.8, 2.8), input_size=(64, 96), lung_size=64, lung_width=8,
+                         lung_epochs=4, lung_slices_per_case=8, epochs=30, test_fraction=0.3, progress=False)
+    run = run_decovnet(root, tmp_path / "work", cfg, device="cpu")
+    seed_everything(cfg.seed)
+    untrained = DeCoVNet(input_size=cfg.input_size)  # the trained network's starting point
+    _, test = split_cases(read_cases(root), cfg.test_fraction, cfg.seed)
+    _, before = evaluate_cases(untrained, run.inputs, test, cfg)
+    after = run.metrics
+    assert after["n"] == 48
+    assert after["roc_auc"] >= 0.75 and after["roc_auc"] >= before["roc_auc"] + 0.2, (before, after)
+    assert run.predictions["prob"].std(ddof=0) >= MIN_SPREAD

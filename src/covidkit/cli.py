@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, help="smallest side of a synthetic SIIM DICOM, in pixels")
     p.add_argument("--no-ct", action="store_true", help="skip the synthetic CT sets")
     p.add_argument("--ct-volumes", type=int,
-                   help="CT volumes for DeCoVNet, half positive (40: the smoke set; DeCoVNet needs more to generalise)")
+                   help="CT volumes for DeCoVNet, half positive (default 140: 98 to train, 42 held out)")
     p.add_argument("--test-only", action="store_true",
                    help="only a SIIM test split (--test-studies) and its solution folder: a fresh test set")
     p.add_argument("--weights", action="store_true",

@@ -81,7 +81,7 @@ def workloads() -> list[Workload]:
                  study["batch_size"], SIIM_TRAIN * views + test_passes),
         Workload("10", "10 CogSeg, 256 -> 512 px", cogseg_train, cogseg["epochs"], 5, cogseg["batch_size"],
                  0.3 * (MEDSEG_SLICES + RADIOPAEDIA_SLICES) * 5),
-        Workload("11", "11 DeCoVNet, 64 x 224 x 336", DECOVNET_TRAIN, decov["epochs"], 1, 1,
+        Workload("11", "11 DeCoVNet, 64 x 224 x 336", DECOVNET_TRAIN, decov["epochs"], 1, decov["batch_size"],
                  DECOVNET_TEST * decov["epochs"]),
     ]
 

@@ -33,7 +33,9 @@ class Config(StageConfig):
     lung_slices_per_case: int = 32  # U-Net training slices per case
     lung_min_dice: float = 0.5  # below this Dice with the unsupervised mask, the U-Net's mask is replaced by it
     epochs: int = 100  # classifier
-    lr: float = 1e-5  # Adam, as in the paper
+    lr: float = 1e-3  # Adam, cosine decay (the paper: 1e-5 at batch 1; the README says why not here)
+    batch_size: int = 8  # volumes per step
+    mask_outside_lungs: bool = True  # the image channel is 0 outside the lung mask
     test_fraction: float = 0.3  # hold-out when labels.csv has no split column
     workers: int = 0  # DataLoader workers
     examples: int = 4  # positive held-out cases drawn with their CAM
@@ -45,7 +47,8 @@ class Config(StageConfig):
             target_spacing=tuple(self.target_spacing), input_size=tuple(self.input_size), test_fraction=self.test_fraction,
             seed=self.seed, lung_size=self.lung_size, lung_width=self.lung_width, lung_epochs=self.lung_epochs,
             lung_slices_per_case=self.lung_slices_per_case, lung_min_dice=self.lung_min_dice, epochs=self.epochs,
-            lr=self.lr, num_workers=self.workers, progress=self.progress, max_cases=self.max_items,
+            lr=self.lr, batch_size=self.batch_size, mask_outside_lungs=self.mask_outside_lungs,
+            num_workers=self.workers, progress=self.progress, max_cases=self.max_items,
             max_steps=self.max_steps,
         )
 

@@ -21,7 +21,7 @@ class SynthConfig:
     nih_per_folder: int = 100         # images per images_0NN/ folder
     workers: int | None = None        # processes; None: all cores, 0 or 1: in this process
     ct: bool = True                   # also the CT sets
-    ct_volumes: int = 40              # CT volumes for DeCoVNet (half positive)
+    ct_volumes: int = 140             # CT volumes for DeCoVNet (half positive): 42 held out in smoke
     test_only: bool = False           # only a SIIM test split and its solution folder (a fresh test set)
 
     def __post_init__(self) -> None:

@@ -36,7 +36,7 @@ class CTVolumeSynthConfig:
     """Size of the synthetic volume set; the defaults fit the smoke profile on a CPU."""
 
     seed: int = 0
-    cases: int = 40
+    cases: int = 140
     positive_fraction: float = 0.5
     dicom_fraction: float = 0.3  # the rest is NIfTI
     min_slices: int = 24

@@ -8,10 +8,12 @@ folder (see :mod:`covidkit.ct.decovnet.volumes`) it
 2. trains the 2D lung U-Net on axial slices of the training cases with those masks as labels, and
    segments every volume with it, slice by slice;
 3. crops each volume and its U-Net lung mask to the lung bounding box and resizes the slices to
-   ``input_size`` (224 x 336 in the paper), keeping all slices: the classifier's two input channels;
-4. trains DeCoVNet (cross-entropy, Adam, batch 1, classes balanced by sampling; the released code's
-   augmentation: rotation up to 10 degrees, translation up to 10 %, scale 0.8-1.2, shear up to 10 degrees,
-   brightness 0.5-1.5, contrast 0.7-1.3, no flip);
+   ``input_size`` (224 x 336 in the paper), keeping all slices: the classifier's two input channels, the
+   image set to 0 outside the lung mask (``mask_outside_lungs``) and the mask;
+4. trains DeCoVNet (cross-entropy, Adam with cosine decay, batches of ``batch_size`` volumes padded with
+   empty slices to the longest, classes balanced by sampling; the released code's augmentation: rotation
+   up to 10 degrees, translation up to 10 %, scale 0.8-1.2, shear up to 10 degrees, brightness 0.5-1.5,
+   contrast 0.7-1.3, no flip);
 5. scores the held-out cases (ROC and precision-recall curves with their AUCs, accuracy, sensitivity,
    specificity at 0.5) and localizes the lesion of each one (:mod:`covidkit.ct.decovnet.localize`), with the
    hit rate where lesion masks exist.
@@ -48,7 +50,7 @@ from covidkit.ct.decovnet.lungmask import (LungSliceDataset, LungUNet, Unsupervi
                                   lung_unet_step, predict_lung_mask, resize_slices, unsupervised_lung_mask)
 from covidkit.ct.decovnet.volumes import (CTCase, CTVolume, read_cases, read_nifti, read_volume, resample,
                                  window)
-from covidkit.engine import TrainConfig, class_balanced_weights, fit, seed_everything
+from covidkit.engine import TrainConfig, class_balanced_weights, cosine_with_floor, fit, seed_everything
 
 @dataclass
 class AugmentConfig:
@@ -65,7 +67,8 @@ class AugmentConfig:
 
 @dataclass
 class DeCoVNetConfig:
-    """Every knob of the pipeline; the defaults are the paper's where it gives them."""
+    """Every knob of the pipeline; the defaults are the paper's where it gives them, except the
+    classifier's training (batch, learning rate, schedule, masked image: the README says why)."""
 
     target_spacing: tuple[float | None, float | None, float | None] = (5.0, 1.0, 1.0)  # mm (z, y, x)
     input_size: tuple[int, int] = (224, 336)  # classifier slices (height, width)
@@ -81,8 +84,10 @@ class DeCoVNetConfig:
     lung_min_dice: float = 0.5  # below this Dice with the unsupervised mask, the U-Net's mask is replaced by it
     # classifier
     epochs: int = 100
-    lr: float = 1e-5
+    lr: float = 1e-3  # Adam, cosine decay to 5 % (the paper: 1e-5, constant, batch 1)
+    batch_size: int = 8  # volumes per step; batch norm needs several (the paper: 1)
     weight_decay: float = 0.0
+    mask_outside_lungs: bool = True  # the image channel is 0 outside the lung mask (the paper: the whole box)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None: no augmentation
     localization: LocalizationConfig = field(default_factory=LocalizationConfig)
     unsupervised: UnsupervisedLungConfig = field(default_factory=UnsupervisedLungConfig)
@@ -146,10 +151,19 @@ def classifier_arrays(image: np.ndarray, lungs: np.ndarray, lesions: np.ndarray 
     return out
 
 
-def to_input(arrays: dict[str, np.ndarray]) -> torch.Tensor:
-    """``[2, T, H, W]`` float: the 8-bit image scaled to 0-1 and the lung mask."""
+def to_input(arrays: dict[str, np.ndarray], mask_outside_lungs: bool = True) -> torch.Tensor:
+    """``[2, T, H, W]`` float: the 8-bit image scaled to 0-1 (0 outside the lungs when asked) and the lung
+    mask. Masked, the strongest responses the network max-pools are in the lungs, not at the chest wall."""
     image = torch.from_numpy(arrays["image"]).float().div(255.0)
-    return torch.stack([image, torch.from_numpy(arrays["lungs"]).float()])
+    lungs = torch.from_numpy(arrays["lungs"]).float()
+    return torch.stack([image * lungs if mask_outside_lungs else image, lungs])
+
+
+def pad_slices(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate volumes ``[2, T_i, H, W]`` of different lengths: empty slices after the shorter ones."""
+    slices = max(x.shape[1] for x, _ in batch)
+    xs = [F.pad(x, (0, 0, 0, 0, 0, slices - x.shape[1])) for x, _ in batch]
+    return torch.stack(xs), torch.stack([y for _, y in batch])
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
@@ -176,17 +190,19 @@ def augment_volume(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generat
 class VolumeDataset(Dataset):
     """Classifier inputs saved by :func:`run_decovnet` (``inputs/<case>.npz``) with their labels."""
 
-    def __init__(self, files: list[Path], labels: list[int], augment: AugmentConfig | None = None) -> None:
+    def __init__(self, files: list[Path], labels: list[int], augment: AugmentConfig | None = None,
+                 mask_outside_lungs: bool = True) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files for {len(labels)} labels")
         self.files, self.labels, self.augment = list(files), list(labels), augment
+        self.mask_outside_lungs = mask_outside_lungs
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         with np.load(self.files[i]) as arrays:
-            x = to_input({"image": arrays["image"], "lungs": arrays["lungs"]})
+            x = to_input({"image": arrays["image"], "lungs": arrays["lungs"]}, self.mask_outside_lungs)
         if self.augment is not None:
             x = augment_volume(x, self.augment)
         return x, torch.tensor(self.labels[i])
@@ -316,7 +332,7 @@ def predict_volume(model: DeCoVNet, arrays: dict[str, np.ndarray], cfg: DeCoVNet
                    device: torch.device | str = "cpu") -> tuple[float, np.ndarray, Localization]:
     """COVID probability, CAM and localized lesion of one classifier input."""
     model.eval()
-    x = to_input(arrays)[None].to(device)
+    x = to_input(arrays, cfg.mask_outside_lungs)[None].to(device)
     prob = float(torch.softmax(model(x), dim=1)[0, 1])
     cam = class_activation_map(model, x, target=1)
     return prob, cam, localize_lesion(cam, arrays["image"], arrays["lungs"], cfg.localization)
@@ -341,18 +357,21 @@ def _held_out_evaluator(dataset: VolumeDataset):
 
 def train_decovnet(train: VolumeDataset, held_out: VolumeDataset | None, run_dir: Path, cfg: DeCoVNetConfig,
                    device: torch.device | str | None = None) -> DeCoVNet:
-    """DeCoVNet trained with the engine: batch 1, class-balanced sampling, Adam."""
-    train_cfg = TrainConfig(run_dir=str(run_dir), epochs=cfg.epochs, batch_size=1, seed=cfg.seed,
-                            num_workers=cfg.num_workers, progress=cfg.progress, max_steps=cfg.max_steps,
+    """DeCoVNet trained with the engine: class-balanced sampling, Adam with cosine decay; batches of
+    ``cfg.batch_size`` volumes (the last, smaller one dropped: batch norm of one volume is noise)."""
+    batch_size = min(cfg.batch_size, len(train))
+    train_cfg = TrainConfig(run_dir=str(run_dir), epochs=cfg.epochs, batch_size=batch_size, drop_last=True,
+                            seed=cfg.seed, num_workers=cfg.num_workers, progress=cfg.progress, max_steps=cfg.max_steps,
                             hparams={"model": "DeCoVNet", "input_size": list(cfg.input_size), "lr": cfg.lr,
-                                     "weight_decay": cfg.weight_decay,
+                                     "batch_size": batch_size, "schedule": "cosine_with_floor",
+                                     "mask_outside_lungs": cfg.mask_outside_lungs, "weight_decay": cfg.weight_decay,
                                      "augment": asdict(cfg.augment) if cfg.augment else None,
                                      "data": data_digest(train.files, train.labels)})
     seed_everything(cfg.seed)
     model = DeCoVNet(input_size=cfg.input_size)
     fit(model, train, decovnet_step,
         lambda m: torch.optim.Adam(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), train_cfg,
-        sample_weights=class_balanced_weights(train.labels),
+        scheduler_fn=cosine_with_floor, collate_fn=pad_slices, sample_weights=class_balanced_weights(train.labels),
         evaluate=_held_out_evaluator(held_out) if held_out is not None else None, device=device, resume=True)
     return model.eval()
 
@@ -430,8 +449,10 @@ def run_decovnet(dataset_dir: Path | str, work_dir: Path | str, cfg: DeCoVNetCon
     prepared = prepare_cases(cases, work / "prepared", cfg)
     lung_model = train_lung_unet([prepared[c.case_id] for c in train], work / "lung_unet", cfg, device)
     inputs = make_classifier_inputs(prepared, lung_model, work / "inputs", cfg, device)
-    train_set = VolumeDataset([inputs[c.case_id] for c in train], [c.label for c in train], cfg.augment)
-    test_set = VolumeDataset([inputs[c.case_id] for c in test], [c.label for c in test])
+    train_set = VolumeDataset([inputs[c.case_id] for c in train], [c.label for c in train], cfg.augment,
+                              cfg.mask_outside_lungs)
+    test_set = VolumeDataset([inputs[c.case_id] for c in test], [c.label for c in test],
+                             mask_outside_lungs=cfg.mask_outside_lungs)
     model = train_decovnet(train_set, test_set, work / "classifier", cfg, device)
     predictions, metrics = evaluate_cases(model, inputs, test, cfg, device)
     metrics["train_cases"] = len(train)
