@@ -203,10 +203,11 @@ def test_a_lung_mask_over_the_air_around_the_body_is_caught_and_replaced(tmp_pat
 @pytest.mark.slow
 def test_decovnet_learns_the_synthetic_volumes_and_beats_its_untrained_twin(tmp_path):
     """The smoke profile's recipe on a synthetic set of its size (fewer volumes do not generalise: 56 training
-    volumes gave AUC 0.48): the held-out volumes are ranked far better than by the same network untrained, and
-    the probabilities vary from volume to volume (no constant output)."""
-    root = write_ct_volumes(tmp_path / "data", CTVolumeSynthConfig(seed=11, cases=160, min_slices=20, max_slices=28))
-    cfg = DeCoVNetConfig(target_spacing=(8.0, 2.8, 2.8), input_size=(64, 96), lung_size=64, lung_width=8,
+    volumes gave AUC 0.48), at a coarser grid: the held-out volumes are ranked far better than by the same
+    network untrained, and the probabilities vary from volume to volume (no constant output)."""
+    root = write_ct_volumes(tmp_path / "data", CTVolumeSynthConfig(seed=11, cases=160, min_slices=20, max_slices=28,
+                                                                    size=96))
+    cfg = DeCoVNetConfig(target_spacing=(10.0, 3.5, 3.5), input_size=(48, 72), lung_size=64, lung_width=8,
                          lung_epochs=4, lung_slices_per_case=8, epochs=30, test_fraction=0.3, progress=False)
     run = run_decovnet(root, tmp_path / "work", cfg, device="cpu")
     seed_everything(cfg.seed)
@@ -215,6 +216,6 @@ def test_decovnet_learns_the_synthetic_volumes_and_beats_its_untrained_twin(tmp_
     _, before = evaluate_cases(untrained, run.inputs, test, cfg)
     after = run.metrics
     assert after["n"] == 48
-    # measured: 0.50 untrained, 0.77 trained (one thread); the previous recipe's constant output gave 0.48-0.56
+    # measured: 0.49 untrained, 0.78 trained (two threads); the previous recipe's constant output gave 0.48-0.56
     assert after["roc_auc"] >= 0.70 and after["roc_auc"] >= before["roc_auc"] + 0.15, (before, after)
     assert run.predictions["prob"].std(ddof=0) >= MIN_SPREAD

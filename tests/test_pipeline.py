@@ -189,7 +189,8 @@ def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path, capsys)
     assert len(history) <= 2 and history["train_loss"].notna().all()  # two optimizer steps in all
     metrics = json.loads(layout.decovnet.metrics.read_text())
     assert metrics["train_cases"] <= 4 and metrics["test_cases"] <= 4
-    assert len(pd.read_csv(layout.decovnet.classifier / "metrics.csv")) == 1
+    history = pd.read_csv(layout.decovnet.classifier / "metrics.csv")
+    assert len(history) <= 2 and history["train_loss"].notna().all()  # two optimizer steps in all
     assert runs[-1].output.is_file()
     out = capsys.readouterr().out  # two steps per model learn nothing: no verdicts, and it says why
     assert DRY_RUN_CHECKS in out and "DID NOT LEARN" not in out
