@@ -3,10 +3,11 @@
 Each volume is a phantom in Hounsfield units: air, a body with a fat layer, a spine, two lungs whose
 shape varies from case to case (wavy borders, apex and base), branching vessels, a trachea and main
 bronchi, correlated noise. Every volume also has bright structures in the lungs that are *not* lesions:
-vessels and a few small calcified nodules. Positive volumes add 1-4 lesions, mostly peripheral:
+vessels and a few small calcified nodules. Positive volumes add a multifocal pneumonia over a lognormal share
+of the lung (median 8 %), mostly subpleural, posterior and basal (:func:`_covid_pattern`):
 
-- ground-glass opacities: hazy patches 100-400 HU over the lung (the faint ones barely show), soft edges;
-- consolidations: dense patches near soft-tissue density with a ground-glass halo.
+- ground-glass opacities: mottled patches of -680 to -300 HU per patch, soft edges;
+- in 40 % of the patients a consolidated core (-150 to +20 HU) in the larger patches.
 
 Written as ``ct-covid-volumes/``: ``volumes/<case>.nii.gz`` or ``volumes/<case>/`` (a DICOM series),
 ``lesions/<case>.nii.gz`` for the positives, ``labels.csv`` (``case_id,label`` with positive/negative).
@@ -172,7 +173,7 @@ def _covid_pattern(rng: np.random.Generator, lungs: np.ndarray, spacing) -> tupl
 
 
 def synth_volume(rng: np.random.Generator, slices: int, size: int, positive: bool) -> SynthVolume:
-    """One synthetic chest CT; positives carry 1-4 lesions, both classes vessels and calcified nodules."""
+    """One synthetic chest CT; positives carry a multifocal pneumonia, both classes vessels and calcified nodules."""
     fov = rng.uniform(320.0, 380.0)
     height = rng.uniform(230.0, 290.0)
     spacing = (height / slices, fov / size, fov / size)
