@@ -118,3 +118,37 @@ def test_activation_memory_is_what_autograd_saves_beside_the_weights():
         # the weights are parameters, not activations
         assert mib == pytest.approx(2 * batch * 256 * 4 / 2**20)
         loss.backward()
+
+
+def test_bench_estimate_uses_gpu_measurements_as_they_are(tmp_path):
+    """Costs measured on a GPU (``bench models --device cuda``): hours from their seconds at the profile's batch,
+    no GPU factor; memory from the allocator's measured peak."""
+    from covidkit.bench.estimate import CUDA_CONTEXT_MIB, estimate, gpu_memory_mib, workloads
+    from covidkit.bench.models import MODELS, load_costs
+
+    prepare = tmp_path / "prepare.json"
+    prepare.write_text(json.dumps({"size": 1024, "dicom_bytes": 2**20, "dicom_pixels": 3000**2,
+                                   "png_bytes": 2**20, "prepare_core_s": 2.0}))
+    (tmp_path / "models.json").write_text(json.dumps([
+        {"name": name, "params_mib": 100.0, "optimizer_mib": 100.0, "device": "cuda:0", "amp": "bfloat16",
+         "seconds": {"1": 0.1, "2": 0.12, "8": 0.4}, "activation_mib": {"1": 60.0, "2": 110.0, "8": 410.0},
+         "peak_mib": {"1": 500.0, "2": 600.0, "8": 1200.0}} for name in MODELS]))
+    table = estimate(tmp_path / "models.json", prepare, gpu_factor=1000.0)
+    assert "measured on cuda:0 (bfloat16)" in table and "stated" not in table
+    cost = load_costs(tmp_path / "models.json")[0]
+    assert gpu_memory_mib(cost, 8) == 1200.0 + CUDA_CONTEXT_MIB and gpu_memory_mib(cost, 4) == 800.0 + CUDA_CONTEXT_MIB
+    rows = {row[1].strip(): row for row in (line.split("|") for line in table.splitlines() if line.startswith("| "))}
+    work = {w.stage: w for w in workloads()}["11"]
+    per_item = {1: 0.1, 2: 0.06, 8: 0.05}[max(b for b in (1, 2, 8) if b <= max(work.batch, 2))]
+    items = work.train_items * work.epochs * work.models + work.infer_items / 3 * work.infer_scale
+    assert float(rows["11"][4]) == pytest.approx(items * per_item / 3600, abs=0.006)
+
+
+def test_bench_models_measures_a_full_size_model_on_the_cpu():
+    """One real measurement (DeCoVNet, the cheapest full-size model): a step's seconds and saved activations; the
+    allocator's peak is a GPU figure only."""
+    from covidkit.bench.models import measure
+
+    cost = measure("11 DeCoVNet, 64 x 224 x 336", batches=(1,))
+    assert cost.seconds[1] > 0 and cost.activation_mib[1] > 100 and cost.params_mib > 0
+    assert (cost.device, cost.amp, cost.peak_mib) == ("cpu", None, {})

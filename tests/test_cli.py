@@ -87,3 +87,13 @@ def test_synth_options_left_out_take_synth_configs_defaults(monkeypatch, tmp_pat
     args = build_parser().parse_args(["synth", "--out", str(tmp_path), "--seed", "3", "--nih-images", "7", "--no-ct"])
     args.func(args)
     assert written[1] == SynthConfig(seed=3, nih_images=7, ct=False)
+
+
+def test_stage_module_runs_with_python_dash_m(tiny_input, tmp_path):
+    """``python -m covidkit.stages.<stage>`` (what torchrun launches): the module finds its own stage although
+    it runs as ``__main__``."""
+    done = subprocess.run([sys.executable, "-m", "covidkit.stages.prepare", "--profile", "smoke", "--input",
+                           str(tiny_input), "--run-dir", str(tmp_path / "run"), "--set", "prepared_size=64",
+                           "--set", "folds=2", "--set", "workers=1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "prepared" / "meta.csv").is_file()

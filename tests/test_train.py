@@ -225,7 +225,7 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(tmp_p
     assert_same_state(full, resumed)
     full_history = load_checkpoint(tmp_path / "full" / "last.pt")["history"]
     assert without_time(result.history) == without_time(full_history)
-    assert not torch.equal(after_one[0].weight, resumed[0].weight)  # epochs 2-3 did train
+    assert not torch.equal(after_one[0].weight, resumed[0].weight.cpu())  # epochs 2-3 did train
 
     if num_workers == 0:  # the shuffling/augmentation streams matter: another data seed, other weights
         other = fresh_model()
@@ -260,11 +260,11 @@ def test_run_folder_has_config_metrics_plots_and_best_by_monitor(tmp_path):
     assert (result.best_epoch, result.best_value) == (2, 0.9)
     best = load_checkpoint(result.best_checkpoint)
     assert best["epoch"] == 2 and "optimizer" not in best
-    assert all(torch.equal(best["model"][k], v) for k, v in snapshots[2].items())
+    assert all(torch.equal(best["model"][k], v.cpu()) for k, v in snapshots[2].items())
     last = load_checkpoint(result.last_checkpoint)
     assert last["epoch"] == 3 and last["best"]["epoch"] == 2
     assert {"optimizer", "scheduler", "scaler", "rng", "history", "config"} <= set(last)
-    assert all(torch.equal(last["model"][k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(last["model"][k], v.cpu()) for k, v in model.state_dict().items())
 
 
 def tiny_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -303,12 +303,12 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
         return torch.optim.SGD(model.parameters(), lr=0.1)
 
     a, b = linear(), linear()
-    fit(a, data, classify_step, sgd, config(tmp_path / "a", epochs=2, batch_size=8, shuffle=False))
+    fit(a, data, classify_step, sgd, config(tmp_path / "a", epochs=2, batch_size=8, shuffle=False, amp=False))
     fit(b, data, classify_step, sgd, config(tmp_path / "b", epochs=2, batch_size=4, shuffle=False,
-                                              accumulate_steps=2))
+                                              accumulate_steps=2, amp=False))
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb)
-    assert not torch.equal(a[1].weight, linear()[1].weight)
+    assert not torch.equal(a[1].weight.cpu(), linear()[1].weight)
 
 
 def test_gradient_clipping_bounds_the_update(tmp_path):
@@ -319,7 +319,7 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         cfg = config(tmp_path / str(clip), epochs=1, batch_size=4, clip_grad_norm=clip)
         fit(model, data, classify_step, lambda m: torch.optim.SGD(m.parameters(), lr=1.0), cfg)
-        moves[clip] = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm().item()
+        moves[clip] = (torch.cat([p.detach().flatten().cpu() for p in model.parameters()]) - before).norm().item()
     assert moves[1e-3] <= 1e-3 * (1 + 1e-5)
     assert moves[None] > 10 * moves[1e-3]
 
@@ -430,7 +430,7 @@ def test_torchvision_faster_rcnn_trains_on_lists_of_images_and_targets(tmp_path)
         return sum(losses.values()), losses
 
     def evaluate(model, device):
-        out = model([torch.rand(3, 48, 48)])
+        out = model([torch.rand(3, 48, 48, device=device)])
         return {"val_detections": float(len(out[0]["boxes"]))}
 
     cfg = config(tmp_path, epochs=1, batch_size=2)
@@ -485,7 +485,7 @@ torch.distributed.destroy_process_group()
 def test_ddp_two_gloo_processes_under_torchrun(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",  # the CPU path (gloo), also on a GPU box
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],

@@ -77,7 +77,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "models":
         from covidkit.bench.models import bench_models
 
-        bench_models(batches=tuple(args.batch_sizes), json_path=args.json)
+        bench_models(batches=tuple(args.batch_sizes), json_path=args.json, device=args.device,
+                     amp=None if args.amp == "none" else args.amp)
     elif args.what == "estimate":
         from covidkit.bench.estimate import estimate
 
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = benches.add_parser("models", help="a training step of each full-size model on this machine")
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
     b.add_argument("--json", default=None, help="also write the figures there (for bench estimate)")
+    b.add_argument("--device", default="cpu", help="torch device, e.g. cuda: seconds and peak memory on the GPU")
+    b.add_argument("--amp", default="bfloat16", choices=["bfloat16", "float16", "none"],
+                   help="autocast dtype on CUDA, as the training engine runs it (the CPU measures float32)")
     b = benches.add_parser("estimate", help="the full run on the real data, estimated from bench models / prepare")
     b.add_argument("--models", required=True, help="the JSON of covidkit bench models --json")
     b.add_argument("--prepare", required=True, help="the JSON of covidkit bench prepare --json (real-size DICOMs)")

@@ -1,19 +1,22 @@
 """``covidkit bench estimate``: what the full profile needs on the real data, on paper, from parts measured here.
 
-No GPU and none of the real data are on the machines this project is developed on, so the full run's cost is
-estimated from three measurements of this machine and the full profile's settings:
+None of the real data are on the machines this project is developed on, so the full run's cost is estimated
+from three measurements and the full profile's settings:
 
 - ``covidkit bench models --json``: one training step of each full-size model at batch 1 and 2 (seconds, and the
-  activation memory autograd saves for the backward pass), and its parameter and optimizer memory;
+  activation memory autograd saves for the backward pass), and its parameter and optimizer memory; run on a GPU
+  (``--device cuda``) it also gives the allocator's peak memory, and its seconds are used as they are;
 - ``covidkit bench prepare --prepared-size 1024 --json`` on real-size DICOMs: core-seconds and bytes per image;
 - optionally a full-profile dry run's ``dry_run.json``: each stage's peak host memory at full model size.
 
-Training time = items per epoch x epochs x models (folds, ablation variants) x the measured CPU seconds per
-item at batch 2, divided by ``gpu_factor`` (how much faster one modern GPU runs the same step; stated, not
-measured). Inference (out-of-fold, test, TTA, per-epoch validation) costs a third of a training item, at the
-inference size. GPU memory = weights + gradients + optimizer state + the activations autograd keeps for the
-backward pass (linear in the batch, from batch 1 and 2) + ``CUDA_CONTEXT_MIB``; float32, so an upper bound under
-autocast, and without the allocator's fragmentation and cuDNN's workspaces. Everything printed is an estimate.
+Training time = items per epoch x epochs x models (folds, ablation variants) x the measured seconds per item
+(at the largest measured batch up to the profile's), divided, for CPU measurements, by ``gpu_factor`` (how much
+faster one modern GPU runs the same step; stated, not measured). Inference (out-of-fold, test, TTA, per-epoch
+validation) costs a third of a training item, at the inference size. GPU memory, from a GPU measurement: the
+allocator's peak + ``CUDA_CONTEXT_MIB``; from a CPU one: weights + gradients + optimizer state + the activations
+autograd keeps for the backward pass + ``CUDA_CONTEXT_MIB``, float32 (an upper bound under autocast). Both are
+linear in the batch between measured sizes and without the allocator's fragmentation and cuDNN's workspaces.
+Everything printed is an estimate.
 """
 from __future__ import annotations
 
@@ -86,16 +89,42 @@ def workloads() -> list[Workload]:
     ]
 
 
+def measured_on_gpu(cost: ModelCost) -> bool:
+    return cost.device.startswith("cuda")
+
+
+def seconds_per_item(cost: ModelCost, batch: int) -> float:
+    """A training item's seconds at ``batch``: the measured batch closest to it from below (batch 2 at least on the
+    CPU: closer to a large batch's per-item cost than batch 1)."""
+    sizes = sorted(cost.seconds)
+    fitting = [b for b in sizes if b <= max(batch, 2)] or sizes[:1]
+    return cost.seconds[fitting[-1]] / fitting[-1]
+
+
 def gpu_hours(work: Workload, cost: ModelCost, gpu_factor: float) -> float:
-    per_item = cost.seconds[2] / 2  # batch 2: closer to the per-item cost of a large batch than batch 1
+    """Measured on a GPU: its seconds; measured on the CPU: divided by ``gpu_factor``."""
+    factor = 1.0 if measured_on_gpu(cost) else gpu_factor
     items = work.train_items * work.epochs * work.models + work.infer_items * INFER_COST * work.infer_scale
-    return items * per_item / gpu_factor / 3600
+    return items * seconds_per_item(cost, work.batch) / factor / 3600
+
+
+def _linear(values: dict[int, float], batch: int) -> float:
+    """``values`` at ``batch``: measured, or on the line through the two nearest measured batch sizes (the smallest
+    batch's figure also holds what does not grow with the batch)."""
+    if batch in values:
+        return values[batch]
+    sizes = sorted(values)
+    lower, upper = [b for b in sizes if b < batch], [b for b in sizes if b > batch]
+    a, b = (lower[-1], upper[0]) if lower and upper else (sizes[-2], sizes[-1]) if lower else (sizes[0], sizes[1])
+    return values[a] + (batch - a) * (values[b] - values[a]) / (b - a)
 
 
 def gpu_memory_mib(cost: ModelCost, batch: int) -> float:
-    per_item = cost.activation_mib[2] - cost.activation_mib[1]  # batch 1's also holds what does not grow with it
-    fixed = cost.activation_mib[1] - per_item
-    return 2 * cost.params_mib + cost.optimizer_mib + fixed + batch * per_item + CUDA_CONTEXT_MIB
+    """Measured on a GPU: the allocator's peak plus the CUDA context; else weights, gradients, optimizer state and
+    float32 activations added up."""
+    if cost.peak_mib:
+        return _linear(cost.peak_mib, batch) + CUDA_CONTEXT_MIB
+    return 2 * cost.params_mib + cost.optimizer_mib + _linear(cost.activation_mib, batch) + CUDA_CONTEXT_MIB
 
 
 def disk_gib(prepare: dict) -> dict[str, float]:
@@ -121,8 +150,10 @@ def estimate(models_json: str | Path, prepare_json: str | Path, gpu_factor: floa
     peaks = {}
     if dry_run:
         peaks = {row["stage"][:2]: row["peak_rss_mib"] for row in json.loads(Path(dry_run).read_text())}
-    lines = [f"ESTIMATE: the full profile on the real data, from this machine's measurements, GPU = {gpu_factor:g} x "
-             f"this CPU per training item (stated, not measured)", "",
+    on_gpu = sorted({f"{c.device} ({c.amp or 'float32'})" for c in costs.values() if measured_on_gpu(c)})
+    source = (f"training steps measured on {', '.join(on_gpu)}" if on_gpu and all(map(measured_on_gpu, costs.values()))
+              else f"GPU = {gpu_factor:g} x this CPU per training item (stated, not measured)")
+    lines = [f"ESTIMATE: the full profile on the real data, from measured parts; {source}", "",
              "| stage | model | items x epochs x models | GPU h | GPU MiB b=1 | b=2 | profile batch | host MiB (CPU dry run) |",
              "|---|---|---|---|---|---|---|---|"]
     siim = SIIM_TRAIN + SIIM_TEST

@@ -15,6 +15,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters are (the device its inputs must go to)."""
+    return next(model.parameters()).device
+
+
 def amp_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"amp dtype must be one of {sorted(DTYPES)}, got {name!r}")

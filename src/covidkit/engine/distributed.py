@@ -60,6 +60,9 @@ def init_distributed() -> DistInfo:
         raise RuntimeError(f"WORLD_SIZE={world_size} but {missing} are not set: launch with torchrun")
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():  # NCCL needs a GPU per process
+            raise RuntimeError(f"process {local_rank} of {world_size} has no GPU of its own: this machine has "
+                               f"{torch.cuda.device_count()}; launch torchrun with --nproc_per_node at most that")
         torch.cuda.set_device(local_rank)
         backend = "nccl"
     else:

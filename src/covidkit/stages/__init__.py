@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from dataclasses import MISSING, dataclass, fields
 from types import ModuleType
 
@@ -161,6 +162,8 @@ def stage_main(module_name: str, argv: list[str] | None = None) -> None:
     """A stage module's ``main``: ``python -m covidkit.stages.<stage> [--profile P] [--set key=value ...]``."""
     from covidkit.engine.distributed import dist_info
 
+    if module_name == "__main__":  # python -m covidkit.stages.<stage>, torchrun -m ...: the module's own name
+        module_name = sys.modules["__main__"].__spec__.name
     module = importlib.import_module(module_name)
     args = stage_arguments(argparse.ArgumentParser(description=module.__doc__.splitlines()[0])).parse_args(argv)
     module, result = run_stage(module_name.rsplit(".", 1)[1], args.profile, overrides_of(args))

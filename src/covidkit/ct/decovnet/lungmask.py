@@ -20,6 +20,8 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
+from covidkit.engine.device import model_device
+
 IN_PLANE = np.array([[[0, 0, 0], [0, 0, 0], [0, 0, 0]], [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
                      [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], bool)  # 2D connectivity inside each slice
 
@@ -164,10 +166,11 @@ def lung_unet_step(model: nn.Module, batch, device) -> tuple[torch.Tensor, dict]
 
 @torch.no_grad()
 def predict_lung_mask(model: nn.Module, image: np.ndarray, size: int, batch_size: int = 16,
-                      device: torch.device | str = "cpu") -> np.ndarray:
-    """Lung mask of a windowed uint8 ``[T, H, W]`` volume: the U-Net on each slice resized to ``size``,
-    probabilities resized back, thresholded at 0.5, largest 3D components kept."""
+                      device: torch.device | str | None = None) -> np.ndarray:
+    """Lung mask of a windowed uint8 ``[T, H, W]`` volume: the U-Net on each slice resized to ``size`` (on the
+    model's device by default), probabilities resized back, thresholded at 0.5, largest 3D components kept."""
     model.eval()
+    device = device or model_device(model)
     t, h, w = image.shape
     small = resize_slices(image, (size, size))
     probs = []

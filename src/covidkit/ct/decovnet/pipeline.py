@@ -51,6 +51,7 @@ from covidkit.ct.decovnet.lungmask import (LungSliceDataset, LungUNet, Unsupervi
 from covidkit.ct.decovnet.volumes import (CTCase, CTVolume, read_cases, read_nifti, read_volume, resample,
                                  window)
 from covidkit.engine import TrainConfig, class_balanced_weights, cosine_with_floor, fit, seed_everything
+from covidkit.engine.device import model_device
 
 @dataclass
 class AugmentConfig:
@@ -305,10 +306,11 @@ def lung_mask(lung_model: LungUNet, image: np.ndarray, unsupervised: np.ndarray 
 
 
 def make_classifier_inputs(prepared: dict[str, Path], lung_model: LungUNet, out_dir: Path, cfg: DeCoVNetConfig,
-                           device: torch.device | str = "cpu") -> dict[str, Path]:
+                           device: torch.device | str | None = None) -> dict[str, Path]:
     """Stage 3 for every case (cached): lung mask, crop, resize -> ``inputs/<case>.npz`` (``fallback``: the
-    unsupervised mask replaced the U-Net's)."""
+    unsupervised mask replaced the U-Net's). ``device``: the U-Net's own by default."""
     paths = {}
+    device = device or model_device(lung_model)
     lung_model.to(device)
     lung_digest = weights_digest(lung_model)
     for case_id, src in tqdm(prepared.items(), desc="U-Net lungs + crop", unit="volume", disable=not cfg.progress):
@@ -329,10 +331,10 @@ def make_classifier_inputs(prepared: dict[str, Path], lung_model: LungUNet, out_
 
 @torch.no_grad()
 def predict_volume(model: DeCoVNet, arrays: dict[str, np.ndarray], cfg: DeCoVNetConfig,
-                   device: torch.device | str = "cpu") -> tuple[float, np.ndarray, Localization]:
-    """COVID probability, CAM and localized lesion of one classifier input."""
+                   device: torch.device | str | None = None) -> tuple[float, np.ndarray, Localization]:
+    """COVID probability, CAM and localized lesion of one classifier input (on the model's device by default)."""
     model.eval()
-    x = to_input(arrays, cfg.mask_outside_lungs)[None].to(device)
+    x = to_input(arrays, cfg.mask_outside_lungs)[None].to(device or model_device(model))
     prob = float(torch.softmax(model(x), dim=1)[0, 1])
     cam = class_activation_map(model, x, target=1)
     return prob, cam, localize_lesion(cam, arrays["image"], arrays["lungs"], cfg.localization)
@@ -396,7 +398,7 @@ class DeCoVNetRun:
 
 
 def evaluate_cases(model: DeCoVNet, inputs: dict[str, Path], cases: list[CTCase], cfg: DeCoVNetConfig,
-                   device: torch.device | str = "cpu") -> tuple[pd.DataFrame, dict[str, float]]:
+                   device: torch.device | str | None = None) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per-case predictions (probability, predicted centre, hit) and the summary metrics."""
     rows, centres, lesion_masks = [], [], []
     for case in tqdm(cases, desc="evaluate + localize", unit="volume", disable=not cfg.progress):
