@@ -235,8 +235,12 @@ def test_localization_takes_the_cam_region_on_the_largest_candidate():
 
 def test_class_activation_map_has_the_input_shape():
     model = DeCoVNet(input_size=(32, 48))
-    cam = class_activation_map(model, torch.rand(1, 2, 7, 32, 48))
+    x = torch.rand(1, 2, 7, 32, 48)
+    cam = class_activation_map(model, x)
     assert cam.shape == (7, 32, 48) and cam.min() >= 0 and cam.max() <= 1
+    with torch.no_grad():  # predict_volume passes the features it computed for the probability
+        features = model.forward_features(x)
+    np.testing.assert_allclose(class_activation_map(model, x, features=features), cam, atol=1e-6)
 
 
 def test_hit_needs_the_centre_inside_a_lesion():

@@ -63,13 +63,17 @@ def cam_channel_weights(model: DeCoVNet, features: torch.Tensor, target: int = 1
     return grad[0].mean(dim=(1, 2, 3))
 
 
-def class_activation_map(model: DeCoVNet, x: torch.Tensor, target: int = 1) -> np.ndarray:
-    """CAM of class ``target`` for one input ``[1, C, T, H, W]`` -> ``[T, H, W]`` in [0, 1]."""
+def class_activation_map(model: DeCoVNet, x: torch.Tensor, target: int = 1,
+                         features: torch.Tensor | None = None) -> np.ndarray:
+    """CAM of class ``target`` for one input ``[1, C, T, H, W]`` -> ``[T, H, W]`` in [0, 1]. ``features``: the
+    input's ``model.forward_features``, where the caller has them already."""
     if x.ndim != 5 or x.shape[0] != 1:
         raise ValueError(f"class_activation_map takes one volume [1, C, T, H, W], got {tuple(x.shape)}")
     model.eval()
-    with torch.no_grad():
-        features = model.forward_features(x).float()
+    if features is None:
+        with torch.no_grad():
+            features = model.forward_features(x)
+    features = features.float()
     weights = cam_channel_weights(model, features, target)
     cam = torch.einsum("c,cthw->thw", weights, features[0])
     cam = F.interpolate(cam[None, None], size=x.shape[2:], mode="trilinear", align_corners=False)[0, 0]

@@ -335,8 +335,9 @@ def predict_volume(model: DeCoVNet, arrays: dict[str, np.ndarray], cfg: DeCoVNet
     """COVID probability, CAM and localized lesion of one classifier input (on the model's device by default)."""
     model.eval()
     x = to_input(arrays, cfg.mask_outside_lungs)[None].to(device or model_device(model))
-    prob = float(torch.softmax(model(x), dim=1)[0, 1])
-    cam = class_activation_map(model, x, target=1)
+    features = model.forward_features(x)  # once, for the probability and the CAM
+    prob = float(torch.softmax(model.classifier(features), dim=1)[0, 1])
+    cam = class_activation_map(model, x, target=1, features=features)
     return prob, cam, localize_lesion(cam, arrays["image"], arrays["lungs"], cfg.localization)
 
 
