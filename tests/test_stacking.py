@@ -1,4 +1,4 @@
-"""The study stacker: zone features of boxes, fitting, its out-of-fold AP, JSON round trip, 06's fit and 07's use."""
+"""The study stacker: box features, fitting, its out-of-fold AP, JSON round trip, 06's fit and 07's use."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 from covidkit.data.siim import STUDY_CLASSES
 from covidkit.oof import OofPredictions, box_rows, write_oof
 from covidkit.layout import RunLayout
-from covidkit.stacking import StudyStacker, fit_stacker, out_of_fold_probs, stacker_features, zone_box_scores
+from covidkit.stacking import StudyStacker, box_features, fit_stacker, out_of_fold_probs, stacker_features
 
 STACKER_JSON = "stacker.json"
 
@@ -24,24 +24,38 @@ def _box(row: int, side: int, size: float = 200) -> list[float]:
     return [cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2]
 
 
-def test_zone_scores_take_the_best_box_per_zone_worse_side_first():
+def test_box_features_take_the_best_box_per_zone_worse_side_first_then_the_pattern():
     boxes = [_box(2, 0), _box(2, 0), _box(2, 1), _box(0, 1)]
     scores = [0.3, 0.6, 0.2, 0.9]
-    # rows upper, middle, lower: worse side 0.9, 0, 0.6; better side 0, 0, 0.2
-    np.testing.assert_allclose(zone_box_scores(boxes, scores, (H, W)), [0.9, 0, 0.6, 0, 0, 0.2])
-    np.testing.assert_allclose(zone_box_scores(np.zeros((0, 4)), [], (H, W)), np.zeros(6))
+    # rows upper, middle, lower: worse side 0.9, 0, 0.6; better side 0, 0, 0.2; then the sum of the scores, the
+    # boxes' mean area (200 x 200 of 2000 x 2400) and distance from the midline (centres at a quarter: 0.5)
+    np.testing.assert_allclose(box_features(boxes, scores, (H, W)),
+                               [0.9, 0, 0.6, 0, 0, 0.2, 2.0, 200 * 200 / (W * H), 0.5])
+    np.testing.assert_allclose(box_features(np.zeros((0, 4)), [], (H, W)), np.zeros(9))
     with pytest.raises(ValueError, match="2 boxes but 1 scores"):
-        zone_box_scores(boxes[:2], scores[:1], (H, W))
+        box_features(boxes[:2], scores[:1], (H, W))
 
 
-def test_zone_scores_do_not_change_when_the_image_is_mirrored():
+def test_box_pattern_features_tell_one_large_central_box_from_small_peripheral_ones():
+    central = [[0.3 * W, 0.2 * H, 0.7 * W, 0.8 * H]]
+    nodules = [[x * W, y * H, x * W + 60, y * H + 60] for x, y in ((0.05, 0.3), (0.9, 0.5), (0.06, 0.7))]
+    count_c, area_c, periphery_c = box_features(central, [0.8], (H, W))[6:]
+    count_n, area_n, periphery_n = box_features(nodules, [0.5, 0.5, 0.5], (H, W))[6:]
+    assert count_n > count_c and area_c > 50 * area_n and periphery_c == pytest.approx(0.0)
+    assert periphery_n > 0.8
+    # a box's weight is its score: a faint large box moves the area less than a confident one
+    mixed = box_features(central + nodules[:1], [0.1, 0.9], (H, W))
+    assert mixed[7] < 0.5 * area_c
+
+
+def test_box_features_do_not_change_when_the_image_is_mirrored():
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 1, (12, 2)) * [W, H]
     boxes = np.hstack([xy, xy + rng.uniform(50, 400, (12, 2))])
     scores = rng.uniform(0, 1, 12)
     mirrored = boxes.copy()
     mirrored[:, [0, 2]] = W - boxes[:, [2, 0]]
-    np.testing.assert_allclose(zone_box_scores(mirrored, scores, (H, W)), zone_box_scores(boxes, scores, (H, W)))
+    np.testing.assert_allclose(box_features(mirrored, scores, (H, W)), box_features(boxes, scores, (H, W)))
 
 
 # Radiological patterns of the four classes as box zones (what synth draws): none; both lower zones; one side;
@@ -60,9 +74,9 @@ def _pattern(label: int, rng: np.random.Generator) -> tuple[list, list]:
 def _dataset(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = rng.choice(4, n, p=[0.3, 0.4, 0.2, 0.1])
-    zones = np.array([zone_box_scores(*_pattern(y, rng), (H, W)) for y in labels])
+    feats = np.array([box_features(*_pattern(y, rng), (H, W)) for y in labels])
     probs = rng.dirichlet(np.ones(4), n)  # a study model that knows nothing
-    return stacker_features(probs, zones), labels
+    return stacker_features(probs, feats), labels
 
 
 def _map(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -100,7 +114,7 @@ def test_the_stacker_refuses_missing_classes_and_other_features(tmp_path):
     x, y = _dataset(60, seed=3)
     with pytest.raises(ValueError, match="all four classes"):
         fit_stacker(x[y != 3], y[y != 3])
-    with pytest.raises(ValueError, match=r"\[N, 4\] probabilities and \[N, 6\] zone scores"):
+    with pytest.raises(ValueError, match=r"\[N, 4\] probabilities and \[N, 9\] box features"):
         stacker_features(np.ones((3, 4)) / 4, np.zeros((3, 4)))
     path = fit_stacker(x, y).save(tmp_path / STACKER_JSON)
     data = json.loads(path.read_text())
@@ -173,12 +187,12 @@ def test_07_applies_the_exported_stacker_fold_by_fold(tiny_run_dir, tmp_path):
     assert sum(a.study_probs.values()) == pytest.approx(1.0)
 
     # with the box features' weights zeroed, the stacker reads each fold's study model alone
-    blind = StudyStacker(**{**stacker.__dict__, "coef": [row[:4] + [0.0] * 6 for row in stacker.coef]})
+    blind = StudyStacker(**{**stacker.__dict__, "coef": [row[:4] + [0.0] * 9 for row in stacker.coef]})
     stacked.stacker = blind
     per_fold = [predict_outputs(model, spec, [image], hflip_tta=True)[0][0] for model, spec in stacked.study]
-    expected = np.mean([blind.predict_proba(stacker_features(p, np.zeros(6)))[0] for p in per_fold], axis=0)
+    expected = np.mean([blind.predict_proba(stacker_features(p, np.zeros(9)))[0] for p in per_fold], axis=0)
     assert list(stacked.predict(image).study_probs.values()) == pytest.approx(expected.tolist(), abs=1e-6)
-    averaged_first = blind.predict_proba(stacker_features(np.mean(per_fold, axis=0), np.zeros(6)))[0]
+    averaged_first = blind.predict_proba(stacker_features(np.mean(per_fold, axis=0), np.zeros(9)))[0]
     assert not np.allclose(expected, averaged_first, atol=1e-4)  # averaging after the stacker is not before
 
 

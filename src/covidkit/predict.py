@@ -48,7 +48,7 @@ from covidkit.dicom import DicomError, read_dicom
 from covidkit.ensemble import FusionParams, fuse_boxes
 from covidkit.models_dir import DETECTORS, read_manifest
 from covidkit.prepare import init_worker, pool_context, resize_square
-from covidkit.stacking import StudyStacker, stacker_features, zone_box_scores
+from covidkit.stacking import StudyStacker, stacker_features, box_features
 from covidkit.submission import ImagePrediction, submission_frame, validate_submission, write_submission
 
 
@@ -243,8 +243,8 @@ class Predictor:
         for k, probs in enumerate(study_probs):
             unflipped = [per_fold[name][k][0] for name in DETECTORS]
             boxes, scores = fuse_boxes([b for b, _ in unflipped], [s for _, s in unflipped], image_hw, self.fusion)
-            zones = zone_box_scores(boxes, scores, image_hw)
-            stacked.append(self.stacker.predict_proba(stacker_features(probs, zones))[0])
+            feats = box_features(boxes, scores, image_hw)
+            stacked.append(self.stacker.predict_proba(stacker_features(probs, feats))[0])
         return np.mean(stacked, axis=0)
 
 

@@ -8,7 +8,11 @@ regression (scikit-learn) on per-image features:
 - per lung zone row (upper, middle, lower third of the image), the highest fused box score on the
   more affected side and on the less affected side. Sides are sorted rather than kept as image left and
   right because the class definitions are symmetric: the features, and so the prediction, do not change
-  when the image is mirrored (which keeps 07's flip test-time augmentation exact).
+  when the image is mirrored (which keeps 07's flip test-time augmentation exact);
+- the pattern of the boxes, weighted by their scores: how many (the sum of the scores: many nodules), how
+  large (the mean box area as a fraction of the image: a lobar consolidation is large), and how peripheral
+  (the mean distance of the box centres from the image's vertical midline, 0 at it, 1 at the edge: typical
+  opacities are peripheral, indeterminate ones may be central). Also symmetric.
 
 It is fitted on out-of-fold rows (06's study model, 05's fused boxes), so it learns how far to trust
 each source from predictions like the ones it will see on the test images. Its coefficients are kept as
@@ -25,46 +29,56 @@ import numpy as np
 import pandas as pd
 
 ZONE_ROWS = 3
-FEATURE_NAMES = ("log_p_negative", "log_p_typical", "log_p_indeterminate", "log_p_atypical",
-                 *(f"box_{row}_{side}" for side in ("worse", "better") for row in ("upper", "middle", "lower")))
+BOX_FEATURE_NAMES = (*(f"box_{row}_{side}" for side in ("worse", "better") for row in ("upper", "middle", "lower")),
+                     "box_count", "box_area", "box_periphery")
+FEATURE_NAMES = ("log_p_negative", "log_p_typical", "log_p_indeterminate", "log_p_atypical", *BOX_FEATURE_NAMES)
 
 
-def zone_box_scores(boxes, scores, image_hw: tuple[int, int]) -> np.ndarray:
-    """``[6]``: per zone row (upper, middle, lower) the best box score on the worse side, then on the better one.
+def box_features(boxes, scores, image_hw: tuple[int, int]) -> np.ndarray:
+    """``[9]`` (``BOX_FEATURE_NAMES``): per zone row (upper, middle, lower) the best box score on the worse side,
+    then on the better one; then the boxes' pattern: the sum of their scores, and their score-weighted mean area
+    (fraction of the image) and distance from the vertical midline (0 at it, 1 at the image's edge).
 
-    A box belongs to the zone of its centre; a zone without a box scores 0.
+    A box belongs to the zone of its centre; a zone without a box scores 0, an image without boxes is all 0.
     """
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    scores = np.asarray(scores, np.float64).reshape(-1)
+    scores = np.clip(np.asarray(scores, np.float64).reshape(-1), 0, None)
     if len(boxes) != len(scores):
         raise ValueError(f"{len(boxes)} boxes but {len(scores)} scores")
     h, w = image_hw
     grid = np.zeros((ZONE_ROWS, 2))
+    pattern = np.zeros(3)
     if len(boxes):
-        row = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2 / h * ZONE_ROWS).astype(int), 0, ZONE_ROWS - 1)
-        side = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2 / w * 2).astype(int), 0, 1)
-        np.maximum.at(grid, (row, side), np.clip(scores, 0, None))
-    return np.concatenate([grid.max(1), grid.min(1)])
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2 / w, (boxes[:, 1] + boxes[:, 3]) / 2 / h
+        row = np.clip((cy * ZONE_ROWS).astype(int), 0, ZONE_ROWS - 1)
+        side = np.clip((cx * 2).astype(int), 0, 1)
+        np.maximum.at(grid, (row, side), scores)
+        total = scores.sum()
+        if total > 0:
+            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (h * w)
+            pattern = np.array([total, (scores * area).sum() / total, (scores * np.abs(2 * cx - 1)).sum() / total])
+    return np.concatenate([grid.max(1), grid.min(1), pattern])
 
 
-def stacker_features(study_probs, zone_scores) -> np.ndarray:
-    """``[N, 10]``: the study model's log-probabilities ``[N, 4]`` beside ``zone_box_scores`` ``[N, 6]``."""
+def stacker_features(study_probs, box_feats) -> np.ndarray:
+    """``[N, 13]``: the study model's log-probabilities ``[N, 4]`` beside ``box_features`` ``[N, 9]``."""
     probs = np.atleast_2d(np.asarray(study_probs, np.float64))
-    zones = np.atleast_2d(np.asarray(zone_scores, np.float64))
-    if probs.shape[1] != 4 or zones.shape[1] != 2 * ZONE_ROWS or len(probs) != len(zones):
-        raise ValueError(f"expected [N, 4] probabilities and [N, 6] zone scores, got {probs.shape} and {zones.shape}")
-    return np.hstack([np.log(np.clip(probs, 1e-6, 1.0)), zones])
+    feats = np.atleast_2d(np.asarray(box_feats, np.float64))
+    n = len(BOX_FEATURE_NAMES)
+    if probs.shape[1] != 4 or feats.shape[1] != n or len(probs) != len(feats):
+        raise ValueError(f"expected [N, 4] probabilities and [N, {n}] box features, got {probs.shape} and {feats.shape}")
+    return np.hstack([np.log(np.clip(probs, 1e-6, 1.0)), feats])
 
 
-def oof_zone_scores(image_ids, boxes: pd.DataFrame, sizes: Mapping[str, tuple[int, int]]) -> np.ndarray:
-    """``zone_box_scores`` of each image id from an OOF box table (``image_id, x1, y1, x2, y2, score``)."""
+def oof_box_features(image_ids, boxes: pd.DataFrame, sizes: Mapping[str, tuple[int, int]]) -> np.ndarray:
+    """``box_features`` of each image id from an OOF box table (``image_id, x1, y1, x2, y2, score``)."""
     groups = {i: g for i, g in boxes.groupby("image_id")}
     empty = boxes.iloc[:0]
     out = []
     for image_id in image_ids:
         part = groups.get(image_id, empty)
-        out.append(zone_box_scores(part[["x1", "y1", "x2", "y2"]].to_numpy(), part["score"].to_numpy(), sizes[image_id]))
-    return np.array(out).reshape(-1, 2 * ZONE_ROWS)
+        out.append(box_features(part[["x1", "y1", "x2", "y2"]].to_numpy(), part["score"].to_numpy(), sizes[image_id]))
+    return np.array(out).reshape(-1, len(BOX_FEATURE_NAMES))
 
 
 @dataclass

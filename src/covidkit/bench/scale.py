@@ -101,7 +101,7 @@ def _steps(t: Tables) -> dict[str, Callable[[], object]]:
                                    tuned_out_of_fold)
     from covidkit.metrics import score_submission
     from covidkit.oof import opacity_ap
-    from covidkit.stacking import fit_stacker, oof_zone_scores, out_of_fold_probs, stacker_features
+    from covidkit.stacking import fit_stacker, oof_box_features, out_of_fold_probs, stacker_features
     from covidkit.submission import ImagePrediction, submission_frame, validate_submission
     from covidkit.stages.study_level import choose_none_rule
 
@@ -118,7 +118,7 @@ def _steps(t: Tables) -> dict[str, Callable[[], object]]:
 
     def stacker():
         x = stacker_features(t.images[[f"p_{c}" for c in STUDY_CLASSES]].to_numpy(),
-                             oof_zone_scores(t.images["image_id"], fused["oof"].boxes, t.sizes))
+                             oof_box_features(t.images["image_id"], fused["oof"].boxes, t.sizes))
         y = t.images["label"].map(STUDY_CLASSES.index).to_numpy()
         out_of_fold_probs(x, y, t.images["fold"].to_numpy())
         fit_stacker(x, y)

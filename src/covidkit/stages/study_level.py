@@ -219,7 +219,7 @@ def stack_with_boxes(images: pd.DataFrame, boxes: OofPredictions, cfg: Config) -
     (grouped by patient, as every other OOF figure), then averaged per study. Returns None, with a warning,
     when a class is missing from some fold's complement.
     """
-    from covidkit.stacking import fit_stacker, oof_zone_scores, out_of_fold_probs, stacker_features
+    from covidkit.stacking import fit_stacker, oof_box_features, out_of_fold_probs, stacker_features
 
     folds = images["fold"].to_numpy()
     seen = [set(images.loc[folds != f, "label"]) for f in np.unique(folds)]
@@ -228,7 +228,7 @@ def stack_with_boxes(images: pd.DataFrame, boxes: OofPredictions, cfg: Config) -
                       "07 uses the study model alone")
         return None
     sizes = image_sizes(cfg.layout.prepared.dir)
-    x = stacker_features(images[PROB_COLUMNS].to_numpy(), oof_zone_scores(images["image_id"], boxes.boxes, sizes))
+    x = stacker_features(images[PROB_COLUMNS].to_numpy(), oof_box_features(images["image_id"], boxes.boxes, sizes))
     y = images["label"].map(STUDY_CLASSES.index).to_numpy()
     oof = out_of_fold_probs(x, y, folds, cfg.stack_c)
     fit_stacker(x, y, cfg.stack_c).save(cfg.layout.study.stacker)
