@@ -30,6 +30,7 @@ from covidkit.engine import (
     seed_everything,
     to_device,
 )
+from covidkit.engine.device import model_device
 from covidkit.engine.distributed import DistInfo
 from covidkit.engine.loaders import make_train_sampler
 
@@ -185,6 +186,12 @@ def test_to_device_and_collate_keep_nested_structure():
     moved = to_device(batch, "cpu")
     assert isinstance(moved, tuple) and isinstance(moved[1][0], dict)
     assert moved[1][1]["boxes"].shape == (0, 4)
+
+
+def test_model_device_is_where_the_parameters_or_buffers_are():
+    assert model_device(nn.Linear(2, 2).to("meta")) == torch.device("meta")
+    assert model_device(nn.BatchNorm1d(2, affine=False).to("meta")) == torch.device("meta")  # buffers only
+    assert model_device(nn.ReLU()) == torch.device("cpu")  # nothing to go by
 
 
 def test_autocast_is_float32_on_cpu():

@@ -94,8 +94,8 @@ def measured_on_gpu(cost: ModelCost) -> bool:
 
 
 def seconds_per_item(cost: ModelCost, batch: int) -> float:
-    """A training item's seconds at ``batch``: the measured batch closest to it from below (batch 2 at least on the
-    CPU: closer to a large batch's per-item cost than batch 1)."""
+    """A training item's seconds at ``batch``: at the largest measured batch up to it, and at least at batch 2
+    (closer to a large batch's per-item cost than batch 1)."""
     sizes = sorted(cost.seconds)
     fitting = [b for b in sizes if b <= max(batch, 2)] or sizes[:1]
     return cost.seconds[fitting[-1]] / fitting[-1]

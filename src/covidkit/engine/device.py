@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,8 +17,10 @@ def default_device() -> torch.device:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """Where a model's parameters are (the device its inputs must go to)."""
-    return next(model.parameters()).device
+    """Where a model's parameters (or buffers) are, the device its inputs must go to; the CPU for a model
+    without either."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def amp_dtype(name: str) -> torch.dtype:
