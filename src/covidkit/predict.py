@@ -48,7 +48,7 @@ from covidkit.dicom import DicomError, read_dicom
 from covidkit.ensemble import FusionParams, fuse_boxes
 from covidkit.models_dir import DETECTORS, read_manifest
 from covidkit.prepare import init_worker, pool_context, resize_square
-from covidkit.stacking import StudyStacker, stacker_features, box_features
+from covidkit.stacking import StudyStacker, box_features, stacker_features
 from covidkit.submission import ImagePrediction, submission_frame, validate_submission, write_submission
 
 
