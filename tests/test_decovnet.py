@@ -11,7 +11,7 @@ from covidkit.ct.decovnet.model import DeCoVNet, scaled_pools
 from covidkit.ct.decovnet.pipeline import (AugmentConfig, augment_volume, classification_metrics, classifier_arrays,
                                         lung_box)
 from covidkit.ct.decovnet.localize import (LocalizationConfig, class_activation_map, hit_rate, hu_to_level, is_hit,
-                                  localize_lesion)
+                                  localize_lesion, region_centre)
 from covidkit.ct.decovnet.lungmask import LungUNet, choose_lung_mask, dice, predict_lung_mask, unsupervised_lung_mask
 from covidkit.synth.ct_volumes import CTVolumeSynthConfig, synth_volume, write_ct_volumes
 
@@ -241,6 +241,21 @@ def test_class_activation_map_has_the_input_shape():
     with torch.no_grad():  # predict_volume passes the features it computed for the probability
         features = model.forward_features(x)
     np.testing.assert_allclose(class_activation_map(model, x, features=features), cam, atol=1e-6)
+
+
+def test_region_centre_lies_inside_a_curved_region():
+    region = np.zeros((3, 20, 20), bool)
+    region[1, 2:18, 2:5] = True  # an L along two sides, as a peripheral lesion curves along the pleura
+    region[1, 15:18, 2:18] = True
+    mean = np.argwhere(region).mean(axis=0)
+    assert not region[tuple(np.round(mean).astype(int))]  # its centre of mass is outside it
+    centre = region_centre(region)
+    assert region[tuple(int(c) for c in centre)] and is_hit(centre, region)
+    assert np.linalg.norm(np.asarray(centre) - mean) < 6
+    block = np.zeros((5, 9, 9), bool)
+    block[1:4, 2:7, 3:6] = True
+    assert region_centre(block) == (2.0, 4.0, 4.0)  # a convex region: its centre of mass
+    assert region_centre(np.zeros((2, 3, 3), bool)) is None
 
 
 def test_hit_needs_the_centre_inside_a_lesion():

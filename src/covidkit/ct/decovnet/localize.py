@@ -9,9 +9,10 @@ As in the paper, two unsupervised cues are combined, both on the classifier's in
    components (:func:`lesion_candidates`).
 
 The CAM region that overlaps the largest candidate component most is the lesion; the localized lesion is
-that overlap and its centre of mass is the predicted lesion centre (:func:`localize_lesion`). When no
-CAM region touches the largest component, the CAM region holding the CAM's maximum is taken. A
-prediction *hits* when its centre lies inside a labelled lesion (:func:`hit_rate`).
+that overlap and its centre is the voxel of it nearest its centre of mass (:func:`localize_lesion`; the centre
+of mass of a curved, peripheral lesion can lie outside it). When no CAM region touches the largest component,
+the CAM region holding the CAM's maximum is taken. A prediction *hits* when its centre lies inside a labelled
+lesion (:func:`hit_rate`).
 
 The CAM weighs the channels of the residual blocks' output by how much the COVID logit, over the other
 class's, grows with each of them: the gradient of that margin with respect to the features, averaged over
@@ -127,8 +128,16 @@ def localize_lesion(cam: np.ndarray, image: np.ndarray, lungs: np.ndarray,
     else:
         peak = np.unravel_index(np.argmax(np.where(lungs, cam, -1.0)), cam.shape)
         lesion = regions == regions[peak]
-    centre = tuple(float(c) for c in ndimage.center_of_mass(lesion)) if lesion.any() else None
-    return Localization(lesion, centre, n_regions, n_candidates)
+    return Localization(lesion, region_centre(lesion), n_regions, n_candidates)
+
+
+def region_centre(region: np.ndarray) -> tuple[float, float, float] | None:
+    """The voxel of ``region`` nearest its centre of mass (which may itself lie outside a curved region)."""
+    voxels = np.argwhere(region)
+    if not len(voxels):
+        return None
+    mean = voxels.mean(axis=0)
+    return tuple(float(c) for c in voxels[np.argmin(((voxels - mean) ** 2).sum(axis=1))])
 
 
 def is_hit(centre: tuple[float, float, float] | None, lesions: np.ndarray) -> bool:
