@@ -176,11 +176,12 @@ def test_markdown_table():
 
 
 def _tiny_05_inputs(input_dir, run_dir) -> None:
-    """Four positive images that both detectors find (score 0.6); each detector also has one confident
-    false positive (0.9) on a different negative image, and YOLO evaluated an image 03 did not.
+    """Four positive images: each detector finds two of them (score 0.6), the other detector the other two,
+    and each has one false positive (0.3) on a different negative image; YOLO evaluated an image 03 did not.
 
-    Single models: the false positive comes first, then the four hits: AP = 0.8 each. Fused: the hits
-    keep 0.6 (both models agree), each false positive drops to 0.45 (one model of two): AP = 1.0.
+    Single models: two hits, then the false positive: AP = 0.5 each. Fused with the smoke profile's ``max``
+    confidence and equal weights (a box one model alone found keeps its score): the four hits at 0.6, then the
+    two false positives at 0.3: AP = 1.0.
     """
     truth = {f"p{k}": [[100, 50, 200, 150]] for k in range(4)} | {"n0": [], "n1": []}
     competition = input_dir / "siim-covid19-detection"
@@ -193,11 +194,12 @@ def _tiny_05_inputs(input_dir, run_dir) -> None:
     (run_dir / "prepared").mkdir(parents=True)
     pd.DataFrame({"image_id": ids, "split": "train", "orig_height": 300, "orig_width": 400,
                   "status": "ok"}).to_csv(run_dir / "prepared" / "meta.csv", index=False)
-    hits = {f"p{k}": ([[100, 50, 200, 150]], [0.6]) for k in range(4)}
+    hit = ([[100, 50, 200, 150]], [0.6])
     write_oof(run_dir / "03_train_siim_fasterrcnn" / "oof.csv",
-              _oof(hits | {"n0": ([[10, 10, 60, 60]], [0.9])}, list(truth)))
+              _oof({"p0": hit, "p1": hit, "n0": ([[10, 10, 60, 60]], [0.3])}, list(truth)))
     write_oof(run_dir / "04_train_siim_yolo" / "oof.csv",
-              _oof(hits | {"n1": ([[300, 200, 390, 290]], [0.9]), "extra": ([[0, 0, 9, 9]], [0.99])}, ids))
+              _oof({"p2": hit, "p3": hit, "n1": ([[300, 200, 390, 290]], [0.3]), "extra": ([[0, 0, 9, 9]], [0.99])},
+                   ids))
 
 
 @pytest.mark.slow
@@ -211,7 +213,7 @@ def test_notebook_05_in_the_smoke_profile(tmp_path):
 
     out = run_dir / "05_ensemble_wbf"
     table = pd.read_csv(out / "ap_table.csv").set_index("model")
-    assert table["ap50"].to_dict() == pytest.approx({"Faster R-CNN": 0.8, "YOLO": 0.8, "WBF ensemble": 1.0})
+    assert table["ap50"].to_dict() == pytest.approx({"Faster R-CNN": 0.5, "YOLO": 0.5, "WBF ensemble": 1.0})
     assert (table["images"] == 6).all()
     assert "| WBF ensemble | 6 |" in (out / "ap_table.md").read_text()
     params = FusionParams.load(out / "fusion.json")
@@ -223,7 +225,7 @@ def test_notebook_05_in_the_smoke_profile(tmp_path):
     assert len(pd.read_csv(out / "grid.csv")) == math.prod(len(values) for values in grid.values()) > 1
     fused = read_oof(out / "oof.csv")
     assert sorted(fused.images["image_id"]) == sorted(["p0", "p1", "p2", "p3", "n0", "n1"])
-    # the fused hits score 0.6, the false boxes 0.45: the best F1 shows the hits only
+    # the fused hits score 0.6, the false boxes 0.3: the best F1 shows the hits only
     assert json.loads((out / "operating_point.json").read_text()) == pytest.approx(
         {"threshold": 0.6, "f1": 1.0, "precision": 1.0, "recall": 1.0})
     assert (out / "pr_curves.png").stat().st_size > 0
