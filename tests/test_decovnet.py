@@ -11,7 +11,7 @@ from covidkit.ct.decovnet.model import DeCoVNet, scaled_pools
 from covidkit.ct.decovnet.pipeline import (AugmentConfig, augment_volume, classification_metrics, classifier_arrays,
                                         lung_box)
 from covidkit.ct.decovnet.localize import (LocalizationConfig, class_activation_map, hit_rate, hu_to_level, is_hit,
-                                  localize_lesion, region_centre)
+                                  localize_lesion)
 from covidkit.ct.decovnet.lungmask import LungUNet, choose_lung_mask, dice, predict_lung_mask, unsupervised_lung_mask
 from covidkit.synth.ct_volumes import CTVolumeSynthConfig, synth_volume, write_ct_volumes
 
@@ -201,7 +201,8 @@ def test_augmentation_moves_both_channels_together_and_keeps_the_image_range():
 
 
 def _hand_made_case():
-    """A lung block with a dense lesion (the largest candidate), a thin bright vessel and a small nodule."""
+    """A lung block with a dense lesion (labelled), an as large dense patch (not labelled), a thin bright vessel
+    and a small nodule."""
     shape = (10, 40, 40)
     image = np.full(shape, round(hu_to_level(-850)), np.uint8)
     lungs = np.zeros(shape, bool)
@@ -209,27 +210,37 @@ def _hand_made_case():
     lesions = np.zeros(shape, bool)
     lesions[3:7, 8:18, 22:32] = True
     image[lesions] = round(hu_to_level(-400))
-    image[:, 25, 6:30] = round(hu_to_level(40))  # a vessel: one pixel wide, removed by the opening
-    image[5:7, 28:32, 6:10] = round(hu_to_level(40))  # a small dense nodule: a smaller candidate
+    image[3:7, 24:34, 22:32] = round(hu_to_level(-400))  # dense, as large, but not where the network looks
+    image[:, 20, 6:34] = round(hu_to_level(40))  # a vessel: one pixel wide, removed by the opening
+    image[5:7, 28:32, 6:10] = round(hu_to_level(40))  # a small dense nodule
     image[~lungs] = round(hu_to_level(40))
     return image, lungs, lesions
 
 
-def test_localization_takes_the_cam_region_on_the_largest_candidate():
+def test_localization_weighs_the_cam_by_the_density_of_the_candidates():
     image, lungs, lesions = _hand_made_case()
-    cfg = LocalizationConfig(cam_top_fraction=0.1, opening_radius=1)
-    cam = np.zeros(image.shape, np.float32)
-    cam[3:7, 10:16, 24:30] = 1.0  # on the lesion
-    cam[5:7, 27:33, 5:11] = 0.9  # on the nodule: a second CAM region
+    cfg = LocalizationConfig(opening_radius=1, density_sigma=(0.7, 2.0, 2.0))
+    cam = np.full(image.shape, 0.2, np.float32)
+    cam[2:8, 6:20, 20:34] = 1.0  # on the labelled lesion and around it
+    cam[:, 19:22, :] = 1.0  # on the vessel: gone with the opening
     result = localize_lesion(cam, image, lungs, cfg)
-    assert result.cam_regions == 2 and result.candidates == 2
-    assert result.lesion.any() and (result.lesion <= lesions).all()
+    assert result.candidates == 3  # the lesion, the unlabelled patch and the nodule; not the vessel
     assert is_hit(result.centre, lesions)
-    # a CAM that only sees the nodule misses: its region does not touch the largest candidate
-    cam_wrong = np.zeros_like(cam)
-    cam_wrong[5:7, 27:33, 5:11] = 1.0
-    missed = localize_lesion(cam_wrong, image, lungs, cfg)
-    assert not is_hit(missed.centre, lesions)
+    assert result.lesion[tuple(int(c) for c in result.centre)] and (result.lesion <= lesions).all()
+    # a CAM that looks as much at the lesion as at the nodule: the denser cluster, the lesion, wins
+    flat = np.where(lungs, 1.0, 0.0).astype(np.float32)
+    flat[:, 22:36, 20:34] = 0.0  # not at the unlabelled patch (a tie with the lesion)
+    assert is_hit(localize_lesion(flat, image, lungs, cfg).centre, lesions)
+    # a CAM on the unlabelled patch alone misses, though the patch is as dense as the lesion
+    wrong = np.zeros_like(cam)
+    wrong[3:7, 24:34, 22:32] = 1.0
+    missed = localize_lesion(wrong, image, lungs, cfg)
+    assert not is_hit(missed.centre, lesions) and missed.lesion.any()
+    # no candidate under the CAM: its peak inside the lungs
+    peak_only = np.zeros_like(cam)
+    peak_only[2, 6, 6] = 1.0
+    assert localize_lesion(peak_only, image, lungs, cfg).centre == (2.0, 6.0, 6.0)
+    assert localize_lesion(np.zeros_like(cam), image, lungs, cfg).centre is None
     assert hit_rate([result.centre, missed.centre, None], [lesions] * 3) == pytest.approx(1 / 3)
 
 
@@ -241,21 +252,6 @@ def test_class_activation_map_has_the_input_shape():
     with torch.no_grad():  # predict_volume passes the features it computed for the probability
         features = model.forward_features(x)
     np.testing.assert_allclose(class_activation_map(model, x, features=features), cam, atol=1e-6)
-
-
-def test_region_centre_lies_inside_a_curved_region():
-    region = np.zeros((3, 20, 20), bool)
-    region[1, 2:18, 2:5] = True  # an L along two sides, as a peripheral lesion curves along the pleura
-    region[1, 15:18, 2:18] = True
-    mean = np.argwhere(region).mean(axis=0)
-    assert not region[tuple(np.round(mean).astype(int))]  # its centre of mass is outside it
-    centre = region_centre(region)
-    assert region[tuple(int(c) for c in centre)] and is_hit(centre, region)
-    assert np.linalg.norm(np.asarray(centre) - mean) < 6
-    block = np.zeros((5, 9, 9), bool)
-    block[1:4, 2:7, 3:6] = True
-    assert region_centre(block) == (2.0, 4.0, 4.0)  # a convex region: its centre of mass
-    assert region_centre(np.zeros((2, 3, 3), bool)) is None
 
 
 def test_hit_needs_the_centre_inside_a_lesion():

@@ -11,7 +11,7 @@ import pytest
 from covidkit.data.siim import STUDY_CLASSES
 from covidkit.oof import OofPredictions, box_rows, write_oof
 from covidkit.layout import RunLayout
-from covidkit.stacking import StudyStacker, box_features, fit_stacker, out_of_fold_probs, stacker_features
+from covidkit.stacking import BOX_FEATURE_NAMES, StudyStacker, box_features, fit_stacker, out_of_fold_probs, stacker_features
 
 STACKER_JSON = "stacker.json"
 
@@ -28,10 +28,13 @@ def test_box_features_take_the_best_box_per_zone_worse_side_first_then_the_patte
     boxes = [_box(2, 0), _box(2, 0), _box(2, 1), _box(0, 1)]
     scores = [0.3, 0.6, 0.2, 0.9]
     # rows upper, middle, lower: worse side 0.9, 0, 0.6; better side 0, 0, 0.2; then the sum of the scores, the
-    # boxes' mean area (200 x 200 of 2000 x 2400) and distance from the midline (centres at a quarter: 0.5)
+    # boxes' mean area (200 x 200 of 2000 x 2400), distance from the midline (centres at a quarter: 0.5) and
+    # height (three boxes at 5/6 of it, the best one at 1/6), then the best box's score and area
+    area = 200 * 200 / (W * H)
+    height = ((0.3 + 0.6 + 0.2) * 5 / 6 + 0.9 / 6) / 2.0
     np.testing.assert_allclose(box_features(boxes, scores, (H, W)),
-                               [0.9, 0, 0.6, 0, 0, 0.2, 2.0, 200 * 200 / (W * H), 0.5])
-    np.testing.assert_allclose(box_features(np.zeros((0, 4)), [], (H, W)), np.zeros(9))
+                               [0.9, 0, 0.6, 0, 0, 0.2, 2.0, area, 0.5, height, 0.9, area])
+    np.testing.assert_allclose(box_features(np.zeros((0, 4)), [], (H, W)), np.zeros(12))
     with pytest.raises(ValueError, match="2 boxes but 1 scores"):
         box_features(boxes[:2], scores[:1], (H, W))
 
@@ -39,13 +42,23 @@ def test_box_features_take_the_best_box_per_zone_worse_side_first_then_the_patte
 def test_box_pattern_features_tell_one_large_central_box_from_small_peripheral_ones():
     central = [[0.3 * W, 0.2 * H, 0.7 * W, 0.8 * H]]
     nodules = [[x * W, y * H, x * W + 60, y * H + 60] for x, y in ((0.05, 0.3), (0.9, 0.5), (0.06, 0.7))]
-    count_c, area_c, periphery_c = box_features(central, [0.8], (H, W))[6:]
-    count_n, area_n, periphery_n = box_features(nodules, [0.5, 0.5, 0.5], (H, W))[6:]
+    count_c, area_c, periphery_c = box_features(central, [0.8], (H, W))[6:9]
+    count_n, area_n, periphery_n = box_features(nodules, [0.5, 0.5, 0.5], (H, W))[6:9]
     assert count_n > count_c and area_c > 50 * area_n and periphery_c == pytest.approx(0.0)
     assert periphery_n > 0.8
     # a box's weight is its score: a faint large box moves the area less than a confident one
     mixed = box_features(central + nodules[:1], [0.1, 0.9], (H, W))
     assert mixed[7] < 0.5 * area_c
+    # ... and is not the best box: that is the confident small one
+    assert mixed[10] == pytest.approx(0.9) and mixed[11] == pytest.approx(60 * 60 / (W * H))
+
+
+def test_box_height_tells_basal_boxes_from_upper_ones():
+    basal = [_box(2, 0), _box(2, 1)]
+    upper = [_box(0, 0), _box(0, 1)]
+    assert box_features(basal, [0.7, 0.7], (H, W))[9] == pytest.approx(5 / 6)
+    assert box_features(upper, [0.7, 0.7], (H, W))[9] == pytest.approx(1 / 6)
+    assert box_features(basal[:1] + upper[:1], [0.9, 0.3], (H, W))[9] == pytest.approx((0.9 * 5 + 0.3) / 6 / 1.2)
 
 
 def test_box_features_do_not_change_when_the_image_is_mirrored():
@@ -114,7 +127,7 @@ def test_the_stacker_refuses_missing_classes_and_other_features(tmp_path):
     x, y = _dataset(60, seed=3)
     with pytest.raises(ValueError, match="all four classes"):
         fit_stacker(x[y != 3], y[y != 3])
-    with pytest.raises(ValueError, match=r"\[N, 4\] probabilities and \[N, 9\] box features"):
+    with pytest.raises(ValueError, match=r"\[N, 4\] probabilities and \[N, 12\] box features"):
         stacker_features(np.ones((3, 4)) / 4, np.zeros((3, 4)))
     path = fit_stacker(x, y).save(tmp_path / STACKER_JSON)
     data = json.loads(path.read_text())
@@ -187,12 +200,12 @@ def test_07_applies_the_exported_stacker_fold_by_fold(tiny_run_dir, tmp_path):
     assert sum(a.study_probs.values()) == pytest.approx(1.0)
 
     # with the box features' weights zeroed, the stacker reads each fold's study model alone
-    blind = StudyStacker(**{**stacker.__dict__, "coef": [row[:4] + [0.0] * 9 for row in stacker.coef]})
+    blind = StudyStacker(**{**stacker.__dict__, "coef": [row[:4] + [0.0] * len(BOX_FEATURE_NAMES) for row in stacker.coef]})
     stacked.stacker = blind
     per_fold = [predict_outputs(model, spec, [image], hflip_tta=True)[0][0] for model, spec in stacked.study]
-    expected = np.mean([blind.predict_proba(stacker_features(p, np.zeros(9)))[0] for p in per_fold], axis=0)
+    expected = np.mean([blind.predict_proba(stacker_features(p, np.zeros(len(BOX_FEATURE_NAMES))))[0] for p in per_fold], axis=0)
     assert list(stacked.predict(image).study_probs.values()) == pytest.approx(expected.tolist(), abs=1e-6)
-    averaged_first = blind.predict_proba(stacker_features(np.mean(per_fold, axis=0), np.zeros(9)))[0]
+    averaged_first = blind.predict_proba(stacker_features(np.mean(per_fold, axis=0), np.zeros(len(BOX_FEATURE_NAMES))))[0]
     assert not np.allclose(expected, averaged_first, atol=1e-4)  # averaging after the stacker is not before
 
 

@@ -10,9 +10,11 @@ regression (scikit-learn) on per-image features:
   right because the class definitions are symmetric: the features, and so the prediction, do not change
   when the image is mirrored (which keeps 07's flip test-time augmentation exact);
 - the pattern of the boxes, weighted by their scores: how many (the sum of the scores: many nodules), how
-  large (the mean box area as a fraction of the image: a lobar consolidation is large), and how peripheral
+  large (the mean box area as a fraction of the image: a lobar consolidation is large), how peripheral
   (the mean distance of the box centres from the image's vertical midline, 0 at it, 1 at the edge: typical
-  opacities are peripheral, indeterminate ones may be central). Also symmetric.
+  opacities are peripheral, indeterminate ones may be central) and how low (the mean height of the box
+  centres, 0 at the top, 1 at the bottom: typical opacities are basal); then the best box alone: its score
+  and its area. Also symmetric.
 
 It is fitted on out-of-fold rows (06's study model, 05's fused boxes), so it learns how far to trust
 each source from predictions like the ones it will see on the test images. Its coefficients are kept as
@@ -30,14 +32,15 @@ import pandas as pd
 
 ZONE_ROWS = 3
 BOX_FEATURE_NAMES = (*(f"box_{row}_{side}" for side in ("worse", "better") for row in ("upper", "middle", "lower")),
-                     "box_count", "box_area", "box_periphery")
+                     "box_count", "box_area", "box_periphery", "box_height", "best_box_score", "best_box_area")
 FEATURE_NAMES = ("log_p_negative", "log_p_typical", "log_p_indeterminate", "log_p_atypical", *BOX_FEATURE_NAMES)
 
 
 def box_features(boxes, scores, image_hw: tuple[int, int]) -> np.ndarray:
-    """``[9]`` (``BOX_FEATURE_NAMES``): per zone row (upper, middle, lower) the best box score on the worse side,
+    """``[12]`` (``BOX_FEATURE_NAMES``): per zone row (upper, middle, lower) the best box score on the worse side,
     then on the better one; then the boxes' pattern: the sum of their scores, and their score-weighted mean area
-    (fraction of the image) and distance from the vertical midline (0 at it, 1 at the image's edge).
+    (fraction of the image), distance from the vertical midline (0 at it, 1 at the image's edge) and height of
+    the centre (0 at the top, 1 at the bottom); then the best box's score and area.
 
     A box belongs to the zone of its centre; a zone without a box scores 0, an image without boxes is all 0.
     """
@@ -47,7 +50,7 @@ def box_features(boxes, scores, image_hw: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"{len(boxes)} boxes but {len(scores)} scores")
     h, w = image_hw
     grid = np.zeros((ZONE_ROWS, 2))
-    pattern = np.zeros(3)
+    pattern = np.zeros(6)
     if len(boxes):
         cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2 / w, (boxes[:, 1] + boxes[:, 3]) / 2 / h
         row = np.clip((cy * ZONE_ROWS).astype(int), 0, ZONE_ROWS - 1)
@@ -56,12 +59,14 @@ def box_features(boxes, scores, image_hw: tuple[int, int]) -> np.ndarray:
         total = scores.sum()
         if total > 0:
             area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (h * w)
-            pattern = np.array([total, (scores * area).sum() / total, (scores * np.abs(2 * cx - 1)).sum() / total])
+            best = int(np.argmax(scores))
+            pattern = np.array([total, (scores * area).sum() / total, (scores * np.abs(2 * cx - 1)).sum() / total,
+                                (scores * cy).sum() / total, scores[best], area[best]])
     return np.concatenate([grid.max(1), grid.min(1), pattern])
 
 
 def stacker_features(study_probs, box_feats) -> np.ndarray:
-    """``[N, 13]``: the study model's log-probabilities ``[N, 4]`` beside ``box_features`` ``[N, 9]``."""
+    """``[N, 16]``: the study model's log-probabilities ``[N, 4]`` beside ``box_features`` ``[N, 12]``."""
     probs = np.atleast_2d(np.asarray(study_probs, np.float64))
     feats = np.atleast_2d(np.asarray(box_feats, np.float64))
     n = len(BOX_FEATURE_NAMES)

@@ -70,7 +70,7 @@ class Config(StageConfig):
     mask_weight: float = 1.0  # loss of the opacity heat map on the box masks (0: off)
     none_rule: str = AUTO  # "auto" (chosen out of fold), or "head", "negative", "boxes"
     stack_boxes: bool = False  # fit the study stacker on the OOF outputs and 05's boxes; 07 applies it
-    stack_c: float = 1.0  # the stacker's inverse L2 strength
+    stack_c: float = 0.3  # the stacker's inverse L2 strength (README: chosen on dev seeds 46 and 47)
     fold_groups: int | None = None  # merge the folds of 00 into this many splits; None: one model per fold
     hflip_tta: bool = False  # OOF prediction also on the flipped image (as 07 predicts)
     eval_every: int = 1  # validation metrics every N epochs (and at the last)
