@@ -37,6 +37,7 @@ from covidkit.profiles import REPO_ROOT
 FRESH_SEEDS = range(10_000, 1_000_000)  # fresh test seeds: far above any run or dev seed
 DEFAULT_SPEED_SCRIPT = REPO_ROOT.parent / "shared" / "tools" / "machine_speed.py"
 SUBMISSION_STAGE = "07_make_submission"
+VERDICTS = ("learned", "tie", "failed")  # verdict_class
 FIGURE_COLUMNS = ["seed", "stage", "model", "figure", "value", "baseline_name", "baseline", "verdict"]
 
 
@@ -301,9 +302,8 @@ def figure_table(figures: pd.DataFrame) -> pd.DataFrame:
         rows.append({"stage": stage, "model": " / ".join(group["model"].unique()),
                      "figure": " / ".join(group["figure"].unique()), "seeds": group["seed"].nunique(),
                      "value": mean_sd(group["value"]), "baselines": baselines,
-                     **{k: int((kinds == k).sum()) if (kinds != "").any() else "" for k in ("learned", "tie", "failed")}})
-    return pd.DataFrame(rows, columns=["stage", "model", "figure", "seeds", "value", "baselines", "learned", "tie",
-                                       "failed"])
+                     **{k: int((kinds == k).sum()) if (kinds != "").any() else "" for k in VERDICTS}})
+    return pd.DataFrame(rows, columns=["stage", "model", "figure", "seeds", "value", "baselines", *VERDICTS])
 
 
 def timing_table(runs: list[SeedRun]) -> pd.DataFrame:
