@@ -192,7 +192,8 @@ def run_seed(cfg: SeedsConfig, seed: int, say: Callable[[str], None], step: Step
     rc, run.pipeline_s = step(covidkit_command(*args, *(["--dry-run"] if cfg.dry_run else [])),
                               folder.log("pipeline"), lambda line: say(f"  {line}"))
     if rc != 0 or not run_finished(folder.run, cfg.dry_run):
-        return _failed(folder, run, f"pipeline exit {rc} (see {folder.log('pipeline')})", say)
+        why = f"exit {rc}" if rc != 0 else "not every notebook in the run's stage record"
+        return _failed(folder, run, f"pipeline {why} (see {folder.log('pipeline')})", say)
     run.status = "done"
     folder.write(run)
     units = f", {run.total_units:.0f} workload units" if run.total_units is not None else ""
@@ -218,7 +219,11 @@ def run_seeds(cfg: SeedsConfig, step: Step = run_logged, say: Callable[[str], No
         if run_finished(folder.run, cfg.dry_run) and (done is None or done.status == "done"):
             tell(f"finished run in {folder.run}: not rerun")
             continue
-        run_seed(cfg, seed, tell, step)
+        try:
+            run_seed(cfg, seed, tell, step)
+        except Exception as err:  # noqa: BLE001  (an unforeseen error of one seed: the others still run)
+            run = folder.read() or SeedRun(seed, dry_run=cfg.dry_run)
+            _failed(folder, run, f"{type(err).__name__}: {err}", tell)
     path = write_tables(cfg.out, cfg.seeds)
     say(f"tables: {cfg.out / 'seeds.csv'}, {cfg.out / 'timings.csv'}, {path}")
     return path
