@@ -36,10 +36,10 @@ def write_run(run_dir: Path, seed: int, fresh_seeds: list[int], nih: float) -> N
 
 class FakeStep:
     """Stands for ``run_logged``: synth makes the input folder, the pipeline a run folder; ``fail`` seeds' pipeline
-    exits 1 halfway."""
+    exits 1 halfway, ``crash`` seeds' raises."""
 
-    def __init__(self, fail: set[int] = frozenset()):
-        self.fail, self.calls = fail, []
+    def __init__(self, fail: set[int] = frozenset(), crash: set[int] = frozenset()):
+        self.fail, self.crash, self.calls = fail, crash, []
 
     def __call__(self, cmd, log, echo):
         self.calls.append(cmd)
@@ -50,6 +50,8 @@ class FakeStep:
         run_dir, seed = Path(args[args.index("--run-dir") + 1]), int(run_dir_seed(args))
         sets = [a.split("=", 1) for i, a in enumerate(args) if i and args[i - 1] == "--set"]
         fresh = json.loads(dict(sets)["07_make_submission.fresh_test_seeds"])
+        if seed in self.crash:
+            raise OSError("no space left on device")
         if seed in self.fail:
             (run_dir / "notebooks").mkdir(parents=True)
             return 1, 5.0
@@ -107,13 +109,16 @@ def test_runs_every_seed_records_a_failure_and_resumes(tmp_path):
     assert write_tables(cfg.out).read_text() == before
 
 
-def test_missing_speed_script_records_null_and_warns(tmp_path):
-    cfg = SeedsConfig(seeds=[4], out=tmp_path / "out", speed_script=tmp_path / "absent.py")
+def test_missing_speed_script_records_null_and_warns_and_a_crash_fails_one_seed(tmp_path):
+    cfg = SeedsConfig(seeds=[4, 5], out=tmp_path / "out", speed_script=tmp_path / "absent.py")
     lines = []
-    run_seeds(cfg, step=FakeStep(), say=lines.append)
+    run_seeds(cfg, step=FakeStep(crash={5}), say=lines.append)
     run = SeedFolder(cfg.out, 4).read()
     assert run.status == "done" and run.workload_s is None and run.total_units is None
     assert any("warning: no machine-speed script" in line for line in lines)
+    crashed = SeedFolder(cfg.out, 5).read()
+    assert crashed.status == "failed" and crashed.error == "OSError: no space left on device"
+    assert set(pd.read_csv(cfg.out / "seeds.csv")["seed"]) == {4}
 
 
 def test_figure_table_groups_seed_dependent_names_and_counts_verdicts():
