@@ -138,8 +138,7 @@ def check_settings(books: list[Path], settings: dict) -> None:
 
     declared = {b.stem: set(papermill.inspect_notebook(str(b))) for b in books}
     for key in settings:
-        name = key.rpartition(".")[2]
-        if not any(name in notebook_overrides(stem, {key: None}) and name in names for stem, names in declared.items()):
+        if not any(notebook_overrides(stem, {key: None}).keys() & names for stem, names in declared.items()):
             raise PipelineError(f"--set {key}: no notebook that runs ({', '.join(declared)}) has this parameter")
 
 
