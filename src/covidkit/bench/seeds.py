@@ -132,7 +132,7 @@ def run_logged(cmd: list[str], log: Path, echo: Callable[[str], None] | None = N
     notebook goes to ``echo``. Returns the exit status and the wall seconds."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(log, "w") as f:
+    with open(log, "w", buffering=1) as f:  # line by line: a killed run leaves its log
         f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
         with subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
