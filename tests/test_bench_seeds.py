@@ -12,7 +12,7 @@ import pytest
 
 from covidkit.bench.seeds import (FRESH_SEEDS, SeedFolder, SeedsConfig, draw_fresh_test_seeds, figure_table,
                                   run_seeds, verdict_class, write_tables)
-from covidkit.cli import build_parser
+from covidkit.cli import build_parser, main
 from covidkit.layout import RunLayout
 from covidkit.pipeline import PipelineError, check_settings, list_notebooks, notebook_overrides
 
@@ -158,6 +158,13 @@ def test_cli_parses_the_seeds_flags():
             args.synth_args, args.table_only) == ("seeds", [5, 6, 7], "full", "o", 4, "s.py", True,
                                                   "--train-studies 8", False)
     assert build_parser().parse_args(["bench", "seeds", "--table-only"]).seeds is None
+
+
+def test_cli_needs_seeds_or_table_only(tmp_path, capsys):
+    assert main(["bench", "seeds", "--out", str(tmp_path)]) == 2
+    assert "--seeds is required" in capsys.readouterr().err
+    assert main(["bench", "seeds", "--table-only", "--out", str(tmp_path)]) == 2  # no seed<S>/ there
+    assert "no seed<S> folder" in capsys.readouterr().err
 
 
 def test_pipeline_set_scopes_settings_to_a_notebook():
