@@ -129,15 +129,19 @@ def test_figure_table_groups_seed_dependent_names_and_counts_verdicts():
         (2, "11_ct_decovnet", "DeCoVNet", "held-out ROC AUC (41 volumes)", 0.5, "chance", 0.5, "constant output"),
         (1, "05_ensemble_wbf", "WBF", "OOF opacity AP@0.5", 0.4, "YOLO alone", 0.35, "learned"),
         (2, "05_ensemble_wbf", "WBF", "OOF opacity AP@0.5", 0.3, "Faster R-CNN alone", 0.32, "below the baseline"),
+        (1, "10_ct_cogseg", "+SR (1 L1) (medseg)", "test lesion DSC", 0.6, "untrained", 0.0, "learned"),
+        (1, "10_ct_cogseg", "+SR (4 L1) (medseg)", "test lesion DSC", 0.0, "untrained", 0.1,
+         "not clearly above the baseline (needs > 0.150)"),
     ]
     table = figure_table(pd.DataFrame(rows, columns=["seed", "stage", "model", "figure", "value", "baseline_name",
                                                      "baseline", "verdict"])).set_index("stage")
-    assert len(table) == 3 and set(table["seeds"]) == {2}
+    assert len(table) == 5 and list(table["seeds"]) == [2, 2, 1, 1, 2]  # the two variants stay apart
     assert table.loc["06_study_level", ["learned", "tie", "failed"]].tolist() == [1, 1, 0]
     assert table.loc["11_ct_decovnet", ["learned", "tie", "failed"]].tolist() == [1, 0, 1]
     assert table.loc["11_ct_decovnet", "value"] == "0.700 +- 0.283"
     assert table.loc["05_ensemble_wbf", "baselines"] == "YOLO alone 0.350 (1 seeds); Faster R-CNN alone 0.320 (1 seeds)"
-    assert verdict_class("tie: within the margin") == "tie"
+    assert table["failed"].tolist() == [1, 0, 0, 1, 1]  # below its baseline: failed, not a tie
+    assert verdict_class("tie: within the margin", 0.3, 0.31) == "tie"
 
 
 def test_fresh_test_seeds_differ_between_calls_and_avoid_the_run_seeds():

@@ -267,21 +267,24 @@ def collect(out: Path, seeds: list[int]) -> tuple[pd.DataFrame, list[SeedRun]]:
     return pd.DataFrame(rows, columns=FIGURE_COLUMNS), runs
 
 
-def verdict_class(verdict: str) -> str:
-    """``learned``, ``tie`` (within the margin of the baseline) or ``failed`` (below it, constant output, ...)."""
+def verdict_class(verdict: str, value: float, baseline: float) -> str:
+    """``learned``; ``tie`` (not clearly above the baseline, not below it); ``failed`` (below it, constant output)."""
     verdict = verdict.lower()
     if verdict.startswith("learned"):
         return "learned"
-    if verdict.startswith(("tie", "not clearly above")):
+    if verdict.startswith("tie") or (verdict.startswith("not clearly above") and value >= baseline):
         return "tie"
     return "failed"
 
 
-def _key(text: str) -> str:
-    """A figure or model name without what changes between seeds: counts in parentheses ("(42 volumes)"),
-    the rule a stage chose ("none (max box)")."""
-    text = re.sub(r"\s*\(\d[^)]*\)", "", text)
-    return re.sub(r"^none \(.*\)$", "none rule", text)
+def figure_key(figure: str) -> str:
+    """A figure's name without the counts that change with the seed ("held-out ROC AUC (42 volumes)")."""
+    return re.sub(r"\s*\(\d+ [a-z]+\)", "", figure)
+
+
+def model_key(model: str) -> str:
+    """A model's name without the rule a stage chose on the seed's data ("none (max box)")."""
+    return re.sub(r"^none \(.*\)$", "none rule", model)
 
 
 def mean_sd(values, digits: int = 3) -> str:
@@ -297,13 +300,14 @@ def mean_sd(values, digits: int = 3) -> str:
 def figure_table(figures: pd.DataFrame) -> pd.DataFrame:
     """One row per figure: its mean +- sd over the seeds, each baseline's, and the verdicts counted."""
     rows = []
-    figures = figures.assign(_model=figures["model"].map(_key), _figure=figures["figure"].map(_key))
+    figures = figures.assign(_model=figures["model"].map(model_key), _figure=figures["figure"].map(figure_key))
     figures = figures.sort_values("stage", kind="stable")  # the notebooks' order, each stage's checks in theirs
     for (stage, _, _), group in figures.groupby(["stage", "_model", "_figure"], sort=False):
         baselines = "; ".join(
             f"{name} {mean_sd(g['baseline'])}" + (f" ({g['seed'].nunique()} seeds)" if len(g) < len(group) else "")
             for name, g in group.groupby("baseline_name", sort=False) if name)
-        kinds = group["verdict"].fillna("").map(lambda v: verdict_class(v) if v else "")
+        kinds = pd.Series([verdict_class(v, x, b) if isinstance(v, str) and v else ""
+                           for v, x, b in zip(group["verdict"], group["value"], group["baseline"])])
         rows.append({"stage": stage, "model": " / ".join(group["model"].unique()),
                      "figure": " / ".join(group["figure"].unique()), "seeds": group["seed"].nunique(),
                      "value": mean_sd(group["value"]), "baselines": baselines,
