@@ -92,6 +92,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         bench_decovnet(volumes=args.volumes, slices=args.slices, size=args.size, device=args.device,
                        input_dir=Path(args.input) if args.input else None)
+    elif args.what == "seeds":
+        import shlex
+
+        from covidkit.bench.seeds import DEFAULT_SPEED_SCRIPT, SeedsConfig, run_seeds, write_tables
+
+        if args.table_only:
+            print(write_tables(Path(args.out), args.seeds).read_text())
+        elif not args.seeds:
+            raise ValueError("--seeds is required (except with --table-only)")
+        else:
+            cfg = SeedsConfig(seeds=args.seeds, out=Path(args.out), profile=args.profile, fresh_tests=args.fresh_tests,
+                              speed_script=Path(args.speed_script or DEFAULT_SPEED_SCRIPT),
+                              dry_run=args.dry_run, synth_args=shlex.split(args.synth_args))
+            print(run_seeds(cfg).read_text())
     return 0
 
 
@@ -114,10 +128,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from covidkit.pipeline import run_pipeline
+    from covidkit.profiles import parse_overrides
 
     run_pipeline(
         profile=args.profile, input_dir=Path(args.input),
         run_dir=Path(args.run_dir) if args.run_dir else None, only=args.only, dry_run=args.dry_run,
+        settings=parse_overrides(args.set),
     )
     return 0
 
@@ -230,6 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=int, default=512, help="side of a synthetic slice")
     b.add_argument("--device", default="cpu")
     b.add_argument("--input", default=None, help="a folder holding ct-covid-volumes/ (default: synthetic volumes)")
+    b = benches.add_parser("seeds", help="synth + the pipeline on several seeds: each figure as mean +- sd over seeds")
+    b.add_argument("--seeds", type=int, nargs="+", default=None, help="synthetic data seeds, one run each")
+    b.add_argument("--profile", default="smoke", help="the pipeline's profile")
+    b.add_argument("--out", default="runs/seeds", help="folder of the seed<S>/ runs and the tables (seeds.md, "
+                                                       "seeds.csv, timings.csv)")
+    b.add_argument("--fresh-tests", type=int, default=3,
+                   help="fresh test sets per run, their seeds drawn anew (never a run seed)")
+    b.add_argument("--speed-script", default=None,
+                   help="the machine-speed workload, timed before each run (default: ../shared/tools/machine_speed.py "
+                        "from the repository root; missing: no workload units, a warning)")
+    b.add_argument("--synth-args", default="", help='more options of covidkit synth, e.g. "--train-studies 40"')
+    b.add_argument("--dry-run", action="store_true", help="covidkit pipeline --dry-run: the whole path in minutes")
+    b.add_argument("--table-only", action="store_true",
+                   help="only rebuild the tables from the run folders in --out (all seed<S>/ without --seeds)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("run", help="one stage of the pipeline, as its notebook runs it (00 ... 07, 10, 11)")
@@ -257,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="*", default=None, help="run only these notebooks (name prefixes, e.g. 00)")
     p.add_argument("--dry-run", action="store_true",
                    help="the profile's settings on a few items per split and 1-2 steps per model (dry_run.json)")
+    p.add_argument("--set", action="append", default=[], metavar="[NOTEBOOK.]KEY=VALUE",
+                   help="override a setting (value in YAML) of every notebook that has it, or of one notebook: "
+                        "--set 07.fresh_test_seeds=[5,6]")
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("kaggle", help="a Kaggle dataset (wheels, models, notebook) that submits offline")

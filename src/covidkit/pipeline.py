@@ -117,9 +117,37 @@ def run_overrides(input_dir: Path, run_dir: Path, dry_run: bool) -> dict:
     return overrides
 
 
+def notebook_overrides(notebook: str, settings: dict) -> dict:
+    """The ``settings`` (``covidkit pipeline --set``) that apply to ``notebook``: a plain ``key`` to every notebook
+    that declares it, ``NOTEBOOK.key`` (``07.key``, ``07_make_submission.key``) to that notebook only."""
+    from covidkit.stages import notebook_of
+
+    out = {}
+    for key, value in settings.items():
+        scope, dot, name = key.rpartition(".")
+        if not dot:
+            out[key] = value
+        elif notebook_of(scope) == notebook:
+            out[name] = value
+    return out
+
+
+def check_settings(books: list[Path], settings: dict) -> None:
+    """Every ``--set`` key is a parameter of a notebook that runs (a typo must not pass silently)."""
+    import papermill
+
+    declared = {b.stem: set(papermill.inspect_notebook(str(b))) for b in books}
+    for key in settings:
+        if not any(notebook_overrides(stem, {key: None}).keys() & names for stem, names in declared.items()):
+            raise PipelineError(f"--set {key}: no notebook that runs ({', '.join(declared)}) has this parameter")
+
+
 def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_dir: Path | None = None,
-                 only: list[str] | None = None, dry_run: bool = False) -> list[NotebookRun]:
+                 only: list[str] | None = None, dry_run: bool = False,
+                 settings: dict | None = None) -> list[NotebookRun]:
     """Run the numbered notebooks (all, or ``only``) with ``profile``; stop at the first failure.
+
+    ``settings``: values over the profile's (``covidkit pipeline --set``, see ``notebook_overrides``).
 
     ``dry_run``: every stage with the profile's settings on a few items and one or two steps per model
     (``covidkit.stages.StageConfig``). Each notebook's wall time and its kernel's peak memory go to
@@ -131,16 +159,19 @@ def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_di
     run_dir = Path(run_dir or REPO_ROOT / "runs" / profile).resolve()
     overrides = run_overrides(input_dir, run_dir, dry_run)
     books = list_notebooks(only)
+    check_settings(books, settings or {})
     runs = []
     with tqdm(books, desc=f"pipeline [{profile}]", unit="notebook") as bar:
         for book in bar:
             bar.set_postfix_str(book.stem)
-            runs.append(run_notebook(book, params, run_dir, overrides))
+            runs.append(run_notebook(book, params, run_dir,
+                                     notebook_overrides(book.stem, settings or {}) | overrides))
             tqdm.write(f"{book.stem}: done in {runs[-1].seconds:.0f} s")
             write_stage_record(RunLayout(run_dir), runs, dry_run)
     print(f"run folder: {run_dir}")
     print(f"executed notebooks: {RunLayout(run_dir).notebooks}")
-    print_outputs(params, run_dir, Path(input_dir), overrides, [b.stem for b in books])
+    print_outputs(params, run_dir, Path(input_dir), notebook_overrides(SUBMISSION_NOTEBOOK, settings or {}) | overrides,
+                  [b.stem for b in books])
     return runs
 
 
