@@ -1,12 +1,15 @@
 """Lesions drawn into a phantom's lungs: opacities, the SIIM study patterns, and NIH findings.
 
-Every lesion adds density to a layer of the ``Chest`` and, when a radiologist would box it,
-returns its bounding box on the canvas (generous margins, as the SIIM and RSNA readers drew).
-Opacities are irregular (sums of blurred random blobs, not ellipses) and clipped to the lungs.
+Every lesion adds density to a layer of the ``Chest`` and returns the bounding box of its visible
+part on the canvas. The SIIM and RSNA readers drew one large box around the opacities of a lung
+zone, not one per lesion: the lesions of one reader's box share a ``region`` and ``boxes_of``
+takes the union of their boxes. Opacities are irregular (sums of blurred random blobs, not
+ellipses) and clipped to the lungs; a zone's opacity is several patches spread over it
+(multifocal ground glass, some consolidation) joined by fainter confluent ground glass.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -23,6 +26,7 @@ class Lesion:
     side: int             # 0: image-left lung, 1: image-right lung
     box: np.ndarray       # canvas x1, y1, x2, y2 of the visible lesion
     amplitude: float      # peak fraction of the lung's air replaced (0: none, 1: solid)
+    region: int = 0       # lesions of one side and region make one reader's box
 
 
 def opacify(chest: Chest, fraction: np.ndarray) -> np.ndarray:
@@ -194,14 +198,24 @@ def lobe_mask(chest: Chest, rng: np.random.Generator, side: int, lobe: str) -> n
     return region * chest.lungs[side]
 
 
-def lobar_consolidation(chest: Chest, rng: np.random.Generator, side: int, amplitude: float) -> Lesion | None:
-    """Dense consolidation filling (most of) one lobe, with air bronchograms."""
+def lobar_consolidation(chest: Chest, rng: np.random.Generator, side: int, amplitude: float,
+                        segment: float | None = None) -> Lesion | None:
+    """Dense consolidation filling (most of) one lobe, with air bronchograms; with ``segment`` (a
+    radius, fraction of the lung height) only the part of the lobe around a random point of it."""
     lobe = ("upper", "middle", "lower")[rng.choice(3, p=[0.35, 0.2, 0.45])] if side == 0 else \
         ("upper", "lower")[rng.choice(2, p=[0.4, 0.6])]
     region = lobe_mask(chest, rng, side, lobe)
     ys, xs = np.nonzero(region > 0.5)
     if len(xs) < 50:
         return None
+    if segment is not None:
+        i = rng.integers(len(xs))
+        part = irregular_mask(rng, chest.shape, (xs[i], ys[i]), segment * chest.lung_height,
+                              edge=0.1 * segment * chest.lung_height, lobes=(4, 8))
+        region = region * np.clip(part * 1.5, 0, 1)
+        ys, xs = np.nonzero(region > 0.5)
+        if len(xs) < 50:
+            return None
     center = (xs.mean(), ys.mean())
     radius = 0.6 * max(np.ptp(xs), np.ptp(ys))
     cover = irregular_mask(rng, chest.shape, center, radius, edge=0.08 * radius, lobes=(4, 8))
@@ -236,49 +250,120 @@ def patch(chest: Chest, rng: np.random.Generator, side: int, weight, p_consolida
     return ground_glass(chest, rng, side, center, radius, ggo_amplitude(rng))
 
 
+@dataclass(frozen=True)
+class Zone:
+    """Part of one lung in thoracic coordinates (u: 0 medial .. 1 lateral, v: 0 apex .. 1 base)."""
+
+    u0: float
+    u1: float
+    v0: float
+    v1: float
+
+    def weight(self, u, v):
+        return ((u >= self.u0) & (u <= self.u1) & (v >= self.v0) & (v <= self.v1)).astype(np.float64) + 1e-4
+
+
+def sample_zone(rng: np.random.Generator, center_v: tuple[float, float], height: float, width: float,
+                u_center: float | None = None) -> Zone:
+    """A zone whose reader's box is about ``height`` (fraction of the lung height) by ``width`` (fraction
+    of a lung's width), centred at height ``N(*center_v)``; lateral (touching the chest wall) unless
+    ``u_center`` is given. The patch centres lie inside, the patches reach a little beyond."""
+    h = float(np.clip(height * np.exp(rng.normal(0, 0.35)), 0.12, 0.95))
+    w = float(np.clip(width * np.exp(rng.normal(0, 0.3)), 0.25, 1.1))
+    vc = float(np.clip(rng.normal(*center_v), 0.08 + h / 2, 1.0 - 0.35 * h))
+    inner_h, inner_w = max(0.02, h - 0.12), max(0.05, w - 0.2)  # a patch reaches beyond its centre
+    if u_center is None:
+        u1 = 0.95
+        return Zone(u1 - inner_w, u1, vc - inner_h / 2, vc + inner_h / 2)
+    uc = float(np.clip(u_center, inner_w / 2, 1 - inner_w / 2))
+    return Zone(uc - inner_w / 2, uc + inner_w / 2, vc - inner_h / 2, vc + inner_h / 2)
+
+
+def zone_opacity(chest: Chest, rng: np.random.Generator, side: int, zone: Zone, region: int,
+                 p_consolidation: float) -> list[Lesion]:
+    """Multifocal opacity over one zone of a lung: patches spread over it (ground glass, some
+    consolidation) and, often, faint confluent ground glass joining them."""
+    area = (zone.u1 - zone.u0 + 0.2) * (zone.v1 - zone.v0 + 0.2)
+    lesions = []
+    for _ in range(int(np.clip(round(area * rng.uniform(8, 14)), 2, 7))):
+        lesions.append(patch(chest, rng, side, zone.weight, p_consolidation, (0.06, 0.11)))
+    if rng.random() < 0.6:
+        points, u, v = chest.lung_coords(side)
+        inside = zone.weight(u, v) > 0.5
+        if inside.any():
+            center = tuple(points[inside].mean(0))
+            radius = 0.5 * chest.lung_height * max(zone.v1 - zone.v0, 0.6 * (zone.u1 - zone.u0), 0.1)
+            lesions.append(ground_glass(chest, rng, side, center, radius, 0.6 * ggo_amplitude(rng)))
+    return [replace(x, region=region) for x in lesions if x is not None]
+
+
 def typical_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion]:
-    """Multifocal, bilateral, peripheral, lower-zone opacities, mostly ground-glass."""
-    peripheral_lower = lambda u, v: u ** 2.5 * v ** 2  # noqa: E731
+    """Multifocal, bilateral, peripheral, lower-zone opacities, mostly ground-glass: one reader's box
+    per lung (two in one lung when an upper and a lower zone are apart)."""
+    n_regions = [1, 1]
+    draw = rng.random()
+    if draw < 0.012:                      # unilateral (1 box)
+        n_regions[int(rng.integers(2))] = 0
+    elif draw < 0.075:                    # two separate zones in one lung (3 boxes), rarely in both
+        n_regions[int(rng.integers(2))] = 2
+        if draw > 0.068:
+            n_regions = [2, 2]
     lesions = []
     for side in (0, 1):
-        for _ in range(rng.choice([1, 2, 3], p=[0.45, 0.4, 0.15])):
-            lesions.append(patch(chest, rng, side, peripheral_lower, 0.25, (0.09, 0.18)))
-    return [x for x in lesions if x is not None]
+        if n_regions[side] == 2:
+            zones = [sample_zone(rng, (0.3, 0.04), 0.3, 0.7), sample_zone(rng, (0.78, 0.05), 0.35, 0.8)]
+        else:
+            zones = [sample_zone(rng, (0.6, 0.09), 0.57, 0.85)][: n_regions[side]]
+        for region, zone in enumerate(zones):
+            lesions += zone_opacity(chest, rng, side, zone, region, 0.25)
+    return lesions
 
 
 def indeterminate_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion]:
-    """Opacities that are not the typical pattern: unilateral, central, or upper-zone."""
-    mode = rng.choice(["unilateral", "central", "upper"], p=[0.5, 0.25, 0.25])
+    """Opacities that are not the typical pattern: unilateral, or central (perihilar), or upper-zone."""
+    mode = rng.choice(["unilateral", "central", "upper"], p=[0.62, 0.3, 0.08])
     lesions = []
     if mode == "unilateral":
         side = int(rng.integers(2))
-        for _ in range(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15])):
-            lesions.append(patch(chest, rng, side, lambda u, v: np.ones_like(u), 0.4, (0.07, 0.15)))
+        zones = [sample_zone(rng, (0.72, 0.12), 0.5, 0.75, u_center=rng.uniform(0.3, 0.7))]
+        if rng.random() < 0.04:  # and a second zone in the same lung
+            zones.append(sample_zone(rng, (0.25, 0.05), 0.25, 0.6, u_center=rng.uniform(0.3, 0.7)))
+        for region, zone in enumerate(zones):
+            lesions += zone_opacity(chest, rng, side, zone, region, 0.4)
     else:
-        weight = (lambda u, v: (1 - u) ** 3) if mode == "central" else (lambda u, v: (1 - v) ** 3)
-        sides = [0, 1] if rng.random() < 0.6 else [int(rng.integers(2))]
+        sides = [0, 1] if rng.random() < 0.85 else [int(rng.integers(2))]
         for side in sides:
-            lesions.append(patch(chest, rng, side, weight, 0.35, (0.07, 0.14)))
-    return [x for x in lesions if x is not None]
+            if mode == "central":
+                zone = sample_zone(rng, (0.64, 0.07), 0.45, 0.66, u_center=0.3)
+            else:
+                zone = sample_zone(rng, (0.32, 0.05), 0.4, 0.8, u_center=rng.uniform(0.4, 0.7))
+            lesions += zone_opacity(chest, rng, side, zone, 0, 0.35)
+    return lesions
 
 
 def atypical_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion]:
-    """A lobar consolidation, a nodular pattern, or a cavitating lesion."""
-    mode = rng.choice(["lobar", "nodular", "cavity"], p=[0.55, 0.3, 0.15])
+    """A lobar (or segmental) consolidation, a nodular pattern, or a cavitating lesion."""
+    mode = rng.choice(["lobar", "nodular", "cavity"], p=[0.5, 0.3, 0.2])
     if mode == "lobar":
-        lesions = [lobar_consolidation(chest, rng, int(rng.integers(2)), rng.uniform(0.7, 0.95))]
+        sides = [int(rng.integers(2))] if rng.random() < 0.8 else [0, 1]
+        lesions = [lobar_consolidation(chest, rng, side, rng.uniform(0.7, 0.95),
+                                       segment=rng.uniform(0.35, 0.5)) for side in sides]
     elif mode == "nodular":
         lesions = []
-        for _ in range(rng.integers(3, 9)):
-            side = int(rng.integers(2))
-            center = sample_center(chest, rng, side, lambda u, v: np.ones_like(u))
-            lesions.append(nodule(chest, rng, side, center, chest.lung_height * rng.uniform(0.018, 0.04),
-                                  rng.uniform(0.35, 0.7)))
+        sides = [0, 1] if rng.random() < 0.5 else [int(rng.integers(2))]
+        for side in sides:
+            zone = sample_zone(rng, (0.75, 0.1), 0.6, 0.9, u_center=rng.uniform(0.35, 0.65))
+            for _ in range(rng.integers(2, 6)):
+                center = sample_center(chest, rng, side, zone.weight)
+                lesions.append(nodule(chest, rng, side, center, chest.lung_height * rng.uniform(0.018, 0.04),
+                                      rng.uniform(0.35, 0.7)))
     else:
-        side = int(rng.integers(2))
-        center = sample_center(chest, rng, side, lambda u, v: (1 - v) ** 2)
-        lesions = [cavity(chest, rng, side, center, chest.lung_height * rng.uniform(0.06, 0.1),
-                          rng.uniform(0.6, 0.9))]
+        sides = [int(rng.integers(2))] if rng.random() < 0.85 else [0, 1]
+        lesions = []
+        for side in sides:
+            center = sample_center(chest, rng, side, lambda u, v: v ** 2)
+            lesions.append(cavity(chest, rng, side, center, chest.lung_height * rng.uniform(0.12, 0.2),
+                                  rng.uniform(0.6, 0.9)))
     return [x for x in lesions if x is not None]
 
 
@@ -298,9 +383,13 @@ def draw_study_pattern(chest: Chest, rng: np.random.Generator, study_class: str)
 
 
 def boxes_of(lesions: list[Lesion]) -> np.ndarray:
-    """Canvas boxes of the lesions, overlapping ones merged, as ``[N, 4]``."""
-    merged = merge_boxes([lesion.box for lesion in lesions])
-    return np.array(merged, np.float64).reshape(-1, 4)
+    """The readers' canvas boxes ``[N, 4]``: one per (side, region), around all its lesions; boxes
+    that overlap heavily are merged, as a reader would draw one box."""
+    groups: dict[tuple[int, int], list[np.ndarray]] = {}
+    for lesion in lesions:
+        groups.setdefault((lesion.side, lesion.region), []).append(lesion.box)
+    unions = [np.concatenate([np.min(b, 0)[:2], np.max(b, 0)[2:]]) for b in map(np.array, groups.values())]
+    return np.array(merge_boxes(unions), np.float64).reshape(-1, 4)
 
 
 # ---------------------------------------------------------------------------------------------
