@@ -353,7 +353,7 @@ def atypical_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion]:
         sides = [0, 1] if rng.random() < 0.5 else [int(rng.integers(2))]
         for side in sides:
             zone = sample_zone(rng, (0.75, 0.1), 0.6, 0.9, u_center=rng.uniform(0.35, 0.65))
-            for _ in range(rng.integers(2, 6)):
+            for _ in range(rng.integers(3, 8)):
                 center = sample_center(chest, rng, side, zone.weight)
                 lesions.append(nodule(chest, rng, side, center, chest.lung_height * rng.uniform(0.018, 0.04),
                                       rng.uniform(0.35, 0.7)))
@@ -362,7 +362,7 @@ def atypical_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion]:
         lesions = []
         for side in sides:
             center = sample_center(chest, rng, side, lambda u, v: v ** 2)
-            lesions.append(cavity(chest, rng, side, center, chest.lung_height * rng.uniform(0.12, 0.2),
+            lesions.append(cavity(chest, rng, side, center, chest.lung_height * rng.uniform(0.13, 0.2),
                                   rng.uniform(0.6, 0.9)))
     return [x for x in lesions if x is not None]
 

@@ -54,6 +54,8 @@ MAX_STUDIES_PER_PATIENT = 25
 # unboxed extra images of multi-image studies, ~5 % of typical and indeterminate images and ~19 %
 # of atypical ones stay without a box, as in the real labels.
 UNBOXED = {"typical": 0.015, "indeterminate": 0.015, "atypical": 0.16}
+# Framing of the landscape SIIM films: lung box / image ~0.73 wide and ~0.72 high, as in the real set.
+STRETCH, ROI_HEIGHT = (1.0, 1.15), 1.45
 MIN_BOX_SIDE = 8  # pixels; smaller remnants of a box clipped by the film edge are dropped
 
 
@@ -160,7 +162,7 @@ def render_study(task: StudyTask) -> list[dict]:
         style = sample_style(rng, RECIPES[image.recipe] if image.recipe is not None else None)
         hw = sample_size(rng, task.min_size, task.max_size)
         exposure = sample_exposure(rng, poor=study.poor)
-        matrix = sample_view(chest, hw, rng)
+        matrix = sample_view(chest, hw, rng, stretch=STRETCH, roi_height=ROI_HEIGHT)
         img = acquire(develop(chest, exposure, rng), matrix, hw, exposure, rng)
         if rng.random() < 0.3:
             add_marker(img, rng)
