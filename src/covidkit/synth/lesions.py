@@ -29,17 +29,33 @@ class Lesion:
     region: int = 0       # lesions of one side and region make one reader's box
 
 
-def opacify(chest: Chest, fraction: np.ndarray) -> np.ndarray:
+def opacify(chest: Chest, fraction: np.ndarray, win: tuple[slice, slice] | None = None) -> np.ndarray:
     """Replace ``fraction`` (0..1 map) of the lungs' air by fluid or tissue; returns the added density.
 
     A fully consolidated lung is as dense as soft tissue, not denser, and the vessels it
     engulfs vanish into it (the silhouette sign); through ground glass they stay visible.
+    With ``win`` the maps cover only that window of the canvas (faster for small lesions), and
+    opacities drawn this way overlap as a union: where patches overlap the lung holds the larger
+    fraction, not their sum (overlapping ground glass stays ground glass). The returned density is
+    the lesion's own (for its box), whatever was there before.
     """
     fraction = np.clip(fraction * chest.severity, 0, 1).astype(np.float32)
-    density = fraction * np.clip(-chest.layers["lungs"], 0, None)
-    chest.add("lesions", density)
-    chest.layers["vessels"] = chest.layers["vessels"] * (1 - fraction)
-    return density
+    if win is None:
+        density = fraction * np.clip(-chest.layers["lungs"], 0, None)
+        chest.add("lesions", density)
+        chest.layers["vessels"] = chest.layers["vessels"] * (1 - fraction)
+        return density
+    if "filled" not in chest.cache:  # write into copies, never into arrays another chest shares
+        chest.layers["vessels"] = chest.layers["vessels"].copy()
+        chest.layers["lesions"] = chest.layers.get("lesions", np.zeros(chest.shape, np.float32)).copy()
+        chest.cache["filled"] = np.zeros(chest.shape, np.float32)
+    air = np.clip(-chest.layers["lungs"][win], 0, None)
+    filled = chest.cache["filled"][win]
+    union = np.maximum(filled, fraction)
+    chest.layers["lesions"][win] += (union - filled) * air
+    chest.layers["vessels"][win] *= np.clip(1 - union, 0, 1) / np.maximum(1 - filled, 1e-3)
+    chest.cache["filled"][win] = union
+    return fraction * air
 
 
 def roi(center: tuple[float, float], radius: float, shape: tuple[int, int]) -> tuple[slice, slice]:
@@ -54,7 +70,8 @@ def irregular_mask(rng: np.random.Generator, shape: tuple[int, int], center: tup
     """A soft irregular patch: thresholded sum of random Gaussian lobes, edges blurred by ``edge``."""
     out = np.zeros(shape, np.float32)
     win = roi(center, radius * 2.2 + 3 * edge, shape)
-    ys, xs = np.mgrid[win[0], win[1]].astype(np.float32)
+    step = max(1, int(radius / 12))  # the smooth field of a large patch is computed on a coarser grid
+    ys, xs = np.mgrid[win[0].start:win[0].stop:step, win[1].start:win[1].stop:step].astype(np.float32)
     field = np.zeros_like(xs)
     for _ in range(rng.integers(*lobes)):
         ox, oy = rng.normal(0, 0.45 * radius, 2)
@@ -62,26 +79,35 @@ def irregular_mask(rng: np.random.Generator, shape: tuple[int, int], center: tup
         dist2 = (xs - center[0] - ox) ** 2 + (ys - center[1] - oy) ** 2
         field += rng.uniform(0.6, 1.0) * np.exp(-dist2 / (2 * sig ** 2))
     field /= field.max() + 1e-6
-    field *= 1 + 0.35 * smooth_noise(rng, field.shape, max(1.5, radius * 0.12))
+    field *= 1 + 0.35 * smooth_noise(rng, field.shape, max(1.5, radius * 0.12 / step))
+    if step > 1:
+        size = (win[1].stop - win[1].start, win[0].stop - win[0].start)
+        field = cv2.resize(field, size, interpolation=cv2.INTER_LINEAR)
     mask = np.clip((field - 0.45) / 0.2, 0, 1)
     out[win] = blur(mask.astype(np.float32), edge)
     return out
 
 
 def lung_mask(chest: Chest, side: int) -> np.ndarray:
-    return blur(chest.lungs[side].astype(np.float32), 1.5)
+    if ("lung_mask", side) not in chest.cache:
+        chest.cache["lung_mask", side] = blur(chest.lungs[side].astype(np.float32), 1.5)
+    return chest.cache["lung_mask", side]
 
 
-def visible_box(density: np.ndarray, chest: Chest, rng: np.random.Generator, level: float = 0.3) -> np.ndarray | None:
-    """Bounding box of where ``density`` exceeds ``level`` of its visible peak, with a reader's margin."""
-    visible = density * (1 - 0.8 * chest.heart)
+def visible_box(density: np.ndarray, chest: Chest, rng: np.random.Generator, level: float = 0.3,
+                win: tuple[slice, slice] | None = None) -> np.ndarray | None:
+    """Bounding box of where ``density`` (the window ``win`` of the canvas) exceeds ``level`` of its
+    visible peak, with a reader's margin."""
+    win = win or (slice(0, chest.shape[0]), slice(0, chest.shape[1]))
+    visible = density * (1 - 0.8 * chest.heart[win])
     peak = visible.max()
     if peak <= 0:
         return None
     ys, xs = np.nonzero(visible > level * peak)
     if len(xs) < 12:
         return None
-    x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    x1, y1 = xs.min() + win[1].start, ys.min() + win[0].start
+    x2, y2 = xs.max() + 1 + win[1].start, ys.max() + 1 + win[0].start
     mx, my = (x2 - x1) * rng.uniform(0.02, 0.12) + 2, (y2 - y1) * rng.uniform(0.02, 0.12) + 2
     h, w = chest.shape
     return np.array([max(0, x1 - mx), max(0, y1 - my), min(w, x2 + mx), min(h, y2 + my)], np.float64)
@@ -128,10 +154,12 @@ def merge_boxes(boxes: list[np.ndarray], iou: float = 0.25, cover: float = 0.6) 
 def ground_glass(chest: Chest, rng: np.random.Generator, side: int, center, radius: float,
                  amplitude: float) -> Lesion | None:
     """Hazy, low-contrast opacity with soft edges: vessels stay visible through it."""
-    mask = irregular_mask(rng, chest.shape, center, radius, edge=0.3 * radius)
-    texture = 1 + 0.15 * smooth_noise(rng, chest.shape, 6.0)
-    density = opacify(chest, amplitude * mask * texture * lung_mask(chest, side))
-    box = visible_box(density, chest, rng)
+    edge = 0.3 * radius
+    mask = irregular_mask(rng, chest.shape, center, radius, edge=edge)
+    win = roi(center, radius * 2.2 + 3 * edge, chest.shape)  # where the mask is not zero
+    texture = 1 + 0.15 * smooth_noise(rng, mask[win].shape, 6.0)
+    density = opacify(chest, amplitude * mask[win] * texture * lung_mask(chest, side)[win], win)
+    box = visible_box(density, chest, rng, win=win)
     return None if box is None else Lesion("ggo", side, box, amplitude)
 
 
@@ -140,11 +168,14 @@ def consolidation(chest: Chest, rng: np.random.Generator, side: int, center, rad
     """Dense opacity with fairly sharp edges, a hazy rim, and sometimes air bronchograms."""
     core = irregular_mask(rng, chest.shape, center, radius, edge=0.12 * radius + 1, lobes=(2, 5))
     rim = irregular_mask(rng, chest.shape, center, radius * 1.3, edge=0.25 * radius)
-    fraction = amplitude * np.maximum(core, 0.35 * rim) * (1 + 0.06 * smooth_noise(rng, chest.shape, 6.0))
+    win = roi(center, radius * 1.3 * 2.2 + 0.75 * radius, chest.shape)  # where core and rim are not zero
+    core, rim = core[win], rim[win]
+    fraction = amplitude * np.maximum(core, 0.35 * rim) * (1 + 0.06 * smooth_noise(rng, core.shape, 6.0))
     if bronchograms if bronchograms is not None else (radius > 0.08 * chest.lung_height and rng.random() < 0.4):
-        fraction -= 0.3 * amplitude * air_bronchograms(chest, rng, side) * blur((core > 0.8).astype(np.float32), 2)
-    density = opacify(chest, fraction * lung_mask(chest, side))
-    box = visible_box(density, chest, rng)
+        tubes = air_bronchograms(chest, rng, side)[win]
+        fraction -= 0.3 * amplitude * tubes * blur((core > 0.8).astype(np.float32), 2)
+    density = opacify(chest, fraction * lung_mask(chest, side)[win], win)
+    box = visible_box(density, chest, rng, win=win)
     return None if box is None else Lesion("consolidation", side, box, amplitude)
 
 

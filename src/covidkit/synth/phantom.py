@@ -49,6 +49,7 @@ class Chest:
     layers: dict[str, np.ndarray] = field(default_factory=dict)
     severity: float = 1.0         # scales every opacity drawn (< 1: a faint study nobody boxed)
     mods: AnatomyMods = AnatomyMods()
+    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # of the fixed masks
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -77,12 +78,15 @@ class Chest:
 
     def lung_coords(self, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pixels of one lung on a 4 px grid: ``(points [N, 2] as x, y; u [N]; v [N])``, u and v as in ``uv``."""
+        if ("coords", side) in self.cache:
+            return self.cache["coords", side]
         ys, xs = np.nonzero(self.lungs[side, ::4, ::4])
         xs, ys = xs * 4 + 2, ys * 4 + 2
         lateral = np.abs(xs - self.cx)
         u = np.clip((lateral - self.mediastinum) / (self.hw - self.mediastinum), 0, 1)
         v = np.clip((ys - self.apex_y) / self.lung_height, 0, 1)
-        return np.stack([xs, ys], axis=1).astype(np.float64), u, v
+        self.cache["coords", side] = np.stack([xs, ys], axis=1).astype(np.float64), u, v
+        return self.cache["coords", side]
 
 
 # ---------------------------------------------------------------------------------------------
