@@ -4,10 +4,12 @@
 ``train_study_level.csv`` and ``sample_submission.csv``; ``siim-covid19-detection-solution/``
 gets the test labels in the two training formats (used for scoring only).
 
-Like the real data: study classes in the real proportions, opacity patterns that follow the
-radiological definitions of each class, ~10 % of studies with 2-3 images (same lesions, another
-exposure and file style, not always boxed), some patients with two studies, some positive
-images without boxes (a faint opacity nobody boxed, or a poor film), and DICOM styles drawn
+Like the real data (figures in docs/data.md): study classes in the real proportions, patients
+with 1 to 25 studies (mean ~1.86), ~4 % of studies with 2-5 images (same lesions, another exposure
+and file style; the reader boxed exactly one of them), opacity patterns that follow the
+radiological definitions of each class with one reader's box per affected lung zone (a typical
+study: two boxes, one per lung), some positive images without boxes (a faint opacity nobody
+boxed, or a poor film), landscape films (width / height ~1.21), and DICOM styles drawn
 independently of the class.
 """
 from __future__ import annotations
