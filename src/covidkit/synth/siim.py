@@ -102,7 +102,7 @@ def plan_split(split: str, n: int, rng: np.random.Generator, used: set[str]) -> 
     study with several images the reader boxed exactly one of them (rarely none).
     """
     owners: list[tuple[str, int, str]] = []
-    cap = max(1, n // 8)  # a small split is not one patient's
+    cap = max(2, n // 20)  # a small split is not one patient's
     while len(owners) < n:
         patient = (hex_id(rng, used), new_seed(rng), "F" if rng.random() < 0.45 else "M")
         owners += [patient] * studies_per_patient(rng, cap)
