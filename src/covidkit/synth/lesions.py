@@ -344,7 +344,7 @@ def typical_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion]:
         if n_regions[side] == 2:
             zones = [sample_zone(rng, (0.3, 0.04), 0.3, 0.7), sample_zone(rng, (0.78, 0.05), 0.35, 0.8)]
         else:
-            zones = [sample_zone(rng, (0.6, 0.09), 0.57, 0.85)][: n_regions[side]]
+            zones = [sample_zone(rng, (0.6, 0.09), 0.61, 0.88)][: n_regions[side]]
         for region, zone in enumerate(zones):
             lesions += zone_opacity(chest, rng, side, zone, region, 0.25)
     return lesions
@@ -356,7 +356,7 @@ def indeterminate_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion
     lesions = []
     if mode == "unilateral":
         side = int(rng.integers(2))
-        zones = [sample_zone(rng, (0.72, 0.12), 0.5, 0.75, u_center=rng.uniform(0.3, 0.7))]
+        zones = [sample_zone(rng, (0.72, 0.12), 0.53, 0.78, u_center=rng.uniform(0.3, 0.7))]
         if rng.random() < 0.04:  # and a second zone in the same lung
             zones.append(sample_zone(rng, (0.25, 0.05), 0.25, 0.6, u_center=rng.uniform(0.3, 0.7)))
         for region, zone in enumerate(zones):
@@ -365,7 +365,7 @@ def indeterminate_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion
         sides = [0, 1] if rng.random() < 0.85 else [int(rng.integers(2))]
         for side in sides:
             if mode == "central":
-                zone = sample_zone(rng, (0.64, 0.07), 0.45, 0.66, u_center=0.3)
+                zone = sample_zone(rng, (0.64, 0.07), 0.48, 0.7, u_center=0.3)
             else:
                 zone = sample_zone(rng, (0.32, 0.05), 0.4, 0.8, u_center=rng.uniform(0.4, 0.7))
             lesions += zone_opacity(chest, rng, side, zone, 0, 0.35)
@@ -378,12 +378,12 @@ def atypical_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion]:
     if mode == "lobar":
         sides = [int(rng.integers(2))] if rng.random() < 0.8 else [0, 1]
         lesions = [lobar_consolidation(chest, rng, side, rng.uniform(0.7, 0.95),
-                                       segment=rng.uniform(0.35, 0.5)) for side in sides]
+                                       segment=rng.uniform(0.4, 0.55)) for side in sides]
     elif mode == "nodular":
         lesions = []
         sides = [0, 1] if rng.random() < 0.5 else [int(rng.integers(2))]
         for side in sides:
-            zone = sample_zone(rng, (0.75, 0.1), 0.6, 0.9, u_center=rng.uniform(0.35, 0.65))
+            zone = sample_zone(rng, (0.75, 0.1), 0.65, 0.95, u_center=rng.uniform(0.35, 0.65))
             for _ in range(rng.integers(3, 8)):
                 center = sample_center(chest, rng, side, zone.weight)
                 lesions.append(nodule(chest, rng, side, center, chest.lung_height * rng.uniform(0.018, 0.04),

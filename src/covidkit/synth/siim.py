@@ -55,7 +55,7 @@ MAX_STUDIES_PER_PATIENT = 25
 # Positive single-image studies whose reader drew no box (a faint opacity, or a poor film): with the
 # unboxed extra images of multi-image studies, ~5 % of typical and indeterminate images and ~19 %
 # of atypical ones stay without a box, as in the real labels.
-UNBOXED = {"typical": 0.015, "indeterminate": 0.015, "atypical": 0.16}
+UNBOXED = {"typical": 0.01, "indeterminate": 0.01, "atypical": 0.14}
 # Framing of the landscape SIIM films: lung box / image ~0.73 wide and ~0.72 high, as in the real set.
 STRETCH, ROI_HEIGHT = (1.0, 1.15), 1.45
 MIN_BOX_SIDE = 8  # pixels; smaller remnants of a box clipped by the film edge are dropped
