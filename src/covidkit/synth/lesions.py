@@ -365,7 +365,7 @@ def indeterminate_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion
         sides = [0, 1] if rng.random() < 0.85 else [int(rng.integers(2))]
         for side in sides:
             if mode == "central":
-                zone = sample_zone(rng, (0.64, 0.07), 0.48, 0.7, u_center=0.3)
+                zone = sample_zone(rng, (0.64, 0.07), 0.52, 0.6, u_center=0.22)
             else:
                 zone = sample_zone(rng, (0.32, 0.05), 0.4, 0.8, u_center=rng.uniform(0.4, 0.7))
             lesions += zone_opacity(chest, rng, side, zone, 0, 0.35)
