@@ -66,11 +66,12 @@ def roi(center: tuple[float, float], radius: float, shape: tuple[int, int]) -> t
 
 
 def irregular_mask(rng: np.random.Generator, shape: tuple[int, int], center: tuple[float, float],
-                   radius: float, edge: float, lobes: tuple[int, int] = (3, 8)) -> np.ndarray:
-    """A soft irregular patch: thresholded sum of random Gaussian lobes, edges blurred by ``edge``."""
+                   radius: float, edge: float, lobes: tuple[int, int] = (3, 8), coarse: bool = False) -> np.ndarray:
+    """A soft irregular patch: thresholded sum of random Gaussian lobes, edges blurred by ``edge``
+    (``coarse``: the smooth field of a large patch computed on a coarser grid, faster)."""
     out = np.zeros(shape, np.float32)
     win = roi(center, radius * 2.2 + 3 * edge, shape)
-    step = max(1, int(radius / 12))  # the smooth field of a large patch is computed on a coarser grid
+    step = max(1, int(radius / 12)) if coarse else 1
     ys, xs = np.mgrid[win[0].start:win[0].stop:step, win[1].start:win[1].stop:step].astype(np.float32)
     field = np.zeros_like(xs)
     for _ in range(rng.integers(*lobes)):
@@ -151,31 +152,39 @@ def merge_boxes(boxes: list[np.ndarray], iou: float = 0.25, cover: float = 0.6) 
 # opacities
 
 
+def full_window(chest: Chest) -> tuple[slice, slice]:
+    return slice(0, chest.shape[0]), slice(0, chest.shape[1])
+
+
 def ground_glass(chest: Chest, rng: np.random.Generator, side: int, center, radius: float,
-                 amplitude: float) -> Lesion | None:
-    """Hazy, low-contrast opacity with soft edges: vessels stay visible through it."""
+                 amplitude: float, zone: bool = False) -> Lesion | None:
+    """Hazy, low-contrast opacity with soft edges: vessels stay visible through it.
+
+    ``zone``: part of a zone's opacity, drawn in a window and as a union with the others (``opacify``).
+    """
     edge = 0.3 * radius
-    mask = irregular_mask(rng, chest.shape, center, radius, edge=edge)
-    win = roi(center, radius * 2.2 + 3 * edge, chest.shape)  # where the mask is not zero
+    mask = irregular_mask(rng, chest.shape, center, radius, edge=edge, coarse=zone)
+    win = roi(center, radius * 2.2 + 3 * edge, chest.shape) if zone else full_window(chest)  # mask > 0 inside
     texture = 1 + 0.15 * smooth_noise(rng, mask[win].shape, 6.0)
-    density = opacify(chest, amplitude * mask[win] * texture * lung_mask(chest, side)[win], win)
-    box = visible_box(density, chest, rng, win=win)
+    density = opacify(chest, amplitude * mask[win] * texture * lung_mask(chest, side)[win], win if zone else None)
+    box = visible_box(density, chest, rng, win=win if zone else None)
     return None if box is None else Lesion("ggo", side, box, amplitude)
 
 
 def consolidation(chest: Chest, rng: np.random.Generator, side: int, center, radius: float,
-                  amplitude: float, bronchograms: bool | None = None) -> Lesion | None:
-    """Dense opacity with fairly sharp edges, a hazy rim, and sometimes air bronchograms."""
-    core = irregular_mask(rng, chest.shape, center, radius, edge=0.12 * radius + 1, lobes=(2, 5))
-    rim = irregular_mask(rng, chest.shape, center, radius * 1.3, edge=0.25 * radius)
-    win = roi(center, radius * 1.3 * 2.2 + 0.75 * radius, chest.shape)  # where core and rim are not zero
+                  amplitude: float, bronchograms: bool | None = None, zone: bool = False) -> Lesion | None:
+    """Dense opacity with fairly sharp edges, a hazy rim, and sometimes air bronchograms (``zone``: as in
+    ``ground_glass``)."""
+    core = irregular_mask(rng, chest.shape, center, radius, edge=0.12 * radius + 1, lobes=(2, 5), coarse=zone)
+    rim = irregular_mask(rng, chest.shape, center, radius * 1.3, edge=0.25 * radius, coarse=zone)
+    win = roi(center, radius * 1.3 * 2.2 + 0.75 * radius, chest.shape) if zone else full_window(chest)
     core, rim = core[win], rim[win]
     fraction = amplitude * np.maximum(core, 0.35 * rim) * (1 + 0.06 * smooth_noise(rng, core.shape, 6.0))
     if bronchograms if bronchograms is not None else (radius > 0.08 * chest.lung_height and rng.random() < 0.4):
         tubes = air_bronchograms(chest, rng, side)[win]
         fraction -= 0.3 * amplitude * tubes * blur((core > 0.8).astype(np.float32), 2)
-    density = opacify(chest, fraction * lung_mask(chest, side)[win], win)
-    box = visible_box(density, chest, rng, win=win)
+    density = opacify(chest, fraction * lung_mask(chest, side)[win], win if zone else None)
+    box = visible_box(density, chest, rng, win=win if zone else None)
     return None if box is None else Lesion("consolidation", side, box, amplitude)
 
 
@@ -272,13 +281,13 @@ def consolidation_amplitude(rng: np.random.Generator) -> float:
 
 
 def patch(chest: Chest, rng: np.random.Generator, side: int, weight, p_consolidation: float,
-          size: tuple[float, float]) -> Lesion | None:
+          size: tuple[float, float], zone: bool = False) -> Lesion | None:
     """One opacity, ground-glass or consolidation, placed by ``weight`` in one lung."""
     center = sample_center(chest, rng, side, weight)
     radius = chest.lung_height * rng.uniform(*size)
     if rng.random() < p_consolidation:
-        return consolidation(chest, rng, side, center, radius * 0.8, consolidation_amplitude(rng))
-    return ground_glass(chest, rng, side, center, radius, ggo_amplitude(rng))
+        return consolidation(chest, rng, side, center, radius * 0.8, consolidation_amplitude(rng), zone=zone)
+    return ground_glass(chest, rng, side, center, radius, ggo_amplitude(rng), zone=zone)
 
 
 @dataclass(frozen=True)
@@ -317,14 +326,14 @@ def zone_opacity(chest: Chest, rng: np.random.Generator, side: int, zone: Zone, 
     area = (zone.u1 - zone.u0 + 0.2) * (zone.v1 - zone.v0 + 0.2)
     lesions = []
     for _ in range(int(np.clip(round(area * rng.uniform(8, 14)), 2, 7))):
-        lesions.append(patch(chest, rng, side, zone.weight, p_consolidation, (0.06, 0.11)))
+        lesions.append(patch(chest, rng, side, zone.weight, p_consolidation, (0.06, 0.11), zone=True))
     if rng.random() < 0.6:
         points, u, v = chest.lung_coords(side)
         inside = zone.weight(u, v) > 0.5
         if inside.any():
             center = tuple(points[inside].mean(0))
             radius = 0.5 * chest.lung_height * max(zone.v1 - zone.v0, 0.6 * (zone.u1 - zone.u0), 0.1)
-            lesions.append(ground_glass(chest, rng, side, center, radius, 0.6 * ggo_amplitude(rng)))
+            lesions.append(ground_glass(chest, rng, side, center, radius, 0.6 * ggo_amplitude(rng), zone=True))
     return [replace(x, region=region) for x in lesions if x is not None]
 
 
