@@ -1,12 +1,15 @@
 """Lesions drawn into a phantom's lungs: opacities, the SIIM study patterns, and NIH findings.
 
-Every lesion adds density to a layer of the ``Chest`` and, when a radiologist would box it,
-returns its bounding box on the canvas (generous margins, as the SIIM and RSNA readers drew).
-Opacities are irregular (sums of blurred random blobs, not ellipses) and clipped to the lungs.
+Every lesion adds density to a layer of the ``Chest`` and returns the bounding box of its visible
+part on the canvas. The SIIM and RSNA readers drew one large box around the opacities of a lung
+zone, not one per lesion: the lesions of one reader's box share a ``region`` and ``boxes_of``
+takes the union of their boxes. Opacities are irregular (sums of blurred random blobs, not
+ellipses) and clipped to the lungs; a zone's opacity is several patches spread over it
+(multifocal ground glass, some consolidation) joined by fainter confluent ground glass.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -23,19 +26,36 @@ class Lesion:
     side: int             # 0: image-left lung, 1: image-right lung
     box: np.ndarray       # canvas x1, y1, x2, y2 of the visible lesion
     amplitude: float      # peak fraction of the lung's air replaced (0: none, 1: solid)
+    region: int = 0       # lesions of one side and region make one reader's box
 
 
-def opacify(chest: Chest, fraction: np.ndarray) -> np.ndarray:
+def opacify(chest: Chest, fraction: np.ndarray, win: tuple[slice, slice] | None = None) -> np.ndarray:
     """Replace ``fraction`` (0..1 map) of the lungs' air by fluid or tissue; returns the added density.
 
     A fully consolidated lung is as dense as soft tissue, not denser, and the vessels it
     engulfs vanish into it (the silhouette sign); through ground glass they stay visible.
+    With ``win`` the maps cover only that window of the canvas (faster for small lesions), and
+    opacities drawn this way overlap as a union: where patches overlap the lung holds the larger
+    fraction, not their sum (overlapping ground glass stays ground glass). The returned density is
+    the lesion's own (for its box), whatever was there before.
     """
     fraction = np.clip(fraction * chest.severity, 0, 1).astype(np.float32)
-    density = fraction * np.clip(-chest.layers["lungs"], 0, None)
-    chest.add("lesions", density)
-    chest.layers["vessels"] = chest.layers["vessels"] * (1 - fraction)
-    return density
+    if win is None:
+        density = fraction * np.clip(-chest.layers["lungs"], 0, None)
+        chest.add("lesions", density)
+        chest.layers["vessels"] = chest.layers["vessels"] * (1 - fraction)
+        return density
+    if "filled" not in chest.cache:  # write into copies, never into arrays another chest shares
+        chest.layers["vessels"] = chest.layers["vessels"].copy()
+        chest.layers["lesions"] = chest.layers.get("lesions", np.zeros(chest.shape, np.float32)).copy()
+        chest.cache["filled"] = np.zeros(chest.shape, np.float32)
+    air = np.clip(-chest.layers["lungs"][win], 0, None)
+    filled = chest.cache["filled"][win]
+    union = np.maximum(filled, fraction)
+    chest.layers["lesions"][win] += (union - filled) * air
+    chest.layers["vessels"][win] *= np.clip(1 - union, 0, 1) / np.maximum(1 - filled, 1e-3)
+    chest.cache["filled"][win] = union
+    return fraction * air
 
 
 def roi(center: tuple[float, float], radius: float, shape: tuple[int, int]) -> tuple[slice, slice]:
@@ -46,11 +66,13 @@ def roi(center: tuple[float, float], radius: float, shape: tuple[int, int]) -> t
 
 
 def irregular_mask(rng: np.random.Generator, shape: tuple[int, int], center: tuple[float, float],
-                   radius: float, edge: float, lobes: tuple[int, int] = (3, 8)) -> np.ndarray:
-    """A soft irregular patch: thresholded sum of random Gaussian lobes, edges blurred by ``edge``."""
+                   radius: float, edge: float, lobes: tuple[int, int] = (3, 8), coarse: bool = False) -> np.ndarray:
+    """A soft irregular patch: thresholded sum of random Gaussian lobes, edges blurred by ``edge``
+    (``coarse``: the smooth field of a large patch computed on a coarser grid, faster)."""
     out = np.zeros(shape, np.float32)
     win = roi(center, radius * 2.2 + 3 * edge, shape)
-    ys, xs = np.mgrid[win[0], win[1]].astype(np.float32)
+    step = max(1, int(radius / 12)) if coarse else 1
+    ys, xs = np.mgrid[win[0].start:win[0].stop:step, win[1].start:win[1].stop:step].astype(np.float32)
     field = np.zeros_like(xs)
     for _ in range(rng.integers(*lobes)):
         ox, oy = rng.normal(0, 0.45 * radius, 2)
@@ -58,26 +80,35 @@ def irregular_mask(rng: np.random.Generator, shape: tuple[int, int], center: tup
         dist2 = (xs - center[0] - ox) ** 2 + (ys - center[1] - oy) ** 2
         field += rng.uniform(0.6, 1.0) * np.exp(-dist2 / (2 * sig ** 2))
     field /= field.max() + 1e-6
-    field *= 1 + 0.35 * smooth_noise(rng, field.shape, max(1.5, radius * 0.12))
+    field *= 1 + 0.35 * smooth_noise(rng, field.shape, max(1.5, radius * 0.12 / step))
+    if step > 1:
+        size = (win[1].stop - win[1].start, win[0].stop - win[0].start)
+        field = cv2.resize(field, size, interpolation=cv2.INTER_LINEAR)
     mask = np.clip((field - 0.45) / 0.2, 0, 1)
     out[win] = blur(mask.astype(np.float32), edge)
     return out
 
 
 def lung_mask(chest: Chest, side: int) -> np.ndarray:
-    return blur(chest.lungs[side].astype(np.float32), 1.5)
+    if ("lung_mask", side) not in chest.cache:
+        chest.cache["lung_mask", side] = blur(chest.lungs[side].astype(np.float32), 1.5)
+    return chest.cache["lung_mask", side]
 
 
-def visible_box(density: np.ndarray, chest: Chest, rng: np.random.Generator, level: float = 0.3) -> np.ndarray | None:
-    """Bounding box of where ``density`` exceeds ``level`` of its visible peak, with a reader's margin."""
-    visible = density * (1 - 0.8 * chest.heart)
+def visible_box(density: np.ndarray, chest: Chest, rng: np.random.Generator, level: float = 0.3,
+                win: tuple[slice, slice] | None = None) -> np.ndarray | None:
+    """Bounding box of where ``density`` (the window ``win`` of the canvas) exceeds ``level`` of its
+    visible peak, with a reader's margin."""
+    win = win or (slice(0, chest.shape[0]), slice(0, chest.shape[1]))
+    visible = density * (1 - 0.8 * chest.heart[win])
     peak = visible.max()
     if peak <= 0:
         return None
     ys, xs = np.nonzero(visible > level * peak)
     if len(xs) < 12:
         return None
-    x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    x1, y1 = xs.min() + win[1].start, ys.min() + win[0].start
+    x2, y2 = xs.max() + 1 + win[1].start, ys.max() + 1 + win[0].start
     mx, my = (x2 - x1) * rng.uniform(0.02, 0.12) + 2, (y2 - y1) * rng.uniform(0.02, 0.12) + 2
     h, w = chest.shape
     return np.array([max(0, x1 - mx), max(0, y1 - my), min(w, x2 + mx), min(h, y2 + my)], np.float64)
@@ -121,26 +152,39 @@ def merge_boxes(boxes: list[np.ndarray], iou: float = 0.25, cover: float = 0.6) 
 # opacities
 
 
+def full_window(chest: Chest) -> tuple[slice, slice]:
+    return slice(0, chest.shape[0]), slice(0, chest.shape[1])
+
+
 def ground_glass(chest: Chest, rng: np.random.Generator, side: int, center, radius: float,
-                 amplitude: float) -> Lesion | None:
-    """Hazy, low-contrast opacity with soft edges: vessels stay visible through it."""
-    mask = irregular_mask(rng, chest.shape, center, radius, edge=0.3 * radius)
-    texture = 1 + 0.15 * smooth_noise(rng, chest.shape, 6.0)
-    density = opacify(chest, amplitude * mask * texture * lung_mask(chest, side))
-    box = visible_box(density, chest, rng)
+                 amplitude: float, zone: bool = False) -> Lesion | None:
+    """Hazy, low-contrast opacity with soft edges: vessels stay visible through it.
+
+    ``zone``: part of a zone's opacity, drawn in a window and as a union with the others (``opacify``).
+    """
+    edge = 0.3 * radius
+    mask = irregular_mask(rng, chest.shape, center, radius, edge=edge, coarse=zone)
+    win = roi(center, radius * 2.2 + 3 * edge, chest.shape) if zone else full_window(chest)  # mask > 0 inside
+    texture = 1 + 0.15 * smooth_noise(rng, mask[win].shape, 6.0)
+    density = opacify(chest, amplitude * mask[win] * texture * lung_mask(chest, side)[win], win if zone else None)
+    box = visible_box(density, chest, rng, win=win if zone else None)
     return None if box is None else Lesion("ggo", side, box, amplitude)
 
 
 def consolidation(chest: Chest, rng: np.random.Generator, side: int, center, radius: float,
-                  amplitude: float, bronchograms: bool | None = None) -> Lesion | None:
-    """Dense opacity with fairly sharp edges, a hazy rim, and sometimes air bronchograms."""
-    core = irregular_mask(rng, chest.shape, center, radius, edge=0.12 * radius + 1, lobes=(2, 5))
-    rim = irregular_mask(rng, chest.shape, center, radius * 1.3, edge=0.25 * radius)
-    fraction = amplitude * np.maximum(core, 0.35 * rim) * (1 + 0.06 * smooth_noise(rng, chest.shape, 6.0))
+                  amplitude: float, bronchograms: bool | None = None, zone: bool = False) -> Lesion | None:
+    """Dense opacity with fairly sharp edges, a hazy rim, and sometimes air bronchograms (``zone``: as in
+    ``ground_glass``)."""
+    core = irregular_mask(rng, chest.shape, center, radius, edge=0.12 * radius + 1, lobes=(2, 5), coarse=zone)
+    rim = irregular_mask(rng, chest.shape, center, radius * 1.3, edge=0.25 * radius, coarse=zone)
+    win = roi(center, radius * 1.3 * 2.2 + 0.75 * radius, chest.shape) if zone else full_window(chest)
+    core, rim = core[win], rim[win]
+    fraction = amplitude * np.maximum(core, 0.35 * rim) * (1 + 0.06 * smooth_noise(rng, core.shape, 6.0))
     if bronchograms if bronchograms is not None else (radius > 0.08 * chest.lung_height and rng.random() < 0.4):
-        fraction -= 0.3 * amplitude * air_bronchograms(chest, rng, side) * blur((core > 0.8).astype(np.float32), 2)
-    density = opacify(chest, fraction * lung_mask(chest, side))
-    box = visible_box(density, chest, rng)
+        tubes = air_bronchograms(chest, rng, side)[win]
+        fraction -= 0.3 * amplitude * tubes * blur((core > 0.8).astype(np.float32), 2)
+    density = opacify(chest, fraction * lung_mask(chest, side)[win], win if zone else None)
+    box = visible_box(density, chest, rng, win=win if zone else None)
     return None if box is None else Lesion("consolidation", side, box, amplitude)
 
 
@@ -194,14 +238,24 @@ def lobe_mask(chest: Chest, rng: np.random.Generator, side: int, lobe: str) -> n
     return region * chest.lungs[side]
 
 
-def lobar_consolidation(chest: Chest, rng: np.random.Generator, side: int, amplitude: float) -> Lesion | None:
-    """Dense consolidation filling (most of) one lobe, with air bronchograms."""
+def lobar_consolidation(chest: Chest, rng: np.random.Generator, side: int, amplitude: float,
+                        segment: float | None = None) -> Lesion | None:
+    """Dense consolidation filling (most of) one lobe, with air bronchograms; with ``segment`` (a
+    radius, fraction of the lung height) only the part of the lobe around a random point of it."""
     lobe = ("upper", "middle", "lower")[rng.choice(3, p=[0.35, 0.2, 0.45])] if side == 0 else \
         ("upper", "lower")[rng.choice(2, p=[0.4, 0.6])]
     region = lobe_mask(chest, rng, side, lobe)
     ys, xs = np.nonzero(region > 0.5)
     if len(xs) < 50:
         return None
+    if segment is not None:
+        i = rng.integers(len(xs))
+        part = irregular_mask(rng, chest.shape, (xs[i], ys[i]), segment * chest.lung_height,
+                              edge=0.1 * segment * chest.lung_height, lobes=(4, 8))
+        region = region * np.clip(part * 1.5, 0, 1)
+        ys, xs = np.nonzero(region > 0.5)
+        if len(xs) < 50:
+            return None
     center = (xs.mean(), ys.mean())
     radius = 0.6 * max(np.ptp(xs), np.ptp(ys))
     cover = irregular_mask(rng, chest.shape, center, radius, edge=0.08 * radius, lobes=(4, 8))
@@ -227,58 +281,129 @@ def consolidation_amplitude(rng: np.random.Generator) -> float:
 
 
 def patch(chest: Chest, rng: np.random.Generator, side: int, weight, p_consolidation: float,
-          size: tuple[float, float]) -> Lesion | None:
+          size: tuple[float, float], zone: bool = False) -> Lesion | None:
     """One opacity, ground-glass or consolidation, placed by ``weight`` in one lung."""
     center = sample_center(chest, rng, side, weight)
     radius = chest.lung_height * rng.uniform(*size)
     if rng.random() < p_consolidation:
-        return consolidation(chest, rng, side, center, radius * 0.8, consolidation_amplitude(rng))
-    return ground_glass(chest, rng, side, center, radius, ggo_amplitude(rng))
+        return consolidation(chest, rng, side, center, radius * 0.8, consolidation_amplitude(rng), zone=zone)
+    return ground_glass(chest, rng, side, center, radius, ggo_amplitude(rng), zone=zone)
+
+
+@dataclass(frozen=True)
+class Zone:
+    """Part of one lung in thoracic coordinates (u: 0 medial .. 1 lateral, v: 0 apex .. 1 base)."""
+
+    u0: float
+    u1: float
+    v0: float
+    v1: float
+
+    def weight(self, u, v):
+        return ((u >= self.u0) & (u <= self.u1) & (v >= self.v0) & (v <= self.v1)).astype(np.float64) + 1e-4
+
+
+def sample_zone(rng: np.random.Generator, center_v: tuple[float, float], height: float, width: float,
+                u_center: float | None = None) -> Zone:
+    """A zone whose reader's box is about ``height`` (fraction of the lung height) by ``width`` (fraction
+    of a lung's width), centred at height ``N(*center_v)``; lateral (touching the chest wall) unless
+    ``u_center`` is given. The patch centres lie inside, the patches reach a little beyond."""
+    h = float(np.clip(height * np.exp(rng.normal(0, 0.35)), 0.12, 0.95))
+    w = float(np.clip(width * np.exp(rng.normal(0, 0.3)), 0.25, 1.1))
+    vc = float(np.clip(rng.normal(*center_v), 0.08 + h / 2, 1.0 - 0.35 * h))
+    inner_h, inner_w = max(0.02, h - 0.12), max(0.05, w - 0.2)  # a patch reaches beyond its centre
+    if u_center is None:
+        u1 = 0.95
+        return Zone(u1 - inner_w, u1, vc - inner_h / 2, vc + inner_h / 2)
+    uc = float(np.clip(u_center, inner_w / 2, 1 - inner_w / 2))
+    return Zone(uc - inner_w / 2, uc + inner_w / 2, vc - inner_h / 2, vc + inner_h / 2)
+
+
+def zone_opacity(chest: Chest, rng: np.random.Generator, side: int, zone: Zone, region: int,
+                 p_consolidation: float) -> list[Lesion]:
+    """Multifocal opacity over one zone of a lung: patches spread over it (ground glass, some
+    consolidation) and, often, faint confluent ground glass joining them."""
+    area = (zone.u1 - zone.u0 + 0.2) * (zone.v1 - zone.v0 + 0.2)
+    lesions = []
+    for _ in range(int(np.clip(round(area * rng.uniform(8, 14)), 2, 7))):
+        lesions.append(patch(chest, rng, side, zone.weight, p_consolidation, (0.06, 0.11), zone=True))
+    if rng.random() < 0.6:
+        points, u, v = chest.lung_coords(side)
+        inside = zone.weight(u, v) > 0.5
+        if inside.any():
+            center = tuple(points[inside].mean(0))
+            radius = 0.5 * chest.lung_height * max(zone.v1 - zone.v0, 0.6 * (zone.u1 - zone.u0), 0.1)
+            lesions.append(ground_glass(chest, rng, side, center, radius, 0.6 * ggo_amplitude(rng), zone=True))
+    return [replace(x, region=region) for x in lesions if x is not None]
 
 
 def typical_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion]:
-    """Multifocal, bilateral, peripheral, lower-zone opacities, mostly ground-glass."""
-    peripheral_lower = lambda u, v: u ** 2.5 * v ** 2  # noqa: E731
+    """Multifocal, bilateral, peripheral, lower-zone opacities, mostly ground-glass: one reader's box
+    per lung (two in one lung when an upper and a lower zone are apart)."""
+    n_regions = [1, 1]
+    draw = rng.random()
+    if draw < 0.012:                      # unilateral (1 box)
+        n_regions[int(rng.integers(2))] = 0
+    elif draw < 0.075:                    # two separate zones in one lung (3 boxes), rarely in both
+        n_regions[int(rng.integers(2))] = 2
+        if draw > 0.068:
+            n_regions = [2, 2]
     lesions = []
     for side in (0, 1):
-        for _ in range(rng.choice([1, 2, 3], p=[0.45, 0.4, 0.15])):
-            lesions.append(patch(chest, rng, side, peripheral_lower, 0.25, (0.09, 0.18)))
-    return [x for x in lesions if x is not None]
+        if n_regions[side] == 2:
+            zones = [sample_zone(rng, (0.3, 0.04), 0.3, 0.7), sample_zone(rng, (0.78, 0.05), 0.35, 0.8)]
+        else:
+            zones = [sample_zone(rng, (0.6, 0.09), 0.61, 0.88)][: n_regions[side]]
+        for region, zone in enumerate(zones):
+            lesions += zone_opacity(chest, rng, side, zone, region, 0.25)
+    return lesions
 
 
 def indeterminate_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion]:
-    """Opacities that are not the typical pattern: unilateral, central, or upper-zone."""
-    mode = rng.choice(["unilateral", "central", "upper"], p=[0.5, 0.25, 0.25])
+    """Opacities that are not the typical pattern: unilateral, or central (perihilar), or upper-zone."""
+    mode = rng.choice(["unilateral", "central", "upper"], p=[0.62, 0.3, 0.08])
     lesions = []
     if mode == "unilateral":
         side = int(rng.integers(2))
-        for _ in range(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15])):
-            lesions.append(patch(chest, rng, side, lambda u, v: np.ones_like(u), 0.4, (0.07, 0.15)))
+        zones = [sample_zone(rng, (0.72, 0.12), 0.53, 0.78, u_center=rng.uniform(0.3, 0.7))]
+        if rng.random() < 0.04:  # and a second zone in the same lung
+            zones.append(sample_zone(rng, (0.25, 0.05), 0.25, 0.6, u_center=rng.uniform(0.3, 0.7)))
+        for region, zone in enumerate(zones):
+            lesions += zone_opacity(chest, rng, side, zone, region, 0.4)
     else:
-        weight = (lambda u, v: (1 - u) ** 3) if mode == "central" else (lambda u, v: (1 - v) ** 3)
-        sides = [0, 1] if rng.random() < 0.6 else [int(rng.integers(2))]
+        sides = [0, 1] if rng.random() < 0.85 else [int(rng.integers(2))]
         for side in sides:
-            lesions.append(patch(chest, rng, side, weight, 0.35, (0.07, 0.14)))
-    return [x for x in lesions if x is not None]
+            if mode == "central":
+                zone = sample_zone(rng, (0.64, 0.07), 0.52, 0.6, u_center=0.22)
+            else:
+                zone = sample_zone(rng, (0.32, 0.05), 0.4, 0.8, u_center=rng.uniform(0.4, 0.7))
+            lesions += zone_opacity(chest, rng, side, zone, 0, 0.35)
+    return lesions
 
 
 def atypical_pattern(chest: Chest, rng: np.random.Generator) -> list[Lesion]:
-    """A lobar consolidation, a nodular pattern, or a cavitating lesion."""
-    mode = rng.choice(["lobar", "nodular", "cavity"], p=[0.55, 0.3, 0.15])
+    """A lobar (or segmental) consolidation, a nodular pattern, or a cavitating lesion."""
+    mode = rng.choice(["lobar", "nodular", "cavity"], p=[0.5, 0.3, 0.2])
     if mode == "lobar":
-        lesions = [lobar_consolidation(chest, rng, int(rng.integers(2)), rng.uniform(0.7, 0.95))]
+        sides = [int(rng.integers(2))] if rng.random() < 0.8 else [0, 1]
+        lesions = [lobar_consolidation(chest, rng, side, rng.uniform(0.7, 0.95),
+                                       segment=rng.uniform(0.4, 0.55)) for side in sides]
     elif mode == "nodular":
         lesions = []
-        for _ in range(rng.integers(3, 9)):
-            side = int(rng.integers(2))
-            center = sample_center(chest, rng, side, lambda u, v: np.ones_like(u))
-            lesions.append(nodule(chest, rng, side, center, chest.lung_height * rng.uniform(0.018, 0.04),
-                                  rng.uniform(0.35, 0.7)))
+        sides = [0, 1] if rng.random() < 0.5 else [int(rng.integers(2))]
+        for side in sides:
+            zone = sample_zone(rng, (0.75, 0.1), 0.65, 0.95, u_center=rng.uniform(0.35, 0.65))
+            for _ in range(rng.integers(3, 8)):
+                center = sample_center(chest, rng, side, zone.weight)
+                lesions.append(nodule(chest, rng, side, center, chest.lung_height * rng.uniform(0.018, 0.04),
+                                      rng.uniform(0.35, 0.7)))
     else:
-        side = int(rng.integers(2))
-        center = sample_center(chest, rng, side, lambda u, v: (1 - v) ** 2)
-        lesions = [cavity(chest, rng, side, center, chest.lung_height * rng.uniform(0.06, 0.1),
-                          rng.uniform(0.6, 0.9))]
+        sides = [int(rng.integers(2))] if rng.random() < 0.85 else [0, 1]
+        lesions = []
+        for side in sides:
+            center = sample_center(chest, rng, side, lambda u, v: v ** 2)
+            lesions.append(cavity(chest, rng, side, center, chest.lung_height * rng.uniform(0.13, 0.2),
+                                  rng.uniform(0.6, 0.9)))
     return [x for x in lesions if x is not None]
 
 
@@ -298,9 +423,13 @@ def draw_study_pattern(chest: Chest, rng: np.random.Generator, study_class: str)
 
 
 def boxes_of(lesions: list[Lesion]) -> np.ndarray:
-    """Canvas boxes of the lesions, overlapping ones merged, as ``[N, 4]``."""
-    merged = merge_boxes([lesion.box for lesion in lesions])
-    return np.array(merged, np.float64).reshape(-1, 4)
+    """The readers' canvas boxes ``[N, 4]``: one per (side, region), around all its lesions; boxes
+    that overlap heavily are merged, as a reader would draw one box."""
+    groups: dict[tuple[int, int], list[np.ndarray]] = {}
+    for lesion in lesions:
+        groups.setdefault((lesion.side, lesion.region), []).append(lesion.box)
+    unions = [np.concatenate([np.min(b, 0)[:2], np.max(b, 0)[2:]]) for b in map(np.array, groups.values())]
+    return np.array(merge_boxes(unions), np.float64).reshape(-1, 4)
 
 
 # ---------------------------------------------------------------------------------------------

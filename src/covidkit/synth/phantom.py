@@ -49,6 +49,7 @@ class Chest:
     layers: dict[str, np.ndarray] = field(default_factory=dict)
     severity: float = 1.0         # scales every opacity drawn (< 1: a faint study nobody boxed)
     mods: AnatomyMods = AnatomyMods()
+    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # of the fixed masks
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -77,12 +78,15 @@ class Chest:
 
     def lung_coords(self, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pixels of one lung on a 4 px grid: ``(points [N, 2] as x, y; u [N]; v [N])``, u and v as in ``uv``."""
+        if ("coords", side) in self.cache:
+            return self.cache["coords", side]
         ys, xs = np.nonzero(self.lungs[side, ::4, ::4])
         xs, ys = xs * 4 + 2, ys * 4 + 2
         lateral = np.abs(xs - self.cx)
         u = np.clip((lateral - self.mediastinum) / (self.hw - self.mediastinum), 0, 1)
         v = np.clip((ys - self.apex_y) / self.lung_height, 0, 1)
-        return np.stack([xs, ys], axis=1).astype(np.float64), u, v
+        self.cache["coords", side] = np.stack([xs, ys], axis=1).astype(np.float64), u, v
+        return self.cache["coords", side]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,15 +500,19 @@ def develop(chest: Chest, exposure: Exposure, rng: np.random.Generator) -> np.nd
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-def sample_view(chest: Chest, out_hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Affine map canvas -> detector ``[2, 3]``: the thorax framed with jittered zoom, shift, rotation."""
+def sample_view(chest: Chest, out_hw: tuple[int, int], rng: np.random.Generator,
+                stretch: tuple[float, float] = (1.0, 1.0), roi_height: float = 1.3) -> np.ndarray:
+    """Affine map canvas -> detector ``[2, 3]``: the thorax framed with jittered zoom, shift, rotation;
+    widened by a factor drawn from ``stretch`` (broader chests, as on the landscape SIIM films)."""
     out_h, out_w = out_hw
     roi_w = 2.6 * chest.hw
-    roi_h = 1.3 * chest.lung_height
+    roi_h = roi_height * chest.lung_height
     center = np.array([chest.cx, chest.apex_y + 0.52 * chest.lung_height])
     zoom = min(out_w / roi_w, out_h / roi_h) * rng.uniform(0.88, 1.12)
     angle = np.deg2rad(rng.normal(0, 2.0))
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * zoom
+    if stretch != (1.0, 1.0):
+        rot = np.diag([rng.uniform(*stretch), 1.0]) @ rot
     shift = np.array([out_w / 2, out_h / 2]) + rng.normal(0, 0.03, 2) * np.array([out_w, out_h])
     return np.concatenate([rot, (shift - rot @ center)[:, None]], axis=1)
 

@@ -4,10 +4,12 @@
 ``train_study_level.csv`` and ``sample_submission.csv``; ``siim-covid19-detection-solution/``
 gets the test labels in the two training formats (used for scoring only).
 
-Like the real data: study classes in the real proportions, opacity patterns that follow the
-radiological definitions of each class, ~10 % of studies with 2-3 images (same lesions, another
-exposure and file style, not always boxed), some patients with two studies, some positive
-images without boxes (a faint opacity nobody boxed, or a poor film), and DICOM styles drawn
+Like the real data (figures in docs/data.md): study classes in the real proportions, patients
+with 1 to 25 studies (mean ~1.86), ~4 % of studies with 2-5 images (same lesions, another exposure
+and file style; the reader boxed exactly one of them), opacity patterns that follow the
+radiological definitions of each class with one reader's box per affected lung zone (a typical
+study: two boxes, one per lung), some positive images without boxes (a faint opacity nobody
+boxed, or a poor film), landscape films (width / height ~1.21), and DICOM styles drawn
 independently of the class.
 """
 from __future__ import annotations
@@ -45,7 +47,17 @@ from covidkit.synth.phantom import (
 from covidkit.synth.plan import class_counts, hex_id, new_seed, stream
 from covidkit.synth.tasks import map_tasks
 
-CLASS_PROBS = {"negative": 0.27, "typical": 0.47, "indeterminate": 0.17, "atypical": 0.08}
+CLASS_PROBS = {"negative": 0.277, "typical": 0.472, "indeterminate": 0.173, "atypical": 0.078}
+# Real SIIM train set: images per study, studies per patient (5 or more: a tail up to 25, mean ~7.5).
+IMAGES_PER_STUDY = ([1, 2, 3, 4, 5], [0.962, 0.034, 0.0025, 0.001, 0.0005])
+STUDIES_PER_PATIENT = ([1, 2, 3, 4], [0.632, 0.184, 0.086, 0.038])  # the remaining 6 %: 5 or more
+MAX_STUDIES_PER_PATIENT = 25
+# Positive single-image studies whose reader drew no box (a faint opacity, or a poor film): with the
+# unboxed extra images of multi-image studies, ~5 % of typical and indeterminate images and ~19 %
+# of atypical ones stay without a box, as in the real labels.
+UNBOXED = {"typical": 0.01, "indeterminate": 0.01, "atypical": 0.14}
+# Framing of the landscape SIIM films: lung box / image ~0.73 wide and ~0.72 high, as in the real set.
+STRETCH, ROI_HEIGHT = (1.0, 1.15), 1.45
 MIN_BOX_SIDE = 8  # pixels; smaller remnants of a box clipped by the film edge are dropped
 
 
@@ -73,25 +85,40 @@ class StudyPlan:
     images: tuple[ImagePlan, ...]
 
 
+def studies_per_patient(rng: np.random.Generator, cap: int) -> int:
+    """Studies of one patient, drawn from the real distribution (mean ~1.86), at most ``cap``."""
+    values, probs = STUDIES_PER_PATIENT
+    if rng.random() < sum(probs):
+        k = int(rng.choice(values, p=np.array(probs) / sum(probs)))
+    else:
+        k = 5 + int(rng.geometric(1 / 3.5)) - 1  # 5, 6, ... with mean ~7.5
+    return max(1, min(k, MAX_STUDIES_PER_PATIENT, cap))
+
+
 def plan_split(split: str, n: int, rng: np.random.Generator, used: set[str]) -> list[StudyPlan]:
-    """Studies of one split: classes, patients, images and which of them carry boxes."""
-    patients: list[tuple[str, int, str]] = []
+    """Studies of one split: classes, patients, images and which of them carry boxes.
+
+    Patients have 1 to 25 studies as in the real set (no patient in two splits); in a positive
+    study with several images the reader boxed exactly one of them (rarely none).
+    """
+    owners: list[tuple[str, int, str]] = []
+    cap = max(2, n // 20)  # a small split is not one patient's
+    while len(owners) < n:
+        patient = (hex_id(rng, used), new_seed(rng), "F" if rng.random() < 0.45 else "M")
+        owners += [patient] * studies_per_patient(rng, cap)
+    owners = owners[:n]
     studies = []
-    for study_class in class_counts(n, CLASS_PROBS, rng):
-        if patients and rng.random() < 0.08:  # a second study of an earlier patient
-            patient = patients[rng.integers(len(patients))]
-        else:
-            patient = (hex_id(rng, used), new_seed(rng), "F" if rng.random() < 0.45 else "M")
-            patients.append(patient)
+    for study_class, patient in zip(class_counts(n, CLASS_PROBS, rng), owners):
         positive = study_class != "negative"
-        faint = positive and rng.random() < 0.03
-        poor = rng.random() < 0.03
-        n_images = int(rng.choice([1, 2, 3], p=[0.9, 0.08, 0.02]))
+        n_images = int(rng.choice(IMAGES_PER_STUDY[0], p=IMAGES_PER_STUDY[1]))
+        unboxed = positive and (rng.random() < (UNBOXED[study_class] if n_images == 1 else 0.011))
+        faint = unboxed and rng.random() < 0.7
+        poor = (unboxed and not faint) or rng.random() < 0.02  # a poor film, boxed when the opacity shows
+        boxed_k = int(rng.integers(n_images)) if positive and not unboxed else -1
         images = []
         for k in range(n_images):
             series_id = images[0].series_id if k and rng.random() < 0.5 else hex_id(rng, used)
-            boxed = positive and not faint and not poor and (k == 0 or rng.random() < 0.5)
-            images.append(ImagePlan(hex_id(rng, used), series_id, new_seed(rng), boxed, None))
+            images.append(ImagePlan(hex_id(rng, used), series_id, new_seed(rng), k == boxed_k, None))
         studies.append(StudyPlan(
             split=split, study_id=hex_id(rng, used), study_class=study_class, patient_id=patient[0],
             patient_seed=patient[1], sex=patient[2], seed=new_seed(rng),
@@ -137,7 +164,7 @@ def render_study(task: StudyTask) -> list[dict]:
         style = sample_style(rng, RECIPES[image.recipe] if image.recipe is not None else None)
         hw = sample_size(rng, task.min_size, task.max_size)
         exposure = sample_exposure(rng, poor=study.poor)
-        matrix = sample_view(chest, hw, rng)
+        matrix = sample_view(chest, hw, rng, stretch=STRETCH, roi_height=ROI_HEIGHT)
         img = acquire(develop(chest, exposure, rng), matrix, hw, exposure, rng)
         if rng.random() < 0.3:
             add_marker(img, rng)
