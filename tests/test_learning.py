@@ -238,3 +238,51 @@ def test_decovnet_is_checked_against_the_better_hu_histogram_classifier(tmp_path
         [check] = check_run(_decovnet_run(tmp_path / name, metrics).root)
         assert check.status == "missing" and check.failed, name
     assert check_run(tmp_path / "nothing_ran") == []
+
+
+def test_the_fusion_against_the_better_detector_and_the_prior_boxes(tmp_path):
+    """05's AP table: the fusion ties with the better detector within RIVAL_MARGIN, must beat the prior boxes by
+    AP_MARGIN; a table without the prior-box row (an old run) fails as missing."""
+    from covidkit.stages.ensemble_wbf import ENSEMBLE, PRIOR_BOXES
+
+    layout = RunLayout(tmp_path)
+    layout.ensemble.dir.mkdir(parents=True)
+    for fused, prior, expected in [(0.55, 0.20, ("learned", "learned")), (0.51, 0.20, ("tie", "learned")),
+                                   (0.45, 0.42, ("not above", "not above"))]:
+        pd.DataFrame({"model": ["Faster R-CNN", "YOLO", ENSEMBLE, PRIOR_BOXES], "images": 10, "predicted_boxes": 9,
+                      "ap50": [0.40, 0.50, fused, prior]}).to_csv(layout.ensemble.ap_table, index=False)
+        rival, baseline = check_run(tmp_path)
+        assert (rival.status, baseline.status) == expected
+        assert (rival.baseline, rival.baseline_name, rival.rival) == (0.50, "YOLO alone", True)
+        assert (baseline.baseline, baseline.baseline_name, baseline.rival) == (prior, "prior boxes", False)
+    pd.DataFrame({"model": ["Faster R-CNN", "YOLO", ENSEMBLE], "images": 10, "predicted_boxes": 9,
+                  "ap50": [0.40, 0.50, 0.6]}).to_csv(layout.ensemble.ap_table, index=False)
+    rival, baseline = check_run(tmp_path)
+    assert rival.learned and baseline.status == "missing" and "prior boxes" in baseline.verdict
+
+
+def test_the_stacker_is_checked_against_the_box_count_rule(tmp_path):
+    """06: the study model against the priors only; the stacker against the priors and the box-count rule, which
+    fails as missing when the summary lacks it."""
+    from covidkit.study_scores import PROB_COLUMNS
+
+    layout = RunLayout(tmp_path)
+    layout.study.dir.mkdir(parents=True)
+    pd.DataFrame(np.random.default_rng(0).dirichlet(np.ones(4), 8), columns=PROB_COLUMNS).to_csv(
+        layout.study.oof_studies, index=False)
+    prior = {"negative": 0.3, "typical": 0.4, "indeterminate": 0.2, "atypical": 0.1, "mAP": 0.25, "none": 0.3}
+    summary = {"study_ap": {"mAP": 0.5}, "study_ap_stacked": {"mAP": 0.6}, "prior": prior,
+               "box_count_rule": {"mAP": 0.52, "threshold": 0.4}}
+    layout.study.summary.write_text(json.dumps(summary))
+    checks = {(c.model, c.baseline_name): c for c in check_run(tmp_path)}
+    assert list(checks) == [("study model", "class priors"), ("study model + boxes (stacker)", "class priors"),
+                            ("study model + boxes (stacker)", "box-count rule")]
+    assert checks["study model + boxes (stacker)", "box-count rule"].learned
+    layout.study.summary.write_text(json.dumps({**summary, "box_count_rule": {"mAP": 0.58}}))
+    assert check_run(tmp_path)[2].status == "not above"
+    del summary["box_count_rule"]
+    layout.study.summary.write_text(json.dumps(summary))
+    assert check_run(tmp_path)[2].status == "missing"
+    layout.study.summary.unlink()  # 06 ran (its folder exists) but wrote no summary
+    [check] = check_run(tmp_path)
+    assert check.status == "missing" and check.model == "study model"
