@@ -101,3 +101,37 @@ def test_a_count_no_training_study_has_falls_back_to_the_class_frequencies():
     assert studies.loc["s5", "p_typical"] == 1.0
     # fold 0's count 0 studies: none in fold 1 -> fold 1's class frequencies (typical)
     assert studies.loc["s0", "p_typical"] == 1.0
+
+
+def test_06_scores_the_count_rule_at_the_fused_boxes_best_f1_threshold():
+    """Hits at 0.9, a false box at 0.2 on each negative image: the operating point is 0.9, so the counts are the
+    true ones (0, 1, 2), which tell the labels apart here: every present class has AP 1."""
+    from covidkit.oof import OofPredictions, box_rows
+    from covidkit.stages.study_level import count_rule_summary
+
+    box = [10, 10, 50, 50]
+    truth = {"i0": [], "i1": [box], "i2": [box, [60, 10, 100, 50]], "i3": [], "i4": [box], "i5": [box, [60, 60, 90, 90]]}
+    truth = {i: np.array(b, dtype=float).reshape(-1, 4) for i, b in truth.items()}
+    images = pd.DataFrame({"image_id": list(truth), "study_id": [f"s{k}" for k in range(6)], "fold": [0, 0, 0, 1, 1, 1],
+                           "split": [0, 0, 0, 1, 1, 1],
+                           "label": ["negative", "atypical", "typical"] * 2})
+    parts = [box_rows(i, f, b, np.full(len(b), 0.9)) for i, f, b in zip(images["image_id"], images["fold"], truth.values())]
+    parts += [box_rows(i, f, [[0, 0, 5, 5]], [0.2]) for i, f in (("i0", 0), ("i3", 1))]
+    boxes = OofPredictions.from_parts(parts, images[["image_id", "fold"]])
+    summary = count_rule_summary(images, boxes, truth)
+    assert summary["threshold"] == 0.9 and summary["studies"] == 6
+    assert summary["negative"] == summary["typical"] == summary["atypical"] == summary["mAP"] == 1.0
+    assert np.isnan(summary["indeterminate"])  # no indeterminate study
+
+
+def test_05_prior_boxes_take_each_folds_boxes_from_the_other_folds():
+    from covidkit.stages.ensemble_wbf import prior_boxes
+
+    truth = {"a": np.array([[10.0, 10, 40, 40]]), "b": np.array([[20.0, 20, 60, 60]]), "c": np.zeros((0, 4))}
+    sizes = {"a": (100, 100), "b": (200, 200), "c": (100, 50)}
+    oof = prior_boxes(pd.DataFrame({"image_id": ["a", "b", "c"], "fold": [0, 1, 1]}), truth, sizes)
+    rows = oof.boxes.set_index("image_id")[["x1", "y1", "x2", "y2"]]
+    np.testing.assert_allclose(rows.loc["a"], [10, 10, 30, 30])  # b's box, normalised, at a's size
+    np.testing.assert_allclose(rows.loc[["b"]], [[20, 20, 80, 80]])  # a's box at b's size
+    np.testing.assert_allclose(rows.loc[["c"]], [[5, 10, 20, 40]])  # a's box at c's 100 x 50
+    assert opacity_ap(oof, truth) == 0.0  # neither overlaps its image's box by IoU > 0.5
