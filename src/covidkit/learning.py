@@ -36,8 +36,8 @@ from covidkit.layout import RunLayout
 AP_MARGIN = 0.05
 AUROC_MARGIN = 0.05
 DSC_MARGIN = 0.05
-# Against a rival trained model (the fusion against the better detector, CogSeg against its plain U-Net): the
-# seed-to-seed spread of an OOF AP or a test DSC on the smoke runs, about 0.02; within it the verdict is "tie".
+# Against a rival trained model (the fusion against the better detector, CogSeg against its plain U-Net): an
+# assumed seed-to-seed spread of an OOF AP or a test DSC (not yet measured: covidkit bench seeds); within it "tie".
 RIVAL_MARGIN = 0.02
 MIN_SPREAD = 1e-3  # standard deviation of a model's outputs over the held-out items below which it is constant
 
