@@ -196,7 +196,8 @@ def check_yolo(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]
     value, spread = summary["oof_ap50"], image_score_spread(oof.boxes, oof.images)
     untrained = (LearningCheck(stage, model, DETECTOR_FIGURE, value, summary["untrained_ap50"], "untrained", AP_MARGIN,
                                spread) if _finite(summary.get("untrained_ap50")) else
-                 LearningCheck.absent(stage, model, DETECTOR_FIGURE, "untrained", f"no untrained_ap50 in {out.summary}"))
+                 LearningCheck.absent(stage, model, DETECTOR_FIGURE, "untrained",
+                                      f"no untrained_ap50 in {out.summary}"))
     return [untrained, _prior_box_check(stage, model, value, summary, out.summary, spread)]
 
 
@@ -312,8 +313,9 @@ def check_cogseg(layout: RunLayout, input_dir: Path | None) -> list[LearningChec
             checks.append(LearningCheck.absent(stage, f"{COGSEG_FULL} ({dataset})", figure, COGSEG_PLAIN,
                                                f"no row {', '.join(map(repr, absent))} in the ablation"))
         else:
-            checks.append(LearningCheck(stage, f"{COGSEG_FULL} ({dataset})", figure, float(rows.loc[COGSEG_FULL, "DSC"]),
-                                        float(rows.loc[COGSEG_PLAIN, "DSC"]), COGSEG_PLAIN, RIVAL_MARGIN,
+            checks.append(LearningCheck(stage, f"{COGSEG_FULL} ({dataset})", figure,
+                                        float(rows.loc[COGSEG_FULL, "DSC"]), float(rows.loc[COGSEG_PLAIN, "DSC"]),
+                                        COGSEG_PLAIN, RIVAL_MARGIN,
                                         float(rows.loc[COGSEG_FULL, "lesion % pred sd"]) / 100, rival=True))
     return checks
 

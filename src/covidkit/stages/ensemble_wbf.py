@@ -72,7 +72,8 @@ def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
 
 
-def prior_boxes(images: pd.DataFrame, truth: dict[str, np.ndarray], sizes: dict[str, tuple[int, int]]) -> OofPredictions:
+def prior_boxes(images: pd.DataFrame, truth: dict[str, np.ndarray],
+                sizes: dict[str, tuple[int, int]]) -> OofPredictions:
     """The prior-box detector on ``images`` (``image_id, fold``): each fold's boxes from the other folds' images."""
     ids = images["image_id"].tolist()
     table = images[["image_id", "fold"]].assign(boxes=[truth[i] for i in ids], orig_height=[sizes[i][0] for i in ids],

@@ -276,7 +276,8 @@ def run(cfg: Config) -> Result:
 
 def describe(result: Result) -> str:
     return (result.fold_ap.to_string(float_format="%.3f") + f"\nOOF opacity AP@0.5: {result.oof_ap:.4f} "
-            f"(untrained: {result.untrained_ap:.4f}, prior boxes: {result.prior_box_ap:.4f})\nOOF predictions: {result.out_dir}")
+            f"(untrained: {result.untrained_ap:.4f}, prior boxes: {result.prior_box_ap:.4f})\n"
+            f"OOF predictions: {result.out_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,7 +131,8 @@ def _number(value: float | None) -> float | None:
 
 def describe(result: Result) -> str:
     return (result.fold_ap.to_string(float_format="%.4f") + f"\nOOF opacity AP@0.5: {result.ap:.4f}"
-            f"   untrained: {result.baseline_ap}   prior boxes: {result.prior_box_ap:.4f}\nOOF predictions: {result.out_dir}")
+            f"   untrained: {result.baseline_ap}   prior boxes: {result.prior_box_ap:.4f}\n"
+            f"OOF predictions: {result.out_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
