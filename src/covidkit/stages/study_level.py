@@ -306,6 +306,8 @@ def describe(result: Result) -> str:
     stacked = result.summary.get("study_ap_stacked", {}).get("mAP")
     return (f"OOF study mAP: {result.summary['study_ap']['mAP']:.3f}"
             + ("" if stacked is None else f", with the boxes (stacker) {stacked:.3f}")
+            + ("" if "box_count_rule" not in result.summary else
+               f", box-count rule {result.summary['box_count_rule']['mAP']:.3f}")
             + f"; none rule {result.summary['none_rule']['chosen']} "
               f"(OOF none AP {result.summary['none_rule']['ap_out_of_fold']:.3f})\nmodels: "
             + ", ".join(str(p) for p in result.models))
