@@ -59,6 +59,9 @@ def test_notebooks_01_and_03_in_the_smoke_profile(tiny_input, tmp_path):
     assert (oof.boxes["x2"].to_numpy() <= sizes["orig_width"].to_numpy() + 1e-3).all()
     assert (oof.boxes["y2"].to_numpy() <= sizes["orig_height"].to_numpy() + 1e-3).all()
     assert read_oof(det / "oof_untrained.csv").images.shape == oof.images.shape
+    summary = json.loads((det / "summary.json").read_text())  # the OOF AP beside its two baselines
+    assert summary["oof_ap50"] == pytest.approx(opacity_ap(oof, truth_boxes(table)))
+    assert 0 <= summary["prior_box_ap50"] <= 1 and 0 <= summary["untrained_ap50"] <= 1
 
     # per-epoch validation AP of each split's model, logged and plotted
     for split in (0, 1):

@@ -11,9 +11,10 @@ import torch
 from covidkit.prepare import train_table
 from covidkit.data.siim import COMPETITION, STUDY_CLASSES
 from covidkit.layout import RunLayout
-from covidkit.learning import MIN_SPREAD, LearningCheck, check_run
-from covidkit.oof import OofPredictions, box_rows, write_oof
-from covidkit.report import write_report
+from covidkit.baselines import prior_box_oof
+from covidkit.learning import MIN_SPREAD, RIVAL_MARGIN, LearningCheck, check_run
+from covidkit.oof import OofPredictions, box_rows, opacity_ap, write_oof
+from covidkit.report import learning_banners, learning_section, write_report
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +53,35 @@ def test_a_detector_replaced_by_its_untrained_twin_gets_the_banner(prepared_run,
     (tmp_path / "prepared").symlink_to(run / "prepared")
 
     write_oof(out.oof, _learned_boxes(table))
-    [check] = check_run(tmp_path, tiny_input)
-    assert check.stage == "03_train_siim_fasterrcnn" and check.learned and check.value > 0.9
+    # without the prior-box figure in 03's summary the check is there, failed, and says what is missing
+    untrained_check, prior_check = check_run(tmp_path, tiny_input)
+    assert untrained_check.learned and prior_check.status == "missing" and prior_check.failed
+    assert "no prior_box_ap50" in prior_check.verdict
+    truth = dict(zip(table["image_id"], table["boxes"]))
+    prior_ap = opacity_ap(prior_box_oof(table.assign(split=table["fold"]), "split"), truth)
+    out.summary.write_text(json.dumps({"prior_box_ap50": prior_ap}))
+    untrained_check, prior_check = check_run(tmp_path, tiny_input)
+    assert untrained_check.stage == "03_train_siim_fasterrcnn" and untrained_check.baseline_name == "untrained"
+    assert untrained_check.learned and untrained_check.value > 0.9
+    assert prior_check.baseline_name == "prior boxes" and prior_check.baseline == prior_ap < 0.9
+    assert prior_check.learned and prior_check.value == untrained_check.value
     page = write_report(tmp_path, input_dir=tiny_input).read_text()
     assert 'class="banner"' not in page and "Did every model learn?" in page
+    assert f"<td>prior boxes</td><td>{prior_ap:.3f}</td>" in page
     print_learning(check_run(tmp_path, tiny_input), ran=["03_train_siim_fasterrcnn"])
     assert capsys.readouterr().out.startswith("every model learned")
 
     write_oof(out.oof, untrained)  # what 03 writes when its model is the untrained one
-    [check] = check_run(tmp_path, tiny_input)
-    assert not check.learned and check.value == check.baseline
+    untrained_check, prior_check = check_run(tmp_path, tiny_input)
+    assert not untrained_check.learned and untrained_check.value == untrained_check.baseline
+    assert prior_check.status == "not above" and untrained_check.status == "not above"
     page = write_report(tmp_path, input_dir=tiny_input).read_text()
-    assert page.count('class="banner"') == 1
+    assert page.count('class="banner"') == 2
     assert "did not learn: 03_train_siim_fasterrcnn Faster R-CNN" in page
     print_learning(check_run(tmp_path, tiny_input), ran=["03_train_siim_fasterrcnn"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "DID NOT LEARN (1 of 1 checks):" and "03_train_siim_fasterrcnn Faster R-CNN" in lines[1]
+    assert lines[0] == "DID NOT LEARN (2 of 2 checks):" and "03_train_siim_fasterrcnn Faster R-CNN" in lines[1]
+    assert "(prior boxes): not above" in lines[2]
 
 
 def test_a_constant_study_model_gets_the_banner_whatever_its_mean(prepared_run, tiny_input, tmp_path):
@@ -101,6 +115,28 @@ def test_verdicts():
     assert not LearningCheck("s", "m", "AUC", 0.9, 0.5, "chance", 0.05, spread=0.0).learned
     assert not LearningCheck("s", "m", "AUC", float("nan"), 0.5, "chance", 0.05).learned
     assert "0.300 against 0.100 (untrained): learned" in above.line()
+    assert LearningCheck("s", "m", "AP", 0.14, 0.10, "untrained", 0.05).verdict.startswith("not above")
+
+
+def test_a_rival_within_the_seed_spread_is_a_tie_and_a_missing_figure_fails():
+    """Against a rival trained model a difference within the margin is a tie (shown, not failed); beyond it
+    either way, learned or not above. A check whose figure is absent fails and says missing."""
+    def fused(value):
+        return LearningCheck("05", "WBF", "AP", value, 0.40, "YOLO alone", RIVAL_MARGIN, rival=True)
+
+    assert fused(0.43).learned and fused(0.43).status == "learned"
+    for value in (0.41, 0.40, 0.385):
+        assert fused(value).status == "tie" and not fused(value).learned and not fused(value).failed
+        assert fused(value).verdict.startswith("tie")
+    assert fused(0.37).status == "not above" and fused(0.37).failed
+    # not a rival: a figure within the margin of a trivial baseline is not above it
+    assert LearningCheck("03", "m", "AP", 0.41, 0.40, "prior boxes", 0.05).status == "not above"
+    absent = LearningCheck.absent("05", "WBF", "AP", "prior boxes", "no row 'prior boxes'")
+    assert absent.status == "missing" and absent.failed and not absent.learned
+    assert absent.verdict == "missing: no row 'prior boxes'" and "against prior boxes: missing" in absent.line()
+    page = learning_section([fused(0.41), absent])
+    assert '<td class="tie">tie' in page and '<td class="failed">missing: no row' in page
+    assert learning_banners([fused(0.41), absent]).count('class="banner"') == 1
 
 
 def test_fresh_test_sets_give_mean_spread_and_the_priors_baseline(models_dir, tmp_path):
@@ -158,8 +194,95 @@ def test_a_constant_segmenter_and_a_chance_ct_classifier_get_the_banner(tmp_path
     layout.nih.summary.write_text(json.dumps({"mean_auroc": 0.7, "untrained_mean_auroc": 0.5,
                                               "counted_positives": {"Effusion": 12, "Mass": 10}}))
 
-    checks = {c.model: c for c in check_run(layout.root)}
-    assert checks["U-Net (medseg)"].constant and not checks["U-Net (medseg)"].learned
-    assert checks["+edge-guided RMI (medseg)"].learned and checks["+edge-guided RMI (medseg)"].value == 1.0
-    assert checks["DeCoVNet"].constant and not checks["DeCoVNet"].learned
-    assert checks["NIH backbone"].learned and "2 labels" in checks["NIH backbone"].figure
+    checks = {(c.model, c.baseline_name): c for c in check_run(layout.root)}
+    assert checks["U-Net (medseg)", "untrained"].constant and not checks["U-Net (medseg)", "untrained"].learned
+    full = checks["+edge-guided RMI (medseg)", "untrained"]
+    assert full.learned and full.value == 1.0
+    # the full method against the plain U-Net, its rival trained model
+    against_unet = checks["+edge-guided RMI (medseg)", "U-Net"]
+    assert against_unet.rival and against_unet.learned and against_unet.baseline == untrained["DSC"]
+    assert checks["DeCoVNet", "chance"].constant and not checks["DeCoVNet", "chance"].learned  # an old run
+    assert checks["NIH backbone", "untrained"].learned and "2 labels" in checks["NIH backbone", "untrained"].figure
+
+    # CogSeg without its plain U-Net row: the rival check is missing, and fails
+    pd.DataFrame([{"dataset": "medseg", "variant": UNTRAINED, **untrained},
+                  {"dataset": "medseg", "variant": "+edge-guided RMI", **perfect}]).to_csv(layout.cogseg.ablation)
+    checks = {(c.model, c.baseline_name): c for c in check_run(layout.root)}
+    assert checks["+edge-guided RMI (medseg)", "U-Net"].status == "missing"
+
+
+def _decovnet_run(root, metrics: dict | None, probs=(0.1, 0.9, 0.2, 0.8, 0.3, 0.7)) -> RunLayout:
+    layout = RunLayout(root)
+    layout.decovnet.dir.mkdir(parents=True)
+    if metrics is not None:
+        layout.decovnet.metrics.write_text(json.dumps(metrics))
+    pd.DataFrame({"case_id": list("abcdef"), "label": [0, 1] * 3, "prob": list(probs)}).to_csv(
+        layout.decovnet.predictions, index=False)
+    return layout
+
+
+def test_decovnet_is_checked_against_the_better_hu_histogram_classifier(tmp_path):
+    """11's metrics.json: roc_auc against max(hist_auc, hu_share_auc), margin 0.05; chance without them; missing
+    when 11 ran but wrote no AUC."""
+    localization = {"hit_rate_cam": 0.5, "hit_rate_density": 0.4, "localization": "cam x density"}
+    base = {"roc_auc": 0.9, "n": 6, **localization}
+    cases = {"above": ({**base, "hist_auc": 0.7, "hu_share_auc": 0.8}, "learned", 0.8, "HU histogram"),
+             "tied": ({**base, "hist_auc": 0.88, "hu_share_auc": 0.6}, "not above", 0.88, "HU histogram"),
+             "one": ({**base, "hist_auc": None, "hu_share_auc": 0.7}, "learned", 0.7, "HU histogram"),
+             "old": ({"roc_auc": 0.9, "n": 6}, "learned", 0.5, "chance")}
+    for name, (metrics, status, baseline, baseline_name) in cases.items():
+        [check] = check_run(_decovnet_run(tmp_path / name, metrics).root)
+        assert (check.status, check.baseline, check.baseline_name) == (status, baseline, baseline_name), name
+        assert check.value == 0.9 and check.margin == 0.05 and check.stage == "11_ct_decovnet"
+    for name, metrics in {"no_metrics": None, "nan_auc": {"roc_auc": float("nan"), "n": 6}}.items():
+        [check] = check_run(_decovnet_run(tmp_path / name, metrics).root)
+        assert check.status == "missing" and check.failed, name
+    assert check_run(tmp_path / "nothing_ran") == []
+
+
+def test_the_fusion_against_the_better_detector_and_the_prior_boxes(tmp_path):
+    """05's AP table: the fusion ties with the better detector within RIVAL_MARGIN, must beat the prior boxes by
+    AP_MARGIN; a table without the prior-box row (an old run) fails as missing."""
+    from covidkit.stages.ensemble_wbf import ENSEMBLE, PRIOR_BOXES
+
+    layout = RunLayout(tmp_path)
+    layout.ensemble.dir.mkdir(parents=True)
+    for fused, prior, expected in [(0.55, 0.20, ("learned", "learned")), (0.51, 0.20, ("tie", "learned")),
+                                   (0.45, 0.42, ("not above", "not above"))]:
+        pd.DataFrame({"model": ["Faster R-CNN", "YOLO", ENSEMBLE, PRIOR_BOXES], "images": 10, "predicted_boxes": 9,
+                      "ap50": [0.40, 0.50, fused, prior]}).to_csv(layout.ensemble.ap_table, index=False)
+        rival, baseline = check_run(tmp_path)
+        assert (rival.status, baseline.status) == expected
+        assert (rival.baseline, rival.baseline_name, rival.rival) == (0.50, "YOLO alone", True)
+        assert (baseline.baseline, baseline.baseline_name, baseline.rival) == (prior, "prior boxes", False)
+    pd.DataFrame({"model": ["Faster R-CNN", "YOLO", ENSEMBLE], "images": 10, "predicted_boxes": 9,
+                  "ap50": [0.40, 0.50, 0.6]}).to_csv(layout.ensemble.ap_table, index=False)
+    rival, baseline = check_run(tmp_path)
+    assert rival.learned and baseline.status == "missing" and "prior boxes" in baseline.verdict
+
+
+def test_the_stacker_is_checked_against_the_box_count_rule(tmp_path):
+    """06: the study model against the priors only; the stacker against the priors and the box-count rule, which
+    fails as missing when the summary lacks it."""
+    from covidkit.study_scores import PROB_COLUMNS
+
+    layout = RunLayout(tmp_path)
+    layout.study.dir.mkdir(parents=True)
+    pd.DataFrame(np.random.default_rng(0).dirichlet(np.ones(4), 8), columns=PROB_COLUMNS).to_csv(
+        layout.study.oof_studies, index=False)
+    prior = {"negative": 0.3, "typical": 0.4, "indeterminate": 0.2, "atypical": 0.1, "mAP": 0.25, "none": 0.3}
+    summary = {"study_ap": {"mAP": 0.5}, "study_ap_stacked": {"mAP": 0.6}, "prior": prior,
+               "box_count_rule": {"mAP": 0.52, "threshold": 0.4}}
+    layout.study.summary.write_text(json.dumps(summary))
+    checks = {(c.model, c.baseline_name): c for c in check_run(tmp_path)}
+    assert list(checks) == [("study model", "class priors"), ("study model + boxes (stacker)", "class priors"),
+                            ("study model + boxes (stacker)", "box-count rule")]
+    assert checks["study model + boxes (stacker)", "box-count rule"].learned
+    layout.study.summary.write_text(json.dumps({**summary, "box_count_rule": {"mAP": 0.58}}))
+    assert check_run(tmp_path)[2].status == "not above"
+    del summary["box_count_rule"]
+    layout.study.summary.write_text(json.dumps(summary))
+    assert check_run(tmp_path)[2].status == "missing"
+    layout.study.summary.unlink()  # 06 ran (its folder exists) but wrote no summary
+    [check] = check_run(tmp_path)
+    assert check.status == "missing" and check.model == "study model"

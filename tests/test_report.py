@@ -99,6 +99,16 @@ def test_report_of_a_complete_run(full_run, tiny_input):
         assert model in page
     for name in (*STUDY_CLASSES, "mAP", "study_negative", "opacity", "00_prepare_data", "321.0"):
         assert name in page
+    # each figure beside its baselines: 05's fusion against the better detector and the prior boxes (05's table
+    # row); 03 and 04 ran without writing their baselines, so their checks say missing
+    from covidkit.layout import RunLayout
+
+    table = pd.read_csv(RunLayout(run).ensemble.ap_table, index_col=0)["ap50"]
+    assert f"<td>prior boxes</td><td>{table['prior boxes']:.3f}</td>" in page
+    assert "prior boxes AP@0.5" in page
+    assert re.search(r"<td>YOLO alone</td>|<td>Faster R-CNN alone</td>", page)
+    assert "did not learn: 03_train_siim_fasterrcnn Faster R-CNN: OOF opacity AP@0.5 against untrained: missing" in page
+    assert "<th>baseline</th><th>baseline value</th>" in page
     # figures: detector PR, study PR, confusion matrix, OOF examples, test examples
     assert page.count("data:image/png;base64,") == 5
     # the submission's score, as covidkit score prints it
@@ -141,11 +151,14 @@ def test_with_a_study_stacker_the_report_shows_both_and_the_stackers_curves(full
     reversed_probs.to_csv(out.oof_studies_stacked, index=False)
     summary = json.loads(out.summary.read_text())
     summary["study_ap_stacked"] = study_aps(reversed_probs)
+    summary["box_count_rule"] = {**study_aps(studies.assign(**{f"p_{c}": 0.25 for c in STUDY_CLASSES})),
+                                 "threshold": 0.5, "studies": len(studies)}
     out.summary.write_text(json.dumps(summary))
 
     plain, stacked = study_section(RunLayout(run)), study_section(RunLayout(stacked_run))
     assert "study model + boxes (07)" in stacked and "study model + boxes" not in plain
     assert f"{summary['study_ap_stacked']['mAP']:.3f}" in stacked
+    assert "box-count rule" in stacked and "box-count rule" not in plain  # the stacker's trivial baseline, beside it
     figures = lambda page: re.findall(r'src="(data:image/png;base64,[^"]*)"', page)  # noqa: E731
     assert figures(stacked)[0] != figures(plain)[0]  # the PR curves are drawn from the stacker's probabilities
 

@@ -88,3 +88,8 @@ def test_04_writes_out_of_fold_predictions_in_original_pixels(run_dir, tiny_inpu
     assert summary["untrained_ap50"] == pytest.approx(opacity_ap(read_oof(out / "oof_untrained.csv"), truth))
     assert f"OOF opacity AP@0.5: {summary['oof_ap50']:.4f}" in text
     assert np.isfinite(summary["oof_ap50"])
+    # the prior-box detector on the same images and splits (covidkit.baselines)
+    from covidkit.baselines import prior_box_oof
+
+    prior = prior_box_oof(table.assign(split=table["fold"] % groups), "split")
+    assert summary["prior_box_ap50"] == pytest.approx(opacity_ap(prior, truth))

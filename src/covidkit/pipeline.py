@@ -190,14 +190,18 @@ def write_stage_record(layout: RunLayout, runs: list[NotebookRun], dry_run: bool
 def print_learning(checks: list, ran: list[str]) -> None:
     """The last lines of a run: which of the stages that ran did not learn (``covidkit.learning``)."""
     checks = [c for c in checks if c.stage in ran]
-    failed = [c for c in checks if not c.learned]
+    failed = [c for c in checks if c.failed]
+    ties = [c for c in checks if not c.failed and not c.learned]
     if not checks:
         return
     if not failed:
-        print(f"every model learned ({len(checks)} checks against untrained or prior baselines)")
-        return
-    print(f"DID NOT LEARN ({len(failed)} of {len(checks)} checks):")
-    for check in failed:
+        print(f"every model learned ({len(checks)} checks against untrained, trivial or rival baselines"
+              + (f"; {len(ties)} ties with a rival model)" if ties else ")"))
+    else:
+        print(f"DID NOT LEARN ({len(failed)} of {len(checks)} checks):")
+        for check in failed:
+            print(f"  {check.line()}")
+    for check in ties:
         print(f"  {check.line()}")
 
 

@@ -35,7 +35,7 @@ STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#2
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}img{max-width:100%}.missing{color:#a00}pre{background:#f6f6f6;padding:.5em}
 .banner{background:#b00;color:#fff;padding:.5em .8em;margin:.3em 0;font-weight:bold}
-.ok{color:#070}.failed{color:#b00;font-weight:bold}"""
+.ok{color:#070}.tie{color:#a60;font-weight:bold}.failed{color:#b00;font-weight:bold}"""
 
 
 class Missing(Exception):
@@ -100,6 +100,18 @@ def precision_recall_labels(positive: np.ndarray, scores: np.ndarray) -> tuple[n
     return hits / max(hits[-1] if len(hits) else 0, 1), hits / np.arange(1, len(hits) + 1)
 
 
+def _prior_box_aps(layout: RunLayout) -> dict[str, float]:
+    """The prior-box detector's OOF AP on each model's images, as its stage wrote it (``covidkit.baselines``)."""
+    aps = {}
+    for name, path in {"Faster R-CNN (03)": layout.fasterrcnn.summary, "YOLO (04)": layout.yolo.summary}.items():
+        value = json.loads(path.read_text()).get("prior_box_ap50") if path.is_file() else None
+        aps[name] = np.nan if value is None else value
+    if layout.ensemble.ap_table.is_file():
+        table = pd.read_csv(layout.ensemble.ap_table, index_col=0)["ap50"]
+        aps["WBF ensemble (05)"] = float(table.get("prior boxes", np.nan))
+    return aps
+
+
 def detectors_section(layout: RunLayout, input_dir: Path | None) -> str:
     """OOF opacity AP@0.5 of each detector and the fusion, PR curves, and 05's table."""
     from covidkit.ensemble import precision_recall
@@ -115,8 +127,9 @@ def detectors_section(layout: RunLayout, input_dir: Path | None) -> str:
     if not oofs:
         raise Missing("not run: no OOF boxes of 03, 04 or 05")
     truth = _truth(input_dir)
-    rows = [{"model": name, "images": len(oof.images), "boxes": len(oof.boxes), "opacity AP@0.5": opacity_ap(oof, truth)}
-            for name, oof in oofs.items()]
+    priors = _prior_box_aps(layout)
+    rows = [{"model": name, "images": len(oof.images), "boxes": len(oof.boxes), "opacity AP@0.5": opacity_ap(oof, truth),
+             "prior boxes AP@0.5": priors.get(name, np.nan)} for name, oof in oofs.items()]
     curves = {f"{name} (AP {row['opacity AP@0.5']:.3f})": precision_recall(oof, truth)
               for (name, oof), row in zip(oofs.items(), rows)}
     parts += ["<h3>OOF opacity AP@0.5 of every model on all its OOF images</h3>",
@@ -140,6 +153,8 @@ def study_section(layout: RunLayout) -> str:
         columns = {"OOF AP, study model": summary["study_ap"], "OOF AP, study model + boxes (07)": summary["study_ap_stacked"],
                    "prior": summary["prior"]}
         studies = pd.read_csv(stacked_csv, dtype={"study_id": str})
+    if "box_count_rule" in summary:  # the trivial baseline of the stacker (covidkit.baselines.box_count_rule)
+        columns["box-count rule"] = {k: summary["box_count_rule"][k] for k in summary["study_ap"]}
     table = pd.DataFrame(columns).loc[list(summary["study_ap"])]
     parts = [f"<p>{summary['studies']} studies, {summary['images']} images, out of fold.</p>", _table_html(table)]
     none_csv = out.none_comparison
@@ -248,25 +263,35 @@ DRY_RUN_CHECKS = "a dry run: one or two optimizer steps per model, so the learni
 
 
 def learning_banners(checks) -> str:
-    """One red banner per model that did not learn (``covidkit.learning``)."""
+    """One red banner per failed check: not above its baseline, constant, or missing (``covidkit.learning``)."""
     return "\n".join(f'<div class="banner">did not learn: {html.escape(c.line())}</div>'
-                     for c in checks if not c.learned)
+                     for c in checks if c.failed)
+
+
+def _number(value: float) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
 def learning_section(checks, dry_run: bool = False) -> str:
-    """Every model's held-out figure beside its baseline, and the verdict."""
+    """Every model's held-out figure beside each of its baselines (name and value), and the verdict."""
     if dry_run:
         raise Missing(DRY_RUN_CHECKS)
     if not checks:
         raise Missing("not run: no stage has left a held-out figure yet")
+    css = {"learned": "ok", "tie": "tie"}
     rows = "".join(
         f"<tr><td>{html.escape(c.stage)}</td><td>{html.escape(c.model)}</td><td>{html.escape(c.figure)}</td>"
-        f"<td>{c.value:.3f}</td><td>{c.baseline:.3f} ({html.escape(c.baseline_name)})</td>"
-        f"<td>{'n/a' if c.spread is None else f'{c.spread:.3g}'}</td>"
-        f'<td class="{"ok" if c.learned else "failed"}">{html.escape(c.verdict)}</td></tr>' for c in checks)
-    return ("<p>Each trained model's held-out figure against its untrained or prior baseline; <i>spread</i> is the "
-            "standard deviation of its outputs over the held-out items (a constant output ranks nothing).</p>"
-            "<table><tr><th>stage</th><th>model</th><th>figure</th><th>value</th><th>baseline</th><th>spread</th>"
+        f"<td>{_number(c.value)}</td><td>{html.escape(c.baseline_name)}</td><td>{_number(c.baseline)}</td>"
+        f"<td>{_number(c.margin)}</td><td>{'n/a' if c.spread is None else f'{c.spread:.3g}'}</td>"
+        f'<td class="{css.get(c.status, "failed")}">{html.escape(c.verdict)}</td></tr>' for c in checks)
+    return ("<p>Each trained model's held-out figure beside each of its baselines: untrained (the same network "
+            "before training), trivial (rules that look at no pixel: class priors, prior boxes, the box-count rule, "
+            "HU histograms, chance) or a rival trained model. <i>learned</i>: above the baseline by more than the "
+            "margin; <i>tie</i>: within the margin (the seed-to-seed spread) of a rival model; <i>not above</i>, "
+            "<i>constant</i> (its outputs do not vary over the held-out items: <i>spread</i> is their standard "
+            "deviation) and <i>missing</i> (the stage ran but did not write the figure or its baseline) fail.</p>"
+            "<table><tr><th>stage</th><th>model</th><th>figure</th><th>value</th><th>baseline</th>"
+            "<th>baseline value</th><th>margin</th><th>spread</th>"
             f"<th>verdict</th></tr>{rows}</table>")
 
 

@@ -5,8 +5,10 @@ labels. Writes ``<run_dir>/05_ensemble_wbf/``: ``ap_table.csv`` / ``ap_table.md`
 detector and of the fusion on the same OOF images), ``oof.csv`` (the fused OOF boxes with the saved
 parameters; 06 reads them), ``fusion.json`` (what 07 fuses with), ``operating_point.json`` (the best-F1 score
 threshold of those boxes: what the web page shows by default), ``grid.csv`` (with a ``grid``) and
-``pr_curves.png``. With a grid, the parameters are chosen on the OOF images; the row "tuned on the other folds'
-images" is the honest score of that choice (``covidkit.ensemble.tuned_out_of_fold``).
+``pr_curves.png``. The table's row "prior boxes" is the trivial baseline (``covidkit.baselines.prior_box_oof``: the
+mean training box of each lung zone at a constant score, each fold's from the other folds' images). With a grid,
+the parameters are chosen on the OOF images; the row "tuned on the other folds' images" is the honest score of that
+choice (``covidkit.ensemble.tuned_out_of_fold``).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covidkit.baselines import prior_box_oof
 from covidkit.data.siim import COMPETITION, read_image_labels
 from covidkit.ensemble import (
     FusionParams, ap_table, best_fusion, common_images, fuse_oof, grid_fusions, operating_point, precision_recall,
@@ -30,6 +33,7 @@ from covidkit.stages import StageConfig, stage_main
 ENSEMBLE = "WBF ensemble"
 TUNED = "WBF ensemble, parameters tuned on these images"
 TUNED_OOF = "WBF ensemble, parameters tuned on the other folds' images"
+PRIOR_BOXES = "prior boxes"  # the trivial baseline row
 
 
 @dataclass
@@ -68,6 +72,15 @@ def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
 
 
+def prior_boxes(images: pd.DataFrame, truth: dict[str, np.ndarray],
+                sizes: dict[str, tuple[int, int]]) -> OofPredictions:
+    """The prior-box detector on ``images`` (``image_id, fold``): each fold's boxes from the other folds' images."""
+    ids = images["image_id"].tolist()
+    table = images[["image_id", "fold"]].assign(boxes=[truth[i] for i in ids], orig_height=[sizes[i][0] for i in ids],
+                                                orig_width=[sizes[i][1] for i in ids])
+    return prior_box_oof(table, by="fold")
+
+
 def run(cfg: Config) -> Result:
     layout = cfg.layout
     singles = {"Faster R-CNN": read_oof(layout.fasterrcnn.oof), "YOLO": read_oof(layout.yolo.oof)}
@@ -89,6 +102,7 @@ def run(cfg: Config) -> Result:
         if tuned != params:
             oofs[TUNED] = next(oof for p, oof in fusions if p == tuned)
         params = tuned
+    oofs[PRIOR_BOXES] = prior_boxes(oofs["Faster R-CNN"].images, truth, sizes)
     table = ap_table(oofs, truth)
 
     out = layout.ensemble

@@ -9,12 +9,15 @@ cross); ``folds`` restricts the run to some splits (the OOF then covers those on
 Reads ``<run_dir>/prepared/`` (00), 01's ``backbone.pt`` (or ``backbone``), the training labels. Writes
 ``<run_dir>/03_train_siim_fasterrcnn/``: ``split<k>/`` (the engine's runs: checkpoints, ``metrics.csv``, plots;
 ``detector.pt``, the fold model 07 exports), ``oof.csv`` + ``oof_images.csv`` (the shared OOF format, original
-pixels), ``oof_untrained.csv`` (the untrained baseline).
+pixels), ``oof_untrained.csv`` (the untrained baseline), ``summary.json`` (OOF AP@0.5 beside its baselines: the
+untrained detector's and the prior-box detector's, ``covidkit.baselines.prior_box_oof``, on the same splits).
 Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.stages.siim_fasterrcnn --profile full``.
 """
 from __future__ import annotations
 
 import functools
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from covidkit.baselines import prior_box_oof
 from covidkit.data.detection import OpacityDataset, truth_boxes
 from covidkit.data.siim import COMPETITION
 from covidkit.engine import (
@@ -101,6 +105,7 @@ class Result:
     untrained_oof: OofPredictions  # the same images, predicted by the detector before training
     oof_ap: float
     untrained_ap: float
+    prior_box_ap: float  # the prior-box detector (mean training box per lung zone), same images and splits
     fold_ap: pd.DataFrame  # per split: trained and untrained AP
     metrics: pd.DataFrame  # per split and epoch (the engine's metrics.csv rows)
     out_dir: Path
@@ -254,19 +259,25 @@ def run(cfg: Config) -> Result:
     evaluated = table[table["image_id"].isin(oof.images["image_id"])]
     baseline = untrained_oof(evaluated, cfg, prepared_size)
     truth = truth_boxes(evaluated)
+    result = Result(
+        oof=oof, untrained_oof=baseline, oof_ap=opacity_ap(oof, truth), untrained_ap=opacity_ap(baseline, truth),
+        prior_box_ap=opacity_ap(prior_box_oof(table, "split", image_ids=oof.images["image_id"]), truth),
+        fold_ap=split_aps(oof, baseline, evaluated), metrics=pd.concat(metrics, ignore_index=True), out_dir=out.dir,
+    )
     if info.is_main:
         write_oof(out.oof, oof)
         write_oof(out.untrained_oof, baseline)
+        aps = {"oof_ap50": result.oof_ap, "untrained_ap50": result.untrained_ap, "prior_box_ap50": result.prior_box_ap}
+        summary = {k: None if math.isnan(v) else v for k, v in aps.items()}  # JSON has no NaN (a split without box)
+        out.summary.write_text(json.dumps({**summary, "images": len(oof.images)}, indent=2))
     barrier()
-    return Result(
-        oof=oof, untrained_oof=baseline, oof_ap=opacity_ap(oof, truth), untrained_ap=opacity_ap(baseline, truth),
-        fold_ap=split_aps(oof, baseline, evaluated), metrics=pd.concat(metrics, ignore_index=True), out_dir=out.dir,
-    )
+    return result
 
 
 def describe(result: Result) -> str:
     return (result.fold_ap.to_string(float_format="%.3f") + f"\nOOF opacity AP@0.5: {result.oof_ap:.4f} "
-            f"(untrained: {result.untrained_ap:.4f})\nOOF predictions: {result.out_dir}")
+            f"(untrained: {result.untrained_ap:.4f}, prior boxes: {result.prior_box_ap:.4f})\n"
+            f"OOF predictions: {result.out_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,9 +4,9 @@ Reads ``<run_dir>/prepared/`` (00), ``<input_dir>/siim-covid19-detection/train_i
 weights. Writes ``<run_dir>/04_train_siim_yolo/``: ``data/`` (links to the PNGs, labels, one data YAML per
 split), ``fold<k>/`` (one ultralytics run per split), ``oof.csv`` + ``oof_images.csv`` (the shared OOF
 format of ``covidkit.oof``, original pixels), ``oof_untrained.csv`` (the untrained baseline), ``summary.json``
-(per-fold and OOF AP@0.5, untrained AP). Each split's model predicts its held-out images with the weights
-ultralytics keeps: with ``val: false`` in ``hyp`` (both profiles) that is the last epoch, not a checkpoint
-picked on the images it is scored on.
+(per-fold and OOF AP@0.5, untrained AP, ``prior_box_ap50``: the prior-box detector's on the same splits). Each
+split's model predicts its held-out images with the weights ultralytics keeps: with ``val: false`` in ``hyp``
+(both profiles) that is the last epoch, not a checkpoint picked on the images it is scored on.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covidkit.baselines import prior_box_oof
 from covidkit.data import yolo_format
 from covidkit.data.nih import read_grey
 from covidkit.data.siim import COMPETITION
@@ -59,6 +60,7 @@ class Result:
     fold_ap: pd.Series
     ap: float
     baseline_ap: float | None
+    prior_box_ap: float  # the prior-box detector (mean training box per lung zone), same images and splits
     out_dir: Path
 
 
@@ -111,8 +113,11 @@ def run(cfg: Config) -> Result:
         write_oof(out.untrained_oof, untrained)
         baseline_ap = opacity_ap(untrained, truth)
     result = Result(runs=runs, oof=oof, fold_ap=per_fold_ap(oof, truth), ap=opacity_ap(oof, truth),
-                    baseline_ap=baseline_ap, out_dir=out.dir)
+                    baseline_ap=baseline_ap,
+                    prior_box_ap=opacity_ap(prior_box_oof(table, "split", image_ids=oof.images["image_id"]), truth),
+                    out_dir=out.dir)
     summary = {"oof_ap50": _number(result.ap), "untrained_ap50": _number(result.baseline_ap),
+               "prior_box_ap50": _number(result.prior_box_ap),
                "fold_ap50": {int(k): _number(v) for k, v in result.fold_ap.items()},
                "folds": splits, "images": len(oof.images), "model": cfg.train_config().model}
     out.summary.write_text(json.dumps(summary, indent=2))
@@ -126,7 +131,8 @@ def _number(value: float | None) -> float | None:
 
 def describe(result: Result) -> str:
     return (result.fold_ap.to_string(float_format="%.4f") + f"\nOOF opacity AP@0.5: {result.ap:.4f}"
-            f"   untrained: {result.baseline_ap}\nOOF predictions: {result.out_dir}")
+            f"   untrained: {result.baseline_ap}   prior boxes: {result.prior_box_ap:.4f}\n"
+            f"OOF predictions: {result.out_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,9 @@ encoder). Every training image carries its study's label; the loss is cross-entr
 classes plus the opacity heat map on the box masks. Each split's *last* epoch predicts its held-out images,
 with the same flip TTA as 07 (``hflip_tta``). The ``none`` rule 07 applies is chosen on the OOF images and
 scored honestly (``covidkit.study_scores.choose_none_rule``); with ``stack_boxes``, a study stacker
-(``covidkit.stacking``) is fitted on the OOF rows and 05's fused boxes and scored on 00's folds.
+(``covidkit.stacking``) is fitted on the OOF rows and 05's fused boxes and scored on 00's folds. With 05's boxes,
+the summary's ``box_count_rule`` is the trivial baseline the stacker must beat (``covidkit.baselines.box_count_rule``:
+the study classes from the count of fused boxes above 05's best-F1 score, frequencies from the other folds).
 
 Reads ``<run_dir>/prepared/`` (00), 01's ``backbone.pt`` (``encoder: nih``), 05's fused ``oof.csv``, the
 training labels. Writes ``<run_dir>/06_study_level/``: ``split<k>/study_model.pt`` (07 exports them),
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from covidkit.baselines import box_count_rule
 from covidkit.data.nih import read_grey
 from covidkit.data.siim import COMPETITION, STUDY_CLASSES
 from covidkit.data.study import StudyImageDataset
@@ -235,6 +238,17 @@ def stack_with_boxes(images: pd.DataFrame, boxes: OofPredictions, cfg: Config) -
     return study_probabilities(images.drop(columns=PROB_COLUMNS).join(pd.DataFrame(oof, columns=PROB_COLUMNS)))
 
 
+def count_rule_summary(images: pd.DataFrame, boxes: OofPredictions, truth: dict[str, np.ndarray]) -> dict:
+    """The box-count rule's OOF study APs on ``images``' studies, at the fused boxes' best-F1 score threshold
+    (05's operating point)."""
+    from covidkit.ensemble import operating_point, restrict
+
+    boxes = restrict(boxes, images["image_id"])
+    threshold = operating_point(boxes, truth)["threshold"]
+    return {**study_aps(box_count_rule(images, boxes.boxes, threshold)), "threshold": threshold,
+            "studies": int(images["study_id"].nunique())}
+
+
 def write_tables(cfg: Config, images: pd.DataFrame, studies: pd.DataFrame, summary: dict,
                  stacked: pd.DataFrame | None, none_table: pd.DataFrame) -> None:
     """The OOF tables, the summary, the none comparison, and the confusion matrix of what 07 applies."""
@@ -273,6 +287,8 @@ def run(cfg: Config) -> Result:
     boxes = fused_boxes(cfg)
     scored = images if boxes is None else images[images["image_id"].isin(set(boxes.images["image_id"]))]
     summary["none_rule"] = choose_none_rule(scored, boxes, cfg.none_rule)
+    if boxes is not None:
+        summary["box_count_rule"] = count_rule_summary(scored, boxes, dict(zip(table["image_id"], table["boxes"])))
     stacked = None
     if info.is_main:
         for stale in (out.stacker, out.oof_studies_stacked):  # of an earlier run: 07 must not export it
@@ -290,6 +306,8 @@ def describe(result: Result) -> str:
     stacked = result.summary.get("study_ap_stacked", {}).get("mAP")
     return (f"OOF study mAP: {result.summary['study_ap']['mAP']:.3f}"
             + ("" if stacked is None else f", with the boxes (stacker) {stacked:.3f}")
+            + ("" if "box_count_rule" not in result.summary else
+               f", box-count rule {result.summary['box_count_rule']['mAP']:.3f}")
             + f"; none rule {result.summary['none_rule']['chosen']} "
               f"(OOF none AP {result.summary['none_rule']['ap_out_of_fold']:.3f})\nmodels: "
             + ", ".join(str(p) for p in result.models))
