@@ -124,14 +124,15 @@ def test_missing_speed_script_records_null_and_warns_and_a_crash_fails_one_seed(
 def test_figure_table_groups_seed_dependent_names_and_counts_verdicts():
     rows = [
         (1, "06_study_level", "none (max box)", "OOF none AP", 0.50, "share", 0.40, "learned"),
-        (2, "06_study_level", "none (head)", "OOF none AP", 0.41, "share", 0.40, "not clearly above the baseline"),
+        (2, "06_study_level", "none (head)", "OOF none AP", 0.41, "share", 0.40, "tie (within 0.02, the seed-to-seed spread)"),
         (1, "11_ct_decovnet", "DeCoVNet", "held-out ROC AUC (42 volumes)", 0.9, "chance", 0.5, "learned"),
         (2, "11_ct_decovnet", "DeCoVNet", "held-out ROC AUC (41 volumes)", 0.5, "chance", 0.5, "constant output"),
         (1, "05_ensemble_wbf", "WBF", "OOF opacity AP@0.5", 0.4, "YOLO alone", 0.35, "learned"),
+        (1, "05_ensemble_wbf", "WBF", "OOF opacity AP@0.5", 0.4, "prior boxes", 0.1, "learned"),
         (2, "05_ensemble_wbf", "WBF", "OOF opacity AP@0.5", 0.3, "Faster R-CNN alone", 0.32, "below the baseline"),
         (1, "10_ct_cogseg", "+SR (1 L1) (medseg)", "test lesion DSC", 0.6, "untrained", 0.0, "learned"),
         (1, "10_ct_cogseg", "+SR (4 L1) (medseg)", "test lesion DSC", 0.0, "untrained", 0.1,
-         "not clearly above the baseline (needs > 0.150)"),
+         "not above the baseline (needs > 0.150)"),
     ]
     table = figure_table(pd.DataFrame(rows, columns=["seed", "stage", "model", "figure", "value", "baseline_name",
                                                      "baseline", "verdict"])).set_index("stage")
@@ -139,9 +140,12 @@ def test_figure_table_groups_seed_dependent_names_and_counts_verdicts():
     assert table.loc["06_study_level", ["learned", "tie", "failed"]].tolist() == [1, 1, 0]
     assert table.loc["11_ct_decovnet", ["learned", "tie", "failed"]].tolist() == [1, 0, 1]
     assert table.loc["11_ct_decovnet", "value"] == "0.700 +- 0.283"
-    assert table.loc["05_ensemble_wbf", "baselines"] == "YOLO alone 0.350 (1 seeds); Faster R-CNN alone 0.320 (1 seeds)"
+    assert table.loc["05_ensemble_wbf", "baselines"] == ("YOLO alone 0.350 (1 seeds); prior boxes 0.100 (1 seeds); "
+                                                         "Faster R-CNN alone 0.320 (1 seeds)")
     assert table["failed"].tolist() == [1, 0, 0, 1, 1]  # below its baseline: failed, not a tie
-    assert verdict_class("tie: within the margin", 0.3, 0.31) == "tie"
+    assert table.loc["05_ensemble_wbf", "value"] == "0.350 +- 0.071"  # one value per seed, however many baselines
+    assert verdict_class("tie (within 0.02, the seed-to-seed spread)") == "tie"
+    assert verdict_class("missing: no summary.json") == "failed"
 
 
 def test_fresh_test_seeds_differ_between_calls_and_avoid_the_run_seeds():

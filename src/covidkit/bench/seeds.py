@@ -267,14 +267,22 @@ def collect(out: Path, seeds: list[int]) -> tuple[pd.DataFrame, list[SeedRun]]:
     return pd.DataFrame(rows, columns=FIGURE_COLUMNS), runs
 
 
-def verdict_class(verdict: str, value: float, baseline: float) -> str:
-    """``learned``; ``tie`` (not clearly above the baseline, not below it); ``failed`` (below it, constant output)."""
+def verdict_class(verdict: str) -> str:
+    """``learned``; ``tie`` (within a rival's margin); ``failed`` (not above the baseline, constant, missing)."""
     verdict = verdict.lower()
     if verdict.startswith("learned"):
         return "learned"
-    if verdict.startswith("tie") or (verdict.startswith("not clearly above") and value >= baseline):
+    if verdict.startswith("tie"):
         return "tie"
     return "failed"
+
+
+def seed_verdicts(group: pd.DataFrame) -> pd.Series:
+    """Each seed's verdict on one figure: the worst of its checks (a figure has one check per baseline)."""
+    rank = {"learned": 0, "tie": 1, "failed": 2}
+    kinds = group.assign(kind=[verdict_class(v) if isinstance(v, str) and v else "" for v in group["verdict"]])
+    kinds = kinds[kinds["kind"] != ""]
+    return kinds.groupby("seed")["kind"].agg(lambda k: max(k, key=rank.__getitem__))
 
 
 def figure_key(figure: str) -> str:
@@ -306,12 +314,11 @@ def figure_table(figures: pd.DataFrame) -> pd.DataFrame:
         baselines = "; ".join(
             f"{name} {mean_sd(g['baseline'])}" + (f" ({g['seed'].nunique()} seeds)" if len(g) < len(group) else "")
             for name, g in group.groupby("baseline_name", sort=False) if name)
-        kinds = pd.Series([verdict_class(v, x, b) if isinstance(v, str) and v else ""
-                           for v, x, b in zip(group["verdict"], group["value"], group["baseline"])])
+        kinds = seed_verdicts(group)
         rows.append({"stage": stage, "model": " / ".join(group["model"].unique()),
                      "figure": " / ".join(group["figure"].unique()), "seeds": group["seed"].nunique(),
-                     "value": mean_sd(group["value"]), "baselines": baselines,
-                     **{k: int((kinds == k).sum()) if (kinds != "").any() else "" for k in VERDICTS}})
+                     "value": mean_sd(group.drop_duplicates("seed")["value"]), "baselines": baselines,
+                     **{k: int((kinds == k).sum()) if len(kinds) else "" for k in VERDICTS}})
     return pd.DataFrame(rows, columns=["stage", "model", "figure", "seeds", "value", "baselines", *VERDICTS])
 
 
