@@ -7,6 +7,8 @@ density is, so neither can tell a COVID-19 pattern from another disease of the s
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegressionCV
@@ -33,7 +35,14 @@ def hu_share(volume_hu: np.ndarray, lo: float = -700.0, hi: float = -200.0) -> f
 def histogram_model(seed: int = 0, folds: int = 5):
     """Standardised histogram -> logistic regression, its L2 strength chosen by inner cross-validation."""
     return make_pipeline(StandardScaler(), LogisticRegressionCV(
-        Cs=10, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), scoring="roc_auc", max_iter=5000))
+        Cs=np.logspace(-4, 2, 7), cv=StratifiedKFold(folds, shuffle=True, random_state=seed), scoring="roc_auc",
+        solver="liblinear", max_iter=1000))
+
+
+def _fit(model, hists: np.ndarray, labels: np.ndarray):
+    with warnings.catch_warnings():  # scikit-learn 1.8+ announces LogisticRegressionCV's new defaults
+        warnings.simplefilter("ignore", FutureWarning)
+        return model.fit(np.asarray(hists), labels)
 
 
 def histogram_baseline_auc(train_hists: np.ndarray, train_labels: np.ndarray, test_hists: np.ndarray,
@@ -45,7 +54,7 @@ def histogram_baseline_auc(train_hists: np.ndarray, train_labels: np.ndarray, te
     folds = int(min(5, np.bincount(train_labels, minlength=2).min()))
     if folds < 2:
         return float("nan")
-    model = histogram_model(seed, folds).fit(np.asarray(train_hists), train_labels)
+    model = _fit(histogram_model(seed, folds), train_hists, train_labels)
     return float(skm.roc_auc_score(test_labels, model.predict_proba(np.asarray(test_hists))[:, 1]))
 
 
@@ -53,8 +62,9 @@ def cross_validated_histogram_auc(hists: np.ndarray, labels: np.ndarray, folds: 
     """Out-of-fold ROC AUC of the histogram logistic regression over one labelled set."""
     labels = np.asarray(labels).astype(int)
     scores = np.zeros(len(labels))
+    hists = np.asarray(hists)
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(hists, labels):
-        model = histogram_model(seed, min(5, int(np.bincount(labels[train]).min()))).fit(hists[train], labels[train])
+        model = _fit(histogram_model(seed, min(5, int(np.bincount(labels[train]).min()))), hists[train], labels[train])
         scores[test] = model.predict_proba(hists[test])[:, 1]
     return float(skm.roc_auc_score(labels, scores))
 
