@@ -1,13 +1,17 @@
 """Synthetic chest CT volumes with COVID-19 labels, for DeCoVNet (see :mod:`covidkit.ct.decovnet.volumes`).
 
 Each volume is a phantom in Hounsfield units: air, a body with a fat layer, a spine, two lungs whose
-shape varies from case to case (wavy borders, apex and base), branching vessels, a trachea and main
-bronchi, correlated noise. Every volume also has bright structures in the lungs that are *not* lesions:
-vessels and a few small calcified nodules. Positive volumes add a multifocal pneumonia over a lognormal share
-of the lung (median 8 %), mostly subpleural, posterior and basal (:func:`_covid_pattern`):
+shape varies from case to case, branching vessels, a trachea and main bronchi, correlated noise and partial
+volume (a point spread, so every edge has intermediate HU). Both classes share the confounders
+(:class:`FindingRates`): dependent atelectasis, emphysema, scars, calcified granulomas; most negatives and some
+positives have another disease (lobar consolidation, aspiration, perihilar edema, diffuse ground glass, nodules).
+Positive volumes add a multifocal pneumonia over a lognormal share of the lung (median 8 %), mostly subpleural,
+posterior and basal (:func:`_covid_pattern`):
 
 - ground-glass opacities: mottled patches of -680 to -300 HU per patch, soft edges;
 - in 40 % of the patients a consolidated core (-150 to +20 HU) in the larger patches.
+
+No HU histogram rule separates the classes (docs/ct.md); the pattern does.
 
 Written as ``ct-covid-volumes/``: ``volumes/<case>.nii.gz`` or ``volumes/<case>/`` (a DICOM series),
 ``lesions/<case>.nii.gz`` for the positives, ``labels.csv`` (``case_id,label`` with positive/negative).
