@@ -11,7 +11,7 @@ from covidkit.ct.decovnet.model import DeCoVNet, scaled_pools
 from covidkit.ct.decovnet.pipeline import (AugmentConfig, augment_volume, classification_metrics, classifier_arrays,
                                         lung_box)
 from covidkit.ct.decovnet.localize import (LocalizationConfig, class_activation_map, hit_rate, hu_to_level, is_hit,
-                                  localize_lesion)
+                                           localize, localize_lesion)
 from covidkit.ct.decovnet.lungmask import LungUNet, choose_lung_mask, dice, predict_lung_mask, unsupervised_lung_mask
 from covidkit.synth.ct_volumes import CTVolumeSynthConfig, synth_volume, write_ct_volumes
 
@@ -242,6 +242,22 @@ def test_localization_weighs_the_cam_by_the_density_of_the_candidates():
     assert localize_lesion(peak_only, image, lungs, cfg).centre == (2.0, 6.0, 6.0)
     assert localize_lesion(np.zeros_like(cam), image, lungs, cfg).centre is None
     assert hit_rate([result.centre, missed.centre, None], [lesions] * 3) == pytest.approx(1 / 3)
+
+
+def test_the_density_rule_ignores_the_cam_and_the_cam_rule_follows_it():
+    image, lungs, lesions = _hand_made_case()
+    wrong = np.zeros(image.shape, np.float32)
+    wrong[3:7, 24:34, 22:32] = 1.0  # the CAM on the unlabelled patch only
+    cam_rule = LocalizationConfig(rule="cam", opening_radius=1)
+    density_rule = LocalizationConfig(rule="density", opening_radius=1)
+    assert localize(wrong, image, lungs, cam_rule).centre == localize_lesion(wrong, image, lungs, cam_rule).centre
+    assert not is_hit(localize(wrong, image, lungs, cam_rule).centre, lesions)
+    # without the CAM: the densest candidate cluster; the lesion and the patch are equally dense, so one of them
+    found = localize(wrong, image, lungs, density_rule)
+    assert found.centre == localize(np.zeros_like(wrong), image, lungs, density_rule).centre
+    assert is_hit(found.centre, lesions | (image == round(hu_to_level(-400))))
+    with pytest.raises(ValueError, match="unknown localization rule"):
+        localize(wrong, image, lungs, LocalizationConfig(rule="peak"))
 
 
 def test_class_activation_map_has_the_input_shape():

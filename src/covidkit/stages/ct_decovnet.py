@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from covidkit.ct.decovnet.localize import LocalizationConfig
 from covidkit.ct.decovnet.pipeline import DeCoVNetConfig, DeCoVNetRun, predict_volume, run_decovnet
 from covidkit.ct.decovnet.volumes import DATASET_DIR
 from covidkit.stages import StageConfig, stage_main
@@ -38,6 +39,7 @@ class Config(StageConfig):
     mask_outside_lungs: bool = True  # the image channel is 0 outside the lung mask
     test_fraction: float = 0.3  # hold-out when labels.csv has no split column
     workers: int = 0  # DataLoader workers
+    localization: str = "cam"  # hit_rate's rule: "cam" (CAM x candidate density) or "density" (no CAM)
     examples: int = 4  # positive held-out cases drawn with their CAM
     progress: bool = True
 
@@ -49,7 +51,7 @@ class Config(StageConfig):
             lung_slices_per_case=self.lung_slices_per_case, lung_min_dice=self.lung_min_dice, epochs=self.epochs,
             lr=self.lr, batch_size=self.batch_size, mask_outside_lungs=self.mask_outside_lungs,
             num_workers=self.workers, progress=self.progress, max_cases=self.max_items,
-            max_steps=self.max_steps,
+            max_steps=self.max_steps, localization=LocalizationConfig(rule=self.localization),
         )
 
 

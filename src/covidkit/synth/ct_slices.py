@@ -91,7 +91,7 @@ def _vessels(rng: np.random.Generator, size: int, lungs: np.ndarray) -> np.ndarr
                 cv2.line(canvas, tuple(map(round, start)), tuple(map(round, end)), 1, max(1, round(width)))
                 start, angle, width = end, angle + rng.normal(0, 0.4), width * 0.75
     ys, xs = np.nonzero(lungs)
-    for i in rng.choice(len(ys), size=min(len(ys), rng.integers(20, 40)), replace=False):
+    for i in rng.choice(len(ys), size=min(len(ys), rng.integers(40, 100)), replace=False):
         cv2.circle(canvas, (int(xs[i]), int(ys[i])), max(1, round(rng.uniform(1.0, 3.0) * px)), 1, -1)
     return canvas.astype(bool) & lungs
 
@@ -120,6 +120,18 @@ def _dependent_density(rng: np.random.Generator, lungs: np.ndarray) -> np.ndarra
     rows = np.nonzero(lungs.any(axis=1))[0]
     t = np.clip((np.arange(lungs.shape[0]) - rows.min()) / max(1, rows.max() - rows.min()), 0, 1)
     return (rng.uniform(20, 150) * t ** 3).astype(np.float32)[:, None]
+
+
+def _atelectasis(rng: np.random.Generator, lungs: np.ndarray) -> np.ndarray:
+    """Unlabelled dependent atelectasis: 0-1 weight of a band along the posterior pleura, densest at the
+    pleura, its thickness (2-7 % of the side) varying along it; not a lesion, but as dense as ground glass."""
+    size = lungs.shape[0]
+    rows = np.arange(size)[:, None]
+    last = np.where(lungs, rows, -1).max(axis=0)  # each column's most posterior lung pixel
+    wobble = cv2.resize(rng.normal(0, 1, (1, 8)).astype(np.float32), (size, 1), interpolation=cv2.INTER_CUBIC)[0]
+    thickness = np.clip(rng.uniform(0.02, 0.07) * size * (1 + 0.35 * wobble), 1.0, None)
+    weight = np.clip(1 - (last[None, :] - rows) / thickness[None, :], 0, 1) * lungs
+    return cv2.GaussianBlur(weight.astype(np.float32), (0, 0), 1.5 * size / 512) * lungs
 
 
 def _patchy(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -162,6 +174,8 @@ def ct_phantom(rng: np.random.Generator, size: int, z: float = 0.5) -> tuple[np.
     aerated = rng.uniform(-900, -820) + _dependent_density(rng, lungs) + texture  # inspiration varies
     hu[lungs] = aerated[lungs]
     hu[_vessels(rng, size, lungs)] = TISSUE_HU
+    if rng.random() < 0.6:  # unlabelled dependent atelectasis, -650 to -200 HU at the pleura
+        hu += (rng.uniform(-650, -200) - hu) * _atelectasis(rng, lungs)
 
     mask = np.zeros((size, size), np.uint8)
     px = size / 512
@@ -184,7 +198,8 @@ def ct_phantom(rng: np.random.Generator, size: int, z: float = 0.5) -> tuple[np.
         mask[effusion] = 3
 
     noise = rng.uniform(10, 35)  # dose and kernel vary between scans
-    hu = cv2.GaussianBlur(hu, (0, 0), 0.6 * px) + rng.normal(0, noise, (size, size)).astype(np.float32)
+    # the scanner's point spread: partial volume gives every vessel, fissure and pleura an intermediate rim
+    hu = cv2.GaussianBlur(hu, (0, 0), rng.uniform(1.2, 2.5) * px) + rng.normal(0, noise, (size, size)).astype(np.float32)
     return np.clip(hu, -1024, 3000).astype(np.int16), mask
 
 

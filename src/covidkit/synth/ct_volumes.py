@@ -1,13 +1,17 @@
 """Synthetic chest CT volumes with COVID-19 labels, for DeCoVNet (see :mod:`covidkit.ct.decovnet.volumes`).
 
 Each volume is a phantom in Hounsfield units: air, a body with a fat layer, a spine, two lungs whose
-shape varies from case to case (wavy borders, apex and base), branching vessels, a trachea and main
-bronchi, correlated noise. Every volume also has bright structures in the lungs that are *not* lesions:
-vessels and a few small calcified nodules. Positive volumes add a multifocal pneumonia over a lognormal share
-of the lung (median 8 %), mostly subpleural, posterior and basal (:func:`_covid_pattern`):
+shape varies from case to case, branching vessels, a trachea and main bronchi, correlated noise and partial
+volume (a point spread, so every edge has intermediate HU). Both classes share the confounders
+(:class:`FindingRates`): dependent atelectasis, emphysema, scars, calcified granulomas; most negatives and some
+positives have another disease (lobar consolidation, aspiration, perihilar edema, diffuse ground glass, nodules).
+Positive volumes add a multifocal pneumonia over a lognormal share of the lung (median 8 %), mostly subpleural,
+posterior and basal (:func:`_covid_pattern`):
 
 - ground-glass opacities: mottled patches of -680 to -300 HU per patch, soft edges;
 - in 40 % of the patients a consolidated core (-150 to +20 HU) in the larger patches.
+
+No HU histogram rule separates the classes (docs/ct.md); the pattern does.
 
 Written as ``ct-covid-volumes/``: ``volumes/<case>.nii.gz`` or ``volumes/<case>/`` (a DICOM series),
 ``lesions/<case>.nii.gz`` for the positives, ``labels.csv`` (``case_id,label`` with positive/negative).
@@ -139,6 +143,99 @@ def _airways(z, y, x, lungs_top: float, size: int) -> tuple[np.ndarray, np.ndarr
     return lumen, wall & ~lumen
 
 
+def _sheet_distance(lungs: np.ndarray, spacing, axis: int = 1, posterior: bool = True) -> np.ndarray:
+    """Distance (mm) of each lung voxel from its column's most posterior (dependent) lung voxel along ``axis``."""
+    n = lungs.shape[axis]
+    idx = np.arange(n).reshape([-1 if a == axis else 1 for a in range(lungs.ndim)])
+    last = np.where(lungs, idx, -1).max(axis=axis, keepdims=True)
+    return np.where(lungs, (last - idx) * spacing[axis], np.inf).astype(np.float32)
+
+
+def _patches(rng, lungs, score, share) -> np.ndarray:
+    """The ``share`` of the lung voxels of highest ``score``."""
+    if share <= 0 or not lungs.any():
+        return np.zeros_like(lungs)
+    return lungs & (score > np.quantile(score[lungs], 1.0 - min(share, 0.9)))
+
+
+def _opacity(patches: np.ndarray) -> np.ndarray:
+    """A soft edge: the opacity fades over about a voxel around each patch."""
+    return np.clip(ndimage.gaussian_filter(patches.astype(np.float32), (0.5, 1.0, 1.0)) * 2.0, 0.0, 1.0)
+
+
+def _ground_glass(rng, patches, lungs, lo: float, hi: float) -> np.ndarray:
+    """Target HU of ground glass: one level per patch in [lo, hi], mottled."""
+    labels, n = ndimage.label(ndimage.binary_dilation(patches, iterations=1))
+    level = np.concatenate([[0.0], rng.uniform(lo, hi, n)]).astype(np.float32)[labels]
+    return level + 40.0 * _smooth_field(rng, lungs.shape, (1.0, 2.0, 2.0))
+
+
+def _dependent_density(rng, lungs, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Dependent atelectasis: a band along the posterior pleura, denser towards it, its thickness varying
+    smoothly along the pleura (a gravity gradient, not patchy)."""
+    dist = _sheet_distance(lungs, spacing)
+    thick = rng.uniform(4.0, 22.0) * (1.0 + 0.4 * _smooth_field(rng, lungs.shape, (2.0, 8.0, 8.0)))
+    weight = np.clip(1.0 - dist / np.maximum(thick, 1.0), 0.0, 1.0) * lungs
+    return weight, np.full(lungs.shape, rng.uniform(-450.0, -50.0), np.float32)
+
+
+def _emphysema(rng, lungs, z) -> np.ndarray:
+    """Centrilobular emphysema: low-attenuation patches, upper-lobe predominant."""
+    score = _smooth_field(rng, lungs.shape, (1.0, 2.0, 2.0)) + 1.2 * z
+    return _patches(rng, lungs, score, rng.uniform(0.03, 0.2))
+
+
+def _scars(rng, lungs, sampling) -> np.ndarray:
+    """One to three linear fibrotic bands near the pleura."""
+    voxels = np.argwhere(lungs)
+    points = []
+    for _ in range(rng.integers(1, 4)):
+        start = voxels[rng.integers(len(voxels))].astype(float)
+        direction = rng.normal(size=3) * np.array([0.3, 1.0, 1.0])
+        direction /= np.linalg.norm(direction) + 1e-6
+        points += [start + direction * s for s in np.arange(0, rng.uniform(8, 25), 0.5)]
+    return _tubes(lungs.shape, np.array(points), rng.uniform(0.7, 1.4), sampling) & lungs
+
+
+def _other_disease(rng, lungs, spacing, z, y, x) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """A non-COVID lung disease: lobar (bacterial) consolidation, aspiration, perihilar edema, diffuse
+    mosaic ground glass (e.g. PCP, hypersensitivity) or subsolid nodules. Returns opacity, target HU,
+    the disease's mask and its name."""
+    t, h, w = lungs.shape
+    kind = rng.choice(["lobar", "aspiration", "edema", "diffuse", "nodules"], p=[0.25, 0.15, 0.2, 0.25, 0.15])
+    side = np.zeros_like(lungs)
+    side[:, :, slice(0, w // 2) if rng.random() < 0.5 else slice(w // 2, w)] = True
+    depth_mm = ndimage.distance_transform_edt(lungs, sampling=spacing)
+    field = _smooth_field(rng, lungs.shape, tuple(min(4.0, 10.0 / s) for s in spacing))
+    share = float(np.clip(rng.lognormal(np.log(0.08), 0.9), 0.01, 0.4))
+    if kind == "lobar":  # one lobe (or a segment of it) beyond an oblique fissure, dense with a ground-glass rim
+        normal = rng.normal(size=3) * np.array([1.0, 0.6, 0.3])
+        plane = normal[0] * (z - rng.uniform(0.3, 0.7)) + normal[1] * y * 0.5 + normal[2] * x * 0.5
+        region = lungs & side & (plane > 0)
+        mask = _patches(rng, region, np.broadcast_to(plane, lungs.shape) + 0.05 * field, rng.uniform(0.3, 1.0))
+        target = np.where(mask, rng.uniform(-120.0, 40.0), 0.0) + 25.0 * field
+        return _opacity(ndimage.binary_dilation(mask)) * lungs, np.where(
+            ndimage.binary_erosion(mask), target, rng.uniform(-650.0, -350.0)).astype(np.float32), mask, kind
+    if kind == "aspiration":  # dependent, basal, mostly one side: patchy consolidation and ground glass
+        score = field + 2.0 * y + 2.0 * (1.0 - z)
+        mask = _patches(rng, lungs & side, score, share)
+        target = np.where(field > 0.5, rng.uniform(-200.0, 20.0), rng.uniform(-650.0, -350.0)) + 30.0 * field
+        return _opacity(mask) * lungs, target.astype(np.float32), mask, kind
+    if kind == "edema":  # bilateral, central (perihilar), gravity-dependent ground glass
+        score = 0.5 * field + depth_mm / 15.0 + 0.5 * y
+        mask = _patches(rng, lungs, score, share * 1.5)
+        return _opacity(mask) * lungs, _ground_glass(rng, mask, lungs, -700.0, -400.0), mask, kind
+    if kind == "diffuse":  # mosaic ground glass, not peripheral, upper or even
+        score = field + rng.uniform(0.0, 1.0) * z + 0.3 * depth_mm / 15.0
+        mask = _patches(rng, lungs, score, share * 1.5)
+        return _opacity(mask) * lungs, _ground_glass(rng, mask, lungs, -700.0, -350.0), mask, kind
+    voxels = np.argwhere(lungs)  # solid and subsolid nodules
+    centres = voxels[rng.integers(len(voxels), size=rng.integers(2, 8))].astype(float)
+    sampling = tuple(s / spacing[1] for s in spacing)
+    mask = _tubes(lungs.shape, centres, rng.uniform(2.0, 4.0), sampling) & lungs
+    return (_opacity(mask) * lungs, np.full(lungs.shape, rng.uniform(-600.0, 20.0), np.float32), mask, kind)
+
+
 def _covid_pattern(rng: np.random.Generator, lungs: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where and how dense a COVID-19 pneumonia is: multifocal patches of the lungs, mostly subpleural,
     posterior and basal, bilateral in most cases, over a lognormal share of the lung (median 8 %,
@@ -172,8 +269,23 @@ def _covid_pattern(rng: np.random.Generator, lungs: np.ndarray, spacing) -> tupl
     return opacity * lungs, target.astype(np.float32), patches
 
 
-def synth_volume(rng: np.random.Generator, slices: int, size: int, positive: bool) -> SynthVolume:
-    """One synthetic chest CT; positives carry a multifocal pneumonia, both classes vessels and calcified nodules."""
+@dataclass
+class FindingRates:
+    """How often each finding occurs; the confounders are drawn for both classes alike, other diseases mostly
+    in the negatives (the population a CT classifier meets: patients scanned for other reasons)."""
+
+    dependent_density: float = 0.6
+    emphysema: float = 0.3
+    scars: float = 0.35
+    nodules: float = 0.4  # calcified granulomas
+    other_disease_negative: float = 0.7
+    other_disease_positive: float = 0.15
+
+
+def synth_volume(rng: np.random.Generator, slices: int, size: int, positive: bool,
+                 rates: FindingRates | None = None) -> SynthVolume:
+    """One synthetic chest CT: positives carry a COVID-19 pneumonia, both classes the confounders."""
+    rates = rates or FindingRates()
     fov = rng.uniform(320.0, 380.0)
     height = rng.uniform(230.0, 290.0)
     spacing = (height / slices, fov / size, fov / size)
@@ -190,27 +302,43 @@ def synth_volume(rng: np.random.Generator, slices: int, size: int, positive: boo
     hu[spine] = BONE_HU
 
     lungs = _lungs(rng, z, y, x) & (body_r < 0.88) & ~spine
-    posterior = np.broadcast_to(np.clip(y, -1, 1), shape)
-    hu[lungs] = (LUNG_HU + 40.0 * (posterior + 1.0) + 15.0 * _smooth_field(rng, shape, (2, 6, 6)))[lungs]
+    # inspiration depth and the gravity gradient vary from scan to scan
+    aerated = rng.uniform(-900.0, -780.0) + rng.uniform(15.0, 70.0) * (np.broadcast_to(y, shape) + 1.0)
+    hu[lungs] = (aerated + 15.0 * _smooth_field(rng, shape, (2, 6, 6)))[lungs]
+    if rng.random() < rates.emphysema:
+        hu[_emphysema(rng, lungs, z)] = rng.uniform(-990.0, -940.0)
 
     large, small = _vessel_tree(rng, lungs, sampling)
     vessels = (large | small) & lungs
     hu[vessels] = BLOOD_HU + rng.normal(0, 20.0)
-    lung_voxels = np.argwhere(lungs)
-    centres = lung_voxels[rng.integers(len(lung_voxels), size=rng.integers(0, 4))]
-    nodules = _tubes(shape, centres.astype(float), rng.uniform(1.0, 2.2), sampling)  # calcified granulomas
-    hu[nodules & lungs] = rng.uniform(150.0, 400.0)
+    if rng.random() < rates.nodules:
+        lung_voxels = np.argwhere(lungs)
+        centres = lung_voxels[rng.integers(len(lung_voxels), size=rng.integers(1, 4))]
+        nodules = _tubes(shape, centres.astype(float), rng.uniform(1.0, 2.2), sampling)  # calcified granulomas
+        hu[nodules & lungs] = rng.uniform(150.0, 400.0)
+    if rng.random() < rates.scars:
+        hu[_scars(rng, lungs, sampling)] = rng.uniform(-150.0, 40.0)
 
+    def overlay(opacity, target):  # vessels and nodules stay visible through an opacity
+        return np.maximum(hu, hu + (target - hu) * opacity)
+
+    if rng.random() < rates.dependent_density:
+        hu = overlay(*_dependent_density(rng, lungs, spacing))
+    if rng.random() < (rates.other_disease_positive if positive else rates.other_disease_negative):
+        opacity, target, _, _ = _other_disease(rng, lungs, spacing, z, y, x)
+        hu = overlay(opacity, target)
     lesions = np.zeros(shape, bool)
     if positive:
         opacity, target, lesions = _covid_pattern(rng, lungs, spacing)
-        hu = np.maximum(hu, hu + (target - hu) * opacity)  # vessels and nodules stay visible through it
+        hu = overlay(opacity, target)
 
     top = np.nonzero(lungs.any(axis=(1, 2)))[0].max()
     lumen, wall = _airways(z, y, x, lungs_top=float(z[top, 0, 0]), size=size)
     hu[wall & ~lungs] = TISSUE_HU
     hu[lumen] = AIR_HU
-    hu += rng.uniform(15.0, 30.0) * _smooth_field(rng, shape, (0.3, 0.6, 0.6))
+    # partial volume: the scanner's point spread over thick slices mixes air and tissue at every edge
+    hu = ndimage.gaussian_filter(hu, (rng.uniform(0.3, 0.6), rng.uniform(0.5, 0.9), rng.uniform(0.5, 0.9)))
+    hu += rng.uniform(15.0, 45.0) * _smooth_field(rng, shape, (0.3, 0.6, 0.6))
     return SynthVolume(np.clip(np.round(hu), -1024, 3000).astype(np.int16), lungs, lesions & lungs, spacing)
 
 

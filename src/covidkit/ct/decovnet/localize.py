@@ -43,6 +43,7 @@ from covidkit.ct.decovnet.volumes import LUNG_WINDOW
 
 @dataclass
 class LocalizationConfig:
+    rule: str = "cam"  # "cam": CAM x candidate density; "density": candidate density alone (no network)
     candidate_hu: float = -720.0  # candidate lesions: lung voxels above this (ground glass and denser)
     opening_radius: int = 2  # in-plane opening (pixels of the classifier input) that removes vessels
     density_sigma: tuple[float, float, float] = (0.7, 2.0, 2.0)  # (t, y, x) voxels: ~6 mm on smoke's 8 x 2.8 x 2.8 mm grid
@@ -125,6 +126,18 @@ def localize_lesion(cam: np.ndarray, image: np.ndarray, lungs: np.ndarray,
     centre = np.unravel_index(int(np.argmax(evidence)), evidence.shape)
     regions, _ = ndimage.label(evidence >= cfg.region_fraction * evidence[centre])
     return Localization(regions == regions[centre], tuple(float(c) for c in centre), n_candidates)
+
+
+def localize(cam: np.ndarray, image: np.ndarray, lungs: np.ndarray,
+             cfg: LocalizationConfig | None = None) -> Localization:
+    """The lesion by ``cfg.rule``: ``"cam"`` weighs the candidate density by the CAM (:func:`localize_lesion`),
+    ``"density"`` takes the densest candidate region alone, the CAM replaced by the lung mask."""
+    cfg = cfg or LocalizationConfig()
+    if cfg.rule == "density":
+        cam = lungs.astype(np.float32)
+    elif cfg.rule != "cam":
+        raise ValueError(f"unknown localization rule {cfg.rule!r} (cam or density)")
+    return localize_lesion(cam, image, lungs, cfg)
 
 
 def is_hit(centre: tuple[float, float, float] | None, lesions: np.ndarray) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -44,12 +44,13 @@ from tqdm.auto import tqdm
 
 from covidkit.ct.decovnet.cache import cache_key, data_digest, is_cached, save_npz, source_stamp, weights_digest
 from covidkit.ct.decovnet.model import DeCoVNet
+from covidkit.ct.decovnet.baselines import hu_histogram, hu_share, histogram_baseline_auc, share_auc
 from covidkit.ct.decovnet.localize import (Localization, LocalizationConfig, class_activation_map, hit_rate, is_hit,
-                                  localize_lesion)
+                                  localize)
 from covidkit.ct.decovnet.lungmask import (LungSliceDataset, LungUNet, UnsupervisedLungConfig, choose_lung_mask,
                                   lung_unet_step, predict_lung_mask, resize_slices, unsupervised_lung_mask)
-from covidkit.ct.decovnet.volumes import (CTCase, CTVolume, read_cases, read_nifti, read_volume, resample,
-                                 window)
+from covidkit.ct.decovnet.volumes import (LUNG_WINDOW, CTCase, CTVolume, read_cases, read_nifti, read_volume,
+                                 resample, window)
 from covidkit.engine import TrainConfig, class_balanced_weights, cosine_with_floor, fit, seed_everything
 from covidkit.engine.device import model_device
 
@@ -338,7 +339,7 @@ def predict_volume(model: DeCoVNet, arrays: dict[str, np.ndarray], cfg: DeCoVNet
     features = model.forward_features(x)  # once, for the probability and the CAM
     prob = float(torch.softmax(model.classifier(features), dim=1)[0, 1])
     cam = class_activation_map(model, x, target=1, features=features)
-    return prob, cam, localize_lesion(cam, arrays["image"], arrays["lungs"], cfg.localization)
+    return prob, cam, localize(cam, arrays["image"], arrays["lungs"], cfg.localization)
 
 
 def _held_out_evaluator(dataset: VolumeDataset):
@@ -400,24 +401,58 @@ class DeCoVNetRun:
 
 def evaluate_cases(model: DeCoVNet, inputs: dict[str, Path], cases: list[CTCase], cfg: DeCoVNetConfig,
                    device: torch.device | str | None = None) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Per-case predictions (probability, predicted centre, hit) and the summary metrics."""
-    rows, centres, lesion_masks = [], [], []
+    """Per-case predictions (probability, predicted centre, hit) and the summary metrics: ``hit_rate`` by the
+    configured rule (``localization``), ``hit_rate_cam`` and ``hit_rate_density`` by each rule."""
+    rows, lesion_masks = [], []
+    centres = {"cam": [], "density": []}
+    rules = {rule: replace(cfg.localization, rule=rule) for rule in centres}
     for case in tqdm(cases, desc="evaluate + localize", unit="volume", disable=not cfg.progress):
         with np.load(inputs[case.case_id]) as data:
             arrays = dict(data)
-        prob, _, loc = predict_volume(model, arrays, cfg, device)
+        prob, cam, loc = predict_volume(model, arrays, cfg, device)
         row = {"case_id": case.case_id, "label": case.label, "prob": prob, "pred": int(prob >= 0.5),
                "slices": int(arrays["image"].shape[0]), "centre": loc.centre, "hit": None}
         if case.label == 1 and "lesions" in arrays and arrays["lesions"].any():
             row["hit"] = is_hit(loc.centre, arrays["lesions"])
-            centres.append(loc.centre)
             lesion_masks.append(arrays["lesions"])
+            for rule, found in centres.items():
+                other = loc if rule == cfg.localization.rule else localize(cam, arrays["image"], arrays["lungs"], rules[rule])
+                found.append(other.centre)
         rows.append(row)
     predictions = pd.DataFrame(rows)
     metrics = classification_metrics(predictions["label"].to_numpy(), predictions["prob"].to_numpy())
-    metrics["hit_rate"] = hit_rate(centres, lesion_masks)
-    metrics["hit_cases"] = len(centres)
+    metrics["hit_rate"] = hit_rate(centres[cfg.localization.rule], lesion_masks)
+    for rule, found in centres.items():
+        metrics[f"hit_rate_{rule}"] = hit_rate(found, lesion_masks)
+    metrics["hit_cases"] = len(lesion_masks)
+    metrics["localization"] = cfg.localization.rule
     return predictions, metrics
+
+
+def volume_histograms(prepared: dict[str, Path], cases: list[CTCase],
+                      window_hu: tuple[float, float] = LUNG_WINDOW) -> tuple[np.ndarray, np.ndarray]:
+    """The 64-bin HU histogram (:func:`covidkit.ct.decovnet.baselines.hu_histogram`) and the -700 to -200 HU
+    share of each case's whole resampled volume (no mask), its 8-bit image mapped back to HU."""
+    hists, shares = [], []
+    for case in cases:
+        with np.load(prepared[case.case_id]) as arrays:
+            hu = arrays["image"].astype(np.float32) / 255.0 * (window_hu[1] - window_hu[0]) + window_hu[0]
+        hists.append(hu_histogram(hu))
+        shares.append(hu_share(hu))
+    return np.array(hists), np.array(shares)
+
+
+def baseline_metrics(prepared: dict[str, Path], train: list[CTCase], test: list[CTCase], seed: int = 0) -> dict[str, float]:
+    """The trivial baselines on the held-out cases: ``hist_auc`` (logistic regression on the whole volume's HU
+    histogram, trained on the training cases) and ``hu_share_auc`` (the -700 to -200 HU share, no training)."""
+    train_hists, _ = volume_histograms(prepared, train)
+    test_hists, test_shares = volume_histograms(prepared, test)
+    train_labels, test_labels = [c.label for c in train], [c.label for c in test]
+    both = len(set(test_labels)) == 2 and len(set(train_labels)) == 2
+    return {
+        "hist_auc": histogram_baseline_auc(train_hists, train_labels, test_hists, test_labels, seed) if both else float("nan"),
+        "hu_share_auc": share_auc(test_shares, test_labels) if len(set(test_labels)) == 2 else float("nan"),
+    }
 
 
 def lung_fallbacks(files) -> int:
@@ -461,6 +496,7 @@ def run_decovnet(dataset_dir: Path | str, work_dir: Path | str, cfg: DeCoVNetCon
     metrics["train_cases"] = len(train)
     metrics["test_cases"] = len(test)
     metrics["lung_fallbacks"] = lung_fallbacks(inputs.values())
+    metrics.update(baseline_metrics(prepared, train, test, cfg.seed))
     predictions.to_csv(work / "predictions.csv", index=False)
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
     pd.DataFrame([metrics]).to_csv(work / "metrics.csv", index=False)
