@@ -203,7 +203,7 @@ def test_a_lung_mask_over_the_air_around_the_body_is_caught_and_replaced(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
+@pytest.mark.xfail(strict=True, reason=(
     "issue 30: on the volumes with confounders (no density shortcut) this recipe does not learn: held-out AUC "
     "0.39 trained, 0.49 untrained, 0.64 for the HU-histogram baseline (seed 11, training loss 0.68-0.70 for 30 "
     "epochs); the assertion below is what DeCoVNet must reach once it learns the spatial pattern"))
