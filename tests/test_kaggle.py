@@ -15,6 +15,7 @@ from importlib.metadata import distribution
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -137,4 +138,10 @@ def test_the_bundle_submits_offline_as_kaggle_runs_it(models_dir, tiny_input, tm
 
     expected = predict_competition(tiny_input / COMPETITION, models_dir, tmp_path / "predict.csv", workers=0,
                                    progress=False)
-    pd.testing.assert_frame_equal(pd.read_csv(params["out"]), pd.read_csv(expected.submission))
+    got, want = pd.read_csv(params["out"]), pd.read_csv(expected.submission)
+    assert list(got["id"]) == list(want["id"])
+    # the same predictions, up to float rounding in the 6th significant digit (another environment's BLAS)
+    for a, b in zip(got["PredictionString"].str.split(), want["PredictionString"].str.split()):
+        assert len(a) == len(b) and a[::6] == b[::6]  # labels
+        numbers = [i for i in range(len(a)) if i % 6]
+        np.testing.assert_allclose([float(a[i]) for i in numbers], [float(b[i]) for i in numbers], rtol=1e-4, atol=1e-3)

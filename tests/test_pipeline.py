@@ -171,7 +171,7 @@ def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path, capsys)
     from covidkit.synth.ct_volumes import CTVolumeSynthConfig, write_ct_volumes
 
     input_dir, run_dir = tmp_path / "input", tmp_path / "run"
-    write_all(input_dir, SynthConfig(seed=9, train_studies=10, test_studies=4, nih_images=16, rsna_images=4,
+    write_all(input_dir, SynthConfig(seed=9, train_studies=12, test_studies=4, nih_images=16, rsna_images=4,
                                      max_size=640, nih_size=256, rsna_size=256, workers=1, ct=False))
     write_ct_volumes(input_dir, CTVolumeSynthConfig(seed=3, cases=10, min_slices=10, max_slices=14, size=64))
     fabricate(input_dir, arch="resnext101_32x8d", yolo="yolo11n")
