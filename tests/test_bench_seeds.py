@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from covidkit.bench.seeds import (FRESH_SEEDS, SeedFolder, SeedsConfig, draw_fresh_test_seeds, figure_table,
-                                  run_seeds, verdict_class, write_tables)
+                                  run_seeds, verdict_class, write_readme_block, write_tables)
 from covidkit.cli import build_parser, main
 from covidkit.layout import RunLayout
 from covidkit.pipeline import PipelineError, check_settings, list_notebooks, notebook_overrides
@@ -185,3 +185,14 @@ def test_pipeline_set_scopes_settings_to_a_notebook():
         check_settings(books, {"07.fresh_test_sets": [1]})
     with pytest.raises(PipelineError, match="fresh_test_seeds"):  # 00 does not have it
         check_settings(list_notebooks(["00"]), {"fresh_test_seeds": [1]})
+
+
+def test_the_readme_block_is_rewritten_between_its_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- results:begin (written by a command) -->\nold table\n<!-- results:end -->\n\nrest\n")
+    write_readme_block(readme, "| a | b |\n|---|---|\n| 1 | 2 |")
+    assert readme.read_text() == ("# title\n\n<!-- results:begin (written by a command) -->\n| a | b |\n|---|---|\n"
+                                  "| 1 | 2 |\n<!-- results:end -->\n\nrest\n")
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="results:begin"):
+        write_readme_block(readme, "x")

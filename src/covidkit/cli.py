@@ -95,17 +95,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "seeds":
         import shlex
 
-        from covidkit.bench.seeds import DEFAULT_SPEED_SCRIPT, SeedsConfig, run_seeds, write_tables
+        from covidkit.bench.seeds import (DEFAULT_SPEED_SCRIPT, SeedsConfig, run_seeds, write_readme_block,
+                                           write_tables)
 
         if args.table_only:
-            print(write_tables(Path(args.out), args.seeds).read_text())
+            path = write_tables(Path(args.out), args.seeds)
+            print(path.read_text())
         elif not args.seeds:
             raise ValueError("--seeds is required (except with --table-only)")
         else:
             cfg = SeedsConfig(seeds=args.seeds, out=Path(args.out), profile=args.profile, fresh_tests=args.fresh_tests,
                               speed_script=Path(args.speed_script or DEFAULT_SPEED_SCRIPT),
                               dry_run=args.dry_run, synth_args=shlex.split(args.synth_args))
-            print(run_seeds(cfg).read_text())
+            path = run_seeds(cfg)
+            print(path.read_text())
+        if args.readme:
+            write_readme_block(Path(args.readme), path.read_text())
+            print(f"{args.readme}: results block rewritten from {path}")
     return 0
 
 
@@ -260,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="covidkit pipeline --dry-run: the whole path in minutes")
     b.add_argument("--table-only", action="store_true",
                    help="only rebuild the tables from the run folders in --out (all seed<S>/ without --seeds)")
+    b.add_argument("--readme", default=None,
+                   help="also write seeds.md between the results markers of this file (README.md's results table)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("run", help="one stage of the pipeline, as its notebook runs it (00 ... 07, 10, 11)")

@@ -365,6 +365,22 @@ def discover_seeds(out: Path) -> list[int]:
     return sorted(int(p.name[4:]) for p in Path(out).glob("seed*") if p.name[4:].isdigit())
 
 
+README_BEGIN = "<!-- results:begin"  # the README's results block: the line that opens it starts so
+README_END = "<!-- results:end -->"
+
+
+def write_readme_block(readme: Path, table_md: str) -> None:
+    """Replace what lies between the README's results markers with ``table_md`` (the markers stay)."""
+    readme = Path(readme)
+    lines = readme.read_text().splitlines(keepends=True)
+    begin = [i for i, line in enumerate(lines) if line.startswith(README_BEGIN)]
+    end = [i for i, line in enumerate(lines) if line.startswith(README_END)]
+    if len(begin) != 1 or len(end) != 1 or end[0] < begin[0]:
+        raise ValueError(f"{readme}: expected one '{README_BEGIN} ...' line and one '{README_END}' line after it")
+    body = table_md if table_md.endswith("\n") else table_md + "\n"
+    readme.write_text("".join(lines[: begin[0] + 1]) + body + "".join(lines[end[0]:]))
+
+
 def write_tables(out: Path, seeds: list[int] | None = None) -> Path:
     """``seeds.csv``, ``timings.csv`` and ``seeds.md`` from the seed folders in ``out`` (all of them by default)."""
     out = Path(out)
