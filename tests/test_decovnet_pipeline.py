@@ -73,7 +73,7 @@ def test_decovnet_notebook_smoke(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 3 and metrics["train_cases"] == 7
     assert 0 <= metrics["roc_auc"] <= 1 and 0 <= metrics["hit_rate"] <= 1 and metrics["hit_cases"] >= 1
-    assert metrics["localization"] == "cam" and metrics["hit_rate"] == metrics["hit_rate_cam"]
+    assert metrics["localization"] == "density" and metrics["hit_rate"] == metrics["hit_rate_density"]
     assert all(0 <= metrics[k] <= 1 for k in ("hit_rate_density", "hist_auc", "hu_share_auc"))
     predictions = pd.read_csv(out / "predictions.csv")
     assert predictions["prob"].between(0, 1).all()

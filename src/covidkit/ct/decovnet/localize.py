@@ -43,7 +43,7 @@ from covidkit.ct.decovnet.volumes import LUNG_WINDOW
 
 @dataclass
 class LocalizationConfig:
-    rule: str = "cam"  # "cam": CAM x candidate density; "density": candidate density alone (no network)
+    rule: str = "density"  # "density": candidate density alone (no network); "cam": CAM x candidate density
     candidate_hu: float = -720.0  # candidate lesions: lung voxels above this (ground glass and denser)
     opening_radius: int = 2  # in-plane opening (pixels of the classifier input) that removes vessels
     density_sigma: tuple[float, float, float] = (0.7, 2.0, 2.0)  # (t, y, x) voxels: ~6 mm on smoke's 8 x 2.8 x 2.8 mm grid
