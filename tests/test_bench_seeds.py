@@ -190,9 +190,9 @@ def test_pipeline_set_scopes_settings_to_a_notebook():
 def test_the_readme_block_is_rewritten_between_its_markers_only(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\n<!-- results:begin (written by a command) -->\nold table\n<!-- results:end -->\n\nrest\n")
-    write_readme_block(readme, "| a | b |\n|---|---|\n| 1 | 2 |")
-    assert readme.read_text() == ("# title\n\n<!-- results:begin (written by a command) -->\n| a | b |\n|---|---|\n"
-                                  "| 1 | 2 |\n<!-- results:end -->\n\nrest\n")
+    write_readme_block(readme, "# Results\n| a | b |\n|---|---|\n| 1 | 2 |")
+    assert readme.read_text() == ("# title\n\n<!-- results:begin (written by a command) -->\n#### Results\n| a | b |\n"
+                                  "|---|---|\n| 1 | 2 |\n<!-- results:end -->\n\nrest\n")
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="results:begin"):
         write_readme_block(readme, "x")

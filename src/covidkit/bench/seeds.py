@@ -369,15 +369,17 @@ README_BEGIN = "<!-- results:begin"  # the README's results block: the line that
 README_END = "<!-- results:end -->"
 
 
-def write_readme_block(readme: Path, table_md: str) -> None:
-    """Replace what lies between the README's results markers with ``table_md`` (the markers stay)."""
+def write_readme_block(readme: Path, table_md: str, demote: int = 3) -> None:
+    """Replace what lies between the README's results markers with ``table_md`` (the markers stay), its headings
+    ``demote`` levels down (the block sits under a README section)."""
     readme = Path(readme)
     lines = readme.read_text().splitlines(keepends=True)
     begin = [i for i, line in enumerate(lines) if line.startswith(README_BEGIN)]
     end = [i for i, line in enumerate(lines) if line.startswith(README_END)]
     if len(begin) != 1 or len(end) != 1 or end[0] < begin[0]:
         raise ValueError(f"{readme}: expected one '{README_BEGIN} ...' line and one '{README_END}' line after it")
-    body = table_md if table_md.endswith("\n") else table_md + "\n"
+    body = "".join("#" * demote + line if line.startswith("#") else line for line in table_md.splitlines(keepends=True))
+    body = body if body.endswith("\n") else body + "\n"
     readme.write_text("".join(lines[: begin[0] + 1]) + body + "".join(lines[end[0]:]))
 
 
