@@ -101,8 +101,10 @@ def resume_checkpoint(run_dir: str | Path) -> dict[str, Any]:
         except CorruptFileError as err:
             problems.append(str(err))
             continue
-        if problems:
+        if problems:  # the bad last.pt goes: the next save must not keep it as the previous one
             print(f"covidkit: {problems[0]}; resuming from {path} (epoch {ckpt['epoch']})", file=sys.stderr)
+            (run_dir / LAST).unlink(missing_ok=True)
+            hash_path(run_dir / LAST).unlink(missing_ok=True)
         return ckpt
     raise CorruptFileError(f"cannot resume {run_dir}: {'; '.join(problems) or 'no checkpoint'}, and no good previous "
                            f"checkpoint; delete {run_dir} to train this run from the start")
