@@ -125,10 +125,11 @@ def input_problem(stage: str, input_dir: str | Path) -> str | None:
     absent = [n for n in needed if not (root / n.rstrip("/")).exists()]
     if absent:
         return f"{stage}: {root} lacks {', '.join(absent)}"
-    if dataset == SIIM and "train/" in needed:
-        return _missing_studies(root / "train_study_level.csv", root / "train", "id", "_study")
-    if dataset == SIIM and "test/" in needed:
-        return _missing_studies(root / "sample_submission.csv", root / "test", "id", "_study")
+    if dataset == SIIM:
+        halves = [_missing_studies(root / csv, root / split, "id", "_study")
+                  for csv, split in (("train_study_level.csv", "train"), ("sample_submission.csv", "test"))
+                  if f"{split}/" in needed]
+        return next((h for h in halves if h), None)
     if stage == "01_pretrain_nih_resnext" and not any(root.glob("images*/images/*.png")):
         return f"{stage}: {root} has no images_*/images/*.png"
     if stage == "02_pretrain_rsna_yolo" and not any((root / "stage_2_train_images").glob("*.dcm")):
