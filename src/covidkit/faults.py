@@ -129,7 +129,7 @@ def input_problem(stage: str, input_dir: str | Path) -> str | None:
         halves = [_missing_studies(root / csv, root / split, "id", "_study")
                   for csv, split in (("train_study_level.csv", "train"), ("sample_submission.csv", "test"))
                   if f"{split}/" in needed]
-        return next((h for h in halves if h), None)
+        return next((f"{stage}: {h}" for h in halves if h), None)
     if stage == "01_pretrain_nih_resnext" and not any(root.glob("images*/images/*.png")):
         return f"{stage}: {root} has no images_*/images/*.png"
     if stage == "02_pretrain_rsna_yolo" and not any((root / "stage_2_train_images").glob("*.dcm")):
