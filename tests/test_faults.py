@@ -91,7 +91,8 @@ def test_disk_full_while_writing_the_submission_keeps_the_previous_one(tmp_path,
     from covidkit.submission import write_submission
 
     path = tmp_path / "submission.csv"
-    write_submission(path, {}, {"s1": {"negative": 1.0}})
+    probs = {"negative": 0.7, "typical": 0.1, "indeterminate": 0.1, "atypical": 0.1}
+    write_submission(path, {}, {"s1": probs})
     before = path.read_bytes()
 
     def full(self, target, *args, **kwargs):
@@ -100,7 +101,7 @@ def test_disk_full_while_writing_the_submission_keeps_the_previous_one(tmp_path,
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", full)
     with pytest.raises(DiskFullError, match=rf"disk full writing {path}: .* free on its file system"):
-        write_submission(path, {}, {"s1": {"typical": 1.0}})
+        write_submission(path, {}, {"s1": {**probs, "negative": 0.1, "typical": 0.7}})
     assert path.read_bytes() == before and not list(tmp_path.glob(".*tmp*"))
 
 
