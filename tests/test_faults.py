@@ -290,8 +290,12 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL the runner and everything it started (the notebook kernel runs in its own session)."""
     import psutil
 
-    parent = psutil.Process(proc.pid)
-    for p in [*parent.children(recursive=True), parent]:
+    try:
+        parent = psutil.Process(proc.pid)
+        tree = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
         try:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
@@ -301,35 +305,39 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_a_run_killed_in_a_training_stage_resumes_it_and_skips_the_finished_ones(tiny_input, tmp_path):
-    """`covidkit pipeline --dry-run` through 00-07, SIGKILLed right after 03's first checkpoint (03 trains two
-    epochs per split: batch 4 of the dry run's 4 images, 2 steps), then started again: 00-02 are skipped, 03
-    resumes its split at epoch 1 (the epoch-1 row is the checkpoint's, not retrained), the submission is
-    valid; a third start skips every stage."""
+    """`covidkit pipeline --dry-run` through 00-07 (not 02: 04 starts from the untrained nano; no baselines of 04, no fresh test sets, no flipped images),
+    SIGKILLed right after 03's first checkpoint (03 trains two epochs per split: batch 4 of the dry run's 4
+    images, 2 steps), then started again: 00 and 01 are skipped, 03 resumes its split at epoch 1 (the epoch-1 row
+    is the checkpoint's, not retrained), the submission is valid; a third start skips every stage."""
     from covidkit.submission import validate_files
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "covidkit.cli", "pipeline", "--input", str(tiny_input), "--run-dir", str(run),
-           "--dry-run", "--only", *[f"0{i}" for i in range(8)], "--set", "03.batch_size=4", "--set", "progress=false"]
+           "--dry-run", "--only", "00", "01", "03", "04", "05", "06", "07", "--set", "03.batch_size=4",
+           "--set", "04.model=yolo11n.yaml", "--set", "04.baseline_model=null", "--set", "07.fresh_test_seeds=[]",
+           "--set", "hflip_tta=false", "--set", "progress=false"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         stage = run / "03_train_siim_fasterrcnn"
-        deadline = time.monotonic() + 240
-        while not list(stage.glob("*/last.pt")):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint of 03 in time"
-            time.sleep(0.02)
-        _kill_tree(proc)
+        deadline = time.monotonic() + 600
+        try:
+            while not list(stage.glob("*/last.pt")):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint of 03 in time"
+                time.sleep(0.02)
+        finally:
+            _kill_tree(proc)
     split = list(stage.glob("*/last.pt"))[0].parent
     killed_at = load_checkpoint(split / LAST)
     assert killed_at["epoch"] == 1, "the kill came after epoch 2: nothing left to resume"
     config_written = (split / "config.json").stat().st_mtime_ns
 
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     lines = again.stdout.splitlines() + again.stderr.splitlines()
-    for done in ("00_prepare_data", "01_pretrain_nih_resnext", "02_pretrain_rsna_yolo"):
+    for done in ("00_prepare_data", "01_pretrain_nih_resnext"):
         assert any(line.startswith(f"{done}: skipped, complete") for line in lines), done
     assert any(line.startswith("03_train_siim_fasterrcnn: runs: running before: resuming it") for line in lines)
     resumed = load_checkpoint(split / LAST)
@@ -342,6 +350,6 @@ def test_a_run_killed_in_a_training_stage_resumes_it_and_skips_the_finished_ones
     third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
     skipped = [line for line in third.stdout.splitlines() + third.stderr.splitlines() if ": skipped, complete" in line]
-    assert len(skipped) == 8, third.stdout[-3000:]
+    assert len(skipped) == 7, third.stdout[-3000:]
     record = json.loads((run / "dry_run.json").read_text())
-    assert len(record) == 8 and all(r["skipped"] and r["seconds"] > 0 for r in record)  # the timings of the runs
+    assert len(record) == 7 and all(r["skipped"] and r["seconds"] > 0 for r in record)  # the timings of the runs
