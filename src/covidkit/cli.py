@@ -116,9 +116,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from covidkit.stages import overrides_of, run_stage
+    from covidkit.faults import explain
+    from covidkit.stages import notebook_of, overrides_of, run_stage, section_parameters
 
-    module, result = run_stage(args.stage, args.profile, overrides_of(args))
+    try:
+        module, result = run_stage(args.stage, args.profile, overrides_of(args))
+    except Exception as err:  # a known fault (out of memory, disk full, ...): its one line first
+        stage = notebook_of(args.stage)
+        line = explain(stage, section_parameters(args.profile, stage, overrides_of(args)), type(err).__name__, str(err))
+        if line is None:
+            raise
+        print(f"covidkit run: error: {line}", file=sys.stderr)
+        return 1
     print(module.describe(result))
     return 0
 
@@ -139,7 +148,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     run_pipeline(
         profile=args.profile, input_dir=Path(args.input),
         run_dir=Path(args.run_dir) if args.run_dir else None, only=args.only, dry_run=args.dry_run,
-        settings=parse_overrides(args.set),
+        settings=parse_overrides(args.set), start_from=args.start_from, force=args.force,
     )
     return 0
 
@@ -298,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="[NOTEBOOK.]KEY=VALUE",
                    help="override a setting (value in YAML) of every notebook that has it, or of one notebook: "
                         "--set 07.fresh_test_seeds=[5,6]")
+    p.add_argument("--from", dest="start_from", default=None, metavar="STAGE",
+                   help="run this stage and the ones after it again from scratch (e.g. 05); the earlier ones are "
+                        "kept as they are. Without it, a stage whose completion record matches is skipped")
+    p.add_argument("--force", action="store_true", help="run every stage again from scratch, finished or not")
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("kaggle", help="a Kaggle dataset (wheels, models, notebook) that submits offline")
@@ -329,11 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from covidkit.pipeline import PipelineError
+    from covidkit.atomic import DiskFullError
+    from covidkit.pipeline import PipelineError, PipelineInterrupted
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PipelineError) as err:  # BundleError is a ValueError  # user errors: one line, no traceback
+    except PipelineInterrupted as stop:
+        print(f"covidkit {args.command}: {stop}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, PipelineError, DiskFullError) as err:  # BundleError is a ValueError  # user errors: one line, no traceback
         print(f"covidkit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -202,7 +202,7 @@ def submission_notebook(slug: str, hflip_tta: bool):
         f'wheels_dir = "/kaggle/input/{slug}/wheels"\n'
         f'out = "{KAGGLE_OUT}"\n'
         f"hflip_tta = {hflip_tta}                                     # as the models were validated\n"
-        'device = "cuda"                                       # "cpu" without an accelerator',
+        'device = "auto"                                       # CUDA when the session has one, else the CPU',
         metadata={"tags": ["parameters"]})
     cells = [
         new_markdown_cell(

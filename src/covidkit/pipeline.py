@@ -2,10 +2,16 @@
 
 Each notebook is a thin front of one stage module (``covidkit.stages``); the profile
 (``covidkit.profiles``) gives it the ``common`` values it declares plus its own section. The executed copies
-go to ``<run_dir>/notebooks/``; a failing notebook stops the run with its name, cell and error.
+go to ``<run_dir>/notebooks/``; a failing notebook stops the run with its name, cell and error (a known fault
+in one line: ``covidkit.faults``).
+
+A run that is started again skips the stages it finished (``covidkit.records``: their settings, inputs and
+outputs unchanged), says why it runs the others, and resumes the interrupted one inside (its engine runs
+continue from ``last.pt``). Ctrl-C marks the current stage interrupted and says how to continue.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +22,10 @@ from covidkit.stages import STAGES, field_names, stage_module
 
 class PipelineError(RuntimeError):
     """A notebook failed, or a profile does not fit the notebooks."""
+
+
+class PipelineInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage: it is marked interrupted; ``str()`` says how to continue."""
 
 
 def list_notebooks(only: list[str] | None = None) -> list[Path]:
@@ -50,6 +60,7 @@ class NotebookRun:
     output: Path
     seconds: float
     peak_rss_mib: float | None = None  # of the notebook's kernel
+    skipped: bool = False  # complete from an earlier run (seconds and memory are that run's)
 
 def _peak_rss_mib(pid: int) -> float | None:
     """A live process's peak resident memory (Linux ``VmHWM``), in MiB; None where it cannot be read."""
@@ -86,14 +97,17 @@ def ipc_kernel_manager() -> type:
     return IpcKernelManager
 
 
-def run_notebook(notebook: Path, profile: dict, run_dir: Path, overrides: dict) -> NotebookRun:
+def run_notebook(notebook: Path, profile: dict, run_dir: Path, overrides: dict,
+                 params: dict | None = None) -> NotebookRun:
     """Execute one notebook; the executed copy goes to ``run_dir/notebooks/``."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    from covidkit.faults import explain
+
     out = RunLayout(run_dir).notebooks / notebook.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    params = notebook_parameters(notebook, profile, overrides)
+    params = notebook_parameters(notebook, profile, overrides) if params is None else params
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
@@ -101,8 +115,12 @@ def run_notebook(notebook: Path, profile: dict, run_dir: Path, overrides: dict) 
             cwd=str(REPO_ROOT), progress_bar=False, kernel_manager_class=ipc_kernel_manager(),
         )
     except PapermillExecutionError as err:
+        if err.ename == "KeyboardInterrupt":
+            raise KeyboardInterrupt from None
+        line = explain(notebook.stem, params, err.ename, err.evalue)
         raise PipelineError(
-            f"{notebook.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+            (line + "\n" if line else "")
+            + f"{notebook.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
             f"executed copy with the traceback: {out}"
         ) from None
     return NotebookRun(notebook.stem, out, time.perf_counter() - start, KERNEL_PEAKS[-1] if KERNEL_PEAKS else None)
@@ -144,10 +162,16 @@ def check_settings(books: list[Path], settings: dict) -> None:
 
 def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_dir: Path | None = None,
                  only: list[str] | None = None, dry_run: bool = False,
-                 settings: dict | None = None) -> list[NotebookRun]:
+                 settings: dict | None = None, start_from: str | None = None,
+                 force: bool = False) -> list[NotebookRun]:
     """Run the numbered notebooks (all, or ``only``) with ``profile``; stop at the first failure.
 
     ``settings``: values over the profile's (``covidkit pipeline --set``, see ``notebook_overrides``).
+
+    A stage whose completion record matches (``covidkit.records``) is skipped, one line saying so; one whose
+    settings or inputs changed runs again from scratch, one that was interrupted resumes. ``start_from``
+    (``--from 05``): the stages before it are kept as they are, it and the ones after run again from scratch;
+    ``force``: every stage runs again from scratch.
 
     ``dry_run``: every stage with the profile's settings on a few items and one or two steps per model
     (``covidkit.stages.StageConfig``). Each notebook's wall time and its kernel's peak memory go to
@@ -160,13 +184,19 @@ def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_di
     overrides = run_overrides(input_dir, run_dir, dry_run)
     books = list_notebooks(only)
     check_settings(books, settings or {})
+    first = _start_index(books, start_from)
     runs = []
     with tqdm(books, desc=f"pipeline [{profile}]", unit="notebook") as bar:
-        for book in bar:
+        for i, book in enumerate(bar):
             bar.set_postfix_str(book.stem)
-            runs.append(run_notebook(book, params, run_dir,
-                                     notebook_overrides(book.stem, settings or {}) | overrides))
-            tqdm.write(f"{book.stem}: done in {runs[-1].seconds:.0f} s")
+            book_overrides = notebook_overrides(book.stem, settings or {}) | overrides
+            forced = "--force" if force else f"--from {start_from}" if first is not None and i >= first else None
+            if first is not None and i < first:
+                runs.append(_kept(book, run_dir, start_from))
+                tqdm.write(f"{book.stem}: kept as it is (before --from {start_from})")
+            else:
+                runs.append(run_stage_once(book, params, run_dir, Path(input_dir), book_overrides, forced,
+                                           echo=tqdm.write))
             write_stage_record(RunLayout(run_dir), runs, dry_run)
     print(f"run folder: {run_dir}")
     print(f"executed notebooks: {RunLayout(run_dir).notebooks}")
@@ -175,13 +205,87 @@ def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_di
     return runs
 
 
+def _start_index(books: list[Path], start_from: str | None) -> int | None:
+    if start_from is None:
+        return None
+    from covidkit.stages import notebook_of
+
+    name = notebook_of(start_from)
+    stems = [b.stem for b in books]
+    if name not in stems:
+        raise PipelineError(f"--from {start_from}: {name} is not among the notebooks that run ({', '.join(stems)})")
+    return stems.index(name)
+
+
+def _kept(book: Path, run_dir: Path, start_from: str | None) -> NotebookRun:
+    """A stage before ``--from``: not run; its earlier timing when it has a record."""
+    from covidkit.records import read_record
+
+    record = read_record(run_dir, book.stem) or {}
+    return NotebookRun(book.stem, RunLayout(run_dir).notebooks / book.name, record.get("seconds", 0.0),
+                       record.get("peak_rss_mib"), skipped=True)
+
+
+def run_stage_once(book: Path, profile: dict, run_dir: Path, input_dir: Path, overrides: dict,
+                   forced: str | None = None, echo=print) -> NotebookRun:
+    """One stage: skipped when its completion record matches, else run (resuming, or afresh) and recorded.
+
+    Ctrl-C marks it interrupted and raises ``PipelineInterrupted``; a failure marks it failed.
+    """
+    from covidkit import records
+    from covidkit.faults import check_input
+
+    stage = book.stem
+    params = notebook_parameters(book, profile, overrides)
+    inputs = records.input_fingerprint(stage, input_dir.resolve(), run_dir)
+    saved = records.read_record(run_dir, stage)
+    decision = records.decide(saved, params, inputs, run_dir, forced)
+    if not decision.run:
+        echo(f"{stage}: skipped, complete ({records.record_path(run_dir, stage)}; --force or --from {stage[:2]} "
+             f"runs it again)")
+        return NotebookRun(stage, RunLayout(run_dir).notebooks / book.name, saved.get("seconds", 0.0),
+                           saved.get("peak_rss_mib"), skipped=True)
+    echo(f"{stage}: runs{' afresh' if decision.clean else ''}: {decision.reason}")
+    check_input(stage, input_dir)
+    if decision.clean:
+        _remove_outputs(records.stage_outputs(stage, run_dir, params), run_dir)
+    record = records.StageRecord(run_dir, stage, params, inputs)
+    record.running()
+    try:
+        result = run_notebook(book, profile, run_dir, overrides, params)
+    except KeyboardInterrupt:
+        record.stopped("interrupted")
+        raise PipelineInterrupted(
+            f"interrupted during {stage}: it is marked incomplete (its finished folds and last checkpoints are "
+            f"kept). Run the same command again to continue: finished stages are skipped and {stage} resumes"
+        ) from None
+    except BaseException as err:
+        record.stopped("failed", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise
+    record.complete(result.seconds, result.peak_rss_mib)
+    echo(f"{stage}: done in {result.seconds:.0f} s")
+    return result
+
+
+def _remove_outputs(paths: list[Path], run_dir: Path) -> None:
+    """A stage's earlier outputs inside the run folder (never a file outside it, e.g. the submission)."""
+    for path in paths:
+        if not path.is_relative_to(run_dir):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def write_stage_record(layout: RunLayout, runs: list[NotebookRun], dry_run: bool) -> None:
     """Each notebook's wall time and peak memory so far: ``dry_run.json`` or ``stages.json``."""
     import json
 
     from covidkit.atomic import atomic_write_text
 
-    rows = [{"stage": r.name, "seconds": round(r.seconds, 1), "peak_rss_mib": r.peak_rss_mib} for r in runs]
+    rows = [{"stage": r.name, "seconds": round(r.seconds, 1), "peak_rss_mib": r.peak_rss_mib,
+             **({"skipped": True} if r.skipped else {})} for r in runs]
     atomic_write_text(layout.dry_run_record if dry_run else layout.stage_record, json.dumps(rows, indent=2) + "\n")
     # the folder now holds this kind of run (RunLayout.is_dry_run): the other kind's record would mislabel it
     (layout.stage_record if dry_run else layout.dry_run_record).unlink(missing_ok=True)

@@ -45,6 +45,7 @@ from covidkit.data.siim import (
     IMAGE_SUFFIX, STUDY_CLASSES, STUDY_SUFFIX, dicom_paths, image_row_id, strip_suffix,
 )
 from covidkit.dicom import DicomError, read_dicom
+from covidkit.engine.device import torch_device
 from covidkit.ensemble import FusionParams, fuse_boxes
 from covidkit.models_dir import DETECTORS, read_manifest
 from covidkit.prepare import init_worker, pool_context, resize_square
@@ -142,7 +143,7 @@ class Predictor:
 
         models_dir = Path(models_dir)
         manifest = read_manifest(models_dir)
-        device = torch.device(device)
+        device = torch_device(device)  # auto: CUDA when there is one; cuda without one: the CPU, warned
         # ultralytics keeps settings and fonts in a writable folder (the models folder may be read-only)
         setup_ultralytics(Path(tempfile.gettempdir()) / "covidkit-predict")
         files = manifest["models"]

@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from covidkit.atomic import atomic_write_text
+from covidkit.atomic import DiskFullError, atomic_write_text, disk_full_error, is_disk_full
 from covidkit.data.siim import dicom_paths, read_image_labels, read_study_labels
 from covidkit.dicom import DicomError, DicomInfo, read_dicom, read_info
 
@@ -130,8 +130,10 @@ def write_png_atomic(path: Path, image: np.ndarray) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data.tobytes())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         os.unlink(tmp)
+        if is_disk_full(err):  # stops the run (one line), unlike an unreadable DICOM
+            raise disk_full_error(path, needed=len(data)) from None
         raise
 
 
@@ -162,6 +164,8 @@ def prepare_one(task: Task) -> tuple[dict, bool]:
         image = read_dicom(task.dicom)
         write_png_atomic(task.png, resize_square(image.pixels, task.size))
         return _row(task, image.info), False
+    except DiskFullError:
+        raise
     except Exception as e:  # bad input must not stop the run: it becomes a failed row
         reason = str(e) if isinstance(e, DicomError) else f"{type(e).__name__}: {e}"
         return _row(task, error=" ".join(reason.split())), False

@@ -137,8 +137,13 @@ def write_submission(
     try:
         frame.to_csv(tmp, index=False)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        written = tmp.stat().st_size if tmp.exists() else None
         tmp.unlink(missing_ok=True)
+        from covidkit.atomic import disk_full_error, is_disk_full
+
+        if is_disk_full(err):  # the previous submission, if any, is left as it was
+            raise disk_full_error(path, needed=path.stat().st_size if path.exists() else None, written=written) from None
         raise
     return path
 

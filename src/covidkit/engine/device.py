@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,24 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 def default_device() -> torch.device:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_device(name: str | torch.device | None = "auto", setting: str = "device") -> torch.device:
+    """The device a ``device`` setting names: ``auto`` (or None) is CUDA when there is one, else the CPU; a CUDA
+    device on a machine without one falls back to the CPU with a one-line warning naming ``setting``."""
+    if name is None or str(name) == "auto":
+        return default_device()
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        warn_no_cuda(setting, name)
+        return torch.device("cpu")
+    return device
+
+
+def warn_no_cuda(setting: str, value) -> None:
+    """The one line said when a setting asks for a GPU on a machine without one."""
+    print(f"covidkit: warning: {setting} is {str(value)!r} but no CUDA device is visible: running on the CPU "
+          f"(set {setting} to cpu or auto to silence this)", file=sys.stderr)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

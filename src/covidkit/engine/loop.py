@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from covidkit.engine import distributed as D
 from covidkit.atomic import atomic_write_text
-from covidkit.engine.checkpoint import BEST, LAST, load_checkpoint, weights_only
+from covidkit.engine.checkpoint import BEST, LAST, has_checkpoint, resume_checkpoint, save_last, weights_only
 from covidkit.model_file import save_checkpoint
 from covidkit.engine.config import TrainConfig, config_differences
 from covidkit.engine.device import amp_enabled, autocast_context
@@ -303,7 +303,7 @@ def _write_epoch(state: dict[str, Any], cfg: TrainConfig, history: list[dict[str
     if best is not None:
         state["best"] = {"metric": cfg.monitor, "mode": cfg.monitor_mode, "epoch": best["epoch"],
                          "value": best[cfg.monitor]}
-    save_checkpoint(state, run_dir / LAST)
+    save_last(state, run_dir)  # the last.pt it replaces becomes last.prev.pt
     if best is not None and best["epoch"] == state["epoch"]:
         save_checkpoint(weights_only(state), run_dir / BEST)
     write_metrics(history, run_dir)
@@ -313,11 +313,11 @@ def _write_epoch(state: dict[str, Any], cfg: TrainConfig, history: list[dict[str
 
 def _checkpoint_to_resume(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
     last = cfg.path / LAST
-    if not last.exists():
+    if not has_checkpoint(cfg.path):
         return None
     if not resume:
         raise FileExistsError(f"{last} exists: pass resume=True to continue that run, or use a new run_dir")
-    ckpt = load_checkpoint(last)
+    ckpt = resume_checkpoint(cfg.path)  # last.pt, or last.prev.pt when last.pt is corrupted
     differences = config_differences(ckpt["config"], cfg.to_dict())
     if differences:
         raise ValueError(f"cannot resume {last}: the config changed ({'; '.join(differences)})")

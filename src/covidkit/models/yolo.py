@@ -110,8 +110,13 @@ def keep_torch_threads() -> Iterator[int]:
 
 
 def resolve_device(device: str | None) -> str:
-    """``None`` -> every visible GPU (``"0,1,..."``), else ``"cpu"``; other values pass through."""
-    if device is not None:
+    """``None`` or ``auto`` -> every visible GPU (``"0,1,..."``), else ``"cpu"``; other values pass through."""
+    if device is not None and str(device) != "auto":
+        if str(device) != "cpu" and not torch.cuda.is_available():  # "0", "cuda:0", "0,1" without a GPU
+            from covidkit.engine.device import warn_no_cuda
+
+            warn_no_cuda("device", device)
+            return "cpu"
         return str(device)
     if torch.cuda.is_available():
         return ",".join(str(i) for i in range(torch.cuda.device_count()))

@@ -220,7 +220,7 @@ def train_variant(name: str, cfg: AblationConfig, train: CTSegDataset, test: CTS
         functools.partial(_adam, lr=cfg.lr, weight_decay=cfg.weight_decay), train_cfg,
         scheduler_fn=functools.partial(cosine_with_floor, floor=0.05),
         evaluate=functools.partial(_val_metrics, dataset=test, batch_size=cfg.batch_size),
-        device=device,
+        device=device, resume=True,  # an interrupted variant continues; a finished one is loaded, not retrained
     )
     return model.eval(), run_dir
 
