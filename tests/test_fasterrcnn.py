@@ -1,6 +1,8 @@
 """The Faster R-CNN opacity detector: backbone loading, the detection dataset, training and prediction pieces."""
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -11,12 +13,13 @@ from torchvision.ops import FrozenBatchNorm2d
 from covidkit.data.detection import OpacityDataset, truth_boxes
 from covidkit.data.nih import LABELS
 from covidkit.stages.siim_fasterrcnn import (
-    DETECTOR_FILE, Config as FasterRcnnConfig, detection_step, predict_oof, train_split, untrained_oof,
+    DETECTOR_FILE, Config as FasterRcnnConfig, detection_step, predict_oof, train_fold, untrained_oof,
 )
 from covidkit.models import DetectorSpec, build_classifier, build_fasterrcnn, inference_size, save_backbone
 from covidkit.models.fasterrcnn import predict_boxes
 from covidkit.oof import opacity_ap
 from covidkit.engine import collate_lists
+from covidkit.engine.kfold import run_folds
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD, DetectionAugment, detection_transform
 
 
@@ -173,7 +176,7 @@ def test_training_beats_the_untrained_detector_on_a_held_out_split(tmp_path):
         proposals_test=50, box_batch_size_per_image=32, representation_size=128, epochs=6, batch_size=4,
         optimizer="adamw", lr=1e-3, workers=0, eval_batch_size=8, progress=False,
     )
-    oof, history = train_split(table, 1, cfg, prepared_size=96)
+    [(oof, history)] = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=96), only=[1])
     assert cfg.layout.fasterrcnn.splits(DETECTOR_FILE) == [tmp_path / "run" / "03_train_siim_fasterrcnn" / "split1"]
     held_out = table[table["split"] == 1]
     assert sorted(oof.images["image_id"]) == sorted(held_out["image_id"])  # only the held-out split

@@ -97,7 +97,7 @@ def test_a_dry_run_writes_its_submission_in_its_run_folder(tmp_path):
 
 def test_a_dry_run_keeps_a_few_rows_of_each_split_labels_taking_turns():
     """``max_items`` rows of each held-out split and of each model's training rows, every label seen."""
-    from covidkit.stages import limit_rows, training_rows
+    from covidkit.engine.kfold import limit_rows, training_rows
 
     table = pd.DataFrame({"split": [0] * 6 + [1] * 6 + [2] * 6,
                           "label": ["negative"] * 4 + ["typical", "atypical"] + ["typical"] * 12})

@@ -90,25 +90,6 @@ class StageConfig:
         return RunLayout(self.run_dir)
 
 
-def limit_rows(table, n: int | None, by: str = "split"):
-    """``n`` rows of each ``by`` group (the table itself when ``n`` is None): with a ``label`` column, one of each
-    label first, so that a dry run still sees every class."""
-    if n is None:
-        return table
-    keys = [by, "label"] if "label" in table else [by]
-    order = table.assign(_k=table.groupby(keys, sort=False).cumcount()).sort_values("_k", kind="stable")
-    return order.groupby(by, sort=False, group_keys=False).head(n).drop(columns="_k").sort_index()
-
-
-def training_rows(table, split: int, max_items: int | None):
-    """The rows that validation split ``split``'s model trains on (every other split); in a dry run
-    ``max_items`` of them in all (labels taking turns), as the held-out split has."""
-    train = table[table["split"] != split]
-    if max_items is None:
-        return train
-    return train.loc[limit_rows(train.assign(split=-1), max_items).index]
-
-
 def field_names(cls) -> list[str]:
     return [f.name for f in fields(cls)]
 
@@ -156,6 +137,18 @@ def stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def overrides_of(args: argparse.Namespace) -> dict:
     return {"input_dir": args.input, "run_dir": args.run_dir, **parse_overrides(args.set)}
+
+
+def __getattr__(name: str):
+    """``limit_rows`` and ``training_rows`` moved to ``covidkit.engine.kfold`` (the K-fold driver)."""
+    if name in ("limit_rows", "training_rows"):
+        import warnings
+
+        from covidkit.engine import kfold
+
+        warnings.warn(f"covidkit.stages.{name} moved to covidkit.engine.kfold.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(kfold, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def stage_main(module_name: str, argv: list[str] | None = None) -> None:

@@ -32,6 +32,7 @@ from covidkit.engine import (
     TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, read_metrics, seed_everything, to_device,
 )
 from covidkit.engine.distributed import all_gather_object, barrier, device_for, dist_info
+from covidkit.engine.optim import optimizer_fn
 from covidkit.stages import StageConfig, stage_main
 from covidkit.transforms import ClassificationAugment, classification_transform
 
@@ -78,18 +79,6 @@ class Result:
 def bce_step(model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict]:
     images, targets = to_device(batch, device, non_blocking=True)
     return nn.functional.binary_cross_entropy_with_logits(model(images), targets), {}
-
-
-OPTIMIZERS = ("sgd", "adamw")
-
-
-def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum (the recipe) or AdamW."""
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 def predict_probabilities(model: nn.Module, dataset, device: torch.device, batch_size: int,
@@ -209,9 +198,7 @@ def run(cfg: Config) -> Result:
     )
     result = fit(
         model, train_set, bce_step,
-        functools.partial(make_optimizer, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay),
-        train_cfg, scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
+        optimizer_fn(cfg), train_cfg, scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
         evaluate=make_evaluate(val_set, cfg), resume=cfg.resume,
     )
     load_weights(result.last_checkpoint, model)

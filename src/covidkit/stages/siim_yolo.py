@@ -21,11 +21,11 @@ from covidkit.baselines import prior_box_oof
 from covidkit.data import yolo_format
 from covidkit.data.nih import read_grey
 from covidkit.data.siim import COMPETITION
+from covidkit.engine.kfold import fold_table, run_folds, splits_to_run
 from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo
-from covidkit.folds import validation_splits
 from covidkit.models.yolo import PREDICT_CONF, load_model, predict_boxes, setup_ultralytics
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, per_fold_ap, write_oof
-from covidkit.stages import StageConfig, limit_rows, stage_main, training_rows
+from covidkit.stages import StageConfig, stage_main
 
 
 @dataclass
@@ -85,24 +85,20 @@ def untrained_predictions(table: pd.DataFrame, cfg: Config, prepared_size: int) 
 def run(cfg: Config) -> Result:
     setup_ultralytics(cfg.run_dir)
     out = cfg.layout.yolo
-    table = cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION)
+    table = fold_table(cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
+                       cfg.max_items)
     prepared_size = cfg.layout.prepared.size
-    table["split"] = validation_splits(table["fold"], cfg.fold_groups)
-    table = limit_rows(table, cfg.max_items)
-    all_splits = sorted(int(s) for s in table["split"].unique())
-    splits = all_splits if cfg.folds is None else [int(f) for f in cfg.folds]
-    unknown = sorted(set(splits) - set(all_splits))
-    if unknown:
-        raise ValueError(f"folds {unknown} are not among the splits {all_splits} of folds.csv")
+    splits = splits_to_run(table, cfg.folds)
     data_root = yolo_format.write_siim_dataset(table, out.data)
 
-    runs, pieces = {}, []
-    for split in splits:
-        held_out = table[table["split"] == split]
-        fold_table = pd.concat([training_rows(table, split, cfg.max_items), held_out])
-        data_yaml = yolo_format.write_siim_fold(fold_table, data_root, split, column="split")
-        runs[split] = train_yolo(cfg.train_config(), data_yaml, out.split(split), resume=cfg.resume)
-        pieces.append(predict_table(load_model(runs[split].weights), held_out, cfg, cfg.conf, prepared_size))
+    def train_fold(split: int, train_rows: pd.DataFrame, held_out: pd.DataFrame):
+        data_yaml = yolo_format.write_siim_fold(pd.concat([train_rows, held_out]), data_root, split, column="split")
+        run = train_yolo(cfg.train_config(), data_yaml, out.split(split), resume=cfg.resume)
+        return run, predict_table(load_model(run.weights), held_out, cfg, cfg.conf, prepared_size)
+
+    folds = run_folds(table, train_fold, splits, cfg.max_items)
+    runs = {split: run for split, (run, _) in zip(splits, folds)}
+    pieces = [oof for _, oof in folds]
     oof = OofPredictions.concat(pieces)
     write_oof(out.oof, oof)
 

@@ -36,20 +36,20 @@ from covidkit.data.siim import COMPETITION, STUDY_CLASSES
 from covidkit.data.study import StudyImageDataset
 from covidkit.engine import TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device
 from covidkit.engine.distributed import barrier, dist_info
-from covidkit.folds import validation_splits
-from covidkit.models.backbones import load_backbone
+from covidkit.engine.kfold import fold_table, run_folds
+from covidkit.engine.optim import check_optimizer, optimizer_fn
+from covidkit.models.backbones import backbone_file, load_backbone
 from covidkit.models.study import (
     NONE_RULES, StudySpec, build_study_model, predict_outputs, save_study_model, study_loss, train_transform,
 )
 from covidkit.oof import OofPredictions, read_oof
 from covidkit.plots import confusion_figure
 from covidkit.prepare import image_sizes
-from covidkit.stages import StageConfig, limit_rows, stage_main, training_rows
+from covidkit.stages import StageConfig, stage_main
 from covidkit.study_scores import (
     AUTO, PROB_COLUMNS, choose_none_rule, none_ap, none_comparison, study_aps, study_probabilities, summarise,
 )
 
-OPTIMIZERS = ("sgd", "adamw")
 AFTER_TRAINING = ("stack_boxes", "stack_c", "none_rule")  # not training settings: changing them keeps finished splits
 
 
@@ -83,17 +83,14 @@ class Config(StageConfig):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        check_optimizer(self.optimizer)
         if self.none_rule not in (AUTO, *NONE_RULES):
             raise ValueError(f"none_rule must be {AUTO!r} or one of {NONE_RULES}, got {self.none_rule!r}")
 
     @property
     def backbone_checkpoint(self) -> Path | None:
         """The backbone file the encoder starts from (None: random weights)."""
-        if self.encoder == "nih":
-            return self.layout.nih.backbone
-        return Path(self.encoder) if self.encoder.endswith((".pt", ".pth")) else None
+        return backbone_file(self.encoder, self.layout.nih.backbone)
 
     def spec(self, prepared_size: int) -> StudySpec:
         checkpoint = self.backbone_checkpoint
@@ -135,13 +132,6 @@ def study_step(model: nn.Module, batch, device: torch.device, class_weights: tor
     return study_loss(model(images), target, weight, none_weight, mask_weight)
 
 
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 def predict_table(model: nn.Module, spec: StudySpec, table: pd.DataFrame, device: torch.device,
                   hflip_tta: bool = False, batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
     """Per-image probabilities of every row of a prepared table: ``image_id, p_<class>..., p_none_head``."""
@@ -160,10 +150,10 @@ def predict_table(model: nn.Module, spec: StudySpec, table: pd.DataFrame, device
 
 def training_table(cfg: Config) -> pd.DataFrame:
     """00's prepared train table with the validation ``split`` and ``has_box`` columns."""
-    table = cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION)
-    table["split"] = validation_splits(table["fold"], cfg.fold_groups)
+    table = fold_table(cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
+                       cfg.max_items)
     table["has_box"] = table["boxes"].map(len) > 0
-    return limit_rows(table, cfg.max_items)
+    return table
 
 
 def make_evaluate(val_table: pd.DataFrame, spec: StudySpec):
@@ -175,9 +165,10 @@ def make_evaluate(val_table: pd.DataFrame, spec: StudySpec):
     return evaluate
 
 
-def train_split(table: pd.DataFrame, split: int, spec: StudySpec, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
-    """Train on every split but ``split``; the last epoch predicts ``split``. Returns (OOF rows, metrics, model file)."""
-    train_table, val_table = training_rows(table, split, cfg.max_items), table[table["split"] == split]
+def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, spec: StudySpec,
+               cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+    """The K-fold driver's ``train_fold``: train on ``train_table``, the last epoch predicts ``val_table`` (split
+    ``split``). Returns (OOF rows, metrics, model file)."""
     seed_everything(cfg.seed)
     model = build_study_model(spec, cfg.backbone_checkpoint)
     out = cfg.layout.study
@@ -191,7 +182,7 @@ def train_split(table: pd.DataFrame, split: int, spec: StudySpec, cfg: Config) -
                              none_weight=cfg.none_weight, mask_weight=cfg.mask_weight)
     result = fit(
         model, StudyImageDataset(train_table, train_transform(spec)), step,
-        functools.partial(make_optimizer, cfg=cfg), train_cfg,
+        optimizer_fn(cfg), train_cfg,
         scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
         evaluate=make_evaluate(val_table, spec), resume=cfg.resume,
     )
@@ -274,12 +265,8 @@ def run(cfg: Config) -> Result:
     out = cfg.layout.study
     table = training_table(cfg)
     spec = cfg.spec(cfg.layout.prepared.size)
-    pieces, metrics, models = [], [], []
-    for split in sorted(int(s) for s in table["split"].unique()):
-        oof, history, path = train_split(table, split, spec, cfg)
-        pieces.append(oof)
-        metrics.append(history)
-        models.append(path)
+    pieces, metrics, models = zip(*run_folds(table, functools.partial(train_fold, spec=spec, cfg=cfg),
+                                             max_items=cfg.max_items))
     columns = ["image_id", "study_id", "split", "fold", "label", "has_box"]
     images = table[columns].merge(pd.concat(pieces, ignore_index=True), on="image_id")
     studies = study_probabilities(images)
@@ -299,7 +286,7 @@ def run(cfg: Config) -> Result:
             summary["study_ap_stacked"] = study_aps(stacked)
         write_tables(cfg, images, studies, summary, stacked, none_comparison(images, studies, boxes))
     barrier()
-    return Result(images, studies, summary, pd.concat(metrics, ignore_index=True), models, out.dir, stacked, boxes)
+    return Result(images, studies, summary, pd.concat(metrics, ignore_index=True), list(models), out.dir, stacked, boxes)
 
 
 def describe(result: Result) -> str:
