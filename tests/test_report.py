@@ -12,7 +12,7 @@ from covidkit.data.siim import COMPETITION, SOLUTION, STUDY_CLASSES, read_image_
 from covidkit.oof import OofPredictions, box_rows, write_oof
 from covidkit.report import write_report
 
-SECTIONS = ["Did every model learn?", "Stages: wall time", "Opacity detectors", "Study classes and none", "Submission score",
+SECTIONS = ["Did every model learn?", "Stages: wall time", "Settings each stage ran with", "Opacity detectors", "Study classes and none", "Submission score",
             "Fresh test sets", "Out-of-fold examples", "Test examples"]
 
 
@@ -99,6 +99,15 @@ def test_report_of_a_complete_run(full_run, tiny_input):
         assert model in page
     for name in (*STUDY_CLASSES, "mAP", "study_negative", "opacity", "00_prepare_data", "321.0"):
         assert name in page
+    # the settings 05 ran with, as its run recorded them in its folder's config.yaml
+    import yaml
+
+    from covidkit.layout import RunLayout
+    from covidkit.stages import ensemble_wbf
+
+    settings = yaml.safe_load(RunLayout(run).settings("05_ensemble_wbf").read_text())
+    assert settings["run_dir"] == str(run) and settings["iou_thr"] == ensemble_wbf.Config().iou_thr
+    assert "<details><summary>05_ensemble_wbf</summary><pre>" in page and "iou_thr: " in page
     # each figure beside its baselines: 05's fusion against the better detector and the prior boxes (05's table
     # row); 03 and 04 ran without writing their baselines, so their checks say missing
     from covidkit.layout import RunLayout

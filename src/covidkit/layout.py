@@ -4,12 +4,14 @@
 
     <run_dir>/
       prepared/                    00: <split>/<image_id>.png, meta.csv, folds.csv, meta.json (the size), examples.png
+                                   (every stage folder also holds config.yaml: the settings it ran with)
       01_pretrain_nih_resnext/     01: backbone.pt, auroc.csv, train/
       02_pretrain_rsna_yolo/       02: data/, train/ (weights/best.pt: 04's start)
       03_train_siim_fasterrcnn/    03: split<k>/ (engine runs; last.pt is the fold model), oof.csv, oof_untrained.csv
       04_train_siim_yolo/          04: data/, fold<k>/ (ultralytics runs), oof.csv, oof_untrained.csv, summary.json
       05_ensemble_wbf/             05: ap_table.csv/.md, oof.csv (fused), fusion.json, operating_point.json, grid.csv
       06_study_level/              06: split<k>/study_model.pt, oof_images.csv, oof_studies.csv, summary.json, ...
+      07_make_submission/          07: config.yaml
       models/                      07: the exported models folder (covidkit.models_dir)
       fresh_tests/                 07: seed<S>/ test sets and their submissions, scores.csv
       submission.csv               07 of a dry run (a normal run writes the profile's submission path)
@@ -20,6 +22,8 @@
       report.html
 
 A stage's folder is named after its notebook, so the executed notebook and what it wrote sit side by side.
+Each stage records the settings it ran with in ``config.yaml`` of its folder (``RunLayout.settings``; 00's in
+``prepared/``, 07's in ``07_make_submission/``).
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from covidkit import prepare
 OOF_CSV = "oof.csv"  # a detector's out-of-fold boxes (covidkit.oof), beside oof_images.csv
 UNTRAINED_OOF_CSV = "oof_untrained.csv"  # the same images predicted by the untrained twin
 SUMMARY_JSON = "summary.json"
+SETTINGS_YAML = "config.yaml"  # the resolved settings a stage ran with (covidkit.stages.write_settings)
+PREPARE_NOTEBOOK = "00_prepare_data"  # the one stage whose folder is not named after its notebook
 
 
 def _split_index(path: Path, prefix: str) -> int:
@@ -327,6 +333,14 @@ class RunLayout:
         self.report = self.root / "report.html"
         self.stage_record = self.root / "stages.json"  # each notebook's wall time and peak memory
         self.dry_run_record = self.root / "dry_run.json"  # the same, of a dry run
+
+    def stage_dir(self, notebook: str) -> Path:
+        """The folder of a stage (given by its notebook name): named after the notebook, but 00's ``prepared/``."""
+        return self.prepared.dir if notebook == PREPARE_NOTEBOOK else self.root / notebook
+
+    def settings(self, notebook: str) -> Path:
+        """``config.yaml``: the resolved settings the stage ran with."""
+        return self.stage_dir(notebook) / SETTINGS_YAML
 
     @property
     def is_dry_run(self) -> bool:

@@ -3,7 +3,8 @@
 ``write_report(run_dir)`` reads the files the notebooks wrote in a run folder and writes
 ``<run_dir>/report.html``: the detectors' out-of-fold (OOF) opacity AP and PR curves (03, 04 and the
 fusion of 05), 05's single-vs-fused table, the study model's OOF APs, PR curves, ``none`` comparison and
-confusion matrix (06), the submission's score per class (07, when test labels exist), and a few OOF and
+confusion matrix (06), the submission's score per class (07, when test labels exist), each stage's settings
+(its ``config.yaml``, collapsed), and a few OOF and
 test images with true and predicted boxes. Figures are embedded as base64 PNG; the page loads nothing
 from anywhere. A section whose inputs are missing says "not run" and the rest of the report is unaffected.
 """
@@ -314,6 +315,17 @@ def stages_section(layout: RunLayout) -> str:
     return f"<p>{html.escape(kind)} ({html.escape(record.name)})</p>" + _table_html(rows, digits=1)
 
 
+def settings_section(layout: RunLayout) -> str:
+    """Each stage's resolved settings (its ``config.yaml``), one collapsible block per stage."""
+    from covidkit.stages import STAGES
+
+    blocks = [f"<details><summary>{html.escape(notebook)}</summary><pre>{html.escape(path.read_text())}</pre></details>"
+              for notebook in STAGES if (path := layout.settings(notebook)).is_file()]
+    if not blocks:
+        raise Missing("not recorded: no stage folder holds a config.yaml")
+    return "\n".join(blocks)
+
+
 def fresh_tests_section(layout: RunLayout) -> str:
     """07's scores on fresh test sets (``covidkit.fresh_tests``): per seed, their mean and spread."""
     from covidkit.fresh_tests import read_fresh_test_sets
@@ -346,6 +358,7 @@ def write_report(run_dir: str | Path, submission_csv: str | Path | None = None, 
     sections = [
         _section("Did every model learn?", lambda: learning_section(checks, layout.is_dry_run)),
         _section("Stages: wall time and peak memory", lambda: stages_section(layout)),
+        _section("Settings each stage ran with", lambda: settings_section(layout)),
         _section("Opacity detectors, out of fold (03, 04, 05)", lambda: detectors_section(layout, input_dir)),
         _section("Study classes and none, out of fold (06)", lambda: study_section(layout)),
         _section("Submission score (07)", lambda: submission_section(submission_csv, solution_dir)),

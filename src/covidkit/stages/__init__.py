@@ -6,7 +6,8 @@ Each stage module has a ``Config`` dataclass (the stage's single source of defau
 ``run(cfg) -> Result`` that does the work, ``describe(result) -> str`` (what ``main`` prints), and ``main()``,
 so that ``covidkit run STAGE`` and ``python -m covidkit.stages.<module>`` (under ``torchrun`` too) run the
 same code as the notebook. Each module's docstring says what the stage reads and writes (paths from
-``covidkit.layout``).
+``covidkit.layout``). A stage's ``run`` first records the settings it runs with (``write_settings``:
+``<stage folder>/config.yaml``, which the report shows).
 """
 from __future__ import annotations
 
@@ -88,6 +89,36 @@ class StageConfig:
         from covidkit.layout import RunLayout
 
         return RunLayout(self.run_dir)
+
+
+def notebook_of_config(cfg) -> str:
+    """The notebook of a stage's Config instance (from the module that defines its class)."""
+    return notebook_of(type(cfg).__module__.rsplit(".", 1)[1])
+
+
+def settings_yaml(cfg) -> str:
+    """A stage Config's resolved settings as YAML (field order; tuples as lists)."""
+    import json
+    from dataclasses import asdict
+
+    import yaml
+
+    return yaml.safe_dump(json.loads(json.dumps(asdict(cfg), default=str)), sort_keys=False)
+
+
+def write_settings(cfg):
+    """Write the settings a stage runs with to ``<stage folder>/config.yaml`` (rank 0 only; as ultralytics'
+    ``args.yaml``), before it runs: a failed stage still says what it tried. Returns the path (None on other ranks)."""
+    import os
+
+    from covidkit.atomic import atomic_write_text
+
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    path = cfg.layout.settings(notebook_of_config(cfg))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, settings_yaml(cfg))
+    return path
 
 
 def field_names(cls) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidkit.ct.cogseg.ablation import VARIANTS, AblationConfig, AblationResult, ablation_table, predict_masks, run_ablation
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 
 @dataclass
@@ -64,6 +64,7 @@ class Result:
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     from covidkit import plots
     from covidkit.ct.cogseg.medseg import CTSegDataset
     from covidkit.ct.cogseg.plots import plot_predictions

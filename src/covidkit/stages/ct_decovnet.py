@@ -20,7 +20,7 @@ import pandas as pd
 from covidkit.ct.decovnet.localize import LocalizationConfig
 from covidkit.ct.decovnet.pipeline import DeCoVNetConfig, DeCoVNetRun, predict_volume, run_decovnet
 from covidkit.ct.decovnet.volumes import DATASET_DIR
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Result:
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     from covidkit import plots
     from covidkit.ct.decovnet.plots import plot_localization, plot_roc_pr
     from covidkit.engine import read_metrics

@@ -28,7 +28,7 @@ from covidkit.ensemble import (
 from covidkit.oof import OofPredictions, read_oof, write_oof
 from covidkit.plots import pr_curves, plt
 from covidkit.prepare import image_sizes
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 ENSEMBLE = "WBF ensemble"
 TUNED = "WBF ensemble, parameters tuned on these images"
@@ -82,6 +82,7 @@ def prior_boxes(images: pd.DataFrame, truth: dict[str, np.ndarray],
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     layout = cfg.layout
     singles = {"Faster R-CNN": read_oof(layout.fasterrcnn.oof), "YOLO": read_oof(layout.yolo.oof)}
     sizes = image_sizes(layout.prepared.dir)

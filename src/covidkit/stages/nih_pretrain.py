@@ -33,7 +33,7 @@ from covidkit.engine import (
 )
 from covidkit.engine.distributed import all_gather_object, barrier, device_for, dist_info
 from covidkit.engine.optim import optimizer_fn
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.transforms import ClassificationAugment, classification_transform
 
 NOTEBOOK = "01_pretrain_nih_resnext"
@@ -173,6 +173,7 @@ def run(cfg: Config) -> Result:
     The last epoch, not the best one on the validation split: the AUROC is measured on that split,
     so picking the epoch there would flatter it (the cosine schedule ends at its floor anyway).
     """
+    write_settings(cfg)
     info = init_distributed()
     out = cfg.layout.nih
     table = read_nih_table(Path(cfg.input_dir) / DATASET)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from covidkit.data.siim import COMPETITION
 from covidkit.prepare import PrepareSummary, prepare
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 
 @dataclass
@@ -27,6 +27,7 @@ Result = PrepareSummary
 
 
 def run(cfg: Config) -> PrepareSummary:
+    write_settings(cfg)
     return prepare(Path(cfg.input_dir) / COMPETITION, cfg.layout.prepared.dir, size=cfg.prepared_size,
                    split="all", workers=cfg.workers, folds=cfg.folds, seed=cfg.seed)
 

@@ -17,7 +17,7 @@ from covidkit.data.rsna import RsnaYoloDataset
 from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo
 from covidkit.models import pretrained
 from covidkit.models.yolo import setup_ultralytics
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 NOTEBOOK = "02_pretrain_rsna_yolo"
 
@@ -61,6 +61,7 @@ def starting_model(model: str, input_dir: str | Path) -> str:
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     setup_ultralytics(cfg.run_dir)
     out = cfg.layout.rsna_yolo
     dataset = rsna.convert_to_yolo(Path(cfg.input_dir) / rsna.COMPETITION, out.data, size=cfg.input_size,

@@ -40,7 +40,7 @@ from covidkit.ensemble import restrict
 from covidkit.models.backbones import backbone_file, load_backbone
 from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, predict_boxes, save_detector
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, write_oof
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.transforms import DetectionAugment, detection_transform
 
 DETECTOR_FILE = "detector.pt"  # a split's fold model, in its engine run folder
@@ -221,6 +221,7 @@ def split_aps(oof: OofPredictions, baseline: OofPredictions, table: pd.DataFrame
 
 def run(cfg: Config) -> Result:
     """Train every split's model, write ``oof.csv`` and ``oof_untrained.csv`` (+ ``_images``), report the APs."""
+    write_settings(cfg)
     info = init_distributed()
     out = cfg.layout.fasterrcnn
     table = training_table(cfg)

@@ -25,7 +25,7 @@ from covidkit.engine.kfold import fold_table, run_folds, splits_to_run
 from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo
 from covidkit.models.yolo import PREDICT_CONF, load_model, predict_boxes, setup_ultralytics
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, per_fold_ap, write_oof
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 
 @dataclass
@@ -83,6 +83,7 @@ def untrained_predictions(table: pd.DataFrame, cfg: Config, prepared_size: int) 
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     setup_ultralytics(cfg.run_dir)
     out = cfg.layout.yolo
     table = fold_table(cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,

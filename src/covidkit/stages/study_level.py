@@ -45,7 +45,7 @@ from covidkit.models.study import (
 from covidkit.oof import OofPredictions, read_oof
 from covidkit.plots import confusion_figure
 from covidkit.prepare import image_sizes
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.study_scores import (
     AUTO, PROB_COLUMNS, choose_none_rule, none_ap, none_comparison, study_aps, study_probabilities, summarise,
 )
@@ -261,6 +261,7 @@ def write_tables(cfg: Config, images: pd.DataFrame, studies: pd.DataFrame, summa
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     info = init_distributed()
     out = cfg.layout.study
     table = training_table(cfg)

@@ -22,7 +22,7 @@ from covidkit.engine.device import default_device
 from covidkit.fresh_tests import FreshTestSets, score_fresh_test_sets
 from covidkit.models_dir import export_models
 from covidkit.predict import CompetitionPrediction, predict_competition, score_if_labelled
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Result:
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     competition = Path(cfg.input_dir) / COMPETITION
     device = cfg.device or str(default_device())
     models = export_models(cfg.run_dir, cfg.models_dir or cfg.layout.submission.models, competition_dir=competition,
