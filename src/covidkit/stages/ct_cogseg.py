@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidkit.ct.cogseg.ablation import VARIANTS, AblationConfig, AblationResult, ablation_table, predict_masks, run_ablation
+from covidkit.derived import derived
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 
@@ -40,15 +41,13 @@ class Config(StageConfig):
     progress: bool = True
 
     def ablation(self, dataset: str) -> AblationConfig:
-        """One dataset's ablation settings (the paper's augmentation on MedSeg only)."""
-        return AblationConfig(
-            input_dir=self.input_dir, run_dir=str(self.layout.cogseg.dataset(dataset)), dataset=dataset,
-            size=self.size, base_channels=self.base_channels, epochs=self.epochs, batch_size=self.batch_size,
-            lr=self.lr, weight_decay=self.weight_decay, class_balance=self.class_balance,
-            augment=self.augment and dataset == "medseg", seed=self.seed, variants=list(self.variants or VARIANTS),
+        """One dataset's ablation settings: this Config's fields of AblationConfig's names, the paper's
+        augmentation on MedSeg only, a dry run's caps."""
+        return derived(
+            AblationConfig, self, run_dir=str(self.layout.cogseg.dataset(dataset)), dataset=dataset,
+            augment=self.augment and dataset == "medseg", variants=list(self.variants or VARIANTS),
             max_train_slices=_cap(self.max_train_slices, self.max_items),
-            max_test_slices=_cap(self.max_test_slices, self.max_items),
-            max_steps=self.max_steps, num_workers=self.workers, progress=self.progress,
+            max_test_slices=_cap(self.max_test_slices, self.max_items), num_workers=self.workers,
         )
 
 

@@ -28,8 +28,14 @@ Result = PrepareSummary
 
 def run(cfg: Config) -> PrepareSummary:
     write_settings(cfg)
-    return prepare(Path(cfg.input_dir) / COMPETITION, cfg.layout.prepared.dir, size=cfg.prepared_size,
-                   split="all", workers=cfg.workers, folds=cfg.folds, seed=cfg.seed)
+    return prepare_folder(cfg, Path(cfg.input_dir) / COMPETITION, cfg.layout.prepared.dir)
+
+
+def prepare_folder(cfg: Config, competition_dir: str | Path, output_dir: str | Path, split: str = "all",
+                   progress: bool = True) -> PrepareSummary:
+    """``covidkit.prepare.prepare`` with this stage's settings (what ``covidkit prepare`` runs too)."""
+    return prepare(competition_dir, output_dir, size=cfg.prepared_size, split=split, workers=cfg.workers,
+                   folds=cfg.folds, seed=cfg.seed, progress=progress)
 
 
 def describe(result: PrepareSummary) -> str:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from covidkit.baselines import prior_box_oof
+from covidkit.derived import derived
 from covidkit.data.detection import OpacityDataset, truth_boxes
 from covidkit.data.siim import COMPETITION
 from covidkit.engine import (
@@ -93,14 +94,8 @@ class Config(StageConfig):
         return path
 
     def detector_spec(self) -> DetectorSpec:
-        return DetectorSpec(
-            train_size=self.input_size, trainable_layers=self.trainable_layers, fpn_layers=self.fpn_layers,
-            anchor_sizes=self.anchor_sizes, anchor_scales=self.anchor_scales, rpn_fg_iou=self.rpn_fg_iou,
-            proposals_train=self.proposals_train, proposals_test=self.proposals_test,
-            box_batch_size_per_image=self.box_batch_size_per_image, box_positive_fraction=self.box_positive_fraction,
-            representation_size=self.representation_size,
-            frozen_batchnorm=self.frozen_batchnorm,
-        )
+        """The detector's shape: this Config's fields of DetectorSpec's names, trained at ``input_size``."""
+        return derived(DetectorSpec, self, train_size=self.input_size)
 
 
 @dataclass

@@ -46,11 +46,7 @@ class Config(StageConfig):
     hyp: dict = field(default_factory=dict)  # any other ultralytics training argument
 
     def train_config(self) -> YoloTrainConfig:
-        # ultralytics counts epochs, not steps: a dry run's few images make one step an epoch
-        epochs = self.epochs if self.max_steps is None else min(self.epochs, self.max_steps)
-        return YoloTrainConfig(model=self.model or str(self.layout.rsna_yolo.weights), imgsz=self.input_size,
-                               epochs=epochs, batch=self.batch_size, device=self.device, workers=self.workers,
-                               seed=self.seed, save_period=self.save_period, overrides=self.hyp)
+        return YoloTrainConfig.from_stage(self, self.model or str(self.layout.rsna_yolo.weights))
 
 
 @dataclass
