@@ -16,7 +16,7 @@ from covidkit.data.siim import STUDY_CLASSES
 from covidkit.models import build_classifier, save_backbone
 from covidkit.models.study import (
     StudySpec, build_study_model, load_study_model, model_inputs, none_probability, predict_outputs,
-    predict_study_probs, save_study_model, study_models,
+    save_study_model,
 )
 from covidkit.prepare import resize_square
 from covidkit.data.study import StudyImageDataset
@@ -25,6 +25,10 @@ from covidkit.stages.study_level import Config as StudyTrainConfig, class_weight
 from covidkit.study_scores import PROB_COLUMNS, none_ap, none_comparison, study_aps, study_probabilities
 from covidkit.engine import TrainConfig, fit
 from covidkit.oof import OofPredictions
+
+def predict_study_probs(model, spec, images, **kwargs) -> np.ndarray:
+    return predict_outputs(model, spec, images, **kwargs)[0]
+
 
 SPEC = StudySpec(encoder="resnet18", width=8, image_size=64, prepared_size=96)
 
@@ -75,7 +79,9 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(value, loaded.state_dict()[key]), key
     images = [np.random.default_rng(2).integers(0, 256, (120, 100), dtype=np.uint8)]
     np.testing.assert_array_equal(predict_study_probs(model, SPEC, images), predict_study_probs(loaded, spec, images))
-    assert [p.parent.name for p in study_models(tmp_path)] == ["split0", "split1"]
+    from covidkit.layout import RunLayout
+
+    assert [p.parent.name for p in RunLayout(tmp_path).study.models()] == ["split0", "split1"]
     torch.save({"format": "other"}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a covidkit study model"):
         load_study_model(tmp_path / "bad.pt")

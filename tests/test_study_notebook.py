@@ -20,7 +20,7 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
     from covidkit.pipeline import REPO_ROOT, load_profile, notebook_parameters, notebooks_dir
     from covidkit.prepare import prepare
     from covidkit.layout import RunLayout
-    from covidkit.models.study import load_study_model, predict_study_probs
+    from covidkit.models.study import load_study_model, predict_outputs
 
     run_dir = tmp_path / "run"
     prepare(tiny_input / COMPETITION, run_dir / "prepared", size=96, workers=1, folds=5, progress=False)
@@ -41,7 +41,7 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
     model, spec = load_study_model(models[0])
     assert spec.prepared_size == 96 and spec.image_size == params["input_size"]
     table = train_table(run_dir / "prepared", tiny_input / COMPETITION)
-    assert predict_study_probs(model, spec, [cv2.imread(table["path"][0], cv2.IMREAD_GRAYSCALE)]).shape == (1, 4)
+    assert predict_outputs(model, spec, [cv2.imread(table["path"][0], cv2.IMREAD_GRAYSCALE)])[0].shape == (1, 4)
 
     # every training image and study is out of fold exactly once, with probabilities summing to 1
     images = pd.read_csv(out.oof_images, dtype={"image_id": str, "study_id": str})

@@ -185,7 +185,7 @@ def submission_section(submission_csv: Path | None, solution_dir: Path | None) -
 def _examples_figure(paths: list[Path], truths: list[np.ndarray], preds: list[np.ndarray], scores: list[np.ndarray],
                      sizes: list[tuple[int, int]], titles: list[str]):
     """Prepared PNGs with the boxes (original pixels) scaled to them."""
-    from covidkit.data.nih import read_grey
+    from covidkit.images import read_grey
     from covidkit.plots import image_grid
 
     images = [read_grey(p) for p in paths]

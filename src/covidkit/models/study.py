@@ -130,11 +130,6 @@ def load_study_model(path: str | Path, device: str | torch.device = "cpu") -> tu
     return model.to(device).eval(), spec
 
 
-def study_models(run_dir: str | Path) -> list[Path]:
-    """The fold checkpoints notebook 06 wrote in a run folder, in split order."""
-    return sorted((Path(run_dir) / NOTEBOOK).glob(f"split*/{MODEL_FILE}"), key=lambda p: int(p.parent.name[5:]))
-
-
 def eval_transform(spec: StudySpec) -> v2.Compose:
     """Prepared grey uint8 ``[1, S, S]`` -> normalised float ``[3, image_size, image_size]``."""
     return v2.Compose([
@@ -190,12 +185,6 @@ def predict_outputs(model: nn.Module, spec: StudySpec, images: Sequence[np.ndarr
     if not study:
         return np.zeros((0, len(spec.classes)), np.float32), np.zeros(0, np.float32)
     return torch.cat(study).numpy(), torch.cat(none).numpy()
-
-
-def predict_study_probs(model: nn.Module, spec: StudySpec, images: Sequence[np.ndarray],
-                        device: str | torch.device = "cpu", hflip_tta: bool = False) -> np.ndarray:
-    """Per-image softmax ``[N, 4]`` over ``STUDY_CLASSES`` of grey uint8 images of any size."""
-    return predict_outputs(model, spec, images, device, hflip_tta)[0]
 
 
 NONE_RULES = ("head", "negative", "boxes")

@@ -17,6 +17,7 @@ import sys
 from dataclasses import MISSING, dataclass, fields
 from types import ModuleType
 
+from covidkit.deprecated import moved
 from covidkit.profiles import ProfileError, load_profile, merge_section, parse_overrides
 
 STAGES = {  # notebook -> module of covidkit.stages
@@ -170,18 +171,6 @@ def overrides_of(args: argparse.Namespace) -> dict:
     return {"input_dir": args.input, "run_dir": args.run_dir, **parse_overrides(args.set)}
 
 
-def __getattr__(name: str):
-    """``limit_rows`` and ``training_rows`` moved to ``covidkit.engine.kfold`` (the K-fold driver)."""
-    if name in ("limit_rows", "training_rows"):
-        import warnings
-
-        from covidkit.engine import kfold
-
-        warnings.warn(f"covidkit.stages.{name} moved to covidkit.engine.kfold.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(kfold, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def stage_main(module_name: str, argv: list[str] | None = None) -> None:
     """A stage module's ``main``: ``python -m covidkit.stages.<stage> [--profile P] [--set key=value ...]``."""
     from covidkit.engine.distributed import dist_info
@@ -193,3 +182,8 @@ def stage_main(module_name: str, argv: list[str] | None = None) -> None:
     module, result = run_stage(module_name.rsplit(".", 1)[1], args.profile, overrides_of(args))
     if dist_info().is_main:
         print(module.describe(result))
+
+
+# moved to the K-fold driver
+__getattr__ = moved(__name__, {"limit_rows": "covidkit.engine.kfold.limit_rows",
+                               "training_rows": "covidkit.engine.kfold.training_rows"})

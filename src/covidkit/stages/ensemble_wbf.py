@@ -23,9 +23,9 @@ from covidkit.baselines import prior_box_oof
 from covidkit.data.siim import COMPETITION, read_image_labels
 from covidkit.ensemble import (
     FusionParams, ap_table, best_fusion, common_images, fuse_oof, grid_fusions, operating_point, precision_recall,
-    restrict, tuned_out_of_fold,
+    tuned_out_of_fold,
 )
-from covidkit.oof import OofPredictions, read_oof, write_oof
+from covidkit.oof import OofPredictions, read_oof, restrict, write_oof
 from covidkit.plots import pr_curves, plt
 from covidkit.prepare import image_sizes
 from covidkit.stages import StageConfig, stage_main, write_settings

@@ -37,10 +37,9 @@ from covidkit.engine import (
 from covidkit.engine.distributed import all_gather_object, barrier, device_for, dist_info
 from covidkit.engine.kfold import fold_table, run_folds
 from covidkit.engine.optim import optimizer_fn
-from covidkit.ensemble import restrict
 from covidkit.models.backbones import backbone_file, load_backbone
 from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, predict_boxes, save_detector
-from covidkit.oof import OofPredictions, from_prepared, opacity_ap, write_oof
+from covidkit.oof import OofPredictions, from_prepared, opacity_ap, restrict, write_oof
 from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.transforms import DetectionAugment, detection_transform
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from covidkit.baselines import prior_box_oof
 from covidkit.data import yolo_format
-from covidkit.data.nih import read_grey
+from covidkit.images import read_grey
 from covidkit.data.siim import COMPETITION
 from covidkit.engine.kfold import fold_table, run_folds, splits_to_run
 from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo

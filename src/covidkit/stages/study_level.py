@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from covidkit.baselines import box_count_rule
-from covidkit.data.nih import read_grey
+from covidkit.images import read_grey
 from covidkit.data.siim import COMPETITION, STUDY_CLASSES
 from covidkit.data.study import StudyImageDataset
 from covidkit.engine import TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device
@@ -232,7 +232,8 @@ def stack_with_boxes(images: pd.DataFrame, boxes: OofPredictions, cfg: Config) -
 def count_rule_summary(images: pd.DataFrame, boxes: OofPredictions, truth: dict[str, np.ndarray]) -> dict:
     """The box-count rule's OOF study APs on ``images``' studies, at the fused boxes' best-F1 score threshold
     (05's operating point)."""
-    from covidkit.ensemble import operating_point, restrict
+    from covidkit.ensemble import operating_point
+    from covidkit.oof import restrict
 
     boxes = restrict(boxes, images["image_id"])
     threshold = operating_point(boxes, truth)["threshold"]
