@@ -52,7 +52,7 @@ def _tiny_run(run_dir: Path) -> Path:
     from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, save_detector
     from covidkit.models.study import StudySpec, build_study_model, save_study_model
     from covidkit.models.yolo import load_model, setup_ultralytics
-    from covidkit.stages.siim_fasterrcnn import DETECTOR_FILE
+    from covidkit.layout import DETECTOR_FILE
 
     layout = RunLayout(run_dir)
     (layout.prepared.dir / "train").mkdir(parents=True)

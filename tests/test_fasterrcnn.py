@@ -13,13 +13,14 @@ from torchvision.ops import FrozenBatchNorm2d
 from covidkit.data.detection import OpacityDataset, truth_boxes
 from covidkit.data.nih import LABELS
 from covidkit.stages.siim_fasterrcnn import (
-    DETECTOR_FILE, Config as FasterRcnnConfig, detection_step, predict_oof, train_fold, untrained_oof,
+    Config as FasterRcnnConfig, detection_step, predict_oof, train_fold, untrained_oof,
 )
 from covidkit.models import DetectorSpec, build_classifier, build_fasterrcnn, inference_size, save_backbone
 from covidkit.models.fasterrcnn import predict_boxes
 from covidkit.oof import opacity_ap
 from covidkit.engine import collate_lists
 from covidkit.engine.kfold import run_folds
+from covidkit.layout import DETECTOR_FILE
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD, DetectionAugment, detection_transform
 
 

@@ -12,7 +12,7 @@ from covidkit.prepare import train_table
 from covidkit.data.detection import truth_boxes
 from covidkit.data.siim import COMPETITION
 from covidkit.layout import RunLayout
-from covidkit.stages.siim_fasterrcnn import DETECTOR_FILE
+from covidkit.layout import DETECTOR_FILE
 from covidkit.models import load_backbone
 from covidkit.oof import BOX_COLUMNS, opacity_ap, read_oof
 

@@ -35,6 +35,7 @@ from covidkit import prepare
 OOF_CSV = "oof.csv"  # a detector's out-of-fold boxes (covidkit.oof), beside oof_images.csv
 UNTRAINED_OOF_CSV = "oof_untrained.csv"  # the same images predicted by the untrained twin
 SUMMARY_JSON = "summary.json"
+DETECTOR_FILE = "detector.pt"  # 03's fold model, in its split's engine run folder
 SETTINGS_YAML = "config.yaml"  # the resolved settings a stage ran with (covidkit.stages.write_settings)
 PREPARE_NOTEBOOK = "00_prepare_data"  # the one stage whose folder is not named after its notebook
 
@@ -154,6 +155,14 @@ class Detector:
         """The split folders holding ``marker`` (a file every finished split has), in split order."""
         found = {p.parent for p in self.dir.glob(f"{self.split_prefix}*/{marker}")}
         return sorted(found, key=lambda p: _split_index(p, self.split_prefix))
+
+    def model(self, k: int) -> Path:
+        """03's fold model of split ``k`` (``detector.pt``: weights and what rebuilds the network)."""
+        return self.split(k) / DETECTOR_FILE
+
+    def models(self) -> list[Path]:
+        """03's fold models, in split order."""
+        return [p / DETECTOR_FILE for p in self.splits(DETECTOR_FILE)]
 
 
 @dataclass(frozen=True)

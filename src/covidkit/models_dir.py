@@ -125,9 +125,7 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
     from covidkit.engine.yolo import finished_run
 
     layout, out_dir = RunLayout(run_dir), Path(out_dir)
-    from covidkit.stages.siim_fasterrcnn import DETECTOR_FILE
-
-    sources = {"fasterrcnn": [p / DETECTOR_FILE for p in layout.fasterrcnn.splits(DETECTOR_FILE)],
+    sources = {"fasterrcnn": layout.fasterrcnn.models(),
                "yolo": yolo_weights(layout), "study": layout.study.models()}
     missing = [name for name, paths in sources.items() if not paths]
     if missing:

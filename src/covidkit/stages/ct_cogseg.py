@@ -19,6 +19,8 @@ import pandas as pd
 
 from covidkit.ct.cogseg.ablation import VARIANTS, AblationConfig, AblationResult, ablation_table, predict_masks, run_ablation
 from covidkit.derived import derived
+from covidkit.learning import DSC_MARGIN, LearningCheck, RIVAL_MARGIN
+from covidkit.layout import RunLayout
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 
@@ -90,6 +92,44 @@ def run(cfg: Config) -> Result:
 def describe(result: Result) -> str:
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         return result.table.round(4).to_string()
+
+
+COGSEG_PLAIN, COGSEG_FULL = "U-Net", "+edge-guided RMI"  # rows of covidkit.ct.cogseg.ablation.VARIANTS
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """Every variant's test DSC against the untrained network; the full method against the plain U-Net (a rival:
+    ``RIVAL_MARGIN``, ties allowed)."""
+    from covidkit.ct.cogseg.ablation import UNTRAINED
+
+    stage, figure = "10_ct_cogseg", "test lesion DSC"
+    if not layout.cogseg.dir.is_dir():
+        return []
+    if not layout.cogseg.ablation.is_file():
+        return [LearningCheck.absent(stage, COGSEG_FULL, figure, "untrained",
+                                     f"{layout.cogseg.ablation.name} not written")]
+    table = pd.read_csv(layout.cogseg.ablation)
+    checks = []
+    for dataset, rows in table.groupby("dataset", sort=False):
+        rows = rows.set_index("variant")
+        if UNTRAINED not in rows.index:
+            checks.append(LearningCheck.absent(stage, f"{COGSEG_FULL} ({dataset})", figure, "untrained",
+                                               f"no row {UNTRAINED!r} in {layout.cogseg.ablation.name}"))
+        else:
+            baseline = float(rows.loc[UNTRAINED, "DSC"])
+            for variant, row in rows.drop(index=UNTRAINED).iterrows():
+                checks.append(LearningCheck(stage, f"{variant} ({dataset})", figure, float(row["DSC"]), baseline,
+                                            "untrained", DSC_MARGIN, float(row["lesion % pred sd"]) / 100))
+        absent = [v for v in (COGSEG_PLAIN, COGSEG_FULL) if v not in rows.index]
+        if absent:
+            checks.append(LearningCheck.absent(stage, f"{COGSEG_FULL} ({dataset})", figure, COGSEG_PLAIN,
+                                               f"no row {', '.join(map(repr, absent))} in the ablation"))
+        else:
+            checks.append(LearningCheck(stage, f"{COGSEG_FULL} ({dataset})", figure,
+                                        float(rows.loc[COGSEG_FULL, "DSC"]), float(rows.loc[COGSEG_PLAIN, "DSC"]),
+                                        COGSEG_PLAIN, RIVAL_MARGIN,
+                                        float(rows.loc[COGSEG_FULL, "lesion % pred sd"]) / 100, rival=True))
+    return checks
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,8 @@ from covidkit.ct.decovnet.lungmask import UnsupervisedLungConfig
 from covidkit.ct.decovnet.pipeline import AugmentConfig, DeCoVNetConfig, DeCoVNetRun, predict_volume, run_decovnet
 from covidkit.ct.decovnet.volumes import DATASET_DIR
 from covidkit.derived import derived
+from covidkit.learning import AUROC_MARGIN, LearningCheck, finite, read_json
+from covidkit.layout import RunLayout
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 
@@ -100,6 +102,27 @@ def run(cfg: Config) -> Result:
 
 def describe(result: Result) -> str:
     return pd.Series(result.metrics, name="held-out").to_string() + f"\nfolder: {result.out_dir}"
+
+
+HU_HISTOGRAM_KEYS = ("hist_auc", "hu_share_auc")  # 11's held-out AUCs of HU-histogram classifiers
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """The held-out ROC AUC against the better HU-histogram classifier (chance for runs that predate it)."""
+    stage, model, figure = "11_ct_decovnet", "DeCoVNet", "held-out ROC AUC"
+    out = layout.decovnet
+    if not out.dir.is_dir():
+        return []
+    metrics = read_json(out.metrics)
+    if metrics is None or not finite(metrics.get("roc_auc")) or not out.predictions.is_file():
+        return [LearningCheck.absent(stage, model, figure, "HU histogram",
+                                     f"no finite roc_auc in {out.metrics.name} or no {out.predictions.name}")]
+    probs = pd.read_csv(out.predictions)["prob"]
+    histogram = [metrics[k] for k in HU_HISTOGRAM_KEYS if finite(metrics.get(k))]
+    baseline, name = (max(histogram), "HU histogram") if histogram else (0.5, "chance")
+    n = metrics.get("n", len(probs))
+    return [LearningCheck(stage, model, f"{figure} ({n} volumes)", metrics["roc_auc"], baseline, name, AUROC_MARGIN,
+                          float(probs.std(ddof=0)))]
 
 
 def main(argv: list[str] | None = None) -> None:

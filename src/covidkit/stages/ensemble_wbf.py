@@ -28,6 +28,8 @@ from covidkit.ensemble import (
 from covidkit.oof import OofPredictions, read_oof, restrict, write_oof
 from covidkit.plots import pr_curves, plt
 from covidkit.prepare import image_sizes
+from covidkit.learning import AP_MARGIN, DETECTOR_FIGURE, LearningCheck, PRIOR_BOXES, RIVAL_MARGIN, image_score_spread
+from covidkit.layout import RunLayout
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 ENSEMBLE = "WBF ensemble"
@@ -127,6 +129,39 @@ def run(cfg: Config) -> Result:
 
 def describe(result: Result) -> str:
     return markdown_table(result.table) + f"fusion parameters for 07: {result.params.to_dict()}"
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """The fusion's OOF AP (05's table) against the better single detector (a rival: ``RIVAL_MARGIN``, ties
+    allowed) and against the prior-box detector."""
+    from covidkit.oof import read_oof
+
+    stage, out = "05_ensemble_wbf", layout.ensemble
+    if not out.dir.is_dir():
+        return []
+    if not out.ap_table.is_file():
+        return [LearningCheck.absent(stage, ENSEMBLE, DETECTOR_FIGURE, name, f"{out.ap_table.name} not written")
+                for name in ("the better detector alone", PRIOR_BOXES)]
+    table = pd.read_csv(out.ap_table, index_col=0)["ap50"]
+    row = TUNED_OOF if TUNED_OOF in table.index else ENSEMBLE
+    value = float(table[row])
+    singles = table.reindex(["Faster R-CNN", "YOLO"]).dropna()
+    if singles.empty:
+        rival = LearningCheck.absent(stage, row, DETECTOR_FIGURE, "the better detector alone",
+                                     f"no single detector's AP in {out.ap_table.name}")
+    else:
+        best = singles.idxmax()
+        rival = LearningCheck(stage, row, DETECTOR_FIGURE, value, float(singles[best]), f"{best} alone", RIVAL_MARGIN,
+                              rival=True)
+    if PRIOR_BOXES in table.index and np.isfinite(table[PRIOR_BOXES]):
+        fused = read_oof(out.fused_oof) if out.fused_oof.is_file() else None
+        spread = None if fused is None else image_score_spread(fused.boxes, fused.images)
+        prior = LearningCheck(stage, row, DETECTOR_FIGURE, value, float(table[PRIOR_BOXES]), PRIOR_BOXES, AP_MARGIN,
+                              spread)
+    else:
+        prior = LearningCheck.absent(stage, row, DETECTOR_FIGURE, PRIOR_BOXES,
+                                     f"no row {PRIOR_BOXES!r} in {out.ap_table.name}")
+    return [rival, prior]
 
 
 def main(argv: list[str] | None = None) -> None:

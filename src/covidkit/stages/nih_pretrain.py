@@ -33,6 +33,8 @@ from covidkit.engine import (
 )
 from covidkit.engine.distributed import all_gather_object, barrier, device_for, dist_info
 from covidkit.engine.optim import optimizer_fn
+from covidkit.learning import AUROC_MARGIN, LearningCheck, finite, read_json
+from covidkit.layout import RunLayout
 from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.transforms import ClassificationAugment, classification_transform
 
@@ -219,6 +221,19 @@ def describe(result: Result) -> str:
     return (with_mean_row(result.auroc).to_string(float_format="%.3f")
             + f"\nmean AUROC {result.summary['mean_auroc']} (untrained {result.summary['untrained_mean_auroc']})"
             + f"\nbackbone: {result.backbone}")
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    stage, model = "01_pretrain_nih_resnext", "NIH backbone"
+    if not layout.nih.dir.is_dir():
+        return []
+    summary = read_json(layout.nih.summary)
+    if summary is None or not finite(summary.get("mean_auroc")) or not finite(summary.get("untrained_mean_auroc")):
+        return [LearningCheck.absent(stage, model, "held-out mean AUROC", "untrained",
+                                     f"no mean_auroc and untrained_mean_auroc in {layout.nih.summary}")]
+    counted = len(summary["counted_positives"])
+    return [LearningCheck(stage, model, f"held-out mean AUROC ({counted} labels)",
+                          summary["mean_auroc"], summary["untrained_mean_auroc"], "untrained", AUROC_MARGIN)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from covidkit.baselines import prior_box_oof
+from covidkit.deprecated import moved
 from covidkit.derived import derived
 from covidkit.data.detection import OpacityDataset, truth_boxes
 from covidkit.data.siim import COMPETITION
@@ -40,10 +41,13 @@ from covidkit.engine.optim import optimizer_fn
 from covidkit.models.backbones import backbone_file, load_backbone
 from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, predict_boxes, save_detector
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, restrict, write_oof
+from covidkit.learning import (
+    AP_MARGIN, DETECTOR_FIGURE, LearningCheck, PRIOR_BOXES, image_score_spread, prior_box_check, read_json, training_truth,
+)
+from covidkit.layout import RunLayout
 from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.transforms import DetectionAugment, detection_transform
 
-DETECTOR_FILE = "detector.pt"  # a split's fold model, in its engine run folder
 
 
 @dataclass
@@ -186,7 +190,7 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, c
                           cfg.workers, cfg.progress)
     if dist_info().is_main:
         save_detector(model, load_backbone(cfg.backbone_checkpoint)[0], cfg.detector_spec(), cfg.infer_size,
-                      cfg.layout.fasterrcnn.split(split) / DETECTOR_FILE)
+                      cfg.layout.fasterrcnn.model(split))
     return oof, pd.DataFrame(result.history).assign(split=split)
 
 
@@ -247,8 +251,30 @@ def describe(result: Result) -> str:
             f"OOF predictions: {result.out_dir}")
 
 
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """The OOF AP against the untrained twin's and the prior-box detector's."""
+    from covidkit.oof import opacity_ap, read_oof
+
+    stage, model, out = "03_train_siim_fasterrcnn", "Faster R-CNN", layout.fasterrcnn
+    if not out.dir.is_dir():
+        return []
+    truth = training_truth(input_dir)
+    absent = [p for p in (out.oof, out.untrained_oof) if not p.is_file()]
+    if truth is None or absent:
+        why = f"{', '.join(p.name for p in absent)} not written" if absent else "no training labels (input_dir)"
+        return [LearningCheck.absent(stage, model, DETECTOR_FIGURE, name, why) for name in ("untrained", PRIOR_BOXES)]
+    oof, untrained = read_oof(out.oof), read_oof(out.untrained_oof)
+    value, spread = opacity_ap(oof, truth), image_score_spread(oof.boxes, oof.images)
+    return [LearningCheck(stage, model, DETECTOR_FIGURE, value, opacity_ap(untrained, truth), "untrained", AP_MARGIN,
+                          spread),
+            prior_box_check(stage, model, value, read_json(out.summary), out.summary, spread)]
+
+
 def main(argv: list[str] | None = None) -> None:
     stage_main(__name__, argv)
+
+
+__getattr__ = moved(__name__, {"DETECTOR_FILE": "covidkit.layout.DETECTOR_FILE"})
 
 
 if __name__ == "__main__":

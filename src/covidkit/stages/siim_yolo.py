@@ -25,6 +25,10 @@ from covidkit.engine.kfold import fold_table, run_folds, splits_to_run
 from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo
 from covidkit.models.yolo import PREDICT_CONF, load_model, predict_boxes, setup_ultralytics
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, per_fold_ap, write_oof
+from covidkit.learning import (
+    AP_MARGIN, DETECTOR_FIGURE, LearningCheck, PRIOR_BOXES, finite, image_score_spread, prior_box_check, read_json,
+)
+from covidkit.layout import RunLayout
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 
@@ -126,6 +130,26 @@ def describe(result: Result) -> str:
     return (result.fold_ap.to_string(float_format="%.4f") + f"\nOOF opacity AP@0.5: {result.ap:.4f}"
             f"   untrained: {result.baseline_ap}   prior boxes: {result.prior_box_ap:.4f}\n"
             f"OOF predictions: {result.out_dir}")
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """The OOF AP (04's summary.json) against the untrained model's and the prior-box detector's."""
+    from covidkit.oof import read_oof
+
+    stage, model, out = "04_train_siim_yolo", "YOLO", layout.yolo
+    if not out.dir.is_dir():
+        return []
+    summary = read_json(out.summary)
+    if summary is None or not finite(summary.get("oof_ap50")) or not out.oof.is_file():
+        why = f"no oof_ap50 in {out.summary}" if out.oof.is_file() else f"{out.oof.name} not written"
+        return [LearningCheck.absent(stage, model, DETECTOR_FIGURE, name, why) for name in ("untrained", PRIOR_BOXES)]
+    oof = read_oof(out.oof)
+    value, spread = summary["oof_ap50"], image_score_spread(oof.boxes, oof.images)
+    untrained = (LearningCheck(stage, model, DETECTOR_FIGURE, value, summary["untrained_ap50"], "untrained", AP_MARGIN,
+                               spread) if finite(summary.get("untrained_ap50")) else
+                 LearningCheck.absent(stage, model, DETECTOR_FIGURE, "untrained",
+                                      f"no untrained_ap50 in {out.summary}"))
+    return [untrained, prior_box_check(stage, model, value, summary, out.summary, spread)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,6 +45,8 @@ from covidkit.models.study import (
 from covidkit.oof import OofPredictions, read_oof
 from covidkit.plots import confusion_figure
 from covidkit.prepare import image_sizes
+from covidkit.learning import AP_MARGIN, LearningCheck, finite, read_json
+from covidkit.layout import RunLayout
 from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.study_scores import (
     AUTO, PROB_COLUMNS, choose_none_rule, none_ap, none_comparison, study_aps, study_probabilities, summarise,
@@ -300,6 +302,42 @@ def describe(result: Result) -> str:
             + f"; none rule {result.summary['none_rule']['chosen']} "
               f"(OOF none AP {result.summary['none_rule']['ap_out_of_fold']:.3f})\nmodels: "
             + ", ".join(str(p) for p in result.models))
+
+
+STUDY_FIGURE = "OOF study mAP"
+BOX_COUNT_RULE = "box-count rule"  # covidkit.baselines.box_count_rule
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """The study model against the class priors; the stacker (study model + boxes) against the priors and the
+    box-count rule on 05's boxes; the none rule against the share of images without a box."""
+    from covidkit.study_scores import PROB_COLUMNS
+
+    stage, out = "06_study_level", layout.study
+    if not out.dir.is_dir():
+        return []
+    summary = read_json(out.summary)
+    if summary is None or not out.oof_studies.is_file():
+        return [LearningCheck.absent(stage, "study model", STUDY_FIGURE, "class priors",
+                                     f"{out.summary.name} or {out.oof_studies.name} not written")]
+    prior = summary["prior"]
+    spread = float(pd.read_csv(out.oof_studies)[PROB_COLUMNS].std(ddof=0).max())
+    checks = [LearningCheck(stage, "study model", STUDY_FIGURE, summary["study_ap"]["mAP"],
+                            prior["mAP"], "class priors", AP_MARGIN, spread)]
+    if "study_ap_stacked" in summary:
+        stacker, stacked = "study model + boxes (stacker)", summary["study_ap_stacked"]["mAP"]
+        checks.append(LearningCheck(stage, stacker, STUDY_FIGURE, stacked, prior["mAP"], "class priors", AP_MARGIN))
+        rule = summary.get("box_count_rule", {}).get("mAP")
+        checks.append(LearningCheck(stage, stacker, STUDY_FIGURE, stacked, rule, BOX_COUNT_RULE, AP_MARGIN)
+                      if finite(rule) else
+                      LearningCheck.absent(stage, stacker, STUDY_FIGURE, BOX_COUNT_RULE,
+                                           f"no box_count_rule in {out.summary.name}"))
+    if "none_rule" in summary:
+        rule = summary["none_rule"]
+        checks.append(LearningCheck(stage, f"none ({rule['chosen']})", "OOF none AP",
+                                    rule["ap_out_of_fold"], prior["none"], "the share of images without a box",
+                                    AP_MARGIN))
+    return checks
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,8 @@ from covidkit.engine.device import default_device
 from covidkit.fresh_tests import FreshTestSets, score_fresh_test_sets
 from covidkit.models_dir import export_models
 from covidkit.predict import CompetitionPrediction, predict_competition, score_if_labelled
+from covidkit.learning import AP_MARGIN, LearningCheck
+from covidkit.layout import RunLayout
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 
@@ -70,6 +72,17 @@ def describe(result: Result) -> str:
     if result.fresh is not None:
         lines.append(result.fresh.summary())
     return "\n".join(lines)
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    from covidkit.fresh_tests import read_fresh_test_sets
+
+    fresh = read_fresh_test_sets(layout.submission.fresh_tests)
+    if fresh is None or fresh.per_seed.empty:
+        return []
+    return [LearningCheck("07_make_submission", "submission", f"test score, mean of {len(fresh.per_seed)} fresh "
+                          "test sets", fresh.mean, float(fresh.per_seed["prior_mAP"].mean()), "priors' submission",
+                          AP_MARGIN)]
 
 
 def main(argv: list[str] | None = None) -> None:
