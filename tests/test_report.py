@@ -52,7 +52,8 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
     from covidkit.layout import RunLayout
     from covidkit.pipeline import NotebookRun, write_stage_record
     from covidkit.prepare import prepare
-    from covidkit.stages import ensemble_wbf
+    from covidkit.stages import ensemble_wbf, write_settings
+    from covidkit.stages import prepare as prepare_stage
     from covidkit.stages.study_level import Config, write_tables
     from covidkit.study_scores import PROB_COLUMNS, none_comparison, study_probabilities, summarise
     from covidkit.submission import ImagePrediction, write_submission
@@ -60,6 +61,7 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     competition = tiny_input / COMPETITION
     prepare(competition, run / "prepared", size=64, workers=1, folds=2, progress=False)
+    write_settings(prepare_stage.Config(input_dir=str(tiny_input), run_dir=str(run), prepared_size=64, folds=2))
     table = train_table(run / "prepared", competition)
     rng = np.random.default_rng(0)
     layout = RunLayout(run)
@@ -103,7 +105,8 @@ def test_report_of_a_complete_run(full_run, tiny_input):
     import yaml
 
     from covidkit.layout import RunLayout
-    from covidkit.stages import ensemble_wbf
+    from covidkit.stages import ensemble_wbf, write_settings
+    from covidkit.stages import prepare as prepare_stage
 
     settings = yaml.safe_load(RunLayout(run).settings("05_ensemble_wbf").read_text())
     assert settings["run_dir"] == str(run) and settings["iou_thr"] == ensemble_wbf.Config().iou_thr
@@ -147,7 +150,7 @@ def test_with_a_study_stacker_the_report_shows_both_and_the_stackers_curves(full
     import json
     import shutil
 
-    from covidkit.report import study_section
+    from covidkit.stages.study_level import study_section
     from covidkit.layout import RunLayout
     from covidkit.study_scores import study_aps
 

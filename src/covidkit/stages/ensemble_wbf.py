@@ -12,6 +12,7 @@ choice (``covidkit.ensemble.tuned_out_of_fold``).
 """
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,15 @@ from covidkit.ensemble import (
     FusionParams, ap_table, best_fusion, common_images, fuse_oof, grid_fusions, operating_point, precision_recall,
     tuned_out_of_fold,
 )
-from covidkit.oof import OofPredictions, read_oof, restrict, write_oof
+from covidkit.oof import OofPredictions, opacity_ap, read_oof, restrict, write_oof
 from covidkit.plots import pr_curves, plt
 from covidkit.prepare import image_sizes
-from covidkit.learning import AP_MARGIN, DETECTOR_FIGURE, LearningCheck, PRIOR_BOXES, RIVAL_MARGIN, image_score_spread
+from covidkit.learning import AP_MARGIN, DETECTOR_FIGURE, RIVAL_MARGIN, LearningCheck, image_score_spread
 from covidkit.layout import RunLayout
+from covidkit.report import (
+    Missing, detector_oofs, examples_figure, figure_html, image_meta, label_boxes, pick_examples, prior_box_aps,
+    study_titles, table_html,
+)
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 ENSEMBLE = "WBF ensemble"
@@ -162,6 +167,57 @@ def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningC
         prior = LearningCheck.absent(stage, row, DETECTOR_FIGURE, PRIOR_BOXES,
                                      f"no row {PRIOR_BOXES!r} in {out.ap_table.name}")
     return [rival, prior]
+
+
+def detectors_section(layout: RunLayout, input_dir: Path | None) -> str:
+    """OOF opacity AP@0.5 of each detector and the fusion, PR curves, and 05's table."""
+    from covidkit.ensemble import precision_recall
+
+    parts = []
+    table_path = layout.ensemble.ap_table
+    if table_path.is_file():
+        parts += ["<h3>Single models and the fusion, same OOF images (05)</h3>",
+                  table_html(pd.read_csv(table_path, index_col=0))]
+    else:
+        parts.append(f'<p class="missing">05 single-vs-fused table: not run ({table_path} missing)</p>')
+    oofs = detector_oofs(layout)
+    if not oofs:
+        raise Missing("not run: no OOF boxes of 03, 04 or 05")
+    truth = label_boxes(input_dir)
+    priors = prior_box_aps(layout)
+    rows = [{"model": name, "images": len(oof.images), "boxes": len(oof.boxes), "opacity AP@0.5": opacity_ap(oof, truth),
+             "prior boxes AP@0.5": priors.get(name, np.nan)} for name, oof in oofs.items()]
+    curves = {f"{name} (AP {row['opacity AP@0.5']:.3f})": precision_recall(oof, truth)
+              for (name, oof), row in zip(oofs.items(), rows)}
+    parts += ["<h3>OOF opacity AP@0.5 of every model on all its OOF images</h3>",
+              table_html(pd.DataFrame(rows).set_index("model")),
+              figure_html(pr_curves(curves, "opacity, IoU > 0.5, out of fold"))]
+    return "\n".join(parts)
+
+
+def oof_examples_section(layout: RunLayout, input_dir: Path | None) -> str:
+    """OOF training images with true boxes (green) and the best available OOF boxes (orange)."""
+    oofs = detector_oofs(layout)
+    if not oofs:
+        raise Missing("not run: no OOF boxes of 03, 04 or 05")
+    name, oof = list(oofs.items())[-1]  # the fusion when 05 ran
+    truth = label_boxes(input_dir)
+    meta = image_meta(layout)
+    ids = pick_examples(oof.images["image_id"].tolist(), truth)
+    study = study_titles(layout)
+    boxes = oof.boxes.groupby("image_id")
+    preds = [boxes.get_group(i) if i in boxes.groups else oof.boxes.iloc[:0] for i in ids]
+    fig = examples_figure(
+        [layout.prepared.png("train", i) for i in ids], [truth[i] for i in ids],
+        [p[["x1", "y1", "x2", "y2"]].to_numpy() for p in preds], [p["score"].to_numpy() for p in preds],
+        [meta[i] for i in ids], [study.get(i, i[:12]) for i in ids])
+    return f"<p>Boxes of {html.escape(name)}; green: truth, orange: predicted with score.</p>{figure_html(fig)}"
+
+
+REPORT_SECTIONS = [  # the run report's sections of this stage (covidkit.report)
+    ("Opacity detectors, out of fold (03, 04, 05)", lambda r: detectors_section(r.layout, r.input_dir)),
+    ("Out-of-fold examples", lambda r: oof_examples_section(r.layout, r.input_dir)),
+]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,10 +43,11 @@ from covidkit.models.study import (
     NONE_RULES, StudySpec, build_study_model, predict_outputs, save_study_model, study_loss, train_transform,
 )
 from covidkit.oof import OofPredictions, read_oof
-from covidkit.plots import confusion_figure
+from covidkit.plots import confusion_figure, pr_curves
 from covidkit.prepare import image_sizes
 from covidkit.learning import AP_MARGIN, LearningCheck, finite, read_json
 from covidkit.layout import RunLayout
+from covidkit.report import figure_html, png_html, precision_recall_labels, require, table_html
 from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.study_scores import (
     AUTO, PROB_COLUMNS, choose_none_rule, none_ap, none_comparison, study_aps, study_probabilities, summarise,
@@ -338,6 +339,42 @@ def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningC
                                     rule["ap_out_of_fold"], prior["none"], "the share of images without a box",
                                     AP_MARGIN))
     return checks
+
+
+def study_section(layout: RunLayout) -> str:
+    """06: OOF study APs, ``none`` APs, PR curves, confusion matrix."""
+    from covidkit.study_scores import PROB_COLUMNS
+
+    out = layout.study
+    require(out.summary, out.oof_studies, out.oof_images)
+    summary = json.loads(out.summary.read_text())
+    studies = pd.read_csv(out.oof_studies, dtype={"study_id": str})
+    images = pd.read_csv(out.oof_images, dtype={"image_id": str, "study_id": str})
+    columns = {"OOF AP": summary["study_ap"], "prior": summary["prior"]}
+    stacked_csv = out.oof_studies_stacked
+    if "study_ap_stacked" in summary and stacked_csv.is_file():  # the stacker 07 applies: its curves are shown
+        columns = {"OOF AP, study model": summary["study_ap"], "OOF AP, study model + boxes (07)": summary["study_ap_stacked"],
+                   "prior": summary["prior"]}
+        studies = pd.read_csv(stacked_csv, dtype={"study_id": str})
+    if "box_count_rule" in summary:  # the trivial baseline of the stacker (covidkit.baselines.box_count_rule)
+        columns["box-count rule"] = {k: summary["box_count_rule"][k] for k in summary["study_ap"]}
+    table = pd.DataFrame(columns).loc[list(summary["study_ap"])]
+    parts = [f"<p>{summary['studies']} studies, {summary['images']} images, out of fold.</p>", table_html(table)]
+    none_csv = out.none_comparison
+    none = pd.read_csv(none_csv, index_col=0) if none_csv.is_file() else pd.DataFrame(
+        {"none_ap": summary["none_ap"]}).rename_axis("candidate")
+    parts += ["<h3>Image-level <code>none</code> AP of each candidate rule</h3>", table_html(none)]
+    curves = {c: precision_recall_labels(studies["label"] == c, studies[col]) for c, col in zip(STUDY_CLASSES, PROB_COLUMNS)}
+    curves["none (head)"] = precision_recall_labels(~images["has_box"].astype(bool), images["p_none_head"])
+    parts.append(figure_html(pr_curves(curves, "study classes and none, out of fold")))
+    if out.confusion.is_file():
+        parts += ["<h3>Confusion matrix</h3>", png_html(out.confusion.read_bytes())]
+    return "\n".join(parts)
+
+
+REPORT_SECTIONS = [  # the run report's sections of this stage (covidkit.report)
+    ("Study classes and none, out of fold (06)", lambda r: study_section(r.layout)),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
