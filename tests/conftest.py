@@ -96,11 +96,11 @@ def tiny_run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def models_dir(tiny_run_dir, tmp_path_factory) -> Path:
-    """A real models folder, as ``covidkit.models_dir.export_models`` writes it, of tiny seeded models.
+    """A real models folder, as ``covidkit.export.export_models`` writes it, of tiny seeded models.
 
     Two folds each of Faster R-CNN (resnet18), YOLO (nano, 64 px) and the study model (resnet18);
     prepared size 64 px. Built once per session (a few seconds); treat it as read-only.
     """
-    from covidkit.models_dir import export_models
+    from covidkit.export import export_models
 
     return export_models(tiny_run_dir, tmp_path_factory.mktemp("exported") / "models")

@@ -105,8 +105,7 @@ def test_report_of_a_complete_run(full_run, tiny_input):
     import yaml
 
     from covidkit.layout import RunLayout
-    from covidkit.stages import ensemble_wbf, write_settings
-    from covidkit.stages import prepare as prepare_stage
+    from covidkit.stages import ensemble_wbf
 
     settings = yaml.safe_load(RunLayout(run).settings("05_ensemble_wbf").read_text())
     assert settings["run_dir"] == str(run) and settings["iou_thr"] == ensemble_wbf.Config().iou_thr

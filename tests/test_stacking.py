@@ -179,7 +179,7 @@ def test_07_applies_the_exported_stacker_fold_by_fold(tiny_run_dir, tmp_path):
     """The stacker travels in the models folder (hashed); 07 feeds it each fold's models as 06 fed it out of
     fold (one study model, one fusion of one Faster R-CNN and one YOLO) and averages its outputs."""
     from covidkit.models.study import predict_outputs
-    from covidkit.models_dir import export_models, read_manifest
+    from covidkit.export import export_models, read_manifest
     from covidkit.predict import Predictor
 
     run = tmp_path / "run"
@@ -210,7 +210,7 @@ def test_07_applies_the_exported_stacker_fold_by_fold(tiny_run_dir, tmp_path):
 
 
 def test_export_refuses_a_stacker_without_one_model_per_split(tiny_run_dir, tmp_path):
-    from covidkit.models_dir import export_models
+    from covidkit.export import export_models
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run)

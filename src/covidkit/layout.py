@@ -12,7 +12,7 @@
       05_ensemble_wbf/             05: ap_table.csv/.md, oof.csv (fused), fusion.json, operating_point.json, grid.csv
       06_study_level/              06: split<k>/study_model.pt, oof_images.csv, oof_studies.csv, summary.json, ...
       07_make_submission/          07: config.yaml
-      models/                      07: the exported models folder (covidkit.models_dir)
+      models/                      07: the exported models folder (covidkit.export)
       fresh_tests/                 07: seed<S>/ test sets and their submissions, scores.csv
       submission.csv               07 of a dry run (a normal run writes the profile's submission path)
       10_ct_cogseg/                10: <dataset>/<variant>/ (engine runs), ablation.csv, figures
@@ -294,7 +294,7 @@ class CogSeg:
 
 @dataclass(frozen=True)
 class DeCoVNet:
-    """11 (``covidkit.ct.decovnet.pipeline.run_decovnet`` names what it writes inside ``dir``)."""
+    """11 (``covidkit.ct.decovnet.method.run_decovnet`` names what it writes inside ``dir``)."""
 
     dir: Path
 

@@ -1,6 +1,6 @@
 """Stage 11: DeCoVNet, CT volume classification (COVID-19 or not) and weakly supervised lesion localization.
 
-The method is :mod:`covidkit.ct.decovnet` (:func:`covidkit.ct.decovnet.pipeline.run_decovnet`): volumes
+The method is :mod:`covidkit.ct.decovnet` (:func:`covidkit.ct.decovnet.method.run_decovnet`): volumes
 resampled and windowed, a 2D lung U-Net, DeCoVNet trained on the training cases, the held-out cases scored
 and their lesion localized from the class activation map. This stage fills its settings from the profile,
 caps the cases and steps in a dry run, and draws the figures.
@@ -20,7 +20,7 @@ import pandas as pd
 
 from covidkit.ct.decovnet.localize import LocalizationConfig
 from covidkit.ct.decovnet.lungmask import UnsupervisedLungConfig
-from covidkit.ct.decovnet.pipeline import AugmentConfig, DeCoVNetConfig, DeCoVNetRun, predict_volume, run_decovnet
+from covidkit.ct.decovnet.method import AugmentConfig, DeCoVNetConfig, DeCoVNetRun, predict_volume, run_decovnet
 from covidkit.ct.decovnet.volumes import DATASET_DIR
 from covidkit.derived import derived
 from covidkit.learning import AUROC_MARGIN, LearningCheck, finite, read_json

@@ -2,7 +2,7 @@
 
 1. Export every fold model of 03, 04 and 06, 05's fusion parameters, 06's stacker and a manifest (hashes,
    priors, the ``none`` rule, the display threshold) into one self-contained models folder
-   (``covidkit.models_dir``): what ``covidkit predict``, ``covidkit serve`` and ``covidkit kaggle bundle`` take.
+   (``covidkit.export``): what ``covidkit predict``, ``covidkit serve`` and ``covidkit kaggle bundle`` take.
 2. Predict every row of the competition's ``sample_submission.csv`` from the test DICOMs
    (``covidkit.predict.predict_competition``), validated before it is written.
 3. Score it when the test labels lie beside the competition (synthetic data only).
@@ -26,7 +26,7 @@ from covidkit.data.siim import COMPETITION, SOLUTION_IMAGE_CSV, SOLUTION_STUDY_C
 from covidkit.metrics import format_scores, score_files
 from covidkit.engine.device import default_device
 from covidkit.fresh_tests import FreshTestSets, score_fresh_test_sets
-from covidkit.models_dir import export_models
+from covidkit.export import export_models
 from covidkit.predict import CompetitionPrediction, predict_competition, score_if_labelled
 from covidkit.learning import AP_MARGIN, LearningCheck
 from covidkit.layout import RunLayout
