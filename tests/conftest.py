@@ -68,11 +68,11 @@ def _tiny_run(run_dir: Path) -> Path:
     for split in (0, 1):
         torch.manual_seed(split)
         save_detector(build_fasterrcnn(arch="resnet18", spec=spec), "resnet18", spec, TINY_PREPARED_SIZE,
-                      layout.fasterrcnn.split(split) / DETECTOR_FILE)
+                      layout.fasterrcnn.fold(split) / DETECTOR_FILE)
 
     setup_ultralytics(run_dir)
     for fold in (0, 1):
-        fold_dir = layout.yolo.split(fold)
+        fold_dir = layout.yolo.fold(fold)
         (fold_dir / "weights").mkdir(parents=True)
         torch.manual_seed(fold)
         load_model("yolo11n.yaml").save(fold_dir / "weights" / "best.pt")

@@ -222,7 +222,7 @@ def test_a_dry_run_goes_through_every_stage_to_a_valid_submission(tiny_input, tm
                  layout.submission.models / "manifest.json", layout.cogseg.ablation, layout.decovnet.metrics,
                  layout.report):
         assert path.is_file(), path
-    for history in layout.fasterrcnn.dir.glob("split*/metrics.csv"):
+    for history in layout.fasterrcnn.dir.glob("fold*/metrics.csv"):
         assert len(pd.read_csv(history)) <= 2  # two optimizer steps in all
     submission = layout.submission.dry_run_csv
     assert validate_files(submission, input_dir / COMPETITION / "sample_submission.csv") == []

@@ -216,6 +216,6 @@ def test_export_refuses_a_stacker_without_one_model_per_split(tiny_run_dir, tmp_
     shutil.copytree(tiny_run_dir, run)
     x, y = _dataset(120, seed=5)
     fit_stacker(x, y).save(RunLayout(run).study.stacker)
-    shutil.rmtree(RunLayout(run).study.split(1))
+    shutil.rmtree(RunLayout(run).study.fold(1))
     with pytest.raises(ValueError, match="one model per split"):
         export_models(run, tmp_path / "models")

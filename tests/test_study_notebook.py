@@ -37,7 +37,7 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
     # one model per split, loadable, predicting any-size images
     out = RunLayout(run_dir).study
     models = out.models()
-    assert [p.parent.name for p in models] == ["split0", "split1"]
+    assert [p.parent.name for p in models] == ["fold0", "fold1"]
     model, spec = load_study_model(models[0])
     assert spec.prepared_size == 96 and spec.image_size == params["input_size"]
     table = train_table(run_dir / "prepared", tiny_input / COMPETITION)

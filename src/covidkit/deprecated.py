@@ -27,6 +27,11 @@ def moved(module_name: str, aliases: dict[str, str]) -> Callable[[str], Any]:
     return __getattr__
 
 
+def warn_renamed(old: str, new: str) -> None:
+    """The warning of a deprecated method or attribute (its body then calls the new one)."""
+    warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
+
+
 def shim_module(old: str, new: str) -> Any:
     """Warn that module ``old`` was renamed ``new`` and return ``new`` (a shim's body: ``globals().update(...)``)."""
     warnings.warn(f"module {old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)

@@ -48,7 +48,7 @@ def yolo_weights(layout: RunLayout) -> list[Path]:
     """04's fold models: the weights each ``fold<k>`` run predicted its OOF images with."""
     from covidkit.engine.yolo import finished_run
 
-    return [finished_run(run).weights for run in layout.yolo.splits("results.csv")]
+    return [finished_run(run).weights for run in layout.yolo.folds("results.csv")]
 
 
 def box_threshold(layout: RunLayout) -> float:

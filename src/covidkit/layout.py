@@ -7,10 +7,10 @@
                                    (every stage folder also holds config.yaml: the settings it ran with)
       01_pretrain_nih_resnext/     01: backbone.pt, auroc.csv, train/
       02_pretrain_rsna_yolo/       02: data/, train/ (weights/best.pt: 04's start)
-      03_train_siim_fasterrcnn/    03: split<k>/ (engine runs; last.pt is the fold model), oof.csv, oof_untrained.csv
+      03_train_siim_fasterrcnn/    03: fold<k>/ (engine runs; detector.pt is the fold model), oof.csv, oof_untrained.csv
       04_train_siim_yolo/          04: data/, fold<k>/ (ultralytics runs), oof.csv, oof_untrained.csv, summary.json
       05_ensemble_wbf/             05: ap_table.csv/.md, oof.csv (fused), fusion.json, operating_point.json, grid.csv
-      06_study_level/              06: split<k>/study_model.pt, oof_images.csv, oof_studies.csv, summary.json, ...
+      06_study_level/              06: fold<k>/study_model.pt, oof_images.csv, oof_studies.csv, summary.json, ...
       07_make_submission/          07: config.yaml
       models/                      07: the exported models folder (covidkit.export)
       fresh_tests/                 07: seed<S>/ test sets and their submissions, scores.csv
@@ -21,7 +21,9 @@
       stages.json, dry_run.json    each notebook's wall time and peak memory (a run, a dry run)
       report.html
 
-A stage's folder is named after its notebook, so the executed notebook and what it wrote sit side by side.
+``fold<k>/`` holds the model that holds out validation split ``k`` (runs before issue 31 named 03's and 06's
+``split<k>/``: the readers accept both). A stage's folder is named after its notebook, so the executed notebook
+and what it wrote sit side by side.
 Each stage records the settings it ran with in ``config.yaml`` of its folder (``RunLayout.settings``; 00's in
 ``prepared/``, 07's in ``07_make_submission/``).
 """
@@ -31,17 +33,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covidkit import prepare
+from covidkit.deprecated import warn_renamed
 
 OOF_CSV = "oof.csv"  # a detector's out-of-fold boxes (covidkit.oof), beside oof_images.csv
 UNTRAINED_OOF_CSV = "oof_untrained.csv"  # the same images predicted by the untrained twin
 SUMMARY_JSON = "summary.json"
-DETECTOR_FILE = "detector.pt"  # 03's fold model, in its split's engine run folder
+DETECTOR_FILE = "detector.pt"  # 03's fold model, in its fold's engine run folder
+STUDY_MODEL_FILE = "study_model.pt"  # 06's fold model
 SETTINGS_YAML = "config.yaml"  # the resolved settings a stage ran with (covidkit.stages.write_settings)
 PREPARE_NOTEBOOK = "00_prepare_data"  # the one stage whose folder is not named after its notebook
 
 
-def _split_index(path: Path, prefix: str) -> int:
-    return int(path.name.removeprefix(prefix))
+FOLD_PREFIX = "fold"  # each fold model's folder: fold<k>/ (k: the validation split it holds out)
+OLD_FOLD_PREFIX = "split"  # 03's and 06's name before issue 31, still read (an older run folder)
+
+
+def _fold_dirs(root: Path, marker: str) -> list[Path]:
+    """The fold folders of ``root`` holding ``marker`` (a file every finished fold has), in fold order; an older
+    run's ``split<k>/`` counts, a ``fold<k>/`` beside it wins."""
+    found = {}
+    for prefix in (OLD_FOLD_PREFIX, FOLD_PREFIX):
+        for path in root.glob(f"{prefix}*/{marker}"):
+            index = path.parent.name.removeprefix(prefix)
+            if index.isdigit():
+                found[int(index)] = path.parent
+    return [found[k] for k in sorted(found)]
 
 
 @dataclass(frozen=True)
@@ -127,10 +143,9 @@ class RsnaYolo:
 
 @dataclass(frozen=True)
 class Detector:
-    """03 and 04: one training run per split, and the out-of-fold boxes."""
+    """03 and 04: one training run per fold (``fold<k>/``), and the out-of-fold boxes."""
 
     dir: Path
-    split_prefix: str  # "split" (03, engine runs), "fold" (04, ultralytics runs)
 
     @property
     def oof(self) -> Path:
@@ -148,21 +163,31 @@ class Detector:
     def data(self) -> Path:
         return self.dir / "data"
 
-    def split(self, k: int) -> Path:
-        return self.dir / f"{self.split_prefix}{k}"
+    def fold(self, k: int) -> Path:
+        """The training run of the model that holds out validation split ``k``."""
+        return self.dir / f"{FOLD_PREFIX}{k}"
 
-    def splits(self, marker: str) -> list[Path]:
-        """The split folders holding ``marker`` (a file every finished split has), in split order."""
-        found = {p.parent for p in self.dir.glob(f"{self.split_prefix}*/{marker}")}
-        return sorted(found, key=lambda p: _split_index(p, self.split_prefix))
+    def folds(self, marker: str) -> list[Path]:
+        """The fold folders holding ``marker`` (a file every finished fold has), in fold order."""
+        return _fold_dirs(self.dir, marker)
 
     def model(self, k: int) -> Path:
-        """03's fold model of split ``k`` (``detector.pt``: weights and what rebuilds the network)."""
-        return self.split(k) / DETECTOR_FILE
+        """03's fold model ``k`` (``detector.pt``: weights and what rebuilds the network)."""
+        return self.fold(k) / DETECTOR_FILE
 
     def models(self) -> list[Path]:
-        """03's fold models, in split order."""
-        return [p / DETECTOR_FILE for p in self.splits(DETECTOR_FILE)]
+        """03's fold models, in fold order."""
+        return [p / DETECTOR_FILE for p in self.folds(DETECTOR_FILE)]
+
+    def split(self, k: int) -> Path:
+        """Deprecated: ``fold``."""
+        warn_renamed("Detector.split", "Detector.fold")
+        return self.fold(k)
+
+    def splits(self, marker: str) -> list[Path]:
+        """Deprecated: ``folds``."""
+        warn_renamed("Detector.splits", "Detector.folds")
+        return self.folds(marker)
 
 
 @dataclass(frozen=True)
@@ -206,15 +231,21 @@ class StudyLevel:
 
     dir: Path
 
-    def split(self, k: int) -> Path:
-        return self.dir / f"split{k}"
+    def fold(self, k: int) -> Path:
+        """The folder of the model that holds out validation split ``k``."""
+        return self.dir / f"{FOLD_PREFIX}{k}"
 
     def model(self, k: int) -> Path:
-        return self.split(k) / "study_model.pt"
+        return self.fold(k) / STUDY_MODEL_FILE
 
     def models(self) -> list[Path]:
-        """The fold models, in split order."""
-        return sorted(self.dir.glob("split*/study_model.pt"), key=lambda p: _split_index(p.parent, "split"))
+        """The fold models, in fold order."""
+        return [p / STUDY_MODEL_FILE for p in _fold_dirs(self.dir, STUDY_MODEL_FILE)]
+
+    def split(self, k: int) -> Path:
+        """Deprecated: ``fold``."""
+        warn_renamed("StudyLevel.split", "StudyLevel.fold")
+        return self.fold(k)
 
     @property
     def oof_images(self) -> Path:
@@ -331,8 +362,8 @@ class RunLayout:
         self.prepared = Prepared(self.root / "prepared")
         self.nih = NihPretrain(self.root / "01_pretrain_nih_resnext")
         self.rsna_yolo = RsnaYolo(self.root / "02_pretrain_rsna_yolo")
-        self.fasterrcnn = Detector(self.root / "03_train_siim_fasterrcnn", "split")
-        self.yolo = Detector(self.root / "04_train_siim_yolo", "fold")
+        self.fasterrcnn = Detector(self.root / "03_train_siim_fasterrcnn")
+        self.yolo = Detector(self.root / "04_train_siim_yolo")
         self.ensemble = Ensemble(self.root / "05_ensemble_wbf")
         self.study = StudyLevel(self.root / "06_study_level")
         self.submission = Submission(self.root)

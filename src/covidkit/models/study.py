@@ -40,7 +40,6 @@ from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NOTEBOOK = "06_study_level"
 STUDY_MODEL_FORMAT = "covidkit.study/2"  # /2: the U-Net family (encoder, decoder, heads)
-MODEL_FILE = "study_model.pt"
 NEGATIVE = STUDY_CLASSES.index("negative")
 
 

@@ -7,7 +7,7 @@ tuned on the data it reports on. ``fold_groups`` merges the K folds into fewer s
 cross); ``folds`` restricts the run to some splits (the OOF then covers those only).
 
 Reads ``<run_dir>/prepared/`` (00), 01's ``backbone.pt`` (or ``backbone``), the training labels. Writes
-``<run_dir>/03_train_siim_fasterrcnn/``: ``split<k>/`` (the engine's runs: checkpoints, ``metrics.csv``, plots;
+``<run_dir>/03_train_siim_fasterrcnn/``: ``fold<k>/`` (the engine's runs: checkpoints, ``metrics.csv``, plots;
 ``detector.pt``, the fold model 07 exports), ``oof.csv`` + ``oof_images.csv`` (the shared OOF format, original
 pixels), ``oof_untrained.csv`` (the untrained baseline), ``summary.json`` (OOF AP@0.5 beside its baselines: the
 untrained detector's and the prior-box detector's, ``covidkit.baselines.prior_box_oof``, on the same splits).
@@ -166,13 +166,13 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, c
     """The K-fold driver's ``train_fold``: train on ``train_table``; returns the last epoch's predictions on
     ``val_table`` (split ``split``) and the metrics.
 
-    The split's fold model goes to ``split<k>/detector.pt`` (weights and what rebuilds the network).
+    The split's fold model goes to ``fold<k>/detector.pt`` (weights and what rebuilds the network).
     """
     train_set = OpacityDataset(train_table, detection_transform(cfg.augmentations(), train=True, size=cfg.input_size))
     seed_everything(cfg.seed)
     model = build_model(cfg)
     train_cfg = TrainConfig(
-        run_dir=str(cfg.layout.fasterrcnn.split(split)), epochs=cfg.epochs, batch_size=cfg.batch_size,
+        run_dir=str(cfg.layout.fasterrcnn.fold(split)), epochs=cfg.epochs, batch_size=cfg.batch_size,
         seed=cfg.seed, num_workers=cfg.workers, amp=cfg.amp, clip_grad_norm=cfg.clip_grad_norm, max_steps=cfg.max_steps,
         eval_every=cfg.eval_every, monitor="val_ap50", monitor_mode="max", progress=cfg.progress,
         hparams={**asdict(cfg), "split": split},

@@ -94,7 +94,7 @@ def run(cfg: Config) -> Result:
 
     def train_fold(split: int, train_rows: pd.DataFrame, held_out: pd.DataFrame):
         data_yaml = yolo_format.write_siim_fold(pd.concat([train_rows, held_out]), data_root, split, column="split")
-        run = train_yolo(cfg.train_config(), data_yaml, out.split(split), resume=cfg.resume)
+        run = train_yolo(cfg.train_config(), data_yaml, out.fold(split), resume=cfg.resume)
         return run, predict_table(load_model(run.weights), held_out, cfg, cfg.conf, prepared_size)
 
     folds = run_folds(table, train_fold, splits, cfg.max_items)

@@ -11,8 +11,8 @@ the summary's ``box_count_rule`` is the trivial baseline the stacker must beat (
 the study classes from the count of fused boxes above 05's best-F1 score, frequencies from the other folds).
 
 Reads ``<run_dir>/prepared/`` (00), 01's ``backbone.pt`` (``encoder: nih``), 05's fused ``oof.csv``, the
-training labels. Writes ``<run_dir>/06_study_level/``: ``split<k>/study_model.pt`` (07 exports them),
-``split<k>/train/`` (engine runs), ``oof_images.csv``, ``oof_studies.csv``, ``summary.json``,
+training labels. Writes ``<run_dir>/06_study_level/``: ``fold<k>/study_model.pt`` (07 exports them),
+``fold<k>/train/`` (engine runs), ``oof_images.csv``, ``oof_studies.csv``, ``summary.json``,
 ``none_comparison.csv``, ``confusion_matrix.png``, and with the stacker ``stacker.json`` and
 ``oof_studies_stacked.csv``. Several GPUs: ``torchrun --nproc_per_node 4 -m covidkit.stages.study_level``.
 """
@@ -176,7 +176,7 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, s
     model = build_study_model(spec, cfg.backbone_checkpoint)
     out = cfg.layout.study
     train_cfg = TrainConfig(
-        run_dir=str(out.split(split) / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+        run_dir=str(out.fold(split) / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
         num_workers=cfg.workers, amp=cfg.amp, eval_every=min(cfg.eval_every, cfg.epochs), max_steps=cfg.max_steps,
         drop_last=len(train_table) >= 2 * cfg.batch_size,  # no 1-image batch for batch norm, unless data is tiny
         progress=cfg.progress, hparams={**cfg.training_hparams(), "split": split},
