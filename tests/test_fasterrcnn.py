@@ -178,7 +178,7 @@ def test_training_beats_the_untrained_detector_on_a_held_out_split(tmp_path):
         optimizer="adamw", lr=1e-3, workers=0, eval_batch_size=8, progress=False,
     )
     [(oof, history)] = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=96), only=[1])
-    assert cfg.layout.fasterrcnn.folds(DETECTOR_FILE) == [tmp_path / "run" / "03_train_siim_fasterrcnn" / "fold1"]
+    assert cfg.layout.siim_fasterrcnn.folds(DETECTOR_FILE) == [tmp_path / "run" / "03_train_siim_fasterrcnn" / "fold1"]
     held_out = table[table["split"] == 1]
     assert sorted(oof.images["image_id"]) == sorted(held_out["image_id"])  # only the held-out split
     truth = truth_boxes(held_out)

@@ -68,7 +68,7 @@ def test_notebooks_01_and_03_in_the_smoke_profile(tiny_input, tmp_path):
         metrics = pd.read_csv(det / f"fold{split}" / "metrics.csv")
         assert list(metrics["epoch"]) == list(range(1, epochs + 1)) and "val_ap50" in metrics
         assert (det / f"fold{split}" / "plots" / "val_ap50.png").is_file()
-    assert RunLayout(run_dir).fasterrcnn.folds(DETECTOR_FILE) == [det / "fold0", det / "fold1"]
+    assert RunLayout(run_dir).siim_fasterrcnn.folds(DETECTOR_FILE) == [det / "fold0", det / "fold1"]
 
     # the notebook reports the AP it wrote
     ap = opacity_ap(oof, truth_boxes(table))

@@ -182,14 +182,14 @@ def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path, capsys)
     assert all(r["seconds"] > 0 and r["peak_rss_mib"] > 100 for r in record)
     assert not (run_dir / "stages.json").exists()
     layout = RunLayout(run_dir)
-    assert layout.prepared.size == 1024
-    arch, state = load_backbone(layout.nih.backbone)
+    assert layout.prepare.size == 1024
+    arch, state = load_backbone(layout.nih_pretrain.backbone)
     assert arch == "resnext101_32x8d" and state["layer4.2.conv3.weight"].shape == (2048, 2048, 1, 1)
-    history = pd.read_csv(layout.nih.train / "metrics.csv")
+    history = pd.read_csv(layout.nih_pretrain.train / "metrics.csv")
     assert len(history) <= 2 and history["train_loss"].notna().all()  # two optimizer steps in all
-    metrics = json.loads(layout.decovnet.metrics.read_text())
+    metrics = json.loads(layout.ct_decovnet.metrics.read_text())
     assert metrics["train_cases"] <= 4 and metrics["test_cases"] <= 4
-    history = pd.read_csv(layout.decovnet.classifier / "metrics.csv")
+    history = pd.read_csv(layout.ct_decovnet.classifier / "metrics.csv")
     assert len(history) <= 2 and history["train_loss"].notna().all()  # two optimizer steps in all
     assert runs[-1].output.is_file()
     out = capsys.readouterr().out  # two steps per model learn nothing: no verdicts, and it says why
@@ -216,13 +216,13 @@ def test_a_dry_run_goes_through_every_stage_to_a_valid_submission(tiny_input, tm
     layout = RunLayout(run_dir)
     record = json.loads(layout.dry_run_record.read_text())
     assert [r["stage"] for r in record] == [r.name for r in runs] and len(runs) == 10
-    for path in (layout.prepared.meta_csv, layout.prepared.folds_csv, layout.nih.backbone, layout.rsna_yolo.weights,
-                 layout.fasterrcnn.oof, layout.fasterrcnn.untrained_oof, layout.yolo.oof, layout.ensemble.fusion,
-                 layout.ensemble.fused_oof, layout.study.oof_images, layout.study.summary,
-                 layout.submission.models / "manifest.json", layout.cogseg.ablation, layout.decovnet.metrics,
+    for path in (layout.prepare.meta_csv, layout.prepare.folds_csv, layout.nih_pretrain.backbone, layout.rsna_yolo.weights,
+                 layout.siim_fasterrcnn.oof, layout.siim_fasterrcnn.untrained_oof, layout.siim_yolo.oof, layout.ensemble_wbf.fusion,
+                 layout.ensemble_wbf.fused_oof, layout.study_level.oof_images, layout.study_level.summary,
+                 layout.submission.models / "manifest.json", layout.ct_cogseg.ablation, layout.ct_decovnet.metrics,
                  layout.report):
         assert path.is_file(), path
-    for history in layout.fasterrcnn.dir.glob("fold*/metrics.csv"):
+    for history in layout.siim_fasterrcnn.dir.glob("fold*/metrics.csv"):
         assert len(pd.read_csv(history)) <= 2  # two optimizer steps in all
     submission = layout.submission.dry_run_csv
     assert validate_files(submission, input_dir / COMPETITION / "sample_submission.csv") == []

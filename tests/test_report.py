@@ -65,8 +65,8 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
     table = train_table(run / "prepared", competition)
     rng = np.random.default_rng(0)
     layout = RunLayout(run)
-    write_oof(layout.fasterrcnn.oof, _detector_oof(table, rng, 3.0))
-    write_oof(layout.yolo.oof, _detector_oof(table, rng, 6.0))
+    write_oof(layout.siim_fasterrcnn.oof, _detector_oof(table, rng, 3.0))
+    write_oof(layout.siim_yolo.oof, _detector_oof(table, rng, 6.0))
     ensemble_wbf.run(ensemble_wbf.Config(input_dir=str(tiny_input), run_dir=str(run)))
 
     images = table[["image_id", "study_id", "fold", "label"]].assign(split=table["fold"],
@@ -114,7 +114,7 @@ def test_report_of_a_complete_run(full_run, tiny_input):
     # row); 03 and 04 ran without writing their baselines, so their checks say missing
     from covidkit.layout import RunLayout
 
-    table = pd.read_csv(RunLayout(run).ensemble.ap_table, index_col=0)["ap50"]
+    table = pd.read_csv(RunLayout(run).ensemble_wbf.ap_table, index_col=0)["ap50"]
     assert f"<td>prior boxes</td><td>{table['prior boxes']:.3f}</td>" in page
     assert "prior boxes AP@0.5" in page
     assert re.search(r"<td>YOLO alone</td>|<td>Faster R-CNN alone</td>", page)
@@ -156,7 +156,7 @@ def test_with_a_study_stacker_the_report_shows_both_and_the_stackers_curves(full
     run, _ = full_run
     stacked_run = tmp_path / "stacked"
     shutil.copytree(run, stacked_run)
-    out = RunLayout(stacked_run).study
+    out = RunLayout(stacked_run).study_level
     studies = pd.read_csv(out.oof_studies, dtype={"study_id": str})
     reversed_probs = studies.assign(**{f"p_{c}": studies[f"p_{c}"].to_numpy()[::-1] for c in STUDY_CLASSES})
     reversed_probs.to_csv(out.oof_studies_stacked, index=False)

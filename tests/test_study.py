@@ -81,7 +81,7 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(predict_study_probs(model, SPEC, images), predict_study_probs(loaded, spec, images))
     from covidkit.layout import RunLayout
 
-    assert [p.parent.name for p in RunLayout(tmp_path).study.models()] == ["split0", "split1"]
+    assert [p.parent.name for p in RunLayout(tmp_path).study_level.models()] == ["split0", "split1"]
     torch.save({"format": "other"}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a covidkit study model"):
         load_study_model(tmp_path / "bad.pt")

@@ -29,13 +29,13 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
                                                                "epochs": 2})
     assert params["fold_groups"] == 2 and params["encoder"] == "plain" and params["hflip_tta"] is True
     book_out = tmp_path / "06.ipynb"
-    RunLayout(run_dir).study.dir.mkdir()
-    RunLayout(run_dir).study.stacker.write_text("{}")  # an earlier run's: must not reach 07
+    RunLayout(run_dir).study_level.dir.mkdir()
+    RunLayout(run_dir).study_level.stacker.write_text("{}")  # an earlier run's: must not reach 07
     papermill.execute_notebook(str(book), str(book_out), parameters=params, kernel_name="python3", cwd=str(REPO_ROOT),
                                progress_bar=False)
 
     # one model per split, loadable, predicting any-size images
-    out = RunLayout(run_dir).study
+    out = RunLayout(run_dir).study_level
     models = out.models()
     assert [p.parent.name for p in models] == ["fold0", "fold1"]
     model, spec = load_study_model(models[0])

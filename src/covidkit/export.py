@@ -48,18 +48,18 @@ def yolo_weights(layout: RunLayout) -> list[Path]:
     """04's fold models: the weights each ``fold<k>`` run predicted its OOF images with."""
     from covidkit.engine.yolo import finished_run
 
-    return [finished_run(run).weights for run in layout.yolo.folds("results.csv")]
+    return [finished_run(run).weights for run in layout.siim_yolo.folds("results.csv")]
 
 
 def box_threshold(layout: RunLayout) -> float:
     """The box score threshold a reader is shown by default: 05's best-F1 operating point (0: every box)."""
-    path = layout.ensemble.operating_point
+    path = layout.ensemble_wbf.operating_point
     return float(json.loads(path.read_text())["threshold"]) if path.is_file() else 0.0
 
 
 def none_rule(layout: RunLayout) -> str:
     """The image ``none`` rule 06 chose (its ``summary.json``); ``head`` for a run without that choice."""
-    path = layout.study.summary
+    path = layout.study_level.summary
     summary = json.loads(path.read_text()) if path.is_file() else {}
     return summary.get("none_rule", {}).get("chosen", "head")
 
@@ -83,7 +83,7 @@ def training_priors(competition_dir: str | Path) -> dict:
 
 def folds_priors(layout: RunLayout) -> dict:
     """Priors from 00's ``folds.csv`` alone (no image labels there: ``none`` takes P(negative))."""
-    folds = pd.read_csv(layout.prepared.folds_csv, dtype={"image_id": str})
+    folds = pd.read_csv(layout.prepare.folds_csv, dtype={"image_id": str})
     shares = folds["label"].value_counts(normalize=True)
     study = {c: float(shares.get(c, 0.0)) for c in STUDY_CLASSES}
     return {"study": study, "none": study["negative"]}
@@ -125,12 +125,12 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
     from covidkit.engine.yolo import finished_run
 
     layout, out_dir = RunLayout(run_dir), Path(out_dir)
-    sources = {"fasterrcnn": layout.fasterrcnn.models(),
-               "yolo": yolo_weights(layout), "study": layout.study.models()}
+    sources = {"fasterrcnn": layout.siim_fasterrcnn.models(),
+               "yolo": yolo_weights(layout), "study": layout.study_level.models()}
     missing = [name for name, paths in sources.items() if not paths]
     if missing:
         raise FileNotFoundError(f"{layout.root} has no fold model for {missing} (run notebooks 03, 04 and 06 first)")
-    size = layout.prepared.size
+    size = layout.prepare.size
     if out_dir.exists():
         shutil.rmtree(out_dir)
     for name in sources:
@@ -142,19 +142,19 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
             shutil.copyfile(source, out_dir / name / f"fold{k}.pt")
             files[name].append(f"{name}/fold{k}.pt")
 
-    if layout.ensemble.fusion.is_file():
-        fusion = FusionParams.load(layout.ensemble.fusion)
+    if layout.ensemble_wbf.fusion.is_file():
+        fusion = FusionParams.load(layout.ensemble_wbf.fusion)
     else:
-        warnings.warn(f"{layout.ensemble.fusion} not found (run 05 first): exporting the default fusion parameters")
+        warnings.warn(f"{layout.ensemble_wbf.fusion} not found (run 05 first): exporting the default fusion parameters")
         fusion = FusionParams()
     fusion.save(out_dir / FUSION_JSON)
-    stacker = STACKER_JSON if layout.study.stacker.is_file() else None
+    stacker = STACKER_JSON if layout.study_level.stacker.is_file() else None
     if stacker:
         counts = {name: len(paths) for name, paths in sources.items()}
         if len(set(counts.values())) != 1:
             raise ValueError(f"06's study stacker reads each fold's detectors and study model together, as out of "
                              f"fold: 03, 04 and 06 need one model per split each, got {counts}")
-        shutil.copyfile(layout.study.stacker, out_dir / stacker)
+        shutil.copyfile(layout.study_level.stacker, out_dir / stacker)
     hashed = [*sum(files.values(), []), FUSION_JSON, *([stacker] if stacker else [])]
 
     manifest = {

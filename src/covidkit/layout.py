@@ -1,6 +1,7 @@
 """The run folder: where every stage reads and writes. Nothing else spells a path inside a run.
 
-``RunLayout(run_dir)`` has one attribute per stage, each naming that stage's folder and files::
+``RunLayout(run_dir)`` has one attribute per stage, named like the stage's module (``layout.study_level``), each
+naming that stage's folder and files::
 
     <run_dir>/
       prepared/                    00: <split>/<image_id>.png, meta.csv, folds.csv, meta.json (the size), examples.png
@@ -354,21 +355,26 @@ class DeCoVNet:
         return self.dir / f"localization_{case_id}.png"
 
 
+OLD_ATTRIBUTES = {"prepared": "prepare", "nih": "nih_pretrain", "fasterrcnn": "siim_fasterrcnn", "yolo": "siim_yolo",
+                  "ensemble": "ensemble_wbf", "study": "study_level", "cogseg": "ct_cogseg", "decovnet": "ct_decovnet"}
+
+
 class RunLayout:
     """Every stage's folder and files in one run folder (see the module docstring)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.root = Path(run_dir)
-        self.prepared = Prepared(self.root / "prepared")
-        self.nih = NihPretrain(self.root / "01_pretrain_nih_resnext")
+        # one attribute per stage, named like its module of covidkit.stages
+        self.prepare = Prepared(self.root / "prepared")
+        self.nih_pretrain = NihPretrain(self.root / "01_pretrain_nih_resnext")
         self.rsna_yolo = RsnaYolo(self.root / "02_pretrain_rsna_yolo")
-        self.fasterrcnn = Detector(self.root / "03_train_siim_fasterrcnn")
-        self.yolo = Detector(self.root / "04_train_siim_yolo")
-        self.ensemble = Ensemble(self.root / "05_ensemble_wbf")
-        self.study = StudyLevel(self.root / "06_study_level")
+        self.siim_fasterrcnn = Detector(self.root / "03_train_siim_fasterrcnn")
+        self.siim_yolo = Detector(self.root / "04_train_siim_yolo")
+        self.ensemble_wbf = Ensemble(self.root / "05_ensemble_wbf")
+        self.study_level = StudyLevel(self.root / "06_study_level")
         self.submission = Submission(self.root)
-        self.cogseg = CogSeg(self.root / "10_ct_cogseg")
-        self.decovnet = DeCoVNet(self.root / "11_ct_decovnet")
+        self.ct_cogseg = CogSeg(self.root / "10_ct_cogseg")
+        self.ct_decovnet = DeCoVNet(self.root / "11_ct_decovnet")
         self.notebooks = self.root / "notebooks"
         self.report = self.root / "report.html"
         self.stage_record = self.root / "stages.json"  # each notebook's wall time and peak memory
@@ -376,11 +382,19 @@ class RunLayout:
 
     def stage_dir(self, notebook: str) -> Path:
         """The folder of a stage (given by its notebook name): named after the notebook, but 00's ``prepared/``."""
-        return self.prepared.dir if notebook == PREPARE_NOTEBOOK else self.root / notebook
+        return self.prepare.dir if notebook == PREPARE_NOTEBOOK else self.root / notebook
 
     def settings(self, notebook: str) -> Path:
         """``config.yaml``: the resolved settings the stage ran with."""
         return self.stage_dir(notebook) / SETTINGS_YAML
+
+    def __getattr__(self, name: str):
+        """The attribute names before issue 31 (deprecated): ``prepared``, ``nih``, ``fasterrcnn``, ``yolo``,
+        ``ensemble``, ``study``, ``cogseg``, ``decovnet``."""
+        if name in OLD_ATTRIBUTES:
+            warn_renamed(f"RunLayout.{name}", f"RunLayout.{OLD_ATTRIBUTES[name]}")
+            return getattr(self, OLD_ATTRIBUTES[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def is_dry_run(self) -> bool:

@@ -88,8 +88,8 @@ def label_boxes(input_dir: Path | None) -> dict[str, np.ndarray]:
 
 
 def detector_oofs(layout: RunLayout) -> dict[str, OofPredictions]:
-    files = {"Faster R-CNN (03)": layout.fasterrcnn.oof, "YOLO (04)": layout.yolo.oof,
-             "WBF ensemble (05)": layout.ensemble.fused_oof}
+    files = {"Faster R-CNN (03)": layout.siim_fasterrcnn.oof, "YOLO (04)": layout.siim_yolo.oof,
+             "WBF ensemble (05)": layout.ensemble_wbf.fused_oof}
     return {name: read_oof(path) for name, path in files.items() if path.is_file()}
 
 
@@ -103,11 +103,11 @@ def precision_recall_labels(positive: np.ndarray, scores: np.ndarray) -> tuple[n
 def prior_box_aps(layout: RunLayout) -> dict[str, float]:
     """The prior-box detector's OOF AP on each model's images, as its stage wrote it (``covidkit.baselines``)."""
     aps = {}
-    for name, path in {"Faster R-CNN (03)": layout.fasterrcnn.summary, "YOLO (04)": layout.yolo.summary}.items():
+    for name, path in {"Faster R-CNN (03)": layout.siim_fasterrcnn.summary, "YOLO (04)": layout.siim_yolo.summary}.items():
         value = json.loads(path.read_text()).get("prior_box_ap50") if path.is_file() else None
         aps[name] = np.nan if value is None else value
-    if layout.ensemble.ap_table.is_file():
-        table = pd.read_csv(layout.ensemble.ap_table, index_col=0)["ap50"]
+    if layout.ensemble_wbf.ap_table.is_file():
+        table = pd.read_csv(layout.ensemble_wbf.ap_table, index_col=0)["ap50"]
         aps["WBF ensemble (05)"] = float(table.get("prior boxes", np.nan))
     return aps
 
@@ -127,8 +127,8 @@ def examples_figure(paths: list[Path], truths: list[np.ndarray], preds: list[np.
 def image_meta(layout: RunLayout) -> dict[str, tuple[int, int]]:
     from covidkit.prepare import image_sizes
 
-    require(layout.prepared.meta_csv)
-    return image_sizes(layout.prepared.dir)
+    require(layout.prepare.meta_csv)
+    return image_sizes(layout.prepare.dir)
 
 
 def pick_examples(ids: list[str], truth: dict[str, np.ndarray]) -> list[str]:
@@ -140,7 +140,7 @@ def pick_examples(ids: list[str], truth: dict[str, np.ndarray]) -> list[str]:
 
 def study_titles(layout: RunLayout) -> dict[str, str]:
     """``{image_id: "label · p(label)"}`` from 06's OOF images, when it ran."""
-    path = layout.study.oof_images
+    path = layout.study_level.oof_images
     if not path.is_file():
         return {}
     images = pd.read_csv(path, dtype={"image_id": str})

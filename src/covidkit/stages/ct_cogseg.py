@@ -46,7 +46,7 @@ class Config(StageConfig):
         """One dataset's ablation settings: this Config's fields of AblationConfig's names, the paper's
         augmentation on MedSeg only, a dry run's caps."""
         return derived(
-            AblationConfig, self, run_dir=str(self.layout.cogseg.dataset(dataset)), dataset=dataset,
+            AblationConfig, self, run_dir=str(self.layout.ct_cogseg.dataset(dataset)), dataset=dataset,
             augment=self.augment and dataset == "medseg", variants=list(self.variants or VARIANTS),
             max_train_slices=_cap(self.max_train_slices, self.max_items),
             max_test_slices=_cap(self.max_test_slices, self.max_items), num_workers=self.workers,
@@ -71,7 +71,7 @@ def run(cfg: Config) -> Result:
     from covidkit.ct.cogseg.plots import plot_predictions
     from covidkit.engine import read_metrics
 
-    out = cfg.layout.cogseg
+    out = cfg.layout.ct_cogseg
     results = {name: run_ablation(cfg.ablation(name)) for name in cfg.datasets}
     table = ablation_table(results)
     out.dir.mkdir(parents=True, exist_ok=True)
@@ -103,18 +103,18 @@ def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningC
     from covidkit.ct.cogseg.ablation import UNTRAINED
 
     stage, figure = "10_ct_cogseg", "test lesion DSC"
-    if not layout.cogseg.dir.is_dir():
+    if not layout.ct_cogseg.dir.is_dir():
         return []
-    if not layout.cogseg.ablation.is_file():
+    if not layout.ct_cogseg.ablation.is_file():
         return [LearningCheck.absent(stage, COGSEG_FULL, figure, "untrained",
-                                     f"{layout.cogseg.ablation.name} not written")]
-    table = pd.read_csv(layout.cogseg.ablation)
+                                     f"{layout.ct_cogseg.ablation.name} not written")]
+    table = pd.read_csv(layout.ct_cogseg.ablation)
     checks = []
     for dataset, rows in table.groupby("dataset", sort=False):
         rows = rows.set_index("variant")
         if UNTRAINED not in rows.index:
             checks.append(LearningCheck.absent(stage, f"{COGSEG_FULL} ({dataset})", figure, "untrained",
-                                               f"no row {UNTRAINED!r} in {layout.cogseg.ablation.name}"))
+                                               f"no row {UNTRAINED!r} in {layout.ct_cogseg.ablation.name}"))
         else:
             baseline = float(rows.loc[UNTRAINED, "DSC"])
             for variant, row in rows.drop(index=UNTRAINED).iterrows():

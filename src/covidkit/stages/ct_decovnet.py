@@ -82,7 +82,7 @@ def run(cfg: Config) -> Result:
     from covidkit.ct.decovnet.plots import plot_localization, plot_roc_pr
     from covidkit.engine import read_metrics
 
-    out = cfg.layout.decovnet
+    out = cfg.layout.ct_decovnet
     method = cfg.method()
     decovnet = run_decovnet(Path(cfg.input_dir) / DATASET_DIR, out.dir, method)
     predictions = decovnet.predictions
@@ -110,7 +110,7 @@ HU_HISTOGRAM_KEYS = ("hist_auc", "hu_share_auc")  # 11's held-out AUCs of HU-his
 def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
     """The held-out ROC AUC against the better HU-histogram classifier (chance for runs that predate it)."""
     stage, model, figure = "11_ct_decovnet", "DeCoVNet", "held-out ROC AUC"
-    out = layout.decovnet
+    out = layout.ct_decovnet
     if not out.dir.is_dir():
         return []
     metrics = read_json(out.metrics)

@@ -91,8 +91,8 @@ def prior_boxes(images: pd.DataFrame, truth: dict[str, np.ndarray],
 def run(cfg: Config) -> Result:
     write_settings(cfg)
     layout = cfg.layout
-    singles = {"Faster R-CNN": read_oof(layout.fasterrcnn.oof), "YOLO": read_oof(layout.yolo.oof)}
-    sizes = image_sizes(layout.prepared.dir)
+    singles = {"Faster R-CNN": read_oof(layout.siim_fasterrcnn.oof), "YOLO": read_oof(layout.siim_yolo.oof)}
+    sizes = image_sizes(layout.prepare.dir)
     labels = read_image_labels(Path(cfg.input_dir) / COMPETITION / "train_image_level.csv")
     truth = dict(zip(labels["image_id"], labels["boxes"]))
     shared = common_images(list(singles.values()))
@@ -113,7 +113,7 @@ def run(cfg: Config) -> Result:
     oofs[PRIOR_BOXES] = prior_boxes(oofs["Faster R-CNN"].images, truth, sizes)
     table = ap_table(oofs, truth)
 
-    out = layout.ensemble
+    out = layout.ensemble_wbf
     out.dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.ap_table)
     out.ap_table_md.write_text(markdown_table(table))
@@ -141,7 +141,7 @@ def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningC
     allowed) and against the prior-box detector."""
     from covidkit.oof import read_oof
 
-    stage, out = "05_ensemble_wbf", layout.ensemble
+    stage, out = "05_ensemble_wbf", layout.ensemble_wbf
     if not out.dir.is_dir():
         return []
     if not out.ap_table.is_file():
@@ -174,7 +174,7 @@ def detectors_section(layout: RunLayout, input_dir: Path | None) -> str:
     from covidkit.ensemble import precision_recall
 
     parts = []
-    table_path = layout.ensemble.ap_table
+    table_path = layout.ensemble_wbf.ap_table
     if table_path.is_file():
         parts += ["<h3>Single models and the fusion, same OOF images (05)</h3>",
                   table_html(pd.read_csv(table_path, index_col=0))]
@@ -208,7 +208,7 @@ def oof_examples_section(layout: RunLayout, input_dir: Path | None) -> str:
     boxes = oof.boxes.groupby("image_id")
     preds = [boxes.get_group(i) if i in boxes.groups else oof.boxes.iloc[:0] for i in ids]
     fig = examples_figure(
-        [layout.prepared.png("train", i) for i in ids], [truth[i] for i in ids],
+        [layout.prepare.png("train", i) for i in ids], [truth[i] for i in ids],
         [p[["x1", "y1", "x2", "y2"]].to_numpy() for p in preds], [p["score"].to_numpy() for p in preds],
         [meta[i] for i in ids], [study.get(i, i[:12]) for i in ids])
     return f"<p>Boxes of {html.escape(name)}; green: truth, orange: predicted with score.</p>{figure_html(fig)}"

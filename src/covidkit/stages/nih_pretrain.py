@@ -177,7 +177,7 @@ def run(cfg: Config) -> Result:
     """
     write_settings(cfg)
     info = init_distributed()
-    out = cfg.layout.nih
+    out = cfg.layout.nih_pretrain
     table = read_nih_table(Path(cfg.input_dir) / DATASET)
     train_table, val_table = patient_split(table, cfg.val_fraction, cfg.seed)
     if cfg.max_items is not None:
@@ -225,12 +225,12 @@ def describe(result: Result) -> str:
 
 def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
     stage, model = "01_pretrain_nih_resnext", "NIH backbone"
-    if not layout.nih.dir.is_dir():
+    if not layout.nih_pretrain.dir.is_dir():
         return []
-    summary = read_json(layout.nih.summary)
+    summary = read_json(layout.nih_pretrain.summary)
     if summary is None or not finite(summary.get("mean_auroc")) or not finite(summary.get("untrained_mean_auroc")):
         return [LearningCheck.absent(stage, model, "held-out mean AUROC", "untrained",
-                                     f"no mean_auroc and untrained_mean_auroc in {layout.nih.summary}")]
+                                     f"no mean_auroc and untrained_mean_auroc in {layout.nih_pretrain.summary}")]
     counted = len(summary["counted_positives"])
     return [LearningCheck(stage, model, f"held-out mean AUROC ({counted} labels)",
                           summary["mean_auroc"], summary["untrained_mean_auroc"], "untrained", AUROC_MARGIN)]

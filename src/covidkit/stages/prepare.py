@@ -28,7 +28,7 @@ Result = PrepareSummary
 
 def run(cfg: Config) -> PrepareSummary:
     write_settings(cfg)
-    return prepare_folder(cfg, Path(cfg.input_dir) / COMPETITION, cfg.layout.prepared.dir)
+    return prepare_folder(cfg, Path(cfg.input_dir) / COMPETITION, cfg.layout.prepare.dir)
 
 
 def prepare_folder(cfg: Config, competition_dir: str | Path, output_dir: str | Path, split: str = "all",

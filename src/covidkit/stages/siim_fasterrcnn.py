@@ -91,7 +91,7 @@ class Config(StageConfig):
 
     @property
     def backbone_checkpoint(self) -> Path:
-        path = backbone_file(self.backbone, self.layout.nih.backbone)
+        path = backbone_file(self.backbone, self.layout.nih_pretrain.backbone)
         if path is None:
             raise ValueError(f"backbone must be a .pt/.pth file (or None: 01's), got {self.backbone!r}")
         return path
@@ -115,7 +115,7 @@ class Result:
 
 def training_table(cfg: Config) -> pd.DataFrame:
     """00's prepared train table with its validation ``split`` column (a dry run's few rows per split)."""
-    return fold_table(cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
+    return fold_table(cfg.layout.prepare.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
                       cfg.max_items)
 
 
@@ -172,7 +172,7 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, c
     seed_everything(cfg.seed)
     model = build_model(cfg)
     train_cfg = TrainConfig(
-        run_dir=str(cfg.layout.fasterrcnn.fold(split)), epochs=cfg.epochs, batch_size=cfg.batch_size,
+        run_dir=str(cfg.layout.siim_fasterrcnn.fold(split)), epochs=cfg.epochs, batch_size=cfg.batch_size,
         seed=cfg.seed, num_workers=cfg.workers, amp=cfg.amp, clip_grad_norm=cfg.clip_grad_norm, max_steps=cfg.max_steps,
         eval_every=cfg.eval_every, monitor="val_ap50", monitor_mode="max", progress=cfg.progress,
         hparams={**asdict(cfg), "split": split},
@@ -190,7 +190,7 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, c
                           cfg.workers, cfg.progress)
     if dist_info().is_main:
         save_detector(model, load_backbone(cfg.backbone_checkpoint)[0], cfg.detector_spec(), cfg.infer_size,
-                      cfg.layout.fasterrcnn.model(split))
+                      cfg.layout.siim_fasterrcnn.model(split))
     return oof, pd.DataFrame(result.history).assign(split=split)
 
 
@@ -221,9 +221,9 @@ def run(cfg: Config) -> Result:
     """Train every split's model, write ``oof.csv`` and ``oof_untrained.csv`` (+ ``_images``), report the APs."""
     write_settings(cfg)
     info = init_distributed()
-    out = cfg.layout.fasterrcnn
+    out = cfg.layout.siim_fasterrcnn
     table = training_table(cfg)
-    prepared_size = cfg.layout.prepared.size
+    prepared_size = cfg.layout.prepare.size
     folds = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=prepared_size), cfg.folds,
                       cfg.max_items)
     oof = OofPredictions.concat([oof for oof, _ in folds])
@@ -255,7 +255,7 @@ def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningC
     """The OOF AP against the untrained twin's and the prior-box detector's."""
     from covidkit.oof import opacity_ap, read_oof
 
-    stage, model, out = "03_train_siim_fasterrcnn", "Faster R-CNN", layout.fasterrcnn
+    stage, model, out = "03_train_siim_fasterrcnn", "Faster R-CNN", layout.siim_fasterrcnn
     if not out.dir.is_dir():
         return []
     truth = training_truth(input_dir)

@@ -85,10 +85,10 @@ def untrained_predictions(table: pd.DataFrame, cfg: Config, prepared_size: int) 
 def run(cfg: Config) -> Result:
     write_settings(cfg)
     setup_ultralytics(cfg.run_dir)
-    out = cfg.layout.yolo
-    table = fold_table(cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
+    out = cfg.layout.siim_yolo
+    table = fold_table(cfg.layout.prepare.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
                        cfg.max_items)
-    prepared_size = cfg.layout.prepared.size
+    prepared_size = cfg.layout.prepare.size
     splits = splits_to_run(table, cfg.folds)
     data_root = yolo_format.write_siim_dataset(table, out.data)
 
@@ -136,7 +136,7 @@ def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningC
     """The OOF AP (04's summary.json) against the untrained model's and the prior-box detector's."""
     from covidkit.oof import read_oof
 
-    stage, model, out = "04_train_siim_yolo", "YOLO", layout.yolo
+    stage, model, out = "04_train_siim_yolo", "YOLO", layout.siim_yolo
     if not out.dir.is_dir():
         return []
     summary = read_json(out.summary)

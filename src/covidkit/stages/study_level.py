@@ -93,7 +93,7 @@ class Config(StageConfig):
     @property
     def backbone_checkpoint(self) -> Path | None:
         """The backbone file the encoder starts from (None: random weights)."""
-        return backbone_file(self.encoder, self.layout.nih.backbone)
+        return backbone_file(self.encoder, self.layout.nih_pretrain.backbone)
 
     def spec(self, prepared_size: int) -> StudySpec:
         checkpoint = self.backbone_checkpoint
@@ -153,7 +153,7 @@ def predict_table(model: nn.Module, spec: StudySpec, table: pd.DataFrame, device
 
 def training_table(cfg: Config) -> pd.DataFrame:
     """00's prepared train table with the validation ``split`` and ``has_box`` columns."""
-    table = fold_table(cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
+    table = fold_table(cfg.layout.prepare.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
                        cfg.max_items)
     table["has_box"] = table["boxes"].map(len) > 0
     return table
@@ -174,7 +174,7 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, s
     ``split``). Returns (OOF rows, metrics, model file)."""
     seed_everything(cfg.seed)
     model = build_study_model(spec, cfg.backbone_checkpoint)
-    out = cfg.layout.study
+    out = cfg.layout.study_level
     train_cfg = TrainConfig(
         run_dir=str(out.fold(split) / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
         num_workers=cfg.workers, amp=cfg.amp, eval_every=min(cfg.eval_every, cfg.epochs), max_steps=cfg.max_steps,
@@ -200,7 +200,7 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, s
 
 def fused_boxes(cfg: Config) -> OofPredictions | None:
     """05's fused OOF boxes, or None (with a warning) when 05 has not run."""
-    path = cfg.layout.ensemble.fused_oof
+    path = cfg.layout.ensemble_wbf.fused_oof
     if not path.is_file():
         warnings.warn(f"{path} not found (run 05 first): no box-based none rule and no study stacker; "
                       "07 uses the study model alone")
@@ -224,11 +224,11 @@ def stack_with_boxes(images: pd.DataFrame, boxes: OofPredictions, cfg: Config) -
         warnings.warn("stack_boxes: too few studies of some class to fit and score a stacker on 00's folds; "
                       "07 uses the study model alone")
         return None
-    sizes = image_sizes(cfg.layout.prepared.dir)
+    sizes = image_sizes(cfg.layout.prepare.dir)
     x = stacker_features(images[PROB_COLUMNS].to_numpy(), oof_box_features(images["image_id"], boxes.boxes, sizes))
     y = images["label"].map(STUDY_CLASSES.index).to_numpy()
     oof = out_of_fold_probs(x, y, folds, cfg.stack_c)
-    fit_stacker(x, y, cfg.stack_c).save(cfg.layout.study.stacker)
+    fit_stacker(x, y, cfg.stack_c).save(cfg.layout.study_level.stacker)
     return study_probabilities(images.drop(columns=PROB_COLUMNS).join(pd.DataFrame(oof, columns=PROB_COLUMNS)))
 
 
@@ -249,7 +249,7 @@ def write_tables(cfg: Config, images: pd.DataFrame, studies: pd.DataFrame, summa
     """The OOF tables, the summary, the none comparison, and the confusion matrix of what 07 applies."""
     import matplotlib.pyplot as plt
 
-    out = cfg.layout.study
+    out = cfg.layout.study_level
     out.dir.mkdir(parents=True, exist_ok=True)
     images.to_csv(out.oof_images, index=False)
     studies.to_csv(out.oof_studies, index=False)
@@ -267,9 +267,9 @@ def write_tables(cfg: Config, images: pd.DataFrame, studies: pd.DataFrame, summa
 def run(cfg: Config) -> Result:
     write_settings(cfg)
     info = init_distributed()
-    out = cfg.layout.study
+    out = cfg.layout.study_level
     table = training_table(cfg)
-    spec = cfg.spec(cfg.layout.prepared.size)
+    spec = cfg.spec(cfg.layout.prepare.size)
     pieces, metrics, models = zip(*run_folds(table, functools.partial(train_fold, spec=spec, cfg=cfg),
                                              max_items=cfg.max_items))
     columns = ["image_id", "study_id", "split", "fold", "label", "has_box"]
@@ -314,7 +314,7 @@ def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningC
     box-count rule on 05's boxes; the none rule against the share of images without a box."""
     from covidkit.study_scores import PROB_COLUMNS
 
-    stage, out = "06_study_level", layout.study
+    stage, out = "06_study_level", layout.study_level
     if not out.dir.is_dir():
         return []
     summary = read_json(out.summary)
@@ -345,7 +345,7 @@ def study_section(layout: RunLayout) -> str:
     """06: OOF study APs, ``none`` APs, PR curves, confusion matrix."""
     from covidkit.study_scores import PROB_COLUMNS
 
-    out = layout.study
+    out = layout.study_level
     require(out.summary, out.oof_studies, out.oof_images)
     summary = json.loads(out.summary.read_text())
     studies = pd.read_csv(out.oof_studies, dtype={"study_id": str})

@@ -129,11 +129,11 @@ def test_examples_section(layout: RunLayout, submission_csv: Path | None, soluti
         labels = read_image_labels(Path(solution_dir) / SOLUTION_IMAGE_CSV)
         truth = dict(zip(labels["image_id"], labels["boxes"]))
     meta = image_meta(layout)
-    ids = [i for i in pick_examples(sorted(predicted), truth) if layout.prepared.png("test", i).is_file()]
+    ids = [i for i in pick_examples(sorted(predicted), truth) if layout.prepare.png("test", i).is_file()]
     if not ids:
         raise Missing("not run: no prepared test image of the submission")
     fig = examples_figure(
-        [layout.prepared.png("test", i) for i in ids], [truth.get(i, np.zeros((0, 4))) for i in ids],
+        [layout.prepare.png("test", i) for i in ids], [truth.get(i, np.zeros((0, 4))) for i in ids],
         [np.array([[p.x1, p.y1, p.x2, p.y2] for p in predicted[i]]).reshape(-1, 4) for i in ids],
         [np.array([p.conf for p in predicted[i]]) for i in ids], [meta[i] for i in ids], [i[:12] for i in ids])
     return f"<p>Green: truth (when labelled), orange: submitted boxes with score.</p>{figure_html(fig)}"
