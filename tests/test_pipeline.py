@@ -11,6 +11,7 @@ from covidkit.data import siim
 from covidkit.layout import RunLayout
 from covidkit.pipeline import (PipelineError, list_notebooks, load_profile, notebook_parameters,
                                notebooks_dir, run_pipeline)
+from covidkit.profiles import ProfileError
 from covidkit.report import DRY_RUN_CHECKS
 
 
@@ -56,23 +57,28 @@ def test_notebook_parameters_merge_common_section_and_overrides():
     profile = {"common": {"seed": 1, "run_dir": "a", "not_declared_by_00": 5},
                "00_prepare_data": {"prepared_size": 64, "seed": 2}}
     params = notebook_parameters(book, profile, {"run_dir": "b"})
-    assert params == {"seed": 2, "run_dir": "b", "prepared_size": 64}
+    assert params == {"run_dir": "b", "profile": None, "overrides": {"seed": 2, "prepared_size": 64}}
 
 
 def test_each_notebook_is_the_front_of_one_stage_and_declares_its_config():
-    """A notebook's parameters are its stage's Config fields, with the same defaults: one source of truth."""
+    """A notebook's parameters are the profile, the folders, the dry-run switch and an overrides dict, and its
+    Config comes from them as from the profile: the stage's Config is the one source of its settings."""
     import ast
 
     import papermill
 
-    from covidkit.stages import STAGES, defaults, stage_module
+    from covidkit.stages import NOTEBOOK_PARAMETERS, STAGES, section_parameters, stage_module
 
     books = {b.stem: b for b in list_notebooks()}
     assert set(books) == set(STAGES)
     for name, book in books.items():
         declared = {k: ast.literal_eval(v["default"]) for k, v in papermill.inspect_notebook(str(book)).items()}
-        expected = defaults(stage_module(name).Config)
-        assert declared == expected, f"{book.name} and covidkit.stages.{STAGES[name]}.Config disagree"
+        assert tuple(declared) == NOTEBOOK_PARAMETERS, f"{book.name} declares {list(declared)}"
+        config = stage_module(name).Config
+        assert config.from_namespace(declared) == config.from_params(section_parameters(declared["profile"], name))
+        assert config.from_namespace({**declared, "profile": None}) == config()
+        with pytest.raises(ProfileError, match="no setting"):
+            config.from_namespace({**declared, "overrides": {"not_a_setting": 1}})
         code = [c.source for c in nbformat.read(book, as_version=4).cells if c.cell_type == "code"]
         assert f"{STAGES[name]}.Config.from_namespace(globals())" in code[1] or \
             ".Config.from_namespace(globals())" in code[1], f"{book.name} does not build its stage's Config"
@@ -87,12 +93,12 @@ def test_a_dry_run_writes_its_submission_in_its_run_folder(tmp_path):
     full = load_profile("full")
     book = notebooks_dir() / "07_make_submission.ipynb"
     dry = notebook_parameters(book, full, run_overrides(tmp_path / "in", tmp_path / "run", dry_run=True))
-    assert dry["dry_run"] is True and dry["submission"] == str(tmp_path / "run" / "submission.csv")
+    assert dry["dry_run"] is True and dry["overrides"]["submission"] == str(tmp_path / "run" / "submission.csv")
     normal = notebook_parameters(book, full, run_overrides(tmp_path / "in", tmp_path / "run", dry_run=False))
     assert "dry_run" not in normal or normal["dry_run"] is False
-    assert normal["submission"] == "submissions/submission.csv"
+    assert normal["overrides"]["submission"] == "submissions/submission.csv"
     assert "submission" not in notebook_parameters(notebooks_dir() / "00_prepare_data.ipynb", full,
-                                                   run_overrides(tmp_path, tmp_path / "run", dry_run=True))
+                                                   run_overrides(tmp_path, tmp_path / "run", dry_run=True))["overrides"]
 
 
 def test_a_dry_run_keeps_a_few_rows_of_each_split_labels_taking_turns():

@@ -27,7 +27,8 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
     book = notebooks_dir() / "06_study_level.ipynb"
     params = notebook_parameters(book, load_profile("smoke"), {"input_dir": str(tiny_input), "run_dir": str(run_dir),
                                                                "epochs": 2})
-    assert params["fold_groups"] == 2 and params["encoder"] == "plain" and params["hflip_tta"] is True
+    settings = params["overrides"]
+    assert settings["fold_groups"] == 2 and settings["encoder"] == "plain" and settings["hflip_tta"] is True
     book_out = tmp_path / "06.ipynb"
     RunLayout(run_dir).study_level.dir.mkdir()
     RunLayout(run_dir).study_level.stacker.write_text("{}")  # an earlier run's: must not reach 07

@@ -1,8 +1,9 @@
 """The pipeline's stages: one module per numbered notebook, in order (this package's own module stays light:
 ``covidkit --help`` imports it).
 
-Each stage module has a ``Config`` dataclass (the stage's single source of defaults: the notebook's
-``parameters`` cell and the profile sections use its field names, and a test checks they agree), a
+Each stage module has a ``Config`` dataclass (the stage's single source of defaults; the profile sections use
+its field names; the notebook's ``parameters`` cell carries only ``NOTEBOOK_PARAMETERS``: the profile, the folders,
+the dry-run switch and a dict of overrides, ``StageConfig.from_namespace``), a
 ``run(cfg) -> Result`` that does the work, ``describe(result) -> str`` (what ``main`` prints), and ``main()``,
 so that ``covidkit run STAGE`` and ``python -m covidkit.stages.<module>`` (under ``torchrun`` too) run the
 same code as the notebook. Each module's docstring says what the stage reads and writes (paths from
@@ -47,6 +48,8 @@ def stage_module(stage: str) -> ModuleType:
     return importlib.import_module(f"covidkit.stages.{STAGES[notebook_of(stage)]}")
 
 
+# a notebook's parameters cell: the profile, the folders, the dry-run switch, and every other setting in one dict
+NOTEBOOK_PARAMETERS = ("profile", "input_dir", "run_dir", "dry_run", "overrides")
 DRY_RUN_ITEMS = 4  # a dry run's images (or volumes, slices) per split
 DRY_RUN_STEPS = 2  # a dry run's optimizer steps per model
 
@@ -73,8 +76,18 @@ class StageConfig:
 
     @classmethod
     def from_namespace(cls, namespace: dict):
-        """From a notebook's parameters (its globals after the ``parameters`` cell)."""
-        return cls(**{name: namespace[name] for name in field_names(cls) if name in namespace})
+        """From a notebook's parameters (its globals after the ``parameters`` cell): ``profile``'s ``common`` and
+        stage sections (None: no profile, the defaults), then ``input_dir``, ``run_dir``, ``dry_run`` where not
+        None, then ``overrides`` (a key that is not a field is an error). ``covidkit pipeline`` passes no profile
+        and every resolved setting in ``overrides``."""
+        notebook = notebook_of(cls.__module__.rsplit(".", 1)[1])
+        given = {k: namespace[k] for k in ("input_dir", "run_dir", "dry_run") if namespace.get(k) is not None}
+        settings = {**given, **(namespace.get("overrides") or {})}
+        profile = namespace.get("profile")
+        if profile:
+            return cls.from_params(section_parameters(profile, notebook, settings, drop_none=False))
+        check_settings(cls, notebook, settings)
+        return cls.from_params(settings)
 
     @property
     def max_items(self) -> int | None:
@@ -137,18 +150,23 @@ def defaults(cls) -> dict:
     return out
 
 
-def section_parameters(profile: str, stage: str, overrides: dict | None = None) -> dict:
-    """``common``, then the stage's section of ``profile``, then ``overrides``; a section key that the stage's
-    ``Config`` does not have is an error (a typo in a profile must not pass silently)."""
-    notebook = notebook_of(stage)
-    params = load_profile(profile)
-    config = stage_module(notebook).Config
-    unknown = sorted(set(params.get(notebook) or {}) - set(field_names(config)))
-    unknown += sorted(set(overrides or {}) - set(field_names(config)))
+def check_settings(config, notebook: str, *settings: dict) -> None:
+    """A key that the stage's ``Config`` does not have is an error (a typo must not pass silently)."""
+    unknown = sorted({k for d in settings for k in d} - set(field_names(config)))
     if unknown:
         raise ProfileError(f"{notebook} has no setting {', '.join(unknown)} (its settings: "
                            f"{', '.join(field_names(config))})")
-    return merge_section(params, notebook, {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+def section_parameters(profile: str, stage: str, overrides: dict | None = None, drop_none: bool = True) -> dict:
+    """``common``, then the stage's section of ``profile``, then ``overrides`` (without their None values unless
+    ``drop_none`` is False: a command line's options left out); a key of the section or of ``overrides`` that the
+    stage's ``Config`` does not have is an error."""
+    notebook = notebook_of(stage)
+    params = load_profile(profile)
+    check_settings(stage_module(notebook).Config, notebook, params.get(notebook) or {}, overrides or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None or not drop_none}
+    return merge_section(params, notebook, overrides)
 
 
 def run_stage(stage: str, profile: str = "smoke", overrides: dict | None = None):
