@@ -63,7 +63,7 @@ def _tiny_run(run_dir: Path) -> Path:
 
     torch.manual_seed(0)
     save_backbone(build_classifier("resnet18", 15), layout.nih_pretrain.backbone, "resnet18")
-    spec = DetectorSpec(train_size=TINY_PREPARED_SIZE, fpn_layers=(3, 4), anchor_sizes=(8, 16, 32), proposals_train=64,
+    spec = DetectorSpec(input_size=TINY_PREPARED_SIZE, fpn_layers=(3, 4), anchor_sizes=(8, 16, 32), proposals_train=64,
                         proposals_test=32, box_batch_size_per_image=32, representation_size=32)
     for split in (0, 1):
         torch.manual_seed(split)
@@ -81,7 +81,7 @@ def _tiny_run(run_dir: Path) -> Path:
 
     FusionParams(skip_box_thr=0.001).save(layout.ensemble_wbf.fusion)
     layout.ensemble_wbf.operating_point.write_text('{"threshold": 0.25}')
-    spec = StudySpec(encoder="resnet18", width=8, image_size=64, prepared_size=TINY_PREPARED_SIZE)
+    spec = StudySpec(encoder="resnet18", width=8, input_size=64, prepared_size=TINY_PREPARED_SIZE)
     for split in (0, 1):
         torch.manual_seed(split)
         save_study_model(build_study_model(spec), spec, layout.study_level.model(split))

@@ -36,7 +36,7 @@ def nih_backbone(tmp_path):
 
 def test_detector_really_loads_the_nih_backbone(nih_backbone):
     classifier, path = nih_backbone
-    detector = build_fasterrcnn(backbone_checkpoint=path, spec=DetectorSpec(train_size=128))
+    detector = build_fasterrcnn(backbone_checkpoint=path, spec=DetectorSpec(input_size=128))
     body = detector.backbone.body.state_dict()
     source = classifier.state_dict()
     compared = 0
@@ -45,14 +45,14 @@ def test_detector_really_loads_the_nih_backbone(nih_backbone):
         compared += 1
     # every conv and batch-norm tensor (frozen batch norms keep no num_batches_tracked)
     assert compared == len([k for k in source if not k.startswith("fc.") and "num_batches_tracked" not in k])
-    fresh = build_fasterrcnn(arch="resnet18", spec=DetectorSpec(train_size=128))
+    fresh = build_fasterrcnn(arch="resnet18", spec=DetectorSpec(input_size=128))
     assert not torch.equal(fresh.backbone.body.conv1.weight, classifier.conv1.weight)
     assert detector.roi_heads.box_predictor.cls_score.out_features == 2
 
 
 def test_trainable_batch_norms_start_from_the_nih_statistics(nih_backbone):
     classifier, path = nih_backbone
-    detector = build_fasterrcnn(backbone_checkpoint=path, spec=DetectorSpec(train_size=128, frozen_batchnorm=False))
+    detector = build_fasterrcnn(backbone_checkpoint=path, spec=DetectorSpec(input_size=128, frozen_batchnorm=False))
     bn = detector.backbone.body.bn1
     assert type(bn) is torch.nn.BatchNorm2d and bn.weight.requires_grad
     assert torch.equal(bn.running_mean, classifier.bn1.running_mean)
@@ -102,7 +102,7 @@ def test_train_step_and_prediction_in_original_pixels(tmp_path, nih_backbone):
     dataset = OpacityDataset(table, detection_transform(DetectionAugment(), train=True, size=96))
     torch.manual_seed(0)
     # the smoke profile's cheap shape: no stride-4 level, a small box head
-    spec = DetectorSpec(train_size=96, fpn_layers=(2, 3, 4), anchor_sizes=(16, 32, 64, 128), proposals_train=64,
+    spec = DetectorSpec(input_size=96, fpn_layers=(2, 3, 4), anchor_sizes=(16, 32, 64, 128), proposals_train=64,
                         proposals_test=32, box_batch_size_per_image=32, representation_size=64)
     model = build_fasterrcnn(backbone_checkpoint=path, spec=spec)
     model.train()

@@ -45,7 +45,7 @@ def test_a_detector_replaced_by_its_untrained_twin_gets_the_banner(prepared_run,
 
     run, table = prepared_run
     torch.manual_seed(0)
-    spec = DetectorSpec(train_size=64, fpn_layers=(3, 4), anchor_sizes=(8, 16, 32), proposals_train=64,
+    spec = DetectorSpec(input_size=64, fpn_layers=(3, 4), anchor_sizes=(8, 16, 32), proposals_train=64,
                         proposals_test=32, box_batch_size_per_image=32, representation_size=32)
     untrained = predict_oof(build_fasterrcnn(arch="resnet18", spec=spec).eval(), table, 64, 64, torch.device("cpu"), 4)
     out = RunLayout(tmp_path).siim_fasterrcnn

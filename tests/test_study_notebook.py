@@ -40,7 +40,7 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
     models = out.models()
     assert [p.parent.name for p in models] == ["fold0", "fold1"]
     model, spec = load_study_model(models[0])
-    assert spec.prepared_size == 96 and spec.image_size == params["input_size"]
+    assert spec.prepared_size == 96 and spec.input_size == params["overrides"]["input_size"]
     table = train_table(run_dir / "prepared", tiny_input / COMPETITION)
     assert predict_outputs(model, spec, [cv2.imread(table["path"][0], cv2.IMREAD_GRAYSCALE)])[0].shape == (1, 4)
 

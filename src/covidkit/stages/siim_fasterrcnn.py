@@ -97,8 +97,8 @@ class Config(StageConfig):
         return path
 
     def detector_spec(self) -> DetectorSpec:
-        """The detector's shape: this Config's fields of DetectorSpec's names, trained at ``input_size``."""
-        return derived(DetectorSpec, self, train_size=self.input_size)
+        """The detector's shape: this Config's fields of DetectorSpec's names."""
+        return derived(DetectorSpec, self)
 
 
 @dataclass

@@ -98,7 +98,7 @@ class Config(StageConfig):
     def spec(self, prepared_size: int) -> StudySpec:
         checkpoint = self.backbone_checkpoint
         encoder = load_backbone(checkpoint)[0] if checkpoint is not None else self.encoder
-        return StudySpec(encoder=encoder, width=self.width, image_size=self.input_size,
+        return StudySpec(encoder=encoder, width=self.width, input_size=self.input_size,
                          prepared_size=prepared_size, dropout=self.dropout, equalize=self.equalize)
 
     def training_hparams(self) -> dict:
