@@ -124,7 +124,7 @@ def test_prepare_notebook_runs_on_synthetic_data(tiny_input, tmp_path):
     assert json.loads((run_dir / "stages.json").read_text())[0]["peak_rss_mib"] == runs[0].peak_rss_mib
     executed = nbformat.read(run_dir / "notebooks" / "00_prepare_data.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected and "prepared_size = 256" in injected[0].source
+    assert injected and '"prepared_size": 256' in injected[0].source  # in the overrides dict
     prepared = run_dir / "prepared"
     meta = pd.read_csv(prepared / "meta.csv")
     n_dicoms = sum(len(siim.dicom_paths(tiny_input / siim.COMPETITION, s)) for s in ("train", "test"))
