@@ -52,39 +52,39 @@ def _tiny_run(run_dir: Path) -> Path:
     from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, save_detector
     from covidkit.models.study import StudySpec, build_study_model, save_study_model
     from covidkit.models.yolo import load_model, setup_ultralytics
-    from covidkit.stages.siim_fasterrcnn import DETECTOR_FILE
+    from covidkit.layout import DETECTOR_FILE
 
     layout = RunLayout(run_dir)
-    (layout.prepared.dir / "train").mkdir(parents=True)
-    cv2.imwrite(str(layout.prepared.png("train", "a")), np.zeros((TINY_PREPARED_SIZE,) * 2, np.uint8))
-    layout.prepared.meta_json.write_text(json.dumps({"prepared_size": TINY_PREPARED_SIZE}))
+    (layout.prepare.dir / "train").mkdir(parents=True)
+    cv2.imwrite(str(layout.prepare.png("train", "a")), np.zeros((TINY_PREPARED_SIZE,) * 2, np.uint8))
+    layout.prepare.meta_json.write_text(json.dumps({"prepared_size": TINY_PREPARED_SIZE}))
     pd.DataFrame({"image_id": list("abcd"), "label": ["negative", "typical", "typical", "atypical"],
-                  "fold": [0, 1, 0, 1]}).to_csv(layout.prepared.folds_csv, index=False)
+                  "fold": [0, 1, 0, 1]}).to_csv(layout.prepare.folds_csv, index=False)
 
     torch.manual_seed(0)
-    save_backbone(build_classifier("resnet18", 15), layout.nih.backbone, "resnet18")
-    spec = DetectorSpec(train_size=TINY_PREPARED_SIZE, fpn_layers=(3, 4), anchor_sizes=(8, 16, 32), proposals_train=64,
+    save_backbone(build_classifier("resnet18", 15), layout.nih_pretrain.backbone, "resnet18")
+    spec = DetectorSpec(input_size=TINY_PREPARED_SIZE, fpn_layers=(3, 4), anchor_sizes=(8, 16, 32), proposals_train=64,
                         proposals_test=32, box_batch_size_per_image=32, representation_size=32)
     for split in (0, 1):
         torch.manual_seed(split)
         save_detector(build_fasterrcnn(arch="resnet18", spec=spec), "resnet18", spec, TINY_PREPARED_SIZE,
-                      layout.fasterrcnn.split(split) / DETECTOR_FILE)
+                      layout.siim_fasterrcnn.fold(split) / DETECTOR_FILE)
 
     setup_ultralytics(run_dir)
     for fold in (0, 1):
-        fold_dir = layout.yolo.split(fold)
+        fold_dir = layout.siim_yolo.fold(fold)
         (fold_dir / "weights").mkdir(parents=True)
         torch.manual_seed(fold)
         load_model("yolo11n.yaml").save(fold_dir / "weights" / "best.pt")
         (fold_dir / "results.csv").write_text("epoch,metrics/mAP50(B)\n1,0.0\n")
         (fold_dir / "covidkit_config.json").write_text('{"imgsz": 64}')
 
-    FusionParams(skip_box_thr=0.001).save(layout.ensemble.fusion)
-    layout.ensemble.operating_point.write_text('{"threshold": 0.25}')
-    spec = StudySpec(encoder="resnet18", width=8, image_size=64, prepared_size=TINY_PREPARED_SIZE)
+    FusionParams(skip_box_thr=0.001).save(layout.ensemble_wbf.fusion)
+    layout.ensemble_wbf.operating_point.write_text('{"threshold": 0.25}')
+    spec = StudySpec(encoder="resnet18", width=8, input_size=64, prepared_size=TINY_PREPARED_SIZE)
     for split in (0, 1):
         torch.manual_seed(split)
-        save_study_model(build_study_model(spec), spec, layout.study.model(split))
+        save_study_model(build_study_model(spec), spec, layout.study_level.model(split))
     return run_dir
 
 
@@ -96,11 +96,11 @@ def tiny_run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def models_dir(tiny_run_dir, tmp_path_factory) -> Path:
-    """A real models folder, as ``covidkit.models_dir.export_models`` writes it, of tiny seeded models.
+    """A real models folder, as ``covidkit.export.export_models`` writes it, of tiny seeded models.
 
     Two folds each of Faster R-CNN (resnet18), YOLO (nano, 64 px) and the study model (resnet18);
     prepared size 64 px. Built once per session (a few seconds); treat it as read-only.
     """
-    from covidkit.models_dir import export_models
+    from covidkit.export import export_models
 
     return export_models(tiny_run_dir, tmp_path_factory.mktemp("exported") / "models")

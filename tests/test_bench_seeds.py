@@ -20,12 +20,12 @@ from covidkit.pipeline import PipelineError, check_settings, list_notebooks, not
 def write_run(run_dir: Path, seed: int, fresh_seeds: list[int], nih: float) -> None:
     """A finished run folder with what stages 01, 07 and 11 write (the figures of ``check_run``)."""
     layout = RunLayout(run_dir)
-    layout.nih.dir.mkdir(parents=True)
-    layout.nih.summary.write_text(json.dumps({"mean_auroc": nih, "untrained_mean_auroc": 0.5,
+    layout.nih_pretrain.dir.mkdir(parents=True)
+    layout.nih_pretrain.summary.write_text(json.dumps({"mean_auroc": nih, "untrained_mean_auroc": 0.5,
                                               "counted_positives": {"a": 3, "b": 4}}))
-    layout.decovnet.dir.mkdir(parents=True)
-    layout.decovnet.metrics.write_text(json.dumps({"roc_auc": 0.52 + seed / 1000, "n": 42}))
-    pd.DataFrame({"prob": [0.1, 0.6, 0.4, 0.9]}).to_csv(layout.decovnet.predictions, index=False)
+    layout.ct_decovnet.dir.mkdir(parents=True)
+    layout.ct_decovnet.metrics.write_text(json.dumps({"roc_auc": 0.52 + seed / 1000, "n": 42}))
+    pd.DataFrame({"prob": [0.1, 0.6, 0.4, 0.9]}).to_csv(layout.ct_decovnet.predictions, index=False)
     fresh = layout.submission.fresh_tests
     fresh.mkdir(parents=True)
     pd.DataFrame({"seed": fresh_seeds, "mAP": [0.30 + seed / 100] * len(fresh_seeds), "study_mAP": 0.4,

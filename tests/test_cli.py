@@ -89,6 +89,24 @@ def test_synth_options_left_out_take_synth_configs_defaults(monkeypatch, tmp_pat
     assert written[1] == SynthConfig(seed=3, nih_images=7, ct=False)
 
 
+def test_prepare_options_left_out_take_stage_00s_config_defaults(monkeypatch, tmp_path):
+    import covidkit.stages.prepare as stage
+    from covidkit.cli import build_parser
+
+    calls = []
+    monkeypatch.setattr(stage, "prepare", lambda *a, **kw: calls.append(kw) or stage.PrepareSummary(
+        ok=0, failed=0, skipped=0, meta=pd.DataFrame()))
+    args = build_parser().parse_args(["prepare", str(tmp_path / "in"), str(tmp_path / "out")])
+    assert args.func(args) == 0
+    cfg = stage.Config()
+    assert {k: calls[0][k] for k in ("size", "workers", "folds", "seed")} == \
+        {"size": cfg.prepared_size, "workers": cfg.workers, "folds": cfg.folds, "seed": cfg.seed}
+    args = build_parser().parse_args(["prepare", str(tmp_path / "in"), str(tmp_path / "out"), "--prepared-size", "64",
+                                      "--folds", "3"])
+    args.func(args)
+    assert (calls[1]["size"], calls[1]["folds"], calls[1]["seed"]) == (64, 3, cfg.seed)
+
+
 def test_stage_module_runs_with_python_dash_m(tiny_input, tmp_path):
     """``python -m covidkit.stages.<stage>`` (what torchrun launches): the module finds its own stage although
     it runs as ``__main__``."""

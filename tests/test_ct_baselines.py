@@ -3,9 +3,22 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from covidkit.ct.decovnet.baselines import (cross_validated_histogram_auc, histogram_baseline_auc, hu_histogram,
-                                            hu_share, share_auc)
+from sklearn import metrics as skm
+from sklearn.model_selection import StratifiedKFold
+
+from covidkit.ct.decovnet.baselines import _fit, histogram_baseline_auc, histogram_model, hu_histogram, hu_share, share_auc
 from covidkit.synth.ct_volumes import synth_volume
+
+def cross_validated_histogram_auc(hists: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Out-of-fold ROC AUC of the histogram logistic regression over one labelled set."""
+    labels = np.asarray(labels).astype(int)
+    scores = np.zeros(len(labels))
+    hists = np.asarray(hists)
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(hists, labels):
+        model = _fit(histogram_model(seed, min(5, int(np.bincount(labels[train]).min()))), hists[train], labels[train])
+        scores[test] = model.predict_proba(hists[test])[:, 1]
+    return float(skm.roc_auc_score(labels, scores))
+
 
 HU_RANGES = [(-700, -200), (-600, -300), (-800, -500), (-500, -100), (-300, 100)]
 

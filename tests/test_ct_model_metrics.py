@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from covidkit.ct.cogseg.model import CogSeg, CogSegConfig
-from covidkit.ct.cogseg.metrics import ConfusionMatrix, segmentation_metrics
+from covidkit.ct.cogseg.metrics import ConfusionMatrix, summarize
 
 
 def test_cogseg_outputs_at_twice_the_input_resolution():
@@ -50,7 +50,9 @@ def test_metrics_on_a_hand_counted_example():
                        [0, 2, 2, 1]])
     pred = np.array([[0, 1, 1, 1],
                      [0, 2, 0, 0]])
-    m = segmentation_metrics(target, pred, num_classes=4)
+    cm = ConfusionMatrix(4)
+    cm.update(torch.as_tensor(target), torch.as_tensor(pred))
+    m = summarize(cm)
     # ground-glass (1): TP 2, FP 1, FN 1, TN 4
     assert m["IoU/ground-glass"] == pytest.approx(2 / 4)
     assert m["DSC/ground-glass"] == pytest.approx(4 / 6)

@@ -8,7 +8,7 @@ import torch
 
 from covidkit.ct.decovnet import volumes as V
 from covidkit.ct.decovnet.model import DeCoVNet, scaled_pools
-from covidkit.ct.decovnet.pipeline import (AugmentConfig, augment_volume, classification_metrics, classifier_arrays,
+from covidkit.ct.decovnet.method import (AugmentConfig, augment_volume, classification_metrics, classifier_arrays,
                                         lung_box)
 from covidkit.ct.decovnet.localize import (LocalizationConfig, class_activation_map, hit_rate, hu_to_level, is_hit,
                                            localize, localize_lesion)

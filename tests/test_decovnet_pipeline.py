@@ -11,7 +11,7 @@ import torch
 
 from covidkit.ct.decovnet.bench import bench_decovnet
 from covidkit.ct.decovnet.model import DeCoVNet
-from covidkit.ct.decovnet.pipeline import (DeCoVNetConfig, VolumeDataset, evaluate_cases, lung_fallbacks,
+from covidkit.ct.decovnet.method import (DeCoVNetConfig, VolumeDataset, evaluate_cases, lung_fallbacks,
                                         make_classifier_inputs, prepare_cases, run_decovnet, split_cases,
                                         train_decovnet)
 from covidkit.ct.decovnet.lungmask import LungUNet

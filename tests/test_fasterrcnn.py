@@ -1,6 +1,8 @@
 """The Faster R-CNN opacity detector: backbone loading, the detection dataset, training and prediction pieces."""
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -11,12 +13,14 @@ from torchvision.ops import FrozenBatchNorm2d
 from covidkit.data.detection import OpacityDataset, truth_boxes
 from covidkit.data.nih import LABELS
 from covidkit.stages.siim_fasterrcnn import (
-    DETECTOR_FILE, Config as FasterRcnnConfig, detection_step, predict_oof, train_split, untrained_oof,
+    Config as FasterRcnnConfig, detection_step, predict_oof, train_fold, untrained_oof,
 )
 from covidkit.models import DetectorSpec, build_classifier, build_fasterrcnn, inference_size, save_backbone
 from covidkit.models.fasterrcnn import predict_boxes
 from covidkit.oof import opacity_ap
 from covidkit.engine import collate_lists
+from covidkit.engine.kfold import run_folds
+from covidkit.layout import DETECTOR_FILE
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD, DetectionAugment, detection_transform
 
 
@@ -32,7 +36,7 @@ def nih_backbone(tmp_path):
 
 def test_detector_really_loads_the_nih_backbone(nih_backbone):
     classifier, path = nih_backbone
-    detector = build_fasterrcnn(backbone_checkpoint=path, spec=DetectorSpec(train_size=128))
+    detector = build_fasterrcnn(backbone_checkpoint=path, spec=DetectorSpec(input_size=128))
     body = detector.backbone.body.state_dict()
     source = classifier.state_dict()
     compared = 0
@@ -41,14 +45,14 @@ def test_detector_really_loads_the_nih_backbone(nih_backbone):
         compared += 1
     # every conv and batch-norm tensor (frozen batch norms keep no num_batches_tracked)
     assert compared == len([k for k in source if not k.startswith("fc.") and "num_batches_tracked" not in k])
-    fresh = build_fasterrcnn(arch="resnet18", spec=DetectorSpec(train_size=128))
+    fresh = build_fasterrcnn(arch="resnet18", spec=DetectorSpec(input_size=128))
     assert not torch.equal(fresh.backbone.body.conv1.weight, classifier.conv1.weight)
     assert detector.roi_heads.box_predictor.cls_score.out_features == 2
 
 
 def test_trainable_batch_norms_start_from_the_nih_statistics(nih_backbone):
     classifier, path = nih_backbone
-    detector = build_fasterrcnn(backbone_checkpoint=path, spec=DetectorSpec(train_size=128, frozen_batchnorm=False))
+    detector = build_fasterrcnn(backbone_checkpoint=path, spec=DetectorSpec(input_size=128, frozen_batchnorm=False))
     bn = detector.backbone.body.bn1
     assert type(bn) is torch.nn.BatchNorm2d and bn.weight.requires_grad
     assert torch.equal(bn.running_mean, classifier.bn1.running_mean)
@@ -98,7 +102,7 @@ def test_train_step_and_prediction_in_original_pixels(tmp_path, nih_backbone):
     dataset = OpacityDataset(table, detection_transform(DetectionAugment(), train=True, size=96))
     torch.manual_seed(0)
     # the smoke profile's cheap shape: no stride-4 level, a small box head
-    spec = DetectorSpec(train_size=96, fpn_layers=(2, 3, 4), anchor_sizes=(16, 32, 64, 128), proposals_train=64,
+    spec = DetectorSpec(input_size=96, fpn_layers=(2, 3, 4), anchor_sizes=(16, 32, 64, 128), proposals_train=64,
                         proposals_test=32, box_batch_size_per_image=32, representation_size=64)
     model = build_fasterrcnn(backbone_checkpoint=path, spec=spec)
     model.train()
@@ -173,8 +177,8 @@ def test_training_beats_the_untrained_detector_on_a_held_out_split(tmp_path):
         proposals_test=50, box_batch_size_per_image=32, representation_size=128, epochs=6, batch_size=4,
         optimizer="adamw", lr=1e-3, workers=0, eval_batch_size=8, progress=False,
     )
-    oof, history = train_split(table, 1, cfg, prepared_size=96)
-    assert cfg.layout.fasterrcnn.splits(DETECTOR_FILE) == [tmp_path / "run" / "03_train_siim_fasterrcnn" / "split1"]
+    [(oof, history)] = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=96), only=[1])
+    assert cfg.layout.siim_fasterrcnn.folds(DETECTOR_FILE) == [tmp_path / "run" / "03_train_siim_fasterrcnn" / "fold1"]
     held_out = table[table["split"] == 1]
     assert sorted(oof.images["image_id"]) == sorted(held_out["image_id"])  # only the held-out split
     truth = truth_boxes(held_out)

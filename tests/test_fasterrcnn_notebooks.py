@@ -12,7 +12,7 @@ from covidkit.prepare import train_table
 from covidkit.data.detection import truth_boxes
 from covidkit.data.siim import COMPETITION
 from covidkit.layout import RunLayout
-from covidkit.stages.siim_fasterrcnn import DETECTOR_FILE
+from covidkit.layout import DETECTOR_FILE
 from covidkit.models import load_backbone
 from covidkit.oof import BOX_COLUMNS, opacity_ap, read_oof
 
@@ -65,10 +65,10 @@ def test_notebooks_01_and_03_in_the_smoke_profile(tiny_input, tmp_path):
 
     # per-epoch validation AP of each split's model, logged and plotted
     for split in (0, 1):
-        metrics = pd.read_csv(det / f"split{split}" / "metrics.csv")
+        metrics = pd.read_csv(det / f"fold{split}" / "metrics.csv")
         assert list(metrics["epoch"]) == list(range(1, epochs + 1)) and "val_ap50" in metrics
-        assert (det / f"split{split}" / "plots" / "val_ap50.png").is_file()
-    assert RunLayout(run_dir).fasterrcnn.splits(DETECTOR_FILE) == [det / "split0", det / "split1"]
+        assert (det / f"fold{split}" / "plots" / "val_ap50.png").is_file()
+    assert RunLayout(run_dir).siim_fasterrcnn.folds(DETECTOR_FILE) == [det / "fold0", det / "fold1"]
 
     # the notebook reports the AP it wrote
     ap = opacity_ap(oof, truth_boxes(table))

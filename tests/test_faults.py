@@ -161,7 +161,7 @@ def test_a_truncated_fold_model_is_named_never_loaded(tmp_path):
 def test_a_corrupted_models_folder_is_named(models_dir, tmp_path):
     import shutil
 
-    from covidkit.models_dir import MANIFEST, read_manifest
+    from covidkit.export import MANIFEST, read_manifest
 
     broken = tmp_path / "models"
     shutil.copytree(models_dir, broken)

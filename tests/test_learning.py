@@ -45,10 +45,10 @@ def test_a_detector_replaced_by_its_untrained_twin_gets_the_banner(prepared_run,
 
     run, table = prepared_run
     torch.manual_seed(0)
-    spec = DetectorSpec(train_size=64, fpn_layers=(3, 4), anchor_sizes=(8, 16, 32), proposals_train=64,
+    spec = DetectorSpec(input_size=64, fpn_layers=(3, 4), anchor_sizes=(8, 16, 32), proposals_train=64,
                         proposals_test=32, box_batch_size_per_image=32, representation_size=32)
     untrained = predict_oof(build_fasterrcnn(arch="resnet18", spec=spec).eval(), table, 64, 64, torch.device("cpu"), 4)
-    out = RunLayout(tmp_path).fasterrcnn
+    out = RunLayout(tmp_path).siim_fasterrcnn
     write_oof(out.untrained_oof, untrained)
     (tmp_path / "prepared").symlink_to(run / "prepared")
 
@@ -182,16 +182,16 @@ def test_a_constant_segmenter_and_a_chance_ct_classifier_get_the_banner(tmp_path
     cm.update(test.masks, test.masks)
     perfect = {**summarize(cm), **output_summary(test.masks.numpy(), test.masks.numpy())}
     layout = RunLayout(tmp_path / "run")
-    layout.cogseg.dir.mkdir(parents=True)
+    layout.ct_cogseg.dir.mkdir(parents=True)
     pd.DataFrame([{"dataset": "medseg", "variant": UNTRAINED, **untrained},
                   {"dataset": "medseg", "variant": "U-Net", **untrained},
-                  {"dataset": "medseg", "variant": "+edge-guided RMI", **perfect}]).to_csv(layout.cogseg.ablation)
-    layout.decovnet.dir.mkdir(parents=True)
-    layout.decovnet.metrics.write_text(json.dumps({"roc_auc": 0.8, "n": 6}))
+                  {"dataset": "medseg", "variant": "+edge-guided RMI", **perfect}]).to_csv(layout.ct_cogseg.ablation)
+    layout.ct_decovnet.dir.mkdir(parents=True)
+    layout.ct_decovnet.metrics.write_text(json.dumps({"roc_auc": 0.8, "n": 6}))
     pd.DataFrame({"case_id": list("abcdef"), "label": [0, 1] * 3, "prob": [0.5] * 6}).to_csv(
-        layout.decovnet.predictions, index=False)
-    layout.nih.dir.mkdir(parents=True)
-    layout.nih.summary.write_text(json.dumps({"mean_auroc": 0.7, "untrained_mean_auroc": 0.5,
+        layout.ct_decovnet.predictions, index=False)
+    layout.nih_pretrain.dir.mkdir(parents=True)
+    layout.nih_pretrain.summary.write_text(json.dumps({"mean_auroc": 0.7, "untrained_mean_auroc": 0.5,
                                               "counted_positives": {"Effusion": 12, "Mass": 10}}))
 
     checks = {(c.model, c.baseline_name): c for c in check_run(layout.root)}
@@ -206,18 +206,18 @@ def test_a_constant_segmenter_and_a_chance_ct_classifier_get_the_banner(tmp_path
 
     # CogSeg without its plain U-Net row: the rival check is missing, and fails
     pd.DataFrame([{"dataset": "medseg", "variant": UNTRAINED, **untrained},
-                  {"dataset": "medseg", "variant": "+edge-guided RMI", **perfect}]).to_csv(layout.cogseg.ablation)
+                  {"dataset": "medseg", "variant": "+edge-guided RMI", **perfect}]).to_csv(layout.ct_cogseg.ablation)
     checks = {(c.model, c.baseline_name): c for c in check_run(layout.root)}
     assert checks["+edge-guided RMI (medseg)", "U-Net"].status == "missing"
 
 
 def _decovnet_run(root, metrics: dict | None, probs=(0.1, 0.9, 0.2, 0.8, 0.3, 0.7)) -> RunLayout:
     layout = RunLayout(root)
-    layout.decovnet.dir.mkdir(parents=True)
+    layout.ct_decovnet.dir.mkdir(parents=True)
     if metrics is not None:
-        layout.decovnet.metrics.write_text(json.dumps(metrics))
+        layout.ct_decovnet.metrics.write_text(json.dumps(metrics))
     pd.DataFrame({"case_id": list("abcdef"), "label": [0, 1] * 3, "prob": list(probs)}).to_csv(
-        layout.decovnet.predictions, index=False)
+        layout.ct_decovnet.predictions, index=False)
     return layout
 
 
@@ -246,17 +246,17 @@ def test_the_fusion_against_the_better_detector_and_the_prior_boxes(tmp_path):
     from covidkit.stages.ensemble_wbf import ENSEMBLE, PRIOR_BOXES
 
     layout = RunLayout(tmp_path)
-    layout.ensemble.dir.mkdir(parents=True)
+    layout.ensemble_wbf.dir.mkdir(parents=True)
     for fused, prior, expected in [(0.55, 0.20, ("learned", "learned")), (0.51, 0.20, ("tie", "learned")),
                                    (0.45, 0.42, ("not above", "not above"))]:
         pd.DataFrame({"model": ["Faster R-CNN", "YOLO", ENSEMBLE, PRIOR_BOXES], "images": 10, "predicted_boxes": 9,
-                      "ap50": [0.40, 0.50, fused, prior]}).to_csv(layout.ensemble.ap_table, index=False)
+                      "ap50": [0.40, 0.50, fused, prior]}).to_csv(layout.ensemble_wbf.ap_table, index=False)
         rival, baseline = check_run(tmp_path)
         assert (rival.status, baseline.status) == expected
         assert (rival.baseline, rival.baseline_name, rival.rival) == (0.50, "YOLO alone", True)
         assert (baseline.baseline, baseline.baseline_name, baseline.rival) == (prior, "prior boxes", False)
     pd.DataFrame({"model": ["Faster R-CNN", "YOLO", ENSEMBLE], "images": 10, "predicted_boxes": 9,
-                  "ap50": [0.40, 0.50, 0.6]}).to_csv(layout.ensemble.ap_table, index=False)
+                  "ap50": [0.40, 0.50, 0.6]}).to_csv(layout.ensemble_wbf.ap_table, index=False)
     rival, baseline = check_run(tmp_path)
     assert rival.learned and baseline.status == "missing" and "prior boxes" in baseline.verdict
 
@@ -267,22 +267,22 @@ def test_the_stacker_is_checked_against_the_box_count_rule(tmp_path):
     from covidkit.study_scores import PROB_COLUMNS
 
     layout = RunLayout(tmp_path)
-    layout.study.dir.mkdir(parents=True)
+    layout.study_level.dir.mkdir(parents=True)
     pd.DataFrame(np.random.default_rng(0).dirichlet(np.ones(4), 8), columns=PROB_COLUMNS).to_csv(
-        layout.study.oof_studies, index=False)
+        layout.study_level.oof_studies, index=False)
     prior = {"negative": 0.3, "typical": 0.4, "indeterminate": 0.2, "atypical": 0.1, "mAP": 0.25, "none": 0.3}
     summary = {"study_ap": {"mAP": 0.5}, "study_ap_stacked": {"mAP": 0.6}, "prior": prior,
                "box_count_rule": {"mAP": 0.52, "threshold": 0.4}}
-    layout.study.summary.write_text(json.dumps(summary))
+    layout.study_level.summary.write_text(json.dumps(summary))
     checks = {(c.model, c.baseline_name): c for c in check_run(tmp_path)}
     assert list(checks) == [("study model", "class priors"), ("study model + boxes (stacker)", "class priors"),
                             ("study model + boxes (stacker)", "box-count rule")]
     assert checks["study model + boxes (stacker)", "box-count rule"].learned
-    layout.study.summary.write_text(json.dumps({**summary, "box_count_rule": {"mAP": 0.58}}))
+    layout.study_level.summary.write_text(json.dumps({**summary, "box_count_rule": {"mAP": 0.58}}))
     assert check_run(tmp_path)[2].status == "not above"
     del summary["box_count_rule"]
-    layout.study.summary.write_text(json.dumps(summary))
+    layout.study_level.summary.write_text(json.dumps(summary))
     assert check_run(tmp_path)[2].status == "missing"
-    layout.study.summary.unlink()  # 06 ran (its folder exists) but wrote no summary
+    layout.study_level.summary.unlink()  # 06 ran (its folder exists) but wrote no summary
     [check] = check_run(tmp_path)
     assert check.status == "missing" and check.model == "study model"

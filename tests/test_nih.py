@@ -159,7 +159,7 @@ def test_short_pretraining_run_saves_a_backbone_and_resumes(tmp_path):
                             epochs=2, batch_size=4, input_size=32, workers=0, val_fraction=0.34,
                             optimizer="adamw", cache_images=True, progress=False)
     result = run_nih_pretrain(cfg)
-    assert result.backbone == cfg.layout.nih.backbone and result.backbone.is_file()
+    assert result.backbone == cfg.layout.nih_pretrain.backbone and result.backbone.is_file()
     assert list(result.metrics["epoch"]) == [1, 2]
     assert {"train_loss", "val_loss", "val_auroc", "lr"} <= set(result.metrics.columns)
     assert list(result.auroc.index) == LABELS

@@ -11,6 +11,7 @@ from covidkit.data import siim
 from covidkit.layout import RunLayout
 from covidkit.pipeline import (PipelineError, list_notebooks, load_profile, notebook_parameters,
                                notebooks_dir, run_pipeline)
+from covidkit.profiles import ProfileError
 from covidkit.report import DRY_RUN_CHECKS
 
 
@@ -56,23 +57,28 @@ def test_notebook_parameters_merge_common_section_and_overrides():
     profile = {"common": {"seed": 1, "run_dir": "a", "not_declared_by_00": 5},
                "00_prepare_data": {"prepared_size": 64, "seed": 2}}
     params = notebook_parameters(book, profile, {"run_dir": "b"})
-    assert params == {"seed": 2, "run_dir": "b", "prepared_size": 64}
+    assert params == {"run_dir": "b", "profile": None, "overrides": {"seed": 2, "prepared_size": 64}}
 
 
 def test_each_notebook_is_the_front_of_one_stage_and_declares_its_config():
-    """A notebook's parameters are its stage's Config fields, with the same defaults: one source of truth."""
+    """A notebook's parameters are the profile, the folders, the dry-run switch and an overrides dict, and its
+    Config comes from them as from the profile: the stage's Config is the one source of its settings."""
     import ast
 
     import papermill
 
-    from covidkit.stages import STAGES, defaults, stage_module
+    from covidkit.stages import NOTEBOOK_PARAMETERS, STAGES, section_parameters, stage_module
 
     books = {b.stem: b for b in list_notebooks()}
     assert set(books) == set(STAGES)
     for name, book in books.items():
         declared = {k: ast.literal_eval(v["default"]) for k, v in papermill.inspect_notebook(str(book)).items()}
-        expected = defaults(stage_module(name).Config)
-        assert declared == expected, f"{book.name} and covidkit.stages.{STAGES[name]}.Config disagree"
+        assert tuple(declared) == NOTEBOOK_PARAMETERS, f"{book.name} declares {list(declared)}"
+        config = stage_module(name).Config
+        assert config.from_namespace(declared) == config.from_params(section_parameters(declared["profile"], name))
+        assert config.from_namespace({**declared, "profile": None}) == config()
+        with pytest.raises(ProfileError, match="no setting"):
+            config.from_namespace({**declared, "overrides": {"not_a_setting": 1}})
         code = [c.source for c in nbformat.read(book, as_version=4).cells if c.cell_type == "code"]
         assert f"{STAGES[name]}.Config.from_namespace(globals())" in code[1] or \
             ".Config.from_namespace(globals())" in code[1], f"{book.name} does not build its stage's Config"
@@ -87,17 +93,17 @@ def test_a_dry_run_writes_its_submission_in_its_run_folder(tmp_path):
     full = load_profile("full")
     book = notebooks_dir() / "07_make_submission.ipynb"
     dry = notebook_parameters(book, full, run_overrides(tmp_path / "in", tmp_path / "run", dry_run=True))
-    assert dry["dry_run"] is True and dry["submission"] == str(tmp_path / "run" / "submission.csv")
+    assert dry["dry_run"] is True and dry["overrides"]["submission"] == str(tmp_path / "run" / "submission.csv")
     normal = notebook_parameters(book, full, run_overrides(tmp_path / "in", tmp_path / "run", dry_run=False))
     assert "dry_run" not in normal or normal["dry_run"] is False
-    assert normal["submission"] == "submissions/submission.csv"
+    assert normal["overrides"]["submission"] == "submissions/submission.csv"
     assert "submission" not in notebook_parameters(notebooks_dir() / "00_prepare_data.ipynb", full,
-                                                   run_overrides(tmp_path, tmp_path / "run", dry_run=True))
+                                                   run_overrides(tmp_path, tmp_path / "run", dry_run=True))["overrides"]
 
 
 def test_a_dry_run_keeps_a_few_rows_of_each_split_labels_taking_turns():
     """``max_items`` rows of each held-out split and of each model's training rows, every label seen."""
-    from covidkit.stages import limit_rows, training_rows
+    from covidkit.engine.kfold import limit_rows, training_rows
 
     table = pd.DataFrame({"split": [0] * 6 + [1] * 6 + [2] * 6,
                           "label": ["negative"] * 4 + ["typical", "atypical"] + ["typical"] * 12})
@@ -118,7 +124,7 @@ def test_prepare_notebook_runs_on_synthetic_data(tiny_input, tmp_path):
     assert json.loads((run_dir / "stages.json").read_text())[0]["peak_rss_mib"] == runs[0].peak_rss_mib
     executed = nbformat.read(run_dir / "notebooks" / "00_prepare_data.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected and "prepared_size = 256" in injected[0].source
+    assert injected and '"prepared_size": 256' in injected[0].source  # in the overrides dict
     prepared = run_dir / "prepared"
     meta = pd.read_csv(prepared / "meta.csv")
     n_dicoms = sum(len(siim.dicom_paths(tiny_input / siim.COMPETITION, s)) for s in ("train", "test"))
@@ -182,14 +188,14 @@ def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path, capsys)
     assert all(r["seconds"] > 0 and r["peak_rss_mib"] > 100 for r in record)
     assert not (run_dir / "stages.json").exists()
     layout = RunLayout(run_dir)
-    assert layout.prepared.size == 1024
-    arch, state = load_backbone(layout.nih.backbone)
+    assert layout.prepare.size == 1024
+    arch, state = load_backbone(layout.nih_pretrain.backbone)
     assert arch == "resnext101_32x8d" and state["layer4.2.conv3.weight"].shape == (2048, 2048, 1, 1)
-    history = pd.read_csv(layout.nih.train / "metrics.csv")
+    history = pd.read_csv(layout.nih_pretrain.train / "metrics.csv")
     assert len(history) <= 2 and history["train_loss"].notna().all()  # two optimizer steps in all
-    metrics = json.loads(layout.decovnet.metrics.read_text())
+    metrics = json.loads(layout.ct_decovnet.metrics.read_text())
     assert metrics["train_cases"] <= 4 and metrics["test_cases"] <= 4
-    history = pd.read_csv(layout.decovnet.classifier / "metrics.csv")
+    history = pd.read_csv(layout.ct_decovnet.classifier / "metrics.csv")
     assert len(history) <= 2 and history["train_loss"].notna().all()  # two optimizer steps in all
     assert runs[-1].output.is_file()
     out = capsys.readouterr().out  # two steps per model learn nothing: no verdicts, and it says why
@@ -216,13 +222,13 @@ def test_a_dry_run_goes_through_every_stage_to_a_valid_submission(tiny_input, tm
     layout = RunLayout(run_dir)
     record = json.loads(layout.dry_run_record.read_text())
     assert [r["stage"] for r in record] == [r.name for r in runs] and len(runs) == 10
-    for path in (layout.prepared.meta_csv, layout.prepared.folds_csv, layout.nih.backbone, layout.rsna_yolo.weights,
-                 layout.fasterrcnn.oof, layout.fasterrcnn.untrained_oof, layout.yolo.oof, layout.ensemble.fusion,
-                 layout.ensemble.fused_oof, layout.study.oof_images, layout.study.summary,
-                 layout.submission.models / "manifest.json", layout.cogseg.ablation, layout.decovnet.metrics,
+    for path in (layout.prepare.meta_csv, layout.prepare.folds_csv, layout.nih_pretrain.backbone, layout.rsna_yolo.weights,
+                 layout.siim_fasterrcnn.oof, layout.siim_fasterrcnn.untrained_oof, layout.siim_yolo.oof, layout.ensemble_wbf.fusion,
+                 layout.ensemble_wbf.fused_oof, layout.study_level.oof_images, layout.study_level.summary,
+                 layout.submission.models / "manifest.json", layout.ct_cogseg.ablation, layout.ct_decovnet.metrics,
                  layout.report):
         assert path.is_file(), path
-    for history in layout.fasterrcnn.dir.glob("split*/metrics.csv"):
+    for history in layout.siim_fasterrcnn.dir.glob("fold*/metrics.csv"):
         assert len(pd.read_csv(history)) <= 2  # two optimizer steps in all
     submission = layout.submission.dry_run_csv
     assert validate_files(submission, input_dir / COMPETITION / "sample_submission.csv") == []

@@ -10,7 +10,7 @@ import pytest
 
 from covidkit.boxes import parse_prediction_string
 from covidkit.data.siim import COMPETITION, IMAGE_CLASSES, STUDY_CLASSES, dicom_paths, strip_suffix
-from covidkit.models_dir import MANIFEST, read_manifest
+from covidkit.export import MANIFEST, read_manifest
 from covidkit.predict import Predictor, hflip_boxes, predict_competition
 from covidkit.submission import validate_files
 
@@ -165,7 +165,7 @@ def test_exported_fusion_parameters_are_05s(models_dir):
 
 
 def test_export_needs_every_stage(tmp_path):
-    from covidkit.models_dir import export_models
+    from covidkit.export import export_models
 
     with pytest.raises(FileNotFoundError, match="no fold model"):
         export_models(tmp_path / "empty_run", tmp_path / "models")

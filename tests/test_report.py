@@ -12,7 +12,7 @@ from covidkit.data.siim import COMPETITION, SOLUTION, STUDY_CLASSES, read_image_
 from covidkit.oof import OofPredictions, box_rows, write_oof
 from covidkit.report import write_report
 
-SECTIONS = ["Did every model learn?", "Stages: wall time", "Opacity detectors", "Study classes and none", "Submission score",
+SECTIONS = ["Did every model learn?", "Stages: wall time", "Settings each stage ran with", "Opacity detectors", "Study classes and none", "Submission score",
             "Fresh test sets", "Out-of-fold examples", "Test examples"]
 
 
@@ -52,7 +52,8 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
     from covidkit.layout import RunLayout
     from covidkit.pipeline import NotebookRun, write_stage_record
     from covidkit.prepare import prepare
-    from covidkit.stages import ensemble_wbf
+    from covidkit.stages import ensemble_wbf, write_settings
+    from covidkit.stages import prepare as prepare_stage
     from covidkit.stages.study_level import Config, write_tables
     from covidkit.study_scores import PROB_COLUMNS, none_comparison, study_probabilities, summarise
     from covidkit.submission import ImagePrediction, write_submission
@@ -60,11 +61,12 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     competition = tiny_input / COMPETITION
     prepare(competition, run / "prepared", size=64, workers=1, folds=2, progress=False)
+    write_settings(prepare_stage.Config(input_dir=str(tiny_input), run_dir=str(run), prepared_size=64, folds=2))
     table = train_table(run / "prepared", competition)
     rng = np.random.default_rng(0)
     layout = RunLayout(run)
-    write_oof(layout.fasterrcnn.oof, _detector_oof(table, rng, 3.0))
-    write_oof(layout.yolo.oof, _detector_oof(table, rng, 6.0))
+    write_oof(layout.siim_fasterrcnn.oof, _detector_oof(table, rng, 3.0))
+    write_oof(layout.siim_yolo.oof, _detector_oof(table, rng, 6.0))
     ensemble_wbf.run(ensemble_wbf.Config(input_dir=str(tiny_input), run_dir=str(run)))
 
     images = table[["image_id", "study_id", "fold", "label"]].assign(split=table["fold"],
@@ -99,11 +101,20 @@ def test_report_of_a_complete_run(full_run, tiny_input):
         assert model in page
     for name in (*STUDY_CLASSES, "mAP", "study_negative", "opacity", "00_prepare_data", "321.0"):
         assert name in page
+    # the settings 05 ran with, as its run recorded them in its folder's config.yaml
+    import yaml
+
+    from covidkit.layout import RunLayout
+    from covidkit.stages import ensemble_wbf
+
+    settings = yaml.safe_load(RunLayout(run).settings("05_ensemble_wbf").read_text())
+    assert settings["run_dir"] == str(run) and settings["iou_thr"] == ensemble_wbf.Config().iou_thr
+    assert "<details><summary>05_ensemble_wbf</summary><pre>" in page and "iou_thr: " in page
     # each figure beside its baselines: 05's fusion against the better detector and the prior boxes (05's table
     # row); 03 and 04 ran without writing their baselines, so their checks say missing
     from covidkit.layout import RunLayout
 
-    table = pd.read_csv(RunLayout(run).ensemble.ap_table, index_col=0)["ap50"]
+    table = pd.read_csv(RunLayout(run).ensemble_wbf.ap_table, index_col=0)["ap50"]
     assert f"<td>prior boxes</td><td>{table['prior boxes']:.3f}</td>" in page
     assert "prior boxes AP@0.5" in page
     assert re.search(r"<td>YOLO alone</td>|<td>Faster R-CNN alone</td>", page)
@@ -138,14 +149,14 @@ def test_with_a_study_stacker_the_report_shows_both_and_the_stackers_curves(full
     import json
     import shutil
 
-    from covidkit.report import study_section
+    from covidkit.stages.study_level import study_section
     from covidkit.layout import RunLayout
     from covidkit.study_scores import study_aps
 
     run, _ = full_run
     stacked_run = tmp_path / "stacked"
     shutil.copytree(run, stacked_run)
-    out = RunLayout(stacked_run).study
+    out = RunLayout(stacked_run).study_level
     studies = pd.read_csv(out.oof_studies, dtype={"study_id": str})
     reversed_probs = studies.assign(**{f"p_{c}": studies[f"p_{c}"].to_numpy()[::-1] for c in STUDY_CLASSES})
     reversed_probs.to_csv(out.oof_studies_stacked, index=False)

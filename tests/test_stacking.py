@@ -151,10 +151,10 @@ def _fake_06_and_05(run_dir, n: int = 80) -> pd.DataFrame:
     parts = [box_rows(i, f, *_pattern(STUDY_CLASSES.index(lab), rng)) for i, f, lab in zip(ids, images["fold"], labels)]
     oof = OofPredictions.from_parts([p for p in parts if len(p)], images[["image_id", "fold"]])
     layout = RunLayout(run_dir)
-    write_oof(layout.ensemble.fused_oof, oof)
-    layout.prepared.dir.mkdir(parents=True)
+    write_oof(layout.ensemble_wbf.fused_oof, oof)
+    layout.prepare.dir.mkdir(parents=True)
     pd.DataFrame({"image_id": ids, "orig_height": H, "orig_width": W, "status": "ok"}).to_csv(
-        layout.prepared.meta_csv, index=False)
+        layout.prepare.meta_csv, index=False)
     return images
 
 
@@ -168,9 +168,9 @@ def test_06_fits_the_stacker_on_the_oof_rows_and_05s_boxes(tmp_path):
     assert sorted(studies["study_id"]) == sorted(images["study_id"])
     assert np.allclose(studies[[f"p_{c}" for c in STUDY_CLASSES]].sum(axis=1), 1)
     assert study_aps(studies)["mAP"] > 0.7
-    assert cfg.layout.study.stacker.is_file()
+    assert cfg.layout.study_level.stacker.is_file()
 
-    cfg.layout.ensemble.fused_oof.unlink()
+    cfg.layout.ensemble_wbf.fused_oof.unlink()
     with pytest.warns(UserWarning, match="run 05 first"):
         assert fused_boxes(cfg) is None
 
@@ -179,14 +179,14 @@ def test_07_applies_the_exported_stacker_fold_by_fold(tiny_run_dir, tmp_path):
     """The stacker travels in the models folder (hashed); 07 feeds it each fold's models as 06 fed it out of
     fold (one study model, one fusion of one Faster R-CNN and one YOLO) and averages its outputs."""
     from covidkit.models.study import predict_outputs
-    from covidkit.models_dir import export_models, read_manifest
+    from covidkit.export import export_models, read_manifest
     from covidkit.predict import Predictor
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run)
     x, y = _dataset(120, seed=5)
     stacker = fit_stacker(x, y)
-    stacker.save(RunLayout(run).study.stacker)
+    stacker.save(RunLayout(run).study_level.stacker)
     models = export_models(run, tmp_path / "models")
     manifest = read_manifest(models)
     assert manifest["stacker"] == STACKER_JSON and STACKER_JSON in manifest["sha256"]
@@ -210,12 +210,12 @@ def test_07_applies_the_exported_stacker_fold_by_fold(tiny_run_dir, tmp_path):
 
 
 def test_export_refuses_a_stacker_without_one_model_per_split(tiny_run_dir, tmp_path):
-    from covidkit.models_dir import export_models
+    from covidkit.export import export_models
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run)
     x, y = _dataset(120, seed=5)
-    fit_stacker(x, y).save(RunLayout(run).study.stacker)
-    shutil.rmtree(RunLayout(run).study.split(1))
+    fit_stacker(x, y).save(RunLayout(run).study_level.stacker)
+    shutil.rmtree(RunLayout(run).study_level.fold(1))
     with pytest.raises(ValueError, match="one model per split"):
         export_models(run, tmp_path / "models")

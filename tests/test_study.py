@@ -16,7 +16,7 @@ from covidkit.data.siim import STUDY_CLASSES
 from covidkit.models import build_classifier, save_backbone
 from covidkit.models.study import (
     StudySpec, build_study_model, load_study_model, model_inputs, none_probability, predict_outputs,
-    predict_study_probs, save_study_model, study_models,
+    save_study_model,
 )
 from covidkit.prepare import resize_square
 from covidkit.data.study import StudyImageDataset
@@ -26,7 +26,11 @@ from covidkit.study_scores import PROB_COLUMNS, none_ap, none_comparison, study_
 from covidkit.engine import TrainConfig, fit
 from covidkit.oof import OofPredictions
 
-SPEC = StudySpec(encoder="resnet18", width=8, image_size=64, prepared_size=96)
+def predict_study_probs(model, spec, images, **kwargs) -> np.ndarray:
+    return predict_outputs(model, spec, images, **kwargs)[0]
+
+
+SPEC = StudySpec(encoder="resnet18", width=8, input_size=64, prepared_size=96)
 
 
 def _model(seed: int = 0):
@@ -75,7 +79,9 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(value, loaded.state_dict()[key]), key
     images = [np.random.default_rng(2).integers(0, 256, (120, 100), dtype=np.uint8)]
     np.testing.assert_array_equal(predict_study_probs(model, SPEC, images), predict_study_probs(loaded, spec, images))
-    assert [p.parent.name for p in study_models(tmp_path)] == ["split0", "split1"]
+    from covidkit.layout import RunLayout
+
+    assert [p.parent.name for p in RunLayout(tmp_path).study_level.models()] == ["split0", "split1"]
     torch.save({"format": "other"}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a covidkit study model"):
         load_study_model(tmp_path / "bad.pt")
@@ -86,7 +92,7 @@ def test_save_load_round_trip(tmp_path):
 @pytest.mark.parametrize("encoder", ["plain", "resnet18"])
 def test_heat_map_is_full_size_and_gives_none(encoder, tmp_path):
     """Both encoders of the one family: the heat map at the input's size, none = no pixel with opacity."""
-    spec = StudySpec(encoder=encoder, width=8, image_size=64, prepared_size=96)
+    spec = StudySpec(encoder=encoder, width=8, input_size=64, prepared_size=96)
     torch.manual_seed(0)
     model = build_study_model(spec).eval()
     out = model(torch.randn(2, 3, 64, 64))
@@ -100,14 +106,14 @@ def test_heat_map_is_full_size_and_gives_none(encoder, tmp_path):
 
 
 def test_a_plain_encoder_takes_no_backbone(tmp_path):
-    spec = StudySpec(encoder="plain", width=8, image_size=64, prepared_size=96)
+    spec = StudySpec(encoder="plain", width=8, input_size=64, prepared_size=96)
     with pytest.raises(ValueError, match="encoder a plain"):
         build_study_model(spec, save_backbone(build_classifier("resnet18", len(LABELS)), tmp_path / "b.pt", "resnet18"))
 
 
 def test_plain_encoder_ignores_exposure_and_contrast():
     """The plain encoder standardises each image: a linear change of the grey levels leaves its outputs alone."""
-    spec = StudySpec(encoder="plain", width=8, image_size=64, prepared_size=64)
+    spec = StudySpec(encoder="plain", width=8, input_size=64, prepared_size=64)
     torch.manual_seed(0)
     model = build_study_model(spec).eval()
     image = cv2.GaussianBlur(np.random.default_rng(3).integers(20, 120, (64, 64)).astype(np.uint8), (5, 5), 1)
@@ -126,7 +132,7 @@ def test_backbone_of_01_is_loaded_and_checked(tmp_path):
     model = build_study_model(SPEC, path)
     assert torch.equal(model.encoder.body.layer3[0].conv1.weight, nih.layer3[0].conv1.weight)
     with pytest.raises(ValueError, match="is a resnet18"):
-        build_study_model(StudySpec(encoder="resnet34", image_size=64, prepared_size=96), path)
+        build_study_model(StudySpec(encoder="resnet34", input_size=64, prepared_size=96), path)
 
 
 def test_spec_rejects_bad_values():
@@ -221,7 +227,7 @@ def _blob_table(tmp_path, n: int = 16, size: int = 96) -> pd.DataFrame:
 
 def test_dataset_moves_the_box_mask_with_the_image(tmp_path):
     table = _blob_table(tmp_path, n=2)
-    spec = StudySpec(encoder="resnet18", image_size=64, prepared_size=96)
+    spec = StudySpec(encoder="resnet18", input_size=64, prepared_size=96)
     image, target = StudyImageDataset(table, train_transform(spec, rotate=0, shift=0, scale=0))[1]
     assert image.shape == (3, 64, 64) and target["mask"].shape == (1, 64, 64)
     assert target["label"] == STUDY_CLASSES.index("typical") and target["none"] == 0.0
@@ -248,7 +254,7 @@ def test_training_learns_the_tiny_task(tmp_path, encoder):
     """A few epochs on 8 synthetic images: the classes separate, and the heat map finds the boxes."""
     table = _blob_table(tmp_path)
     train, val = table[table["split"] == 0], table[table["split"] == 1]
-    spec = StudySpec(encoder=encoder, width=8, image_size=64, prepared_size=96, dropout=0.1)
+    spec = StudySpec(encoder=encoder, width=8, input_size=64, prepared_size=96, dropout=0.1)
     torch.manual_seed(0)
     model = build_study_model(spec)
 
@@ -291,7 +297,7 @@ def test_equalize_makes_the_input_independent_of_exposure():
     rng = np.random.default_rng(0)
     image = rng.integers(60, 120, (64, 64)).astype(np.uint8)
     brighter = (image.astype(np.int32) * 2).astype(np.uint8)  # a monotone change of exposure
-    spec = StudySpec(encoder="resnet18", image_size=64, prepared_size=64)
+    spec = StudySpec(encoder="resnet18", input_size=64, prepared_size=64)
     plain, equalised = model_inputs([image, brighter], spec), model_inputs([image, brighter], replace(spec, equalize=True))
     assert not torch.allclose(plain[0], plain[1])
     assert torch.allclose(equalised[0], equalised[1])

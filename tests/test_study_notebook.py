@@ -20,28 +20,29 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
     from covidkit.pipeline import REPO_ROOT, load_profile, notebook_parameters, notebooks_dir
     from covidkit.prepare import prepare
     from covidkit.layout import RunLayout
-    from covidkit.models.study import load_study_model, predict_study_probs
+    from covidkit.models.study import load_study_model, predict_outputs
 
     run_dir = tmp_path / "run"
     prepare(tiny_input / COMPETITION, run_dir / "prepared", size=96, workers=1, folds=5, progress=False)
     book = notebooks_dir() / "06_study_level.ipynb"
     params = notebook_parameters(book, load_profile("smoke"), {"input_dir": str(tiny_input), "run_dir": str(run_dir),
                                                                "epochs": 2})
-    assert params["fold_groups"] == 2 and params["encoder"] == "plain" and params["hflip_tta"] is True
+    settings = params["overrides"]
+    assert settings["fold_groups"] == 2 and settings["encoder"] == "plain" and settings["hflip_tta"] is True
     book_out = tmp_path / "06.ipynb"
-    RunLayout(run_dir).study.dir.mkdir()
-    RunLayout(run_dir).study.stacker.write_text("{}")  # an earlier run's: must not reach 07
+    RunLayout(run_dir).study_level.dir.mkdir()
+    RunLayout(run_dir).study_level.stacker.write_text("{}")  # an earlier run's: must not reach 07
     papermill.execute_notebook(str(book), str(book_out), parameters=params, kernel_name="python3", cwd=str(REPO_ROOT),
                                progress_bar=False)
 
     # one model per split, loadable, predicting any-size images
-    out = RunLayout(run_dir).study
+    out = RunLayout(run_dir).study_level
     models = out.models()
-    assert [p.parent.name for p in models] == ["split0", "split1"]
+    assert [p.parent.name for p in models] == ["fold0", "fold1"]
     model, spec = load_study_model(models[0])
-    assert spec.prepared_size == 96 and spec.image_size == params["input_size"]
+    assert spec.prepared_size == 96 and spec.input_size == params["overrides"]["input_size"]
     table = train_table(run_dir / "prepared", tiny_input / COMPETITION)
-    assert predict_study_probs(model, spec, [cv2.imread(table["path"][0], cv2.IMREAD_GRAYSCALE)]).shape == (1, 4)
+    assert predict_outputs(model, spec, [cv2.imread(table["path"][0], cv2.IMREAD_GRAYSCALE)])[0].shape == (1, 4)
 
     # every training image and study is out of fold exactly once, with probabilities summing to 1
     images = pd.read_csv(out.oof_images, dtype={"image_id": str, "study_id": str})

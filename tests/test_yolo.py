@@ -60,7 +60,7 @@ OFFLINE_SCRIPT = textwrap.dedent("""
 
     sys.path.insert(0, sys.argv[3])
     from test_yolo import TINY, write_toy_dataset
-    from covidkit.data.nih import read_grey
+    from covidkit.images import read_grey
     from covidkit.engine import yolo as engine_yolo
     from covidkit.models import yolo
 

@@ -73,7 +73,7 @@ def test_04_writes_out_of_fold_predictions_in_original_pixels(run_dir, tiny_inpu
         assert Path(args["data"]).name == f"fold{split}.yaml"
         trained_on = {Path(line).stem for line in (out / "data" / f"fold{split}_train.txt").read_text().split()}
         assert trained_on == set(table.loc[table["fold"] % groups != split, "image_id"])
-    assert RunLayout(run_dir).yolo.splits("results.csv") == [out / f"fold{k}" for k in splits]
+    assert RunLayout(run_dir).siim_yolo.folds("results.csv") == [out / f"fold{k}" for k in splits]
 
     boxes = oof.boxes.merge(table[["image_id", "orig_height", "orig_width"]], on="image_id")
     assert len(boxes) > 0 and (boxes["score"].between(0, 1)).all()

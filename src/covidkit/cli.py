@@ -30,12 +30,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from covidkit.prepare import prepare
+    """Stage 00's settings (``covidkit.stages.prepare.Config``): the options given, its defaults for the rest."""
+    from covidkit.stages.prepare import Config, prepare_folder
 
-    summary = prepare(
-        Path(args.input_dir), Path(args.output_dir),
-        size=args.prepared_size, split=args.split, workers=args.workers, folds=args.folds, seed=args.seed,
-    )
+    given = {"prepared_size": args.prepared_size, "workers": args.workers, "folds": args.folds, "seed": args.seed}
+    cfg = Config(**{k: v for k, v in given.items() if v is not None})
+    summary = prepare_folder(cfg, Path(args.input_dir), Path(args.output_dir), split=args.split)
     return 1 if args.strict and summary.failed else 0
 
 
@@ -200,11 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="convert a competition folder's DICOMs to PNG, with meta.csv and folds.csv")
     p.add_argument("input_dir", help="competition folder in the Kaggle layout (train/, test/, the CSVs)")
     p.add_argument("output_dir")
-    p.add_argument("--prepared-size", type=int, default=512, help="side of the square output PNGs")
+    # left out: stage 00's defaults (covidkit.stages.prepare.Config), not repeated here
+    p.add_argument("--prepared-size", type=int, default=None, help="side of the square output PNGs (default: stage 00's)")
     p.add_argument("--split", choices=["train", "test", "all"], default="all")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--folds", type=int, default=5, help="K of the grouped, stratified folds")
-    p.add_argument("--seed", type=int, default=42, help="seed of the fold assignment")
+    p.add_argument("--folds", type=int, default=None, help="K of the grouped, stratified folds (default: stage 00's)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the fold assignment (default: stage 00's)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any image failed")
     p.set_defaults(func=_cmd_prepare)
 

@@ -29,7 +29,9 @@ from torchvision.ops import nms
 
 from covidkit.boxes import EMPTY, as_boxes
 from covidkit.metrics import match_detections
+from covidkit.deprecated import moved
 from covidkit.oof import OofPredictions, opacity_ap
+from covidkit.oof import restrict as _restrict
 
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
 
@@ -142,12 +144,6 @@ def common_images(oofs: Sequence[OofPredictions]) -> list[str]:
     for oof in oofs[1:]:
         ids &= set(oof.images["image_id"])
     return sorted(ids)
-
-
-def restrict(oof: OofPredictions, image_ids) -> OofPredictions:
-    """``oof`` on the images ``image_ids`` only."""
-    keep = set(image_ids)
-    return OofPredictions(oof.boxes[oof.boxes["image_id"].isin(keep)], oof.images[oof.images["image_id"].isin(keep)])
 
 
 def _top(boxes: np.ndarray, scores: np.ndarray, k: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -281,9 +277,9 @@ def tuned_out_of_fold(fusions: Sequence[tuple[FusionParams, OofPredictions]],
     parts, chosen = [], {}
     for fold in folds:
         others = images.loc[images["fold"] != fold, "image_id"]
-        params, oof = fusions[_best([opacity_ap(restrict(oof, others), truth) for _, oof in fusions])]
+        params, oof = fusions[_best([opacity_ap(_restrict(oof, others), truth) for _, oof in fusions])]
         chosen[int(fold)] = params
-        parts.append(restrict(oof, images.loc[images["fold"] == fold, "image_id"]))
+        parts.append(_restrict(oof, images.loc[images["fold"] == fold, "image_id"]))
     return OofPredictions.concat(parts), chosen
 
 
@@ -313,3 +309,6 @@ def operating_point(oof: OofPredictions, truth: Mapping[str, np.ndarray], iou_th
     scores = np.sort(oof.boxes["score"].to_numpy())[::-1]
     return {"threshold": float(scores[best]), "f1": float(f1[best]), "precision": float(precision[best]),
             "recall": float(recall[best])}
+
+
+__getattr__ = moved(__name__, {"restrict": "covidkit.oof.restrict"})

@@ -70,7 +70,7 @@ def score_fresh_test_sets(models_dir: str | Path, out_dir: str | Path, seeds: li
                           progress: bool = True) -> FreshTestSets:
     """Write (or reuse) the test split of each seed under ``out_dir/seed<S>/``, predict it with
     ``models_dir`` as ``covidkit predict`` does, score it, and write ``out_dir/scores.csv``."""
-    from covidkit.models_dir import read_manifest
+    from covidkit.export import read_manifest
     from covidkit.predict import predict_competition
 
     out_dir = Path(out_dir)

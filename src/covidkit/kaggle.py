@@ -178,7 +178,7 @@ def build_covidkit_wheel(out: Path) -> Path:
 
 def check_models(models_dir: Path) -> dict:
     """The models folder's manifest, every hash checked, every stage present; else a ``BundleError``."""
-    from covidkit.models_dir import read_manifest
+    from covidkit.export import read_manifest
 
     try:
         manifest = read_manifest(models_dir)

@@ -1,16 +1,19 @@
 """The run folder: where every stage reads and writes. Nothing else spells a path inside a run.
 
-``RunLayout(run_dir)`` has one attribute per stage, each naming that stage's folder and files::
+``RunLayout(run_dir)`` has one attribute per stage, named like the stage's module (``layout.study_level``), each
+naming that stage's folder and files::
 
     <run_dir>/
       prepared/                    00: <split>/<image_id>.png, meta.csv, folds.csv, meta.json (the size), examples.png
+                                   (every stage folder also holds config.yaml: the settings it ran with)
       01_pretrain_nih_resnext/     01: backbone.pt, auroc.csv, train/
       02_pretrain_rsna_yolo/       02: data/, train/ (weights/best.pt: 04's start)
-      03_train_siim_fasterrcnn/    03: split<k>/ (engine runs; last.pt is the fold model), oof.csv, oof_untrained.csv
+      03_train_siim_fasterrcnn/    03: fold<k>/ (engine runs; detector.pt is the fold model), oof.csv, oof_untrained.csv
       04_train_siim_yolo/          04: data/, fold<k>/ (ultralytics runs), oof.csv, oof_untrained.csv, summary.json
       05_ensemble_wbf/             05: ap_table.csv/.md, oof.csv (fused), fusion.json, operating_point.json, grid.csv
-      06_study_level/              06: split<k>/study_model.pt, oof_images.csv, oof_studies.csv, summary.json, ...
-      models/                      07: the exported models folder (covidkit.models_dir)
+      06_study_level/              06: fold<k>/study_model.pt, oof_images.csv, oof_studies.csv, summary.json, ...
+      07_make_submission/          07: config.yaml
+      models/                      07: the exported models folder (covidkit.export)
       fresh_tests/                 07: seed<S>/ test sets and their submissions, scores.csv
       submission.csv               07 of a dry run (a normal run writes the profile's submission path)
       10_ct_cogseg/                10: <dataset>/<variant>/ (engine runs), ablation.csv, figures
@@ -19,7 +22,11 @@
       stages.json, dry_run.json    each notebook's wall time and peak memory (a run, a dry run)
       report.html
 
-A stage's folder is named after its notebook, so the executed notebook and what it wrote sit side by side.
+``fold<k>/`` holds the model that holds out validation split ``k`` (runs before issue 31 named 03's and 06's
+``split<k>/``: the readers accept both). A stage's folder is named after its notebook, so the executed notebook
+and what it wrote sit side by side.
+Each stage records the settings it ran with in ``config.yaml`` of its folder (``RunLayout.settings``; 00's in
+``prepared/``, 07's in ``07_make_submission/``).
 """
 from __future__ import annotations
 
@@ -27,14 +34,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covidkit import prepare
+from covidkit.deprecated import warn_renamed
 
 OOF_CSV = "oof.csv"  # a detector's out-of-fold boxes (covidkit.oof), beside oof_images.csv
 UNTRAINED_OOF_CSV = "oof_untrained.csv"  # the same images predicted by the untrained twin
 SUMMARY_JSON = "summary.json"
+DETECTOR_FILE = "detector.pt"  # 03's fold model, in its fold's engine run folder
+STUDY_MODEL_FILE = "study_model.pt"  # 06's fold model
+SETTINGS_YAML = "config.yaml"  # the resolved settings a stage ran with (covidkit.stages.write_settings)
+PREPARE_NOTEBOOK = "00_prepare_data"  # the one stage whose folder is not named after its notebook
 
 
-def _split_index(path: Path, prefix: str) -> int:
-    return int(path.name.removeprefix(prefix))
+FOLD_PREFIX = "fold"  # each fold model's folder: fold<k>/ (k: the validation split it holds out)
+OLD_FOLD_PREFIX = "split"  # 03's and 06's name before issue 31, still read (an older run folder)
+
+
+def _fold_dirs(root: Path, marker: str) -> list[Path]:
+    """The fold folders of ``root`` holding ``marker`` (a file every finished fold has), in fold order; an older
+    run's ``split<k>/`` counts, a ``fold<k>/`` beside it wins."""
+    found = {}
+    for prefix in (OLD_FOLD_PREFIX, FOLD_PREFIX):
+        for path in root.glob(f"{prefix}*/{marker}"):
+            index = path.parent.name.removeprefix(prefix)
+            if index.isdigit():
+                found[int(index)] = path.parent
+    return [found[k] for k in sorted(found)]
 
 
 @dataclass(frozen=True)
@@ -120,10 +144,9 @@ class RsnaYolo:
 
 @dataclass(frozen=True)
 class Detector:
-    """03 and 04: one training run per split, and the out-of-fold boxes."""
+    """03 and 04: one training run per fold (``fold<k>/``), and the out-of-fold boxes."""
 
     dir: Path
-    split_prefix: str  # "split" (03, engine runs), "fold" (04, ultralytics runs)
 
     @property
     def oof(self) -> Path:
@@ -141,13 +164,31 @@ class Detector:
     def data(self) -> Path:
         return self.dir / "data"
 
+    def fold(self, k: int) -> Path:
+        """The training run of the model that holds out validation split ``k``."""
+        return self.dir / f"{FOLD_PREFIX}{k}"
+
+    def folds(self, marker: str) -> list[Path]:
+        """The fold folders holding ``marker`` (a file every finished fold has), in fold order."""
+        return _fold_dirs(self.dir, marker)
+
+    def model(self, k: int) -> Path:
+        """03's fold model ``k`` (``detector.pt``: weights and what rebuilds the network)."""
+        return self.fold(k) / DETECTOR_FILE
+
+    def models(self) -> list[Path]:
+        """03's fold models, in fold order."""
+        return [p / DETECTOR_FILE for p in self.folds(DETECTOR_FILE)]
+
     def split(self, k: int) -> Path:
-        return self.dir / f"{self.split_prefix}{k}"
+        """Deprecated: ``fold``."""
+        warn_renamed("Detector.split", "Detector.fold")
+        return self.fold(k)
 
     def splits(self, marker: str) -> list[Path]:
-        """The split folders holding ``marker`` (a file every finished split has), in split order."""
-        found = {p.parent for p in self.dir.glob(f"{self.split_prefix}*/{marker}")}
-        return sorted(found, key=lambda p: _split_index(p, self.split_prefix))
+        """Deprecated: ``folds``."""
+        warn_renamed("Detector.splits", "Detector.folds")
+        return self.folds(marker)
 
 
 @dataclass(frozen=True)
@@ -191,15 +232,21 @@ class StudyLevel:
 
     dir: Path
 
-    def split(self, k: int) -> Path:
-        return self.dir / f"split{k}"
+    def fold(self, k: int) -> Path:
+        """The folder of the model that holds out validation split ``k``."""
+        return self.dir / f"{FOLD_PREFIX}{k}"
 
     def model(self, k: int) -> Path:
-        return self.split(k) / "study_model.pt"
+        return self.fold(k) / STUDY_MODEL_FILE
 
     def models(self) -> list[Path]:
-        """The fold models, in split order."""
-        return sorted(self.dir.glob("split*/study_model.pt"), key=lambda p: _split_index(p.parent, "split"))
+        """The fold models, in fold order."""
+        return [p / STUDY_MODEL_FILE for p in _fold_dirs(self.dir, STUDY_MODEL_FILE)]
+
+    def split(self, k: int) -> Path:
+        """Deprecated: ``fold``."""
+        warn_renamed("StudyLevel.split", "StudyLevel.fold")
+        return self.fold(k)
 
     @property
     def oof_images(self) -> Path:
@@ -279,7 +326,7 @@ class CogSeg:
 
 @dataclass(frozen=True)
 class DeCoVNet:
-    """11 (``covidkit.ct.decovnet.pipeline.run_decovnet`` names what it writes inside ``dir``)."""
+    """11 (``covidkit.ct.decovnet.method.run_decovnet`` names what it writes inside ``dir``)."""
 
     dir: Path
 
@@ -308,25 +355,46 @@ class DeCoVNet:
         return self.dir / f"localization_{case_id}.png"
 
 
+OLD_ATTRIBUTES = {"prepared": "prepare", "nih": "nih_pretrain", "fasterrcnn": "siim_fasterrcnn", "yolo": "siim_yolo",
+                  "ensemble": "ensemble_wbf", "study": "study_level", "cogseg": "ct_cogseg", "decovnet": "ct_decovnet"}
+
+
 class RunLayout:
     """Every stage's folder and files in one run folder (see the module docstring)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.root = Path(run_dir)
-        self.prepared = Prepared(self.root / "prepared")
-        self.nih = NihPretrain(self.root / "01_pretrain_nih_resnext")
+        # one attribute per stage, named like its module of covidkit.stages
+        self.prepare = Prepared(self.root / "prepared")
+        self.nih_pretrain = NihPretrain(self.root / "01_pretrain_nih_resnext")
         self.rsna_yolo = RsnaYolo(self.root / "02_pretrain_rsna_yolo")
-        self.fasterrcnn = Detector(self.root / "03_train_siim_fasterrcnn", "split")
-        self.yolo = Detector(self.root / "04_train_siim_yolo", "fold")
-        self.ensemble = Ensemble(self.root / "05_ensemble_wbf")
-        self.study = StudyLevel(self.root / "06_study_level")
+        self.siim_fasterrcnn = Detector(self.root / "03_train_siim_fasterrcnn")
+        self.siim_yolo = Detector(self.root / "04_train_siim_yolo")
+        self.ensemble_wbf = Ensemble(self.root / "05_ensemble_wbf")
+        self.study_level = StudyLevel(self.root / "06_study_level")
         self.submission = Submission(self.root)
-        self.cogseg = CogSeg(self.root / "10_ct_cogseg")
-        self.decovnet = DeCoVNet(self.root / "11_ct_decovnet")
+        self.ct_cogseg = CogSeg(self.root / "10_ct_cogseg")
+        self.ct_decovnet = DeCoVNet(self.root / "11_ct_decovnet")
         self.notebooks = self.root / "notebooks"
         self.report = self.root / "report.html"
         self.stage_record = self.root / "stages.json"  # each notebook's wall time and peak memory
         self.dry_run_record = self.root / "dry_run.json"  # the same, of a dry run
+
+    def stage_dir(self, notebook: str) -> Path:
+        """The folder of a stage (given by its notebook name): named after the notebook, but 00's ``prepared/``."""
+        return self.prepare.dir if notebook == PREPARE_NOTEBOOK else self.root / notebook
+
+    def settings(self, notebook: str) -> Path:
+        """``config.yaml``: the resolved settings the stage ran with."""
+        return self.stage_dir(notebook) / SETTINGS_YAML
+
+    def __getattr__(self, name: str):
+        """The attribute names before issue 31 (deprecated): ``prepared``, ``nih``, ``fasterrcnn``, ``yolo``,
+        ``ensemble``, ``study``, ``cogseg``, ``decovnet``."""
+        if name in OLD_ATTRIBUTES:
+            warn_renamed(f"RunLayout.{name}", f"RunLayout.{OLD_ATTRIBUTES[name]}")
+            return getattr(self, OLD_ATTRIBUTES[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def is_dry_run(self) -> bool:

@@ -97,6 +97,12 @@ class OofPredictions:
         return list(cols.itertuples(index=False, name=None))
 
 
+def restrict(oof: OofPredictions, image_ids) -> OofPredictions:
+    """``oof`` on the images ``image_ids`` only."""
+    keep = set(image_ids)
+    return OofPredictions(oof.boxes[oof.boxes["image_id"].isin(keep)], oof.images[oof.images["image_id"].isin(keep)])
+
+
 def _checked(frame: pd.DataFrame, columns: list[str], what: str) -> pd.DataFrame:
     missing = [c for c in columns if c not in frame.columns]
     if missing:

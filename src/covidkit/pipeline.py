@@ -39,7 +39,10 @@ def list_notebooks(only: list[str] | None = None) -> list[Path]:
 
 
 def notebook_parameters(notebook: Path, profile: dict, overrides: dict) -> dict:
-    """The parameters papermill injects into ``notebook``: common values it declares, its section, overrides.
+    """The parameters papermill injects into ``notebook``: the folders and the dry-run switch, and every other
+    setting of its stage (``common`` values, its section, overrides) in one ``overrides`` dict, with no
+    ``profile`` (``covidkit.stages.StageConfig.from_namespace``). A notebook without ``overrides`` parameter gets
+    the values it declares.
 
     A section key that is not a setting of the notebook's stage (``covidkit.stages``) is an error.
     """
@@ -48,10 +51,14 @@ def notebook_parameters(notebook: Path, profile: dict, overrides: dict) -> dict:
     declared = set(papermill.inspect_notebook(str(notebook)))
     section = profile.get(notebook.stem) or {}
     known = set(field_names(stage_module(notebook.stem).Config)) if notebook.stem in STAGES else declared
-    unknown = sorted(set(section) - (known & declared))
+    unknown = sorted(set(section) - (known if "overrides" in declared else known & declared))
     if unknown:
         raise PipelineError(f"profile section {notebook.stem} sets {unknown}, which {notebook.name} does not declare")
-    return {k: v for k, v in merge_section(profile, notebook.stem, overrides).items() if k in declared}
+    merged = merge_section(profile, notebook.stem, overrides)
+    params = {k: v for k, v in merged.items() if k in declared}
+    if "overrides" in declared:
+        params |= {"profile": None, "overrides": {k: v for k, v in merged.items() if k in known - declared}}
+    return params
 
 
 @dataclass
@@ -154,7 +161,8 @@ def check_settings(books: list[Path], settings: dict) -> None:
     """Every ``--set`` key is a parameter of a notebook that runs (a typo must not pass silently)."""
     import papermill
 
-    declared = {b.stem: set(papermill.inspect_notebook(str(b))) for b in books}
+    declared = {b.stem: set(papermill.inspect_notebook(str(b)))
+                | (set(field_names(stage_module(b.stem).Config)) if b.stem in STAGES else set()) for b in books}
     for key in settings:
         if not any(notebook_overrides(stem, {key: None}).keys() & names for stem, names in declared.items()):
             raise PipelineError(f"--set {key}: no notebook that runs ({', '.join(declared)}) has this parameter")

@@ -89,7 +89,7 @@ def oof_examples(table, oof, n: int = 8, top: int = 3, titles: dict[str, str] | 
     ``OofPredictions`` (original pixels). The images with the most true boxes are shown.
     """
     from covidkit.boxes import scale_boxes
-    from covidkit.data.nih import read_grey
+    from covidkit.images import read_grey
 
     shown = table[table["image_id"].isin(set(oof.images["image_id"]))]
     shown = shown.assign(n=shown["boxes"].map(len)).sort_values(["n", "image_id"], ascending=[False, True]).head(n)

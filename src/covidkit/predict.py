@@ -1,7 +1,7 @@
 """Prediction with an exported models folder: one image (``Predictor``) or a whole competition folder.
 
 ``Predictor.load(models_dir)`` loads every fold model of a folder written by
-``covidkit.models_dir.export_models``. ``Predictor.predict(image)`` takes a uint8 grey radiograph
+``covidkit.export.export_models``. ``Predictor.predict(image)`` takes a uint8 grey radiograph
 at its original size (what ``covidkit.dicom.read_dicom(...).pixels`` gives) and:
 
 1. resizes it to 00's square prepared size, as the models were trained;
@@ -47,7 +47,7 @@ from covidkit.data.siim import (
 from covidkit.dicom import DicomError, read_dicom
 from covidkit.engine.device import torch_device
 from covidkit.ensemble import FusionParams, fuse_boxes
-from covidkit.models_dir import DETECTORS, read_manifest
+from covidkit.export import DETECTORS, read_manifest
 from covidkit.prepare import init_worker, pool_context, resize_square
 from covidkit.stacking import StudyStacker, box_features, stacker_features
 from covidkit.submission import ImagePrediction, submission_frame, validate_submission, write_submission

@@ -1,10 +1,11 @@
 """The run report: one self-contained HTML page of what a pipeline run produced.
 
 ``write_report(run_dir)`` reads the files the notebooks wrote in a run folder and writes
-``<run_dir>/report.html``: the detectors' out-of-fold (OOF) opacity AP and PR curves (03, 04 and the
-fusion of 05), 05's single-vs-fused table, the study model's OOF APs, PR curves, ``none`` comparison and
-confusion matrix (06), the submission's score per class (07, when test labels exist), and a few OOF and
-test images with true and predicted boxes. Figures are embedded as base64 PNG; the page loads nothing
+``<run_dir>/report.html``: the learning checks (``covidkit.learning``), each notebook's time and memory, each
+stage's settings (its ``config.yaml``, collapsed), then each stage's own sections, which the stage module
+declares (``REPORT_SECTIONS``, built with this module's helpers): the detectors' out-of-fold (OOF) opacity AP
+and PR curves and OOF examples (05), the study model's OOF APs, PR curves, ``none`` comparison and confusion
+matrix (06), the submission's score, the fresh test sets and test examples (07). Figures are embedded as base64 PNG; the page loads nothing
 from anywhere. A section whose inputs are missing says "not run" and the rest of the report is unaffected.
 """
 from __future__ import annotations
@@ -14,20 +15,18 @@ import html
 import io
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from covidkit.boxes import parse_prediction_string, scale_boxes
-from covidkit.data.siim import (
-    COMPETITION, SOLUTION, SOLUTION_IMAGE_CSV, SOLUTION_STUDY_CSV, STUDY_CLASSES, read_image_labels,
-)
-from covidkit.metrics import format_scores, score_files
+from covidkit.boxes import scale_boxes
+from covidkit.data.siim import COMPETITION, SOLUTION, read_image_labels
+from covidkit.deprecated import moved
 from covidkit.layout import RunLayout
-from covidkit.plots import pr_curves
-from covidkit.oof import OofPredictions, opacity_ap, read_oof
+from covidkit.oof import OofPredictions, read_oof
 
 EXAMPLES = 8
 
@@ -42,25 +41,25 @@ class Missing(Exception):
     """A section's inputs are not in the run folder (the notebook was not run)."""
 
 
-def _figure_html(fig) -> str:
+def figure_html(fig) -> str:
     """A matplotlib figure as an inline PNG ``<img>``; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
-    return _png_html(buffer.getvalue())
+    return png_html(buffer.getvalue())
 
 
-def _png_html(data: bytes) -> str:
+def png_html(data: bytes) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
 
 
-def _table_html(frame: pd.DataFrame, digits: int = 4) -> str:
+def table_html(frame: pd.DataFrame, digits: int = 4) -> str:
     return frame.to_html(float_format=lambda v: f"{v:.{digits}f}", na_rep="n/a", border=0)
 
 
-def _require(*paths: Path) -> None:
+def require(*paths: Path) -> None:
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
         raise Missing(f"not run: {', '.join(absent)} missing")
@@ -78,18 +77,19 @@ def find_input_dir(layout: RunLayout) -> Path | None:
     return None
 
 
-def _truth(input_dir: Path | None) -> dict[str, np.ndarray]:
+def label_boxes(input_dir: Path | None) -> dict[str, np.ndarray]:
+    """``{image_id: true boxes}`` of the training labels under ``input_dir``; ``Missing`` when there are none."""
     if input_dir is None:
         raise Missing("not run: the training labels were not found (no input_dir)")
     path = input_dir / COMPETITION / "train_image_level.csv"
-    _require(path)
+    require(path)
     labels = read_image_labels(path)
     return dict(zip(labels["image_id"], labels["boxes"]))
 
 
-def _detector_oofs(layout: RunLayout) -> dict[str, OofPredictions]:
-    files = {"Faster R-CNN (03)": layout.fasterrcnn.oof, "YOLO (04)": layout.yolo.oof,
-             "WBF ensemble (05)": layout.ensemble.fused_oof}
+def detector_oofs(layout: RunLayout) -> dict[str, OofPredictions]:
+    files = {"Faster R-CNN (03)": layout.siim_fasterrcnn.oof, "YOLO (04)": layout.siim_yolo.oof,
+             "WBF ensemble (05)": layout.ensemble_wbf.fused_oof}
     return {name: read_oof(path) for name, path in files.items() if path.is_file()}
 
 
@@ -100,91 +100,22 @@ def precision_recall_labels(positive: np.ndarray, scores: np.ndarray) -> tuple[n
     return hits / max(hits[-1] if len(hits) else 0, 1), hits / np.arange(1, len(hits) + 1)
 
 
-def _prior_box_aps(layout: RunLayout) -> dict[str, float]:
+def prior_box_aps(layout: RunLayout) -> dict[str, float]:
     """The prior-box detector's OOF AP on each model's images, as its stage wrote it (``covidkit.baselines``)."""
     aps = {}
-    for name, path in {"Faster R-CNN (03)": layout.fasterrcnn.summary, "YOLO (04)": layout.yolo.summary}.items():
+    for name, path in {"Faster R-CNN (03)": layout.siim_fasterrcnn.summary, "YOLO (04)": layout.siim_yolo.summary}.items():
         value = json.loads(path.read_text()).get("prior_box_ap50") if path.is_file() else None
         aps[name] = np.nan if value is None else value
-    if layout.ensemble.ap_table.is_file():
-        table = pd.read_csv(layout.ensemble.ap_table, index_col=0)["ap50"]
+    if layout.ensemble_wbf.ap_table.is_file():
+        table = pd.read_csv(layout.ensemble_wbf.ap_table, index_col=0)["ap50"]
         aps["WBF ensemble (05)"] = float(table.get("prior boxes", np.nan))
     return aps
 
 
-def detectors_section(layout: RunLayout, input_dir: Path | None) -> str:
-    """OOF opacity AP@0.5 of each detector and the fusion, PR curves, and 05's table."""
-    from covidkit.ensemble import precision_recall
-
-    parts = []
-    table_path = layout.ensemble.ap_table
-    if table_path.is_file():
-        parts += ["<h3>Single models and the fusion, same OOF images (05)</h3>",
-                  _table_html(pd.read_csv(table_path, index_col=0))]
-    else:
-        parts.append(f'<p class="missing">05 single-vs-fused table: not run ({table_path} missing)</p>')
-    oofs = _detector_oofs(layout)
-    if not oofs:
-        raise Missing("not run: no OOF boxes of 03, 04 or 05")
-    truth = _truth(input_dir)
-    priors = _prior_box_aps(layout)
-    rows = [{"model": name, "images": len(oof.images), "boxes": len(oof.boxes), "opacity AP@0.5": opacity_ap(oof, truth),
-             "prior boxes AP@0.5": priors.get(name, np.nan)} for name, oof in oofs.items()]
-    curves = {f"{name} (AP {row['opacity AP@0.5']:.3f})": precision_recall(oof, truth)
-              for (name, oof), row in zip(oofs.items(), rows)}
-    parts += ["<h3>OOF opacity AP@0.5 of every model on all its OOF images</h3>",
-              _table_html(pd.DataFrame(rows).set_index("model")),
-              _figure_html(pr_curves(curves, "opacity, IoU > 0.5, out of fold"))]
-    return "\n".join(parts)
-
-
-def study_section(layout: RunLayout) -> str:
-    """06: OOF study APs, ``none`` APs, PR curves, confusion matrix."""
-    from covidkit.study_scores import PROB_COLUMNS
-
-    out = layout.study
-    _require(out.summary, out.oof_studies, out.oof_images)
-    summary = json.loads(out.summary.read_text())
-    studies = pd.read_csv(out.oof_studies, dtype={"study_id": str})
-    images = pd.read_csv(out.oof_images, dtype={"image_id": str, "study_id": str})
-    columns = {"OOF AP": summary["study_ap"], "prior": summary["prior"]}
-    stacked_csv = out.oof_studies_stacked
-    if "study_ap_stacked" in summary and stacked_csv.is_file():  # the stacker 07 applies: its curves are shown
-        columns = {"OOF AP, study model": summary["study_ap"], "OOF AP, study model + boxes (07)": summary["study_ap_stacked"],
-                   "prior": summary["prior"]}
-        studies = pd.read_csv(stacked_csv, dtype={"study_id": str})
-    if "box_count_rule" in summary:  # the trivial baseline of the stacker (covidkit.baselines.box_count_rule)
-        columns["box-count rule"] = {k: summary["box_count_rule"][k] for k in summary["study_ap"]}
-    table = pd.DataFrame(columns).loc[list(summary["study_ap"])]
-    parts = [f"<p>{summary['studies']} studies, {summary['images']} images, out of fold.</p>", _table_html(table)]
-    none_csv = out.none_comparison
-    none = pd.read_csv(none_csv, index_col=0) if none_csv.is_file() else pd.DataFrame(
-        {"none_ap": summary["none_ap"]}).rename_axis("candidate")
-    parts += ["<h3>Image-level <code>none</code> AP of each candidate rule</h3>", _table_html(none)]
-    curves = {c: precision_recall_labels(studies["label"] == c, studies[col]) for c, col in zip(STUDY_CLASSES, PROB_COLUMNS)}
-    curves["none (head)"] = precision_recall_labels(~images["has_box"].astype(bool), images["p_none_head"])
-    parts.append(_figure_html(pr_curves(curves, "study classes and none, out of fold")))
-    if out.confusion.is_file():
-        parts += ["<h3>Confusion matrix</h3>", _png_html(out.confusion.read_bytes())]
-    return "\n".join(parts)
-
-
-def submission_section(submission_csv: Path | None, solution_dir: Path | None) -> str:
-    """The submission's competition score per class, when its test labels exist."""
-    if submission_csv is None or not Path(submission_csv).is_file():
-        raise Missing(f"not run: no submission ({submission_csv})")
-    if solution_dir is None:
-        raise Missing(f"{submission_csv} written; not scored: no test labels (solution folder)")
-    solution_dir = Path(solution_dir)
-    _require(solution_dir / SOLUTION_IMAGE_CSV, solution_dir / SOLUTION_STUDY_CSV)
-    scores = score_files(solution_dir / SOLUTION_IMAGE_CSV, solution_dir / SOLUTION_STUDY_CSV, submission_csv)
-    return f"<p>{html.escape(str(submission_csv))}</p><pre>{html.escape(format_scores(scores))}</pre>"
-
-
-def _examples_figure(paths: list[Path], truths: list[np.ndarray], preds: list[np.ndarray], scores: list[np.ndarray],
+def examples_figure(paths: list[Path], truths: list[np.ndarray], preds: list[np.ndarray], scores: list[np.ndarray],
                      sizes: list[tuple[int, int]], titles: list[str]):
     """Prepared PNGs with the boxes (original pixels) scaled to them."""
-    from covidkit.data.nih import read_grey
+    from covidkit.images import read_grey
     from covidkit.plots import image_grid
 
     images = [read_grey(p) for p in paths]
@@ -193,65 +124,23 @@ def _examples_figure(paths: list[Path], truths: list[np.ndarray], preds: list[np
                       predicted=[f(p) for f, p in zip(scale, preds)], predicted_scores=scores)
 
 
-def oof_examples_section(layout: RunLayout, input_dir: Path | None) -> str:
-    """OOF training images with true boxes (green) and the best available OOF boxes (orange)."""
-    oofs = _detector_oofs(layout)
-    if not oofs:
-        raise Missing("not run: no OOF boxes of 03, 04 or 05")
-    name, oof = list(oofs.items())[-1]  # the fusion when 05 ran
-    truth = _truth(input_dir)
-    meta = _meta(layout)
-    ids = _pick(oof.images["image_id"].tolist(), truth)
-    study = _study_titles(layout)
-    boxes = oof.boxes.groupby("image_id")
-    preds = [boxes.get_group(i) if i in boxes.groups else oof.boxes.iloc[:0] for i in ids]
-    fig = _examples_figure(
-        [layout.prepared.png("train", i) for i in ids], [truth[i] for i in ids],
-        [p[["x1", "y1", "x2", "y2"]].to_numpy() for p in preds], [p["score"].to_numpy() for p in preds],
-        [meta[i] for i in ids], [study.get(i, i[:12]) for i in ids])
-    return f"<p>Boxes of {html.escape(name)}; green: truth, orange: predicted with score.</p>{_figure_html(fig)}"
-
-
-def test_examples_section(layout: RunLayout, submission_csv: Path | None, solution_dir: Path | None) -> str:
-    """Test images with the submission's boxes (and the true boxes when the test labels exist)."""
-    if submission_csv is None or not Path(submission_csv).is_file():
-        raise Missing(f"not run: no submission ({submission_csv})")
-    sub = pd.read_csv(submission_csv, dtype=str, keep_default_na=False)
-    sub = sub[sub["id"].str.endswith("_image")]
-    predicted = {row_id[:-len("_image")]: [p for p in parse_prediction_string(text) if p.label == "opacity"]
-                 for row_id, text in zip(sub["id"], sub["PredictionString"])}
-    truth: dict[str, np.ndarray] = {}
-    if solution_dir is not None and (Path(solution_dir) / SOLUTION_IMAGE_CSV).is_file():
-        labels = read_image_labels(Path(solution_dir) / SOLUTION_IMAGE_CSV)
-        truth = dict(zip(labels["image_id"], labels["boxes"]))
-    meta = _meta(layout)
-    ids = [i for i in _pick(sorted(predicted), truth) if layout.prepared.png("test", i).is_file()]
-    if not ids:
-        raise Missing("not run: no prepared test image of the submission")
-    fig = _examples_figure(
-        [layout.prepared.png("test", i) for i in ids], [truth.get(i, np.zeros((0, 4))) for i in ids],
-        [np.array([[p.x1, p.y1, p.x2, p.y2] for p in predicted[i]]).reshape(-1, 4) for i in ids],
-        [np.array([p.conf for p in predicted[i]]) for i in ids], [meta[i] for i in ids], [i[:12] for i in ids])
-    return f"<p>Green: truth (when labelled), orange: submitted boxes with score.</p>{_figure_html(fig)}"
-
-
-def _meta(layout: RunLayout) -> dict[str, tuple[int, int]]:
+def image_meta(layout: RunLayout) -> dict[str, tuple[int, int]]:
     from covidkit.prepare import image_sizes
 
-    _require(layout.prepared.meta_csv)
-    return image_sizes(layout.prepared.dir)
+    require(layout.prepare.meta_csv)
+    return image_sizes(layout.prepare.dir)
 
 
-def _pick(ids: list[str], truth: dict[str, np.ndarray]) -> list[str]:
+def pick_examples(ids: list[str], truth: dict[str, np.ndarray]) -> list[str]:
     """Up to EXAMPLES ids, images with boxes first (they show more), deterministic."""
     with_box = [i for i in sorted(ids) if len(truth.get(i, ())) > 0]
     without = [i for i in sorted(ids) if len(truth.get(i, ())) == 0]
     return (with_box[: EXAMPLES * 3 // 4] + without)[:EXAMPLES]
 
 
-def _study_titles(layout: RunLayout) -> dict[str, str]:
+def study_titles(layout: RunLayout) -> dict[str, str]:
     """``{image_id: "label · p(label)"}`` from 06's OOF images, when it ran."""
-    path = layout.study.oof_images
+    path = layout.study_level.oof_images
     if not path.is_file():
         return {}
     images = pd.read_csv(path, dtype={"image_id": str})
@@ -311,17 +200,38 @@ def stages_section(layout: RunLayout) -> str:
     rows = pd.DataFrame(json.loads(record.read_text())).set_index("stage")
     kind = "a dry run: the profile's settings on a few items, 1-2 steps per model" if record == layout.dry_run_record \
         else "the run"
-    return f"<p>{html.escape(kind)} ({html.escape(record.name)})</p>" + _table_html(rows, digits=1)
+    return f"<p>{html.escape(kind)} ({html.escape(record.name)})</p>" + table_html(rows, digits=1)
 
 
-def fresh_tests_section(layout: RunLayout) -> str:
-    """07's scores on fresh test sets (``covidkit.fresh_tests``): per seed, their mean and spread."""
-    from covidkit.fresh_tests import read_fresh_test_sets
+def settings_section(layout: RunLayout) -> str:
+    """Each stage's resolved settings (its ``config.yaml``), one collapsible block per stage."""
+    from covidkit.stages import STAGES
 
-    fresh = read_fresh_test_sets(layout.submission.fresh_tests)
-    if fresh is None:
-        raise Missing("not run: no fresh_tests/scores.csv (07's fresh_test_seeds)")
-    return f"<p>{html.escape(fresh.summary())}</p>" + _table_html(fresh.per_seed.set_index("seed"), digits=3)
+    blocks = [f"<details><summary>{html.escape(notebook)}</summary><pre>{html.escape(path.read_text())}</pre></details>"
+              for notebook in STAGES if (path := layout.settings(notebook)).is_file()]
+    if not blocks:
+        raise Missing("not recorded: no stage folder holds a config.yaml")
+    return "\n".join(blocks)
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What a stage's report section reads: the run folder, the training labels' folder, the submission and the
+    test labels (``solution_dir``), when there are any."""
+
+    layout: RunLayout
+    input_dir: Path | None = None
+    submission_csv: Path | None = None
+    solution_dir: Path | None = None
+
+
+def stage_sections(inputs: ReportInputs) -> list[str]:
+    """Each stage's own sections, in stage order: a stage module declares ``REPORT_SECTIONS``, a list of
+    ``(title, build(inputs) -> html)``; a build that raises ``Missing`` shows its reason instead."""
+    from covidkit.stages import STAGES, stage_module
+
+    return [_section(title, lambda build=build: build(inputs))
+            for notebook in STAGES for title, build in getattr(stage_module(notebook), "REPORT_SECTIONS", ())]
 
 
 def write_report(run_dir: str | Path, submission_csv: str | Path | None = None, solution_dir: str | Path | None = None,
@@ -343,15 +253,13 @@ def write_report(run_dir: str | Path, submission_csv: str | Path | None = None, 
         checks = []
     elif checks is None:
         checks = check_run(layout.root, input_dir)
+    inputs = ReportInputs(layout, input_dir, Path(submission_csv) if submission_csv is not None else None,
+                          Path(solution_dir) if solution_dir is not None else None)
     sections = [
         _section("Did every model learn?", lambda: learning_section(checks, layout.is_dry_run)),
         _section("Stages: wall time and peak memory", lambda: stages_section(layout)),
-        _section("Opacity detectors, out of fold (03, 04, 05)", lambda: detectors_section(layout, input_dir)),
-        _section("Study classes and none, out of fold (06)", lambda: study_section(layout)),
-        _section("Submission score (07)", lambda: submission_section(submission_csv, solution_dir)),
-        _section("Fresh test sets (07)", lambda: fresh_tests_section(layout)),
-        _section("Out-of-fold examples", lambda: oof_examples_section(layout, input_dir)),
-        _section("Test examples", lambda: test_examples_section(layout, submission_csv, solution_dir)),
+        _section("Settings each stage ran with", lambda: settings_section(layout)),
+        *stage_sections(inputs),
     ]
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>covidkit report</title>"
@@ -364,3 +272,6 @@ def write_report(run_dir: str | Path, submission_csv: str | Path | None = None, 
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+__getattr__ = moved(__name__, {"study_section": "covidkit.stages.study_level.study_section"})

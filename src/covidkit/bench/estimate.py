@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covidkit.bench.models import ModelCost, load_costs
-from covidkit.stages import section_parameters
+from covidkit.profiles import load_profile, merge_section
 
 # The real data sets (the issue and the datasets' own documentation).
 SIIM_TRAIN, SIIM_TEST = 6334, 1263
@@ -56,8 +56,9 @@ class Workload:
     infer_scale: float = 1.0  # pixels of an inference item over a training item's
 
 
-def _full(stage: str) -> dict:
-    return section_parameters("full", stage)
+def _full(notebook: str) -> dict:
+    """The full profile's settings of a stage (``common``, then its section)."""
+    return merge_section(load_profile("full"), notebook, {})
 
 
 def workloads() -> list[Workload]:

@@ -57,7 +57,7 @@ def _classifier(batch: int, device: torch.device):
 def _fasterrcnn(batch: int, device: torch.device):
     from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn
 
-    model = build_fasterrcnn(arch="resnext101_32x8d", spec=DetectorSpec(train_size=512)).to(device)
+    model = build_fasterrcnn(arch="resnext101_32x8d", spec=DetectorSpec(input_size=512)).to(device)
     model.train()
     images = [torch.rand(3, 1024, 1024, device=device) for _ in range(batch)]
     targets = [{"boxes": torch.tensor([[200.0, 300.0, 420.0, 560.0], [600.0, 320.0, 800.0, 600.0]], device=device),
@@ -85,7 +85,7 @@ def _yolo(batch: int, device: torch.device):
 def _study(batch: int, device: torch.device):
     from covidkit.models.study import StudySpec, build_study_model
 
-    model = build_study_model(StudySpec(encoder="resnext101_32x8d", width=32, image_size=512)).to(device)
+    model = build_study_model(StudySpec(encoder="resnext101_32x8d", width=32, input_size=512)).to(device)
     x = torch.randn(batch, 3, 512, 512, device=device)
     label = torch.randint(0, 4, (batch,), device=device)
     mask = torch.rand(batch, 1, 512, 512, device=device).round()

@@ -103,7 +103,7 @@ def _steps(t: Tables) -> dict[str, Callable[[], object]]:
     from covidkit.oof import opacity_ap
     from covidkit.stacking import fit_stacker, oof_box_features, out_of_fold_probs, stacker_features
     from covidkit.submission import ImagePrediction, submission_frame, validate_submission
-    from covidkit.stages.study_level import choose_none_rule
+    from covidkit.study_scores import choose_none_rule
 
     params = FusionParams()
     rng = np.random.default_rng(1)

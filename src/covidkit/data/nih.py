@@ -24,6 +24,9 @@ from sklearn.model_selection import GroupShuffleSplit
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from covidkit import images
+from covidkit.deprecated import moved
+
 DATASET = "nih-chest-xrays"
 ENTRY_CSV = "Data_Entry_2017.csv"
 NO_FINDING = "No Finding"
@@ -74,14 +77,6 @@ def patient_split(table: pd.DataFrame, val_fraction: float, seed: int) -> tuple[
     return table.iloc[train_idx].reset_index(drop=True), table.iloc[val_idx].reset_index(drop=True)
 
 
-def read_grey(path: str | Path) -> np.ndarray:
-    """A grey uint8 image (RGBA and 16-bit PNGs of the NIH set are converted); raises on unreadable files."""
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if image is None:
-        raise OSError(f"cannot read image {path}")
-    return image
-
-
 def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
     """``image`` scaled so that its short side is ``size`` (area interpolation when shrinking)."""
     height, width = image.shape[:2]
@@ -110,13 +105,13 @@ class NihDataset(Dataset):
 
     def grey(self, index: int) -> np.ndarray:
         if self.cache_size is None:
-            return read_grey(self.paths[index])
+            return images.read_grey(self.paths[index])
         if index not in self._cache:
             self._cache[index] = self._decode(index)
         return self._cache[index]
 
     def _decode(self, index: int) -> np.ndarray:
-        return resize_short_side(read_grey(self.paths[index]), self.cache_size)
+        return resize_short_side(images.read_grey(self.paths[index]), self.cache_size)
 
     def fill_cache(self, threads: int) -> None:
         """Decode every image not cached yet, ``threads`` at a time (OpenCV releases the GIL while it decodes)."""
@@ -129,3 +124,6 @@ class NihDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = tv_tensors.Image(torch.from_numpy(self.grey(index))[None])
         return self.transform(image), self.targets[index]
+
+
+__getattr__ = moved(__name__, {"read_grey": "covidkit.images.read_grey"})

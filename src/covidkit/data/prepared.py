@@ -7,7 +7,7 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from covidkit.boxes import scale_boxes
-from covidkit.data.nih import read_grey
+from covidkit.images import read_grey
 
 TABLE_COLUMNS = ("image_id", "path", "orig_height", "orig_width", "boxes")
 

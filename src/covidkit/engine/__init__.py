@@ -40,7 +40,9 @@ The callables (all receive the device; they move their batch themselves, e.g. wi
   ``cfg.scheduler_interval == "step"``, else ``cfg.epochs``.
 - ``evaluate(model, device) -> {"val_x": float, ...}``: called every ``cfg.eval_every`` epochs and
   at the last one, on every rank, with the unwrapped model in eval mode under ``torch.no_grad()``;
-  it closes over its own validation loader. Values are averaged across ranks.
+  it closes over its own validation loader. Values are averaged across ranks. It may also return
+  ``(metrics, outputs)`` (e.g. its held-out predictions): ``fit`` returns the last evaluation's
+  ``outputs`` as ``FitResult.outputs`` (None when no evaluation ran, e.g. a finished run resumed).
 - ``sampler``: any Sampler with ``set_epoch(epoch)`` (so a resumed run draws the same order);
   under DDP it must also have ``num_replicas`` equal to the world size. ``sample_weights`` (one
   weight per sample, e.g. ``class_balanced_weights(labels)``) makes the engine build a
@@ -62,7 +64,10 @@ What the engine does for each run (``cfg.run_dir``; only rank 0 writes):
 - AMP (``torch.autocast`` + ``torch.amp.GradScaler``) on CUDA, float32 on CPU; gradient clipping
   and accumulation; DDP under ``torchrun`` (``WORLD_SIZE > 1``); tqdm bars and one line per epoch.
 
-Modules: ``config`` (TrainConfig), ``loop`` (fit, train_one_epoch, FitResult), ``checkpoint``,
+Around ``fit``: ``optim`` (``make_optimizer``, the one optimizer factory of every stage) and ``kfold`` (the
+K-fold driver: one model per validation split, its last evaluation predicting the held-out rows).
+
+Modules: ``config`` (TrainConfig), ``loop`` (fit, train_one_epoch, FitResult), ``optim``, ``kfold``, ``checkpoint``,
 ``distributed``, ``loaders`` (samplers, DataLoader, collate), ``schedules``, ``seed``, ``device``,
 ``history`` (metrics files and plots), ``yolo`` (ultralytics training).
 """

@@ -32,7 +32,8 @@ from covidkit.engine.loaders import make_train_loader, make_train_sampler
 from covidkit.engine.seed import derived_seed, rng_state, seed_everything, set_rng_state
 
 TrainStep = Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, Mapping[str, Any]]]
-EvalFn = Callable[[nn.Module, torch.device], Mapping[str, float]]
+# evaluate returns its metrics, or (metrics, outputs): ``fit`` returns the last evaluation's outputs
+EvalFn = Callable[[nn.Module, torch.device], Mapping[str, float] | tuple[Mapping[str, float], Any]]
 OptimizerFn = Callable[[nn.Module], Optimizer]
 SchedulerFn = Callable[[Optimizer, int], LRScheduler]
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -46,6 +47,7 @@ class FitResult:
     history: list[dict[str, float]]
     best_epoch: int | None = None
     best_value: float | None = None
+    outputs: Any = None  # what the last evaluation returned beside its metrics (None: no evaluation ran)
 
     @property
     def last_checkpoint(self) -> Path:
@@ -141,8 +143,12 @@ def fit(
 
     show = cfg.progress and info.is_main
     epochs = tqdm(range(start, run.epochs), desc="epochs", initial=start, total=run.epochs, disable=not show)
+    outputs = None
     for epoch in epochs:
-        history.append(_run_epoch(run, epoch, train_data, train_step, evaluate, collate_fn, show))
+        row, evaluated = _run_epoch(run, epoch, train_data, train_step, evaluate, collate_fn, show)
+        history.append(row)
+        if evaluated is not None:
+            outputs = evaluated.outputs
         state = _training_state(run, epoch + 1, history)  # every rank: gathers the RNG states
         if info.is_main:
             _write_epoch(state, cfg, history)
@@ -150,7 +156,7 @@ def fit(
         if on_epoch_end is not None:
             _isolated_rng(on_epoch_end, epoch + 1, history[-1])
     D.barrier()
-    return _result(cfg, history)
+    return _result(cfg, history, outputs)
 
 
 @dataclass
@@ -217,8 +223,9 @@ def _run_epoch(
     evaluate: EvalFn | None,
     collate_fn: Callable | None,
     show: bool,
-) -> dict[str, float]:
-    """Train one epoch, step a per-epoch scheduler, evaluate when due; returns the epoch's row."""
+) -> tuple[dict[str, float], _Evaluation | None]:
+    """Train one epoch, step a per-epoch scheduler, evaluate when due; returns the epoch's row and the evaluation
+    (None when none was due)."""
     cfg = run.cfg
     started = time.perf_counter()
     row: dict[str, float] = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
@@ -234,12 +241,14 @@ def _run_epoch(
     if run.scheduler is not None and per_step is None:
         run.scheduler.step()
     row.update({f"train_{k}": v for k, v in D.mean_across_ranks(logs).items()})
+    evaluation = None
     if evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == run.epochs):
-        row.update(_evaluate(run.model, evaluate, run.device))
+        evaluation = _evaluate(run.model, evaluate, run.device)
+        row.update(evaluation.metrics)
         if cfg.monitor and cfg.monitor not in row:
             raise KeyError(f"monitor {cfg.monitor!r} is not among the epoch's metrics {sorted(row)}")
     row["time_s"] = time.perf_counter() - started
-    return row
+    return row, evaluation
 
 
 def _training_state(run: _Run, epoch: int, history: list[dict[str, float]]) -> dict[str, Any]:
@@ -285,15 +294,22 @@ def _batches_per_epoch(samples: int, cfg: TrainConfig) -> int:
     return samples // cfg.batch_size if cfg.drop_last else math.ceil(samples / cfg.batch_size)
 
 
+@dataclass
+class _Evaluation:
+    metrics: dict[str, float]  # averaged over ranks
+    outputs: Any  # what evaluate returned beside its metrics (this rank's), or None
+
+
 @torch.no_grad()
-def _evaluate(model: nn.Module, evaluate: EvalFn, device: torch.device) -> dict[str, float]:
+def _evaluate(model: nn.Module, evaluate: EvalFn, device: torch.device) -> _Evaluation:
     """``evaluate`` on this rank (bare model, eval mode, no grad); metrics averaged over ranks."""
     model.eval()
     try:
-        metrics = {name: float(v) for name, v in evaluate(model, device).items()}
+        returned = evaluate(model, device)
     finally:
         model.train()
-    return D.mean_across_ranks(metrics)
+    metrics, outputs = returned if isinstance(returned, tuple) else (returned, None)
+    return _Evaluation(D.mean_across_ranks({name: float(v) for name, v in metrics.items()}), outputs)
 
 
 def _write_epoch(state: dict[str, Any], cfg: TrainConfig, history: list[dict[str, float]]) -> None:
@@ -373,8 +389,8 @@ def _summary(row: Mapping[str, float], epochs: int) -> str:
     return f"epoch {row['epoch']}/{epochs}  {values}"
 
 
-def _result(cfg: TrainConfig, history: list[dict[str, float]]) -> FitResult:
+def _result(cfg: TrainConfig, history: list[dict[str, float]], outputs: Any) -> FitResult:
     best = best_row(history, cfg.monitor, cfg.monitor_mode) if cfg.monitor else None
     if best is None:
-        return FitResult(cfg.path, history)
-    return FitResult(cfg.path, history, int(best["epoch"]), best[cfg.monitor])
+        return FitResult(cfg.path, history, outputs=outputs)
+    return FitResult(cfg.path, history, int(best["epoch"]), best[cfg.monitor], outputs)

@@ -49,6 +49,17 @@ class YoloTrainConfig:
     precision: str = "auto"  # auto: bf16 on GPUs that support it, else fp32 (see the module docstring)
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_stage(cls, cfg, model: str) -> YoloTrainConfig:
+        """From a stage Config (02, 04): its fields of the same name (device, workers, seed, save_period, ...),
+        ``input_size`` as ``imgsz``, ``batch_size`` as ``batch``, ``hyp`` as ``overrides``. ultralytics counts
+        epochs, not steps: a dry run's few images make one step an epoch, so ``max_steps`` caps the epochs."""
+        from covidkit.derived import derived
+
+        epochs = cfg.epochs if cfg.max_steps is None else min(cfg.epochs, cfg.max_steps)
+        return derived(cls, cfg, model=model, imgsz=cfg.input_size, epochs=epochs, batch=cfg.batch_size,
+                       overrides=cfg.hyp)
+
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r} "

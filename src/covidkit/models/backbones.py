@@ -61,6 +61,14 @@ def save_backbone(model: nn.Module, path: str | Path, arch: str, **meta) -> Path
                             "meta": meta}, path)
 
 
+def backbone_file(choice: str | Path | None, pretrained: Path) -> Path | None:
+    """The backbone file a stage starts from: ``pretrained`` (01's ``backbone.pt``) for None or ``"nih"``, a
+    ``.pt``/``.pth`` file as given; None for anything else (an architecture name: random weights)."""
+    if choice is None or choice == "nih":
+        return pretrained
+    return Path(choice) if str(choice).endswith((".pt", ".pth")) else None
+
+
 def load_backbone(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
     """``(arch, state_dict)`` of a checkpoint written by ``save_backbone``."""
     ckpt = load_tagged(path, BACKBONE_FORMAT, "backbone checkpoint", "01_pretrain_nih_resnext")

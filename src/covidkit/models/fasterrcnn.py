@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import InitVar, asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
+from covidkit.deprecated import warn_renamed
 from covidkit.model_file import load_tagged, save_checkpoint, unwrap
 from covidkit.models.backbones import check_arch, load_backbone
 from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -33,7 +34,7 @@ class DetectorSpec:
     profile drops the first and shrinks the second.
     """
 
-    train_size: int = 512  # images are resized to this side (the prepared images are square)
+    input_size: int = 512  # training images are resized to this side (the prepared images are square)
     trainable_layers: int = 5  # backbone stages trained, from the top (5: all)
     fpn_layers: tuple[int, ...] = (1, 2, 3, 4)  # ResNet stages feeding the FPN
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per FPN level, plus one for its extra pool level
@@ -53,8 +54,12 @@ class DetectorSpec:
     # torchvision freezes batch norms (statistics of small detection batches are noisy); a backbone
     # that pretraining barely moved (smoke) learns faster with them trained
     frozen_batchnorm: bool = True
+    train_size: InitVar[int | None] = None  # deprecated name of input_size (and the key in older detector files)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, train_size: int | None) -> None:
+        if train_size is not None:
+            warn_renamed("DetectorSpec.train_size", "DetectorSpec.input_size")
+            self.input_size = train_size
         self.fpn_layers, self.anchor_sizes = tuple(self.fpn_layers), tuple(self.anchor_sizes)
         self.anchor_scales = tuple(self.anchor_scales)
         if len(self.anchor_sizes) != len(self.fpn_layers) + 1:
@@ -87,7 +92,7 @@ def build_fasterrcnn(arch: str | None = None, backbone_checkpoint: str | Path | 
         backbone.body.load_state_dict(state)
     levels = [str(i) for i in range(len(spec.fpn_layers))]  # the FPN's names for its levels
     return FasterRCNN(
-        backbone, min_size=spec.train_size, max_size=spec.train_size,
+        backbone, min_size=spec.input_size, max_size=spec.input_size,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
         rpn_anchor_generator=AnchorGenerator(tuple(tuple(s * m for m in spec.anchor_scales) for s in spec.anchor_sizes),
                                              ((0.5, 1.0, 2.0),) * len(spec.anchor_sizes)),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from covidkit.data.siim import STUDY_CLASSES
+from covidkit.deprecated import warn_renamed
 from covidkit.models.backbones import check_arch, load_backbone
 from covidkit.models.unet import PLAIN, PlainEncoder, ResNetEncoder, UNetDecoder, ZONES, zone_summary
 from covidkit.prepare import resize_square
@@ -40,7 +41,6 @@ from covidkit.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NOTEBOOK = "06_study_level"
 STUDY_MODEL_FORMAT = "covidkit.study/2"  # /2: the U-Net family (encoder, decoder, heads)
-MODEL_FILE = "study_model.pt"
 NEGATIVE = STUDY_CLASSES.index("negative")
 
 
@@ -50,17 +50,21 @@ class StudySpec:
 
     encoder: str = "resnext101_32x8d"  # a torchvision ResNet (ARCHS of covidkit.models.backbones) or "plain"
     width: int = 16  # the plain encoder's first-level channels; the decoder's finest level (x2, x4 ... up)
-    image_size: int = 224  # the network's input side
+    input_size: int = 224  # the network's input side
     prepared_size: int = 1024  # side of 00's square PNGs: inference resizes to it first, as 00 did
     classes: list[str] = field(default_factory=lambda: list(STUDY_CLASSES))
     dropout: float = 0.5
     equalize: bool = False  # histogram-equalise each image first (exposure and contrast vary between films)
+    image_size: InitVar[int | None] = None  # deprecated name of input_size (and the key in older model files)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, image_size: int | None) -> None:
+        if image_size is not None:
+            warn_renamed("StudySpec.image_size", "StudySpec.input_size")
+            self.input_size = image_size
         if self.encoder != PLAIN:
             check_arch(self.encoder)
-        if self.image_size < 32 or self.prepared_size < 32:
-            raise ValueError(f"image sizes must be >= 32, got {self.image_size} and {self.prepared_size}")
+        if self.input_size < 32 or self.prepared_size < 32:
+            raise ValueError(f"image sizes must be >= 32, got {self.input_size} and {self.prepared_size}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -130,15 +134,10 @@ def load_study_model(path: str | Path, device: str | torch.device = "cpu") -> tu
     return model.to(device).eval(), spec
 
 
-def study_models(run_dir: str | Path) -> list[Path]:
-    """The fold checkpoints notebook 06 wrote in a run folder, in split order."""
-    return sorted((Path(run_dir) / NOTEBOOK).glob(f"split*/{MODEL_FILE}"), key=lambda p: int(p.parent.name[5:]))
-
-
 def eval_transform(spec: StudySpec) -> v2.Compose:
-    """Prepared grey uint8 ``[1, S, S]`` -> normalised float ``[3, image_size, image_size]``."""
+    """Prepared grey uint8 ``[1, S, S]`` -> normalised float ``[3, input_size, input_size]``."""
     return v2.Compose([
-        v2.Resize((spec.image_size, spec.image_size), antialias=True),
+        v2.Resize((spec.input_size, spec.input_size), antialias=True),
         *([v2.RandomEqualize(p=1.0)] if spec.equalize else []),
         v2.ToDtype(torch.float32, scale=True), v2.RGB(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
@@ -190,12 +189,6 @@ def predict_outputs(model: nn.Module, spec: StudySpec, images: Sequence[np.ndarr
     if not study:
         return np.zeros((0, len(spec.classes)), np.float32), np.zeros(0, np.float32)
     return torch.cat(study).numpy(), torch.cat(none).numpy()
-
-
-def predict_study_probs(model: nn.Module, spec: StudySpec, images: Sequence[np.ndarray],
-                        device: str | torch.device = "cpu", hflip_tta: bool = False) -> np.ndarray:
-    """Per-image softmax ``[N, 4]`` over ``STUDY_CLASSES`` of grey uint8 images of any size."""
-    return predict_outputs(model, spec, images, device, hflip_tta)[0]
 
 
 NONE_RULES = ("head", "negative", "boxes")

@@ -1,12 +1,14 @@
 """The pipeline's stages: one module per numbered notebook, in order (this package's own module stays light:
 ``covidkit --help`` imports it).
 
-Each stage module has a ``Config`` dataclass (the stage's single source of defaults: the notebook's
-``parameters`` cell and the profile sections use its field names, and a test checks they agree), a
+Each stage module has a ``Config`` dataclass (the stage's single source of defaults; the profile sections use
+its field names; the notebook's ``parameters`` cell carries only ``NOTEBOOK_PARAMETERS``: the profile, the folders,
+the dry-run switch and a dict of overrides, ``StageConfig.from_namespace``), a
 ``run(cfg) -> Result`` that does the work, ``describe(result) -> str`` (what ``main`` prints), and ``main()``,
 so that ``covidkit run STAGE`` and ``python -m covidkit.stages.<module>`` (under ``torchrun`` too) run the
 same code as the notebook. Each module's docstring says what the stage reads and writes (paths from
-``covidkit.layout``).
+``covidkit.layout``). A stage's ``run`` first records the settings it runs with (``write_settings``:
+``<stage folder>/config.yaml``, which the report shows).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import sys
 from dataclasses import MISSING, dataclass, fields
 from types import ModuleType
 
+from covidkit.deprecated import moved
 from covidkit.profiles import ProfileError, load_profile, merge_section, parse_overrides
 
 STAGES = {  # notebook -> module of covidkit.stages
@@ -45,6 +48,8 @@ def stage_module(stage: str) -> ModuleType:
     return importlib.import_module(f"covidkit.stages.{STAGES[notebook_of(stage)]}")
 
 
+# a notebook's parameters cell: the profile, the folders, the dry-run switch, and every other setting in one dict
+NOTEBOOK_PARAMETERS = ("profile", "input_dir", "run_dir", "dry_run", "overrides")
 DRY_RUN_ITEMS = 4  # a dry run's images (or volumes, slices) per split
 DRY_RUN_STEPS = 2  # a dry run's optimizer steps per model
 
@@ -71,8 +76,18 @@ class StageConfig:
 
     @classmethod
     def from_namespace(cls, namespace: dict):
-        """From a notebook's parameters (its globals after the ``parameters`` cell)."""
-        return cls(**{name: namespace[name] for name in field_names(cls) if name in namespace})
+        """From a notebook's parameters (its globals after the ``parameters`` cell): ``profile``'s ``common`` and
+        stage sections (None: no profile, the defaults), then ``input_dir``, ``run_dir``, ``dry_run`` where not
+        None, then ``overrides`` (a key that is not a field is an error). ``covidkit pipeline`` passes no profile
+        and every resolved setting in ``overrides``."""
+        notebook = notebook_of(cls.__module__.rsplit(".", 1)[1])
+        given = {k: namespace[k] for k in ("input_dir", "run_dir", "dry_run") if namespace.get(k) is not None}
+        settings = {**given, **(namespace.get("overrides") or {})}
+        profile = namespace.get("profile")
+        if profile:
+            return cls.from_params(section_parameters(profile, notebook, settings, drop_none=False))
+        check_settings(cls, notebook, settings)
+        return cls.from_params(settings)
 
     @property
     def max_items(self) -> int | None:
@@ -90,23 +105,34 @@ class StageConfig:
         return RunLayout(self.run_dir)
 
 
-def limit_rows(table, n: int | None, by: str = "split"):
-    """``n`` rows of each ``by`` group (the table itself when ``n`` is None): with a ``label`` column, one of each
-    label first, so that a dry run still sees every class."""
-    if n is None:
-        return table
-    keys = [by, "label"] if "label" in table else [by]
-    order = table.assign(_k=table.groupby(keys, sort=False).cumcount()).sort_values("_k", kind="stable")
-    return order.groupby(by, sort=False, group_keys=False).head(n).drop(columns="_k").sort_index()
+def notebook_of_config(cfg) -> str:
+    """The notebook of a stage's Config instance (from the module that defines its class)."""
+    return notebook_of(type(cfg).__module__.rsplit(".", 1)[1])
 
 
-def training_rows(table, split: int, max_items: int | None):
-    """The rows that validation split ``split``'s model trains on (every other split); in a dry run
-    ``max_items`` of them in all (labels taking turns), as the held-out split has."""
-    train = table[table["split"] != split]
-    if max_items is None:
-        return train
-    return train.loc[limit_rows(train.assign(split=-1), max_items).index]
+def settings_yaml(cfg) -> str:
+    """A stage Config's resolved settings as YAML (field order; tuples as lists)."""
+    import json
+    from dataclasses import asdict
+
+    import yaml
+
+    return yaml.safe_dump(json.loads(json.dumps(asdict(cfg), default=str)), sort_keys=False)
+
+
+def write_settings(cfg):
+    """Write the settings a stage runs with to ``<stage folder>/config.yaml`` (rank 0 only; as ultralytics'
+    ``args.yaml``), before it runs: a failed stage still says what it tried. Returns the path (None on other ranks)."""
+    import os
+
+    from covidkit.atomic import atomic_write_text
+
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    path = cfg.layout.settings(notebook_of_config(cfg))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, settings_yaml(cfg))
+    return path
 
 
 def field_names(cls) -> list[str]:
@@ -124,18 +150,23 @@ def defaults(cls) -> dict:
     return out
 
 
-def section_parameters(profile: str, stage: str, overrides: dict | None = None) -> dict:
-    """``common``, then the stage's section of ``profile``, then ``overrides``; a section key that the stage's
-    ``Config`` does not have is an error (a typo in a profile must not pass silently)."""
-    notebook = notebook_of(stage)
-    params = load_profile(profile)
-    config = stage_module(notebook).Config
-    unknown = sorted(set(params.get(notebook) or {}) - set(field_names(config)))
-    unknown += sorted(set(overrides or {}) - set(field_names(config)))
+def check_settings(config, notebook: str, *settings: dict) -> None:
+    """A key that the stage's ``Config`` does not have is an error (a typo must not pass silently)."""
+    unknown = sorted({k for d in settings for k in d} - set(field_names(config)))
     if unknown:
         raise ProfileError(f"{notebook} has no setting {', '.join(unknown)} (its settings: "
                            f"{', '.join(field_names(config))})")
-    return merge_section(params, notebook, {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+def section_parameters(profile: str, stage: str, overrides: dict | None = None, drop_none: bool = True) -> dict:
+    """``common``, then the stage's section of ``profile``, then ``overrides`` (without their None values unless
+    ``drop_none`` is False: a command line's options left out); a key of the section or of ``overrides`` that the
+    stage's ``Config`` does not have is an error."""
+    notebook = notebook_of(stage)
+    params = load_profile(profile)
+    check_settings(stage_module(notebook).Config, notebook, params.get(notebook) or {}, overrides or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None or not drop_none}
+    return merge_section(params, notebook, overrides)
 
 
 def run_stage(stage: str, profile: str = "smoke", overrides: dict | None = None):
@@ -169,3 +200,8 @@ def stage_main(module_name: str, argv: list[str] | None = None) -> None:
     module, result = run_stage(module_name.rsplit(".", 1)[1], args.profile, overrides_of(args))
     if dist_info().is_main:
         print(module.describe(result))
+
+
+# moved to the K-fold driver
+__getattr__ = moved(__name__, {"limit_rows": "covidkit.engine.kfold.limit_rows",
+                               "training_rows": "covidkit.engine.kfold.training_rows"})

@@ -18,7 +18,10 @@ from pathlib import Path
 import pandas as pd
 
 from covidkit.ct.cogseg.ablation import VARIANTS, AblationConfig, AblationResult, ablation_table, predict_masks, run_ablation
-from covidkit.stages import StageConfig, stage_main
+from covidkit.derived import derived
+from covidkit.learning import DSC_MARGIN, LearningCheck, RIVAL_MARGIN
+from covidkit.layout import RunLayout
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 
 @dataclass
@@ -40,15 +43,13 @@ class Config(StageConfig):
     progress: bool = True
 
     def ablation(self, dataset: str) -> AblationConfig:
-        """One dataset's ablation settings (the paper's augmentation on MedSeg only)."""
-        return AblationConfig(
-            input_dir=self.input_dir, run_dir=str(self.layout.cogseg.dataset(dataset)), dataset=dataset,
-            size=self.size, base_channels=self.base_channels, epochs=self.epochs, batch_size=self.batch_size,
-            lr=self.lr, weight_decay=self.weight_decay, class_balance=self.class_balance,
-            augment=self.augment and dataset == "medseg", seed=self.seed, variants=list(self.variants or VARIANTS),
+        """One dataset's ablation settings: this Config's fields of AblationConfig's names, the paper's
+        augmentation on MedSeg only, a dry run's caps."""
+        return derived(
+            AblationConfig, self, run_dir=str(self.layout.ct_cogseg.dataset(dataset)), dataset=dataset,
+            augment=self.augment and dataset == "medseg", variants=list(self.variants or VARIANTS),
             max_train_slices=_cap(self.max_train_slices, self.max_items),
-            max_test_slices=_cap(self.max_test_slices, self.max_items),
-            max_steps=self.max_steps, num_workers=self.workers, progress=self.progress,
+            max_test_slices=_cap(self.max_test_slices, self.max_items), num_workers=self.workers,
         )
 
 
@@ -64,12 +65,13 @@ class Result:
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     from covidkit import plots
     from covidkit.ct.cogseg.medseg import CTSegDataset
     from covidkit.ct.cogseg.plots import plot_predictions
     from covidkit.engine import read_metrics
 
-    out = cfg.layout.cogseg
+    out = cfg.layout.ct_cogseg
     results = {name: run_ablation(cfg.ablation(name)) for name in cfg.datasets}
     table = ablation_table(results)
     out.dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,44 @@ def run(cfg: Config) -> Result:
 def describe(result: Result) -> str:
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         return result.table.round(4).to_string()
+
+
+COGSEG_PLAIN, COGSEG_FULL = "U-Net", "+edge-guided RMI"  # rows of covidkit.ct.cogseg.ablation.VARIANTS
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """Every variant's test DSC against the untrained network; the full method against the plain U-Net (a rival:
+    ``RIVAL_MARGIN``, ties allowed)."""
+    from covidkit.ct.cogseg.ablation import UNTRAINED
+
+    stage, figure = "10_ct_cogseg", "test lesion DSC"
+    if not layout.ct_cogseg.dir.is_dir():
+        return []
+    if not layout.ct_cogseg.ablation.is_file():
+        return [LearningCheck.absent(stage, COGSEG_FULL, figure, "untrained",
+                                     f"{layout.ct_cogseg.ablation.name} not written")]
+    table = pd.read_csv(layout.ct_cogseg.ablation)
+    checks = []
+    for dataset, rows in table.groupby("dataset", sort=False):
+        rows = rows.set_index("variant")
+        if UNTRAINED not in rows.index:
+            checks.append(LearningCheck.absent(stage, f"{COGSEG_FULL} ({dataset})", figure, "untrained",
+                                               f"no row {UNTRAINED!r} in {layout.ct_cogseg.ablation.name}"))
+        else:
+            baseline = float(rows.loc[UNTRAINED, "DSC"])
+            for variant, row in rows.drop(index=UNTRAINED).iterrows():
+                checks.append(LearningCheck(stage, f"{variant} ({dataset})", figure, float(row["DSC"]), baseline,
+                                            "untrained", DSC_MARGIN, float(row["lesion % pred sd"]) / 100))
+        absent = [v for v in (COGSEG_PLAIN, COGSEG_FULL) if v not in rows.index]
+        if absent:
+            checks.append(LearningCheck.absent(stage, f"{COGSEG_FULL} ({dataset})", figure, COGSEG_PLAIN,
+                                               f"no row {', '.join(map(repr, absent))} in the ablation"))
+        else:
+            checks.append(LearningCheck(stage, f"{COGSEG_FULL} ({dataset})", figure,
+                                        float(rows.loc[COGSEG_FULL, "DSC"]), float(rows.loc[COGSEG_PLAIN, "DSC"]),
+                                        COGSEG_PLAIN, RIVAL_MARGIN,
+                                        float(rows.loc[COGSEG_FULL, "lesion % pred sd"]) / 100, rival=True))
+    return checks
 
 
 def main(argv: list[str] | None = None) -> None:

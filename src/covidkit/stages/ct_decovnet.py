@@ -1,6 +1,6 @@
 """Stage 11: DeCoVNet, CT volume classification (COVID-19 or not) and weakly supervised lesion localization.
 
-The method is :mod:`covidkit.ct.decovnet` (:func:`covidkit.ct.decovnet.pipeline.run_decovnet`): volumes
+The method is :mod:`covidkit.ct.decovnet` (:func:`covidkit.ct.decovnet.method.run_decovnet`): volumes
 resampled and windowed, a 2D lung U-Net, DeCoVNet trained on the training cases, the held-out cases scored
 and their lesion localized from the class activation map. This stage fills its settings from the profile,
 caps the cases and steps in a dry run, and draws the figures.
@@ -14,13 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 
 from covidkit.ct.decovnet.localize import LocalizationConfig
-from covidkit.ct.decovnet.pipeline import DeCoVNetConfig, DeCoVNetRun, predict_volume, run_decovnet
+from covidkit.ct.decovnet.lungmask import UnsupervisedLungConfig
+from covidkit.ct.decovnet.method import AugmentConfig, DeCoVNetConfig, DeCoVNetRun, predict_volume, run_decovnet
 from covidkit.ct.decovnet.volumes import DATASET_DIR
-from covidkit.stages import StageConfig, stage_main
+from covidkit.derived import derived
+from covidkit.learning import AUROC_MARGIN, LearningCheck, finite, read_json
+from covidkit.layout import RunLayout
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 
 @dataclass
@@ -33,25 +38,31 @@ class Config(StageConfig):
     lung_epochs: int = 10
     lung_slices_per_case: int = 32  # U-Net training slices per case
     lung_min_dice: float = 0.5  # below this Dice with the unsupervised mask, the U-Net's mask is replaced by it
+    lung_batch_size: int = 16  # U-Net slices per step
+    lung_lr: float = 1e-3  # U-Net, Adam
+    unsupervised: dict = field(default_factory=dict)  # UnsupervisedLungConfig fields to override (e.g. air_hu)
     epochs: int = 100  # classifier
     lr: float = 1e-3  # Adam, cosine decay (the paper: 1e-5 at batch 1; the README says why not here)
+    weight_decay: float = 0.0  # classifier
     batch_size: int = 8  # volumes per step
     mask_outside_lungs: bool = True  # the image channel is 0 outside the lung mask
+    augment: dict | None = field(default_factory=dict)  # AugmentConfig fields to override; None: no augmentation
     test_fraction: float = 0.3  # hold-out when labels.csv has no split column
     workers: int = 0  # DataLoader workers
-    localization: str = "density"  # hit_rate's rule: "density" (no CAM; better on every dev seed) or "cam"
+    # hit_rate's rule: "density" (no CAM; better on every dev seed) or "cam"; or a dict of LocalizationConfig fields
+    localization: str | dict = "density"
     examples: int = 4  # positive held-out cases drawn with their CAM
     progress: bool = True
 
     def method(self) -> DeCoVNetConfig:
-        """The method's settings (the paper's where this stage does not set them)."""
-        return DeCoVNetConfig(
-            target_spacing=tuple(self.target_spacing), input_size=tuple(self.input_size), test_fraction=self.test_fraction,
-            seed=self.seed, lung_size=self.lung_size, lung_width=self.lung_width, lung_epochs=self.lung_epochs,
-            lung_slices_per_case=self.lung_slices_per_case, lung_min_dice=self.lung_min_dice, epochs=self.epochs,
-            lr=self.lr, batch_size=self.batch_size, mask_outside_lungs=self.mask_outside_lungs,
-            num_workers=self.workers, progress=self.progress, max_cases=self.max_items,
-            max_steps=self.max_steps, localization=LocalizationConfig(rule=self.localization),
+        """The method's settings: this Config's fields of DeCoVNetConfig's names (the paper's where this stage
+        does not set them), the nested ones from their dicts, a dry run's caps."""
+        rule = {"rule": self.localization} if isinstance(self.localization, str) else self.localization
+        return derived(
+            DeCoVNetConfig, self, num_workers=self.workers, max_cases=self.max_items,
+            augment=None if self.augment is None else derived(AugmentConfig, SimpleNamespace(**self.augment)),
+            unsupervised=derived(UnsupervisedLungConfig, SimpleNamespace(**self.unsupervised)),
+            localization=derived(LocalizationConfig, SimpleNamespace(**rule)),
         )
 
 
@@ -66,11 +77,12 @@ class Result:
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     from covidkit import plots
     from covidkit.ct.decovnet.plots import plot_localization, plot_roc_pr
     from covidkit.engine import read_metrics
 
-    out = cfg.layout.decovnet
+    out = cfg.layout.ct_decovnet
     method = cfg.method()
     decovnet = run_decovnet(Path(cfg.input_dir) / DATASET_DIR, out.dir, method)
     predictions = decovnet.predictions
@@ -90,6 +102,27 @@ def run(cfg: Config) -> Result:
 
 def describe(result: Result) -> str:
     return pd.Series(result.metrics, name="held-out").to_string() + f"\nfolder: {result.out_dir}"
+
+
+HU_HISTOGRAM_KEYS = ("hist_auc", "hu_share_auc")  # 11's held-out AUCs of HU-histogram classifiers
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """The held-out ROC AUC against the better HU-histogram classifier (chance for runs that predate it)."""
+    stage, model, figure = "11_ct_decovnet", "DeCoVNet", "held-out ROC AUC"
+    out = layout.ct_decovnet
+    if not out.dir.is_dir():
+        return []
+    metrics = read_json(out.metrics)
+    if metrics is None or not finite(metrics.get("roc_auc")) or not out.predictions.is_file():
+        return [LearningCheck.absent(stage, model, figure, "HU histogram",
+                                     f"no finite roc_auc in {out.metrics.name} or no {out.predictions.name}")]
+    probs = pd.read_csv(out.predictions)["prob"]
+    histogram = [metrics[k] for k in HU_HISTOGRAM_KEYS if finite(metrics.get(k))]
+    baseline, name = (max(histogram), "HU histogram") if histogram else (0.5, "chance")
+    n = metrics.get("n", len(probs))
+    return [LearningCheck(stage, model, f"{figure} ({n} volumes)", metrics["roc_auc"], baseline, name, AUROC_MARGIN,
+                          float(probs.std(ddof=0)))]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ choice (``covidkit.ensemble.tuned_out_of_fold``).
 """
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,18 @@ from covidkit.baselines import prior_box_oof
 from covidkit.data.siim import COMPETITION, read_image_labels
 from covidkit.ensemble import (
     FusionParams, ap_table, best_fusion, common_images, fuse_oof, grid_fusions, operating_point, precision_recall,
-    restrict, tuned_out_of_fold,
+    tuned_out_of_fold,
 )
-from covidkit.oof import OofPredictions, read_oof, write_oof
+from covidkit.oof import OofPredictions, opacity_ap, read_oof, restrict, write_oof
 from covidkit.plots import pr_curves, plt
 from covidkit.prepare import image_sizes
-from covidkit.stages import StageConfig, stage_main
+from covidkit.learning import AP_MARGIN, DETECTOR_FIGURE, RIVAL_MARGIN, LearningCheck, image_score_spread
+from covidkit.layout import RunLayout
+from covidkit.report import (
+    Missing, detector_oofs, examples_figure, figure_html, image_meta, label_boxes, pick_examples, prior_box_aps,
+    study_titles, table_html,
+)
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 ENSEMBLE = "WBF ensemble"
 TUNED = "WBF ensemble, parameters tuned on these images"
@@ -82,9 +89,10 @@ def prior_boxes(images: pd.DataFrame, truth: dict[str, np.ndarray],
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     layout = cfg.layout
-    singles = {"Faster R-CNN": read_oof(layout.fasterrcnn.oof), "YOLO": read_oof(layout.yolo.oof)}
-    sizes = image_sizes(layout.prepared.dir)
+    singles = {"Faster R-CNN": read_oof(layout.siim_fasterrcnn.oof), "YOLO": read_oof(layout.siim_yolo.oof)}
+    sizes = image_sizes(layout.prepare.dir)
     labels = read_image_labels(Path(cfg.input_dir) / COMPETITION / "train_image_level.csv")
     truth = dict(zip(labels["image_id"], labels["boxes"]))
     shared = common_images(list(singles.values()))
@@ -105,7 +113,7 @@ def run(cfg: Config) -> Result:
     oofs[PRIOR_BOXES] = prior_boxes(oofs["Faster R-CNN"].images, truth, sizes)
     table = ap_table(oofs, truth)
 
-    out = layout.ensemble
+    out = layout.ensemble_wbf
     out.dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.ap_table)
     out.ap_table_md.write_text(markdown_table(table))
@@ -126,6 +134,90 @@ def run(cfg: Config) -> Result:
 
 def describe(result: Result) -> str:
     return markdown_table(result.table) + f"fusion parameters for 07: {result.params.to_dict()}"
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """The fusion's OOF AP (05's table) against the better single detector (a rival: ``RIVAL_MARGIN``, ties
+    allowed) and against the prior-box detector."""
+    from covidkit.oof import read_oof
+
+    stage, out = "05_ensemble_wbf", layout.ensemble_wbf
+    if not out.dir.is_dir():
+        return []
+    if not out.ap_table.is_file():
+        return [LearningCheck.absent(stage, ENSEMBLE, DETECTOR_FIGURE, name, f"{out.ap_table.name} not written")
+                for name in ("the better detector alone", PRIOR_BOXES)]
+    table = pd.read_csv(out.ap_table, index_col=0)["ap50"]
+    row = TUNED_OOF if TUNED_OOF in table.index else ENSEMBLE
+    value = float(table[row])
+    singles = table.reindex(["Faster R-CNN", "YOLO"]).dropna()
+    if singles.empty:
+        rival = LearningCheck.absent(stage, row, DETECTOR_FIGURE, "the better detector alone",
+                                     f"no single detector's AP in {out.ap_table.name}")
+    else:
+        best = singles.idxmax()
+        rival = LearningCheck(stage, row, DETECTOR_FIGURE, value, float(singles[best]), f"{best} alone", RIVAL_MARGIN,
+                              rival=True)
+    if PRIOR_BOXES in table.index and np.isfinite(table[PRIOR_BOXES]):
+        fused = read_oof(out.fused_oof) if out.fused_oof.is_file() else None
+        spread = None if fused is None else image_score_spread(fused.boxes, fused.images)
+        prior = LearningCheck(stage, row, DETECTOR_FIGURE, value, float(table[PRIOR_BOXES]), PRIOR_BOXES, AP_MARGIN,
+                              spread)
+    else:
+        prior = LearningCheck.absent(stage, row, DETECTOR_FIGURE, PRIOR_BOXES,
+                                     f"no row {PRIOR_BOXES!r} in {out.ap_table.name}")
+    return [rival, prior]
+
+
+def detectors_section(layout: RunLayout, input_dir: Path | None) -> str:
+    """OOF opacity AP@0.5 of each detector and the fusion, PR curves, and 05's table."""
+    from covidkit.ensemble import precision_recall
+
+    parts = []
+    table_path = layout.ensemble_wbf.ap_table
+    if table_path.is_file():
+        parts += ["<h3>Single models and the fusion, same OOF images (05)</h3>",
+                  table_html(pd.read_csv(table_path, index_col=0))]
+    else:
+        parts.append(f'<p class="missing">05 single-vs-fused table: not run ({table_path} missing)</p>')
+    oofs = detector_oofs(layout)
+    if not oofs:
+        raise Missing("not run: no OOF boxes of 03, 04 or 05")
+    truth = label_boxes(input_dir)
+    priors = prior_box_aps(layout)
+    rows = [{"model": name, "images": len(oof.images), "boxes": len(oof.boxes), "opacity AP@0.5": opacity_ap(oof, truth),
+             "prior boxes AP@0.5": priors.get(name, np.nan)} for name, oof in oofs.items()]
+    curves = {f"{name} (AP {row['opacity AP@0.5']:.3f})": precision_recall(oof, truth)
+              for (name, oof), row in zip(oofs.items(), rows)}
+    parts += ["<h3>OOF opacity AP@0.5 of every model on all its OOF images</h3>",
+              table_html(pd.DataFrame(rows).set_index("model")),
+              figure_html(pr_curves(curves, "opacity, IoU > 0.5, out of fold"))]
+    return "\n".join(parts)
+
+
+def oof_examples_section(layout: RunLayout, input_dir: Path | None) -> str:
+    """OOF training images with true boxes (green) and the best available OOF boxes (orange)."""
+    oofs = detector_oofs(layout)
+    if not oofs:
+        raise Missing("not run: no OOF boxes of 03, 04 or 05")
+    name, oof = list(oofs.items())[-1]  # the fusion when 05 ran
+    truth = label_boxes(input_dir)
+    meta = image_meta(layout)
+    ids = pick_examples(oof.images["image_id"].tolist(), truth)
+    study = study_titles(layout)
+    boxes = oof.boxes.groupby("image_id")
+    preds = [boxes.get_group(i) if i in boxes.groups else oof.boxes.iloc[:0] for i in ids]
+    fig = examples_figure(
+        [layout.prepare.png("train", i) for i in ids], [truth[i] for i in ids],
+        [p[["x1", "y1", "x2", "y2"]].to_numpy() for p in preds], [p["score"].to_numpy() for p in preds],
+        [meta[i] for i in ids], [study.get(i, i[:12]) for i in ids])
+    return f"<p>Boxes of {html.escape(name)}; green: truth, orange: predicted with score.</p>{figure_html(fig)}"
+
+
+REPORT_SECTIONS = [  # the run report's sections of this stage (covidkit.report)
+    ("Opacity detectors, out of fold (03, 04, 05)", lambda r: detectors_section(r.layout, r.input_dir)),
+    ("Out-of-fold examples", lambda r: oof_examples_section(r.layout, r.input_dir)),
+]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,10 @@ from covidkit.engine import (
     TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, read_metrics, seed_everything, to_device,
 )
 from covidkit.engine.distributed import all_gather_object, barrier, device_for, dist_info
-from covidkit.stages import StageConfig, stage_main
+from covidkit.engine.optim import optimizer_fn
+from covidkit.learning import AUROC_MARGIN, LearningCheck, finite, read_json
+from covidkit.layout import RunLayout
+from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.transforms import ClassificationAugment, classification_transform
 
 NOTEBOOK = "01_pretrain_nih_resnext"
@@ -78,18 +81,6 @@ class Result:
 def bce_step(model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict]:
     images, targets = to_device(batch, device, non_blocking=True)
     return nn.functional.binary_cross_entropy_with_logits(model(images), targets), {}
-
-
-OPTIMIZERS = ("sgd", "adamw")
-
-
-def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum (the recipe) or AdamW."""
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 def predict_probabilities(model: nn.Module, dataset, device: torch.device, batch_size: int,
@@ -184,8 +175,9 @@ def run(cfg: Config) -> Result:
     The last epoch, not the best one on the validation split: the AUROC is measured on that split,
     so picking the epoch there would flatter it (the cosine schedule ends at its floor anyway).
     """
+    write_settings(cfg)
     info = init_distributed()
-    out = cfg.layout.nih
+    out = cfg.layout.nih_pretrain
     table = read_nih_table(Path(cfg.input_dir) / DATASET)
     train_table, val_table = patient_split(table, cfg.val_fraction, cfg.seed)
     if cfg.max_items is not None:
@@ -209,9 +201,7 @@ def run(cfg: Config) -> Result:
     )
     result = fit(
         model, train_set, bce_step,
-        functools.partial(make_optimizer, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay),
-        train_cfg, scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
+        optimizer_fn(cfg), train_cfg, scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
         evaluate=make_evaluate(val_set, cfg), resume=cfg.resume,
     )
     load_weights(result.last_checkpoint, model)
@@ -231,6 +221,19 @@ def describe(result: Result) -> str:
     return (with_mean_row(result.auroc).to_string(float_format="%.3f")
             + f"\nmean AUROC {result.summary['mean_auroc']} (untrained {result.summary['untrained_mean_auroc']})"
             + f"\nbackbone: {result.backbone}")
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    stage, model = "01_pretrain_nih_resnext", "NIH backbone"
+    if not layout.nih_pretrain.dir.is_dir():
+        return []
+    summary = read_json(layout.nih_pretrain.summary)
+    if summary is None or not finite(summary.get("mean_auroc")) or not finite(summary.get("untrained_mean_auroc")):
+        return [LearningCheck.absent(stage, model, "held-out mean AUROC", "untrained",
+                                     f"no mean_auroc and untrained_mean_auroc in {layout.nih_pretrain.summary}")]
+    counted = len(summary["counted_positives"])
+    return [LearningCheck(stage, model, f"held-out mean AUROC ({counted} labels)",
+                          summary["mean_auroc"], summary["untrained_mean_auroc"], "untrained", AUROC_MARGIN)]
 
 
 def main(argv: list[str] | None = None) -> None:

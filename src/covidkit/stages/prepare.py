@@ -12,7 +12,7 @@ from pathlib import Path
 
 from covidkit.data.siim import COMPETITION
 from covidkit.prepare import PrepareSummary, prepare
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 
 @dataclass
@@ -27,8 +27,15 @@ Result = PrepareSummary
 
 
 def run(cfg: Config) -> PrepareSummary:
-    return prepare(Path(cfg.input_dir) / COMPETITION, cfg.layout.prepared.dir, size=cfg.prepared_size,
-                   split="all", workers=cfg.workers, folds=cfg.folds, seed=cfg.seed)
+    write_settings(cfg)
+    return prepare_folder(cfg, Path(cfg.input_dir) / COMPETITION, cfg.layout.prepare.dir)
+
+
+def prepare_folder(cfg: Config, competition_dir: str | Path, output_dir: str | Path, split: str = "all",
+                   progress: bool = True) -> PrepareSummary:
+    """``covidkit.prepare.prepare`` with this stage's settings (what ``covidkit prepare`` runs too)."""
+    return prepare(competition_dir, output_dir, size=cfg.prepared_size, split=split, workers=cfg.workers,
+                   folds=cfg.folds, seed=cfg.seed, progress=progress)
 
 
 def describe(result: PrepareSummary) -> str:

@@ -17,7 +17,7 @@ from covidkit.data.rsna import RsnaYoloDataset
 from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo
 from covidkit.models import pretrained
 from covidkit.models.yolo import setup_ultralytics
-from covidkit.stages import StageConfig, stage_main
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 NOTEBOOK = "02_pretrain_rsna_yolo"
 
@@ -38,11 +38,7 @@ class Config(StageConfig):
     hyp: dict = field(default_factory=dict)  # any other ultralytics training argument
 
     def train_config(self, model: str) -> YoloTrainConfig:
-        # ultralytics counts epochs, not steps: a dry run's few images make one step an epoch
-        epochs = self.epochs if self.max_steps is None else min(self.epochs, self.max_steps)
-        return YoloTrainConfig(model=model, imgsz=self.input_size, epochs=epochs, batch=self.batch_size,
-                               device=self.device, workers=self.workers, seed=self.seed,
-                               save_period=self.save_period, overrides=self.hyp)
+        return YoloTrainConfig.from_stage(self, model)
 
 
 @dataclass
@@ -61,6 +57,7 @@ def starting_model(model: str, input_dir: str | Path) -> str:
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     setup_ultralytics(cfg.run_dir)
     out = cfg.layout.rsna_yolo
     dataset = rsna.convert_to_yolo(Path(cfg.input_dir) / rsna.COMPETITION, out.data, size=cfg.input_size,

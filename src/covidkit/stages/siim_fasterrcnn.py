@@ -7,7 +7,7 @@ tuned on the data it reports on. ``fold_groups`` merges the K folds into fewer s
 cross); ``folds`` restricts the run to some splits (the OOF then covers those only).
 
 Reads ``<run_dir>/prepared/`` (00), 01's ``backbone.pt`` (or ``backbone``), the training labels. Writes
-``<run_dir>/03_train_siim_fasterrcnn/``: ``split<k>/`` (the engine's runs: checkpoints, ``metrics.csv``, plots;
+``<run_dir>/03_train_siim_fasterrcnn/``: ``fold<k>/`` (the engine's runs: checkpoints, ``metrics.csv``, plots;
 ``detector.pt``, the fold model 07 exports), ``oof.csv`` + ``oof_images.csv`` (the shared OOF format, original
 pixels), ``oof_untrained.csv`` (the untrained baseline), ``summary.json`` (OOF AP@0.5 beside its baselines: the
 untrained detector's and the prior-box detector's, ``covidkit.baselines.prior_box_oof``, on the same splits).
@@ -28,21 +28,26 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from covidkit.baselines import prior_box_oof
+from covidkit.deprecated import moved
+from covidkit.derived import derived
 from covidkit.data.detection import OpacityDataset, truth_boxes
 from covidkit.data.siim import COMPETITION
 from covidkit.engine import (
     TrainConfig, collate_lists, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device,
 )
 from covidkit.engine.distributed import all_gather_object, barrier, device_for, dist_info
-from covidkit.ensemble import restrict
-from covidkit.folds import validation_splits
-from covidkit.models.backbones import load_backbone
+from covidkit.engine.kfold import fold_table, run_folds
+from covidkit.engine.optim import optimizer_fn
+from covidkit.models.backbones import backbone_file, load_backbone
 from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, predict_boxes, save_detector
-from covidkit.oof import OofPredictions, from_prepared, opacity_ap, write_oof
-from covidkit.stages import StageConfig, limit_rows, stage_main, training_rows
+from covidkit.oof import OofPredictions, from_prepared, opacity_ap, restrict, write_oof
+from covidkit.learning import (
+    AP_MARGIN, DETECTOR_FIGURE, LearningCheck, PRIOR_BOXES, image_score_spread, prior_box_check, read_json, training_truth,
+)
+from covidkit.layout import RunLayout
+from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.transforms import DetectionAugment, detection_transform
 
-DETECTOR_FILE = "detector.pt"  # a split's fold model, in its engine run folder
 
 
 @dataclass
@@ -86,17 +91,14 @@ class Config(StageConfig):
 
     @property
     def backbone_checkpoint(self) -> Path:
-        return Path(self.backbone) if self.backbone else self.layout.nih.backbone
+        path = backbone_file(self.backbone, self.layout.nih_pretrain.backbone)
+        if path is None:
+            raise ValueError(f"backbone must be a .pt/.pth file (or None: 01's), got {self.backbone!r}")
+        return path
 
     def detector_spec(self) -> DetectorSpec:
-        return DetectorSpec(
-            train_size=self.input_size, trainable_layers=self.trainable_layers, fpn_layers=self.fpn_layers,
-            anchor_sizes=self.anchor_sizes, anchor_scales=self.anchor_scales, rpn_fg_iou=self.rpn_fg_iou,
-            proposals_train=self.proposals_train, proposals_test=self.proposals_test,
-            box_batch_size_per_image=self.box_batch_size_per_image, box_positive_fraction=self.box_positive_fraction,
-            representation_size=self.representation_size,
-            frozen_batchnorm=self.frozen_batchnorm,
-        )
+        """The detector's shape: this Config's fields of DetectorSpec's names."""
+        return derived(DetectorSpec, self)
 
 
 @dataclass
@@ -112,20 +114,9 @@ class Result:
 
 
 def training_table(cfg: Config) -> pd.DataFrame:
-    """00's prepared train table with its validation ``split`` column."""
-    table = cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION)
-    table["split"] = validation_splits(table["fold"], cfg.fold_groups)
-    return limit_rows(table, cfg.max_items)
-
-
-def splits_to_run(table: pd.DataFrame, cfg: Config) -> list[int]:
-    splits = sorted(int(s) for s in table["split"].unique())
-    if cfg.folds is None:
-        return splits
-    unknown = sorted(set(cfg.folds) - set(splits))
-    if unknown:
-        raise ValueError(f"folds {unknown} are not among the splits {splits}")
-    return sorted(cfg.folds)
+    """00's prepared train table with its validation ``split`` column (a dry run's few rows per split)."""
+    return fold_table(cfg.layout.prepare.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
+                      cfg.max_items)
 
 
 def detection_step(model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict]:
@@ -135,19 +126,6 @@ def detection_step(model: nn.Module, batch, device: torch.device) -> tuple[torch
                for t in targets]
     losses = model(images, targets)
     return sum(losses.values()), losses
-
-
-OPTIMIZERS = ("sgd", "adamw")
-
-
-def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD with momentum (torchvision's detection recipe) or AdamW, over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 @torch.no_grad()
@@ -168,18 +146,14 @@ def predict_oof(model: nn.Module, table: pd.DataFrame, prepared_size: int, size:
     return from_prepared(table.iloc[[i for i, _ in gathered]], [p for _, p in gathered], prepared_size)
 
 
-def make_evaluate(val_table: pd.DataFrame, cfg: Config, prepared_size: int, latest: list[OofPredictions] | None = None):
-    """The engine's per-epoch ``evaluate``: opacity AP@0.5 of the held-out split.
-
-    ``latest``, when given, keeps the most recent epoch's predictions (the last epoch's are the OOF).
-    """
+def make_evaluate(val_table: pd.DataFrame, cfg: Config, prepared_size: int):
+    """The engine's per-epoch ``evaluate``: opacity AP@0.5 of the held-out split, and its predictions (the last
+    evaluated epoch's are the OOF: ``FitResult.outputs``)."""
     truth = truth_boxes(val_table)
 
-    def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
+    def evaluate(model: nn.Module, device: torch.device) -> tuple[dict[str, float], OofPredictions]:
         oof = predict_oof(model, val_table, prepared_size, cfg.infer_size, device, cfg.eval_batch_size, cfg.workers)
-        if latest is not None:
-            latest[:] = [oof]
-        return {"val_ap50": opacity_ap(oof, truth)}
+        return {"val_ap50": opacity_ap(oof, truth)}, oof
     return evaluate
 
 
@@ -187,38 +161,37 @@ def build_model(cfg: Config) -> nn.Module:
     return build_fasterrcnn(backbone_checkpoint=cfg.backbone_checkpoint, spec=cfg.detector_spec())
 
 
-def train_split(table: pd.DataFrame, split: int, cfg: Config, prepared_size: int) -> tuple[OofPredictions, pd.DataFrame]:
-    """Train on every split but ``split``; returns the last epoch's predictions on ``split`` and the metrics.
+def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, cfg: Config,
+               prepared_size: int) -> tuple[OofPredictions, pd.DataFrame]:
+    """The K-fold driver's ``train_fold``: train on ``train_table``; returns the last epoch's predictions on
+    ``val_table`` (split ``split``) and the metrics.
 
-    The split's fold model goes to ``split<k>/detector.pt`` (weights and what rebuilds the network).
+    The split's fold model goes to ``fold<k>/detector.pt`` (weights and what rebuilds the network).
     """
-    train_table, val_table = training_rows(table, split, cfg.max_items), table[table["split"] == split]
     train_set = OpacityDataset(train_table, detection_transform(cfg.augmentations(), train=True, size=cfg.input_size))
     seed_everything(cfg.seed)
     model = build_model(cfg)
-    latest: list[OofPredictions] = []  # the last evaluated epoch's held-out predictions: the OOF
     train_cfg = TrainConfig(
-        run_dir=str(cfg.layout.fasterrcnn.split(split)), epochs=cfg.epochs, batch_size=cfg.batch_size,
+        run_dir=str(cfg.layout.siim_fasterrcnn.fold(split)), epochs=cfg.epochs, batch_size=cfg.batch_size,
         seed=cfg.seed, num_workers=cfg.workers, amp=cfg.amp, clip_grad_norm=cfg.clip_grad_norm, max_steps=cfg.max_steps,
         eval_every=cfg.eval_every, monitor="val_ap50", monitor_mode="max", progress=cfg.progress,
         hparams={**asdict(cfg), "split": split},
     )
     result = fit(
-        model, train_set, detection_step,
-        functools.partial(make_optimizer, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay),
-        train_cfg, scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
-        evaluate=make_evaluate(val_table, cfg, prepared_size, latest), collate_fn=collate_lists, resume=cfg.resume,
+        model, train_set, detection_step, optimizer_fn(cfg, nesterov=False), train_cfg,
+        scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
+        evaluate=make_evaluate(val_table, cfg, prepared_size), collate_fn=collate_lists, resume=cfg.resume,
     )
-    if not latest:  # a finished run found by resume: fit returned without training or evaluating
+    oof = result.outputs
+    if oof is None:  # a finished run found by resume: fit returned without training or evaluating
         load_weights(result.last_checkpoint, model)
         device = next(model.parameters()).device
-        latest.append(predict_oof(model, val_table, prepared_size, cfg.infer_size, device, cfg.eval_batch_size,
-                                  cfg.workers, cfg.progress))
+        oof = predict_oof(model, val_table, prepared_size, cfg.infer_size, device, cfg.eval_batch_size,
+                          cfg.workers, cfg.progress)
     if dist_info().is_main:
         save_detector(model, load_backbone(cfg.backbone_checkpoint)[0], cfg.detector_spec(), cfg.infer_size,
-                      cfg.layout.fasterrcnn.split(split) / DETECTOR_FILE)
-    return latest[0], pd.DataFrame(result.history).assign(split=split)
+                      cfg.layout.siim_fasterrcnn.model(split))
+    return oof, pd.DataFrame(result.history).assign(split=split)
 
 
 def untrained_oof(table: pd.DataFrame, cfg: Config, prepared_size: int) -> OofPredictions:
@@ -246,23 +219,21 @@ def split_aps(oof: OofPredictions, baseline: OofPredictions, table: pd.DataFrame
 
 def run(cfg: Config) -> Result:
     """Train every split's model, write ``oof.csv`` and ``oof_untrained.csv`` (+ ``_images``), report the APs."""
+    write_settings(cfg)
     info = init_distributed()
-    out = cfg.layout.fasterrcnn
+    out = cfg.layout.siim_fasterrcnn
     table = training_table(cfg)
-    prepared_size = cfg.layout.prepared.size
-    pieces, metrics = [], []
-    for split in splits_to_run(table, cfg):
-        oof, history = train_split(table, split, cfg, prepared_size)
-        pieces.append(oof)
-        metrics.append(history)
-    oof = OofPredictions.concat(pieces)
+    prepared_size = cfg.layout.prepare.size
+    folds = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=prepared_size), cfg.folds,
+                      cfg.max_items)
+    oof = OofPredictions.concat([oof for oof, _ in folds])
     evaluated = table[table["image_id"].isin(oof.images["image_id"])]
     baseline = untrained_oof(evaluated, cfg, prepared_size)
     truth = truth_boxes(evaluated)
     result = Result(
         oof=oof, untrained_oof=baseline, oof_ap=opacity_ap(oof, truth), untrained_ap=opacity_ap(baseline, truth),
         prior_box_ap=opacity_ap(prior_box_oof(table, "split", image_ids=oof.images["image_id"]), truth),
-        fold_ap=split_aps(oof, baseline, evaluated), metrics=pd.concat(metrics, ignore_index=True), out_dir=out.dir,
+        fold_ap=split_aps(oof, baseline, evaluated), metrics=pd.concat([history for _, history in folds], ignore_index=True), out_dir=out.dir,
     )
     if info.is_main:
         write_oof(out.oof, oof)
@@ -280,8 +251,30 @@ def describe(result: Result) -> str:
             f"OOF predictions: {result.out_dir}")
 
 
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """The OOF AP against the untrained twin's and the prior-box detector's."""
+    from covidkit.oof import opacity_ap, read_oof
+
+    stage, model, out = "03_train_siim_fasterrcnn", "Faster R-CNN", layout.siim_fasterrcnn
+    if not out.dir.is_dir():
+        return []
+    truth = training_truth(input_dir)
+    absent = [p for p in (out.oof, out.untrained_oof) if not p.is_file()]
+    if truth is None or absent:
+        why = f"{', '.join(p.name for p in absent)} not written" if absent else "no training labels (input_dir)"
+        return [LearningCheck.absent(stage, model, DETECTOR_FIGURE, name, why) for name in ("untrained", PRIOR_BOXES)]
+    oof, untrained = read_oof(out.oof), read_oof(out.untrained_oof)
+    value, spread = opacity_ap(oof, truth), image_score_spread(oof.boxes, oof.images)
+    return [LearningCheck(stage, model, DETECTOR_FIGURE, value, opacity_ap(untrained, truth), "untrained", AP_MARGIN,
+                          spread),
+            prior_box_check(stage, model, value, read_json(out.summary), out.summary, spread)]
+
+
 def main(argv: list[str] | None = None) -> None:
     stage_main(__name__, argv)
+
+
+__getattr__ = moved(__name__, {"DETECTOR_FILE": "covidkit.layout.DETECTOR_FILE"})
 
 
 if __name__ == "__main__":

@@ -19,13 +19,17 @@ import pandas as pd
 
 from covidkit.baselines import prior_box_oof
 from covidkit.data import yolo_format
-from covidkit.data.nih import read_grey
+from covidkit.images import read_grey
 from covidkit.data.siim import COMPETITION
+from covidkit.engine.kfold import fold_table, run_folds, splits_to_run
 from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo
-from covidkit.folds import validation_splits
 from covidkit.models.yolo import PREDICT_CONF, load_model, predict_boxes, setup_ultralytics
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, per_fold_ap, write_oof
-from covidkit.stages import StageConfig, limit_rows, stage_main, training_rows
+from covidkit.learning import (
+    AP_MARGIN, DETECTOR_FIGURE, LearningCheck, PRIOR_BOXES, finite, image_score_spread, prior_box_check, read_json,
+)
+from covidkit.layout import RunLayout
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 
 @dataclass
@@ -46,11 +50,7 @@ class Config(StageConfig):
     hyp: dict = field(default_factory=dict)  # any other ultralytics training argument
 
     def train_config(self) -> YoloTrainConfig:
-        # ultralytics counts epochs, not steps: a dry run's few images make one step an epoch
-        epochs = self.epochs if self.max_steps is None else min(self.epochs, self.max_steps)
-        return YoloTrainConfig(model=self.model or str(self.layout.rsna_yolo.weights), imgsz=self.input_size,
-                               epochs=epochs, batch=self.batch_size, device=self.device, workers=self.workers,
-                               seed=self.seed, save_period=self.save_period, overrides=self.hyp)
+        return YoloTrainConfig.from_stage(self, self.model or str(self.layout.rsna_yolo.weights))
 
 
 @dataclass
@@ -83,26 +83,23 @@ def untrained_predictions(table: pd.DataFrame, cfg: Config, prepared_size: int) 
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     setup_ultralytics(cfg.run_dir)
-    out = cfg.layout.yolo
-    table = cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION)
-    prepared_size = cfg.layout.prepared.size
-    table["split"] = validation_splits(table["fold"], cfg.fold_groups)
-    table = limit_rows(table, cfg.max_items)
-    all_splits = sorted(int(s) for s in table["split"].unique())
-    splits = all_splits if cfg.folds is None else [int(f) for f in cfg.folds]
-    unknown = sorted(set(splits) - set(all_splits))
-    if unknown:
-        raise ValueError(f"folds {unknown} are not among the splits {all_splits} of folds.csv")
+    out = cfg.layout.siim_yolo
+    table = fold_table(cfg.layout.prepare.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
+                       cfg.max_items)
+    prepared_size = cfg.layout.prepare.size
+    splits = splits_to_run(table, cfg.folds)
     data_root = yolo_format.write_siim_dataset(table, out.data)
 
-    runs, pieces = {}, []
-    for split in splits:
-        held_out = table[table["split"] == split]
-        fold_table = pd.concat([training_rows(table, split, cfg.max_items), held_out])
-        data_yaml = yolo_format.write_siim_fold(fold_table, data_root, split, column="split")
-        runs[split] = train_yolo(cfg.train_config(), data_yaml, out.split(split), resume=cfg.resume)
-        pieces.append(predict_table(load_model(runs[split].weights), held_out, cfg, cfg.conf, prepared_size))
+    def train_fold(split: int, train_rows: pd.DataFrame, held_out: pd.DataFrame):
+        data_yaml = yolo_format.write_siim_fold(pd.concat([train_rows, held_out]), data_root, split, column="split")
+        run = train_yolo(cfg.train_config(), data_yaml, out.fold(split), resume=cfg.resume)
+        return run, predict_table(load_model(run.weights), held_out, cfg, cfg.conf, prepared_size)
+
+    folds = run_folds(table, train_fold, splits, cfg.max_items)
+    runs = {split: run for split, (run, _) in zip(splits, folds)}
+    pieces = [oof for _, oof in folds]
     oof = OofPredictions.concat(pieces)
     write_oof(out.oof, oof)
 
@@ -133,6 +130,26 @@ def describe(result: Result) -> str:
     return (result.fold_ap.to_string(float_format="%.4f") + f"\nOOF opacity AP@0.5: {result.ap:.4f}"
             f"   untrained: {result.baseline_ap}   prior boxes: {result.prior_box_ap:.4f}\n"
             f"OOF predictions: {result.out_dir}")
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """The OOF AP (04's summary.json) against the untrained model's and the prior-box detector's."""
+    from covidkit.oof import read_oof
+
+    stage, model, out = "04_train_siim_yolo", "YOLO", layout.siim_yolo
+    if not out.dir.is_dir():
+        return []
+    summary = read_json(out.summary)
+    if summary is None or not finite(summary.get("oof_ap50")) or not out.oof.is_file():
+        why = f"no oof_ap50 in {out.summary}" if out.oof.is_file() else f"{out.oof.name} not written"
+        return [LearningCheck.absent(stage, model, DETECTOR_FIGURE, name, why) for name in ("untrained", PRIOR_BOXES)]
+    oof = read_oof(out.oof)
+    value, spread = summary["oof_ap50"], image_score_spread(oof.boxes, oof.images)
+    untrained = (LearningCheck(stage, model, DETECTOR_FIGURE, value, summary["untrained_ap50"], "untrained", AP_MARGIN,
+                               spread) if finite(summary.get("untrained_ap50")) else
+                 LearningCheck.absent(stage, model, DETECTOR_FIGURE, "untrained",
+                                      f"no untrained_ap50 in {out.summary}"))
+    return [untrained, prior_box_check(stage, model, value, summary, out.summary, spread)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,8 +11,8 @@ the summary's ``box_count_rule`` is the trivial baseline the stacker must beat (
 the study classes from the count of fused boxes above 05's best-F1 score, frequencies from the other folds).
 
 Reads ``<run_dir>/prepared/`` (00), 01's ``backbone.pt`` (``encoder: nih``), 05's fused ``oof.csv``, the
-training labels. Writes ``<run_dir>/06_study_level/``: ``split<k>/study_model.pt`` (07 exports them),
-``split<k>/train/`` (engine runs), ``oof_images.csv``, ``oof_studies.csv``, ``summary.json``,
+training labels. Writes ``<run_dir>/06_study_level/``: ``fold<k>/study_model.pt`` (07 exports them),
+``fold<k>/train/`` (engine runs), ``oof_images.csv``, ``oof_studies.csv``, ``summary.json``,
 ``none_comparison.csv``, ``confusion_matrix.png``, and with the stacker ``stacker.json`` and
 ``oof_studies_stacked.csv``. Several GPUs: ``torchrun --nproc_per_node 4 -m covidkit.stages.study_level``.
 """
@@ -31,25 +31,28 @@ from torch import nn
 from tqdm import tqdm
 
 from covidkit.baselines import box_count_rule
-from covidkit.data.nih import read_grey
+from covidkit.images import read_grey
 from covidkit.data.siim import COMPETITION, STUDY_CLASSES
 from covidkit.data.study import StudyImageDataset
 from covidkit.engine import TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device
 from covidkit.engine.distributed import barrier, dist_info
-from covidkit.folds import validation_splits
-from covidkit.models.backbones import load_backbone
+from covidkit.engine.kfold import fold_table, run_folds
+from covidkit.engine.optim import check_optimizer, optimizer_fn
+from covidkit.models.backbones import backbone_file, load_backbone
 from covidkit.models.study import (
     NONE_RULES, StudySpec, build_study_model, predict_outputs, save_study_model, study_loss, train_transform,
 )
 from covidkit.oof import OofPredictions, read_oof
-from covidkit.plots import confusion_figure
+from covidkit.plots import confusion_figure, pr_curves
 from covidkit.prepare import image_sizes
-from covidkit.stages import StageConfig, limit_rows, stage_main, training_rows
+from covidkit.learning import AP_MARGIN, LearningCheck, finite, read_json
+from covidkit.layout import RunLayout
+from covidkit.report import figure_html, png_html, precision_recall_labels, require, table_html
+from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.study_scores import (
     AUTO, PROB_COLUMNS, choose_none_rule, none_ap, none_comparison, study_aps, study_probabilities, summarise,
 )
 
-OPTIMIZERS = ("sgd", "adamw")
 AFTER_TRAINING = ("stack_boxes", "stack_c", "none_rule")  # not training settings: changing them keeps finished splits
 
 
@@ -83,22 +86,19 @@ class Config(StageConfig):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        check_optimizer(self.optimizer)
         if self.none_rule not in (AUTO, *NONE_RULES):
             raise ValueError(f"none_rule must be {AUTO!r} or one of {NONE_RULES}, got {self.none_rule!r}")
 
     @property
     def backbone_checkpoint(self) -> Path | None:
         """The backbone file the encoder starts from (None: random weights)."""
-        if self.encoder == "nih":
-            return self.layout.nih.backbone
-        return Path(self.encoder) if self.encoder.endswith((".pt", ".pth")) else None
+        return backbone_file(self.encoder, self.layout.nih_pretrain.backbone)
 
     def spec(self, prepared_size: int) -> StudySpec:
         checkpoint = self.backbone_checkpoint
         encoder = load_backbone(checkpoint)[0] if checkpoint is not None else self.encoder
-        return StudySpec(encoder=encoder, width=self.width, image_size=self.input_size,
+        return StudySpec(encoder=encoder, width=self.width, input_size=self.input_size,
                          prepared_size=prepared_size, dropout=self.dropout, equalize=self.equalize)
 
     def training_hparams(self) -> dict:
@@ -135,13 +135,6 @@ def study_step(model: nn.Module, batch, device: torch.device, class_weights: tor
     return study_loss(model(images), target, weight, none_weight, mask_weight)
 
 
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 def predict_table(model: nn.Module, spec: StudySpec, table: pd.DataFrame, device: torch.device,
                   hflip_tta: bool = False, batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
     """Per-image probabilities of every row of a prepared table: ``image_id, p_<class>..., p_none_head``."""
@@ -160,10 +153,10 @@ def predict_table(model: nn.Module, spec: StudySpec, table: pd.DataFrame, device
 
 def training_table(cfg: Config) -> pd.DataFrame:
     """00's prepared train table with the validation ``split`` and ``has_box`` columns."""
-    table = cfg.layout.prepared.train_table(Path(cfg.input_dir) / COMPETITION)
-    table["split"] = validation_splits(table["fold"], cfg.fold_groups)
+    table = fold_table(cfg.layout.prepare.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
+                       cfg.max_items)
     table["has_box"] = table["boxes"].map(len) > 0
-    return limit_rows(table, cfg.max_items)
+    return table
 
 
 def make_evaluate(val_table: pd.DataFrame, spec: StudySpec):
@@ -175,14 +168,15 @@ def make_evaluate(val_table: pd.DataFrame, spec: StudySpec):
     return evaluate
 
 
-def train_split(table: pd.DataFrame, split: int, spec: StudySpec, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
-    """Train on every split but ``split``; the last epoch predicts ``split``. Returns (OOF rows, metrics, model file)."""
-    train_table, val_table = training_rows(table, split, cfg.max_items), table[table["split"] == split]
+def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, spec: StudySpec,
+               cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+    """The K-fold driver's ``train_fold``: train on ``train_table``, the last epoch predicts ``val_table`` (split
+    ``split``). Returns (OOF rows, metrics, model file)."""
     seed_everything(cfg.seed)
     model = build_study_model(spec, cfg.backbone_checkpoint)
-    out = cfg.layout.study
+    out = cfg.layout.study_level
     train_cfg = TrainConfig(
-        run_dir=str(out.split(split) / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+        run_dir=str(out.fold(split) / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
         num_workers=cfg.workers, amp=cfg.amp, eval_every=min(cfg.eval_every, cfg.epochs), max_steps=cfg.max_steps,
         drop_last=len(train_table) >= 2 * cfg.batch_size,  # no 1-image batch for batch norm, unless data is tiny
         progress=cfg.progress, hparams={**cfg.training_hparams(), "split": split},
@@ -191,7 +185,7 @@ def train_split(table: pd.DataFrame, split: int, spec: StudySpec, cfg: Config) -
                              none_weight=cfg.none_weight, mask_weight=cfg.mask_weight)
     result = fit(
         model, StudyImageDataset(train_table, train_transform(spec)), step,
-        functools.partial(make_optimizer, cfg=cfg), train_cfg,
+        optimizer_fn(cfg), train_cfg,
         scheduler_fn=functools.partial(cosine_with_floor, floor=cfg.lr_floor),
         evaluate=make_evaluate(val_table, spec), resume=cfg.resume,
     )
@@ -206,7 +200,7 @@ def train_split(table: pd.DataFrame, split: int, spec: StudySpec, cfg: Config) -
 
 def fused_boxes(cfg: Config) -> OofPredictions | None:
     """05's fused OOF boxes, or None (with a warning) when 05 has not run."""
-    path = cfg.layout.ensemble.fused_oof
+    path = cfg.layout.ensemble_wbf.fused_oof
     if not path.is_file():
         warnings.warn(f"{path} not found (run 05 first): no box-based none rule and no study stacker; "
                       "07 uses the study model alone")
@@ -230,18 +224,19 @@ def stack_with_boxes(images: pd.DataFrame, boxes: OofPredictions, cfg: Config) -
         warnings.warn("stack_boxes: too few studies of some class to fit and score a stacker on 00's folds; "
                       "07 uses the study model alone")
         return None
-    sizes = image_sizes(cfg.layout.prepared.dir)
+    sizes = image_sizes(cfg.layout.prepare.dir)
     x = stacker_features(images[PROB_COLUMNS].to_numpy(), oof_box_features(images["image_id"], boxes.boxes, sizes))
     y = images["label"].map(STUDY_CLASSES.index).to_numpy()
     oof = out_of_fold_probs(x, y, folds, cfg.stack_c)
-    fit_stacker(x, y, cfg.stack_c).save(cfg.layout.study.stacker)
+    fit_stacker(x, y, cfg.stack_c).save(cfg.layout.study_level.stacker)
     return study_probabilities(images.drop(columns=PROB_COLUMNS).join(pd.DataFrame(oof, columns=PROB_COLUMNS)))
 
 
 def count_rule_summary(images: pd.DataFrame, boxes: OofPredictions, truth: dict[str, np.ndarray]) -> dict:
     """The box-count rule's OOF study APs on ``images``' studies, at the fused boxes' best-F1 score threshold
     (05's operating point)."""
-    from covidkit.ensemble import operating_point, restrict
+    from covidkit.ensemble import operating_point
+    from covidkit.oof import restrict
 
     boxes = restrict(boxes, images["image_id"])
     threshold = operating_point(boxes, truth)["threshold"]
@@ -254,7 +249,7 @@ def write_tables(cfg: Config, images: pd.DataFrame, studies: pd.DataFrame, summa
     """The OOF tables, the summary, the none comparison, and the confusion matrix of what 07 applies."""
     import matplotlib.pyplot as plt
 
-    out = cfg.layout.study
+    out = cfg.layout.study_level
     out.dir.mkdir(parents=True, exist_ok=True)
     images.to_csv(out.oof_images, index=False)
     studies.to_csv(out.oof_studies, index=False)
@@ -270,16 +265,13 @@ def write_tables(cfg: Config, images: pd.DataFrame, studies: pd.DataFrame, summa
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     info = init_distributed()
-    out = cfg.layout.study
+    out = cfg.layout.study_level
     table = training_table(cfg)
-    spec = cfg.spec(cfg.layout.prepared.size)
-    pieces, metrics, models = [], [], []
-    for split in sorted(int(s) for s in table["split"].unique()):
-        oof, history, path = train_split(table, split, spec, cfg)
-        pieces.append(oof)
-        metrics.append(history)
-        models.append(path)
+    spec = cfg.spec(cfg.layout.prepare.size)
+    pieces, metrics, models = zip(*run_folds(table, functools.partial(train_fold, spec=spec, cfg=cfg),
+                                             max_items=cfg.max_items))
     columns = ["image_id", "study_id", "split", "fold", "label", "has_box"]
     images = table[columns].merge(pd.concat(pieces, ignore_index=True), on="image_id")
     studies = study_probabilities(images)
@@ -299,7 +291,7 @@ def run(cfg: Config) -> Result:
             summary["study_ap_stacked"] = study_aps(stacked)
         write_tables(cfg, images, studies, summary, stacked, none_comparison(images, studies, boxes))
     barrier()
-    return Result(images, studies, summary, pd.concat(metrics, ignore_index=True), models, out.dir, stacked, boxes)
+    return Result(images, studies, summary, pd.concat(metrics, ignore_index=True), list(models), out.dir, stacked, boxes)
 
 
 def describe(result: Result) -> str:
@@ -311,6 +303,78 @@ def describe(result: Result) -> str:
             + f"; none rule {result.summary['none_rule']['chosen']} "
               f"(OOF none AP {result.summary['none_rule']['ap_out_of_fold']:.3f})\nmodels: "
             + ", ".join(str(p) for p in result.models))
+
+
+STUDY_FIGURE = "OOF study mAP"
+BOX_COUNT_RULE = "box-count rule"  # covidkit.baselines.box_count_rule
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    """The study model against the class priors; the stacker (study model + boxes) against the priors and the
+    box-count rule on 05's boxes; the none rule against the share of images without a box."""
+    from covidkit.study_scores import PROB_COLUMNS
+
+    stage, out = "06_study_level", layout.study_level
+    if not out.dir.is_dir():
+        return []
+    summary = read_json(out.summary)
+    if summary is None or not out.oof_studies.is_file():
+        return [LearningCheck.absent(stage, "study model", STUDY_FIGURE, "class priors",
+                                     f"{out.summary.name} or {out.oof_studies.name} not written")]
+    prior = summary["prior"]
+    spread = float(pd.read_csv(out.oof_studies)[PROB_COLUMNS].std(ddof=0).max())
+    checks = [LearningCheck(stage, "study model", STUDY_FIGURE, summary["study_ap"]["mAP"],
+                            prior["mAP"], "class priors", AP_MARGIN, spread)]
+    if "study_ap_stacked" in summary:
+        stacker, stacked = "study model + boxes (stacker)", summary["study_ap_stacked"]["mAP"]
+        checks.append(LearningCheck(stage, stacker, STUDY_FIGURE, stacked, prior["mAP"], "class priors", AP_MARGIN))
+        rule = summary.get("box_count_rule", {}).get("mAP")
+        checks.append(LearningCheck(stage, stacker, STUDY_FIGURE, stacked, rule, BOX_COUNT_RULE, AP_MARGIN)
+                      if finite(rule) else
+                      LearningCheck.absent(stage, stacker, STUDY_FIGURE, BOX_COUNT_RULE,
+                                           f"no box_count_rule in {out.summary.name}"))
+    if "none_rule" in summary:
+        rule = summary["none_rule"]
+        checks.append(LearningCheck(stage, f"none ({rule['chosen']})", "OOF none AP",
+                                    rule["ap_out_of_fold"], prior["none"], "the share of images without a box",
+                                    AP_MARGIN))
+    return checks
+
+
+def study_section(layout: RunLayout) -> str:
+    """06: OOF study APs, ``none`` APs, PR curves, confusion matrix."""
+    from covidkit.study_scores import PROB_COLUMNS
+
+    out = layout.study_level
+    require(out.summary, out.oof_studies, out.oof_images)
+    summary = json.loads(out.summary.read_text())
+    studies = pd.read_csv(out.oof_studies, dtype={"study_id": str})
+    images = pd.read_csv(out.oof_images, dtype={"image_id": str, "study_id": str})
+    columns = {"OOF AP": summary["study_ap"], "prior": summary["prior"]}
+    stacked_csv = out.oof_studies_stacked
+    if "study_ap_stacked" in summary and stacked_csv.is_file():  # the stacker 07 applies: its curves are shown
+        columns = {"OOF AP, study model": summary["study_ap"], "OOF AP, study model + boxes (07)": summary["study_ap_stacked"],
+                   "prior": summary["prior"]}
+        studies = pd.read_csv(stacked_csv, dtype={"study_id": str})
+    if "box_count_rule" in summary:  # the trivial baseline of the stacker (covidkit.baselines.box_count_rule)
+        columns["box-count rule"] = {k: summary["box_count_rule"][k] for k in summary["study_ap"]}
+    table = pd.DataFrame(columns).loc[list(summary["study_ap"])]
+    parts = [f"<p>{summary['studies']} studies, {summary['images']} images, out of fold.</p>", table_html(table)]
+    none_csv = out.none_comparison
+    none = pd.read_csv(none_csv, index_col=0) if none_csv.is_file() else pd.DataFrame(
+        {"none_ap": summary["none_ap"]}).rename_axis("candidate")
+    parts += ["<h3>Image-level <code>none</code> AP of each candidate rule</h3>", table_html(none)]
+    curves = {c: precision_recall_labels(studies["label"] == c, studies[col]) for c, col in zip(STUDY_CLASSES, PROB_COLUMNS)}
+    curves["none (head)"] = precision_recall_labels(~images["has_box"].astype(bool), images["p_none_head"])
+    parts.append(figure_html(pr_curves(curves, "study classes and none, out of fold")))
+    if out.confusion.is_file():
+        parts += ["<h3>Confusion matrix</h3>", png_html(out.confusion.read_bytes())]
+    return "\n".join(parts)
+
+
+REPORT_SECTIONS = [  # the run report's sections of this stage (covidkit.report)
+    ("Study classes and none, out of fold (06)", lambda r: study_section(r.layout)),
+]
 
 
 def main(argv: list[str] | None = None) -> None:

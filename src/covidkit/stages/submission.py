@@ -2,7 +2,7 @@
 
 1. Export every fold model of 03, 04 and 06, 05's fusion parameters, 06's stacker and a manifest (hashes,
    priors, the ``none`` rule, the display threshold) into one self-contained models folder
-   (``covidkit.models_dir``): what ``covidkit predict``, ``covidkit serve`` and ``covidkit kaggle bundle`` take.
+   (``covidkit.export``): what ``covidkit predict``, ``covidkit serve`` and ``covidkit kaggle bundle`` take.
 2. Predict every row of the competition's ``sample_submission.csv`` from the test DICOMs
    (``covidkit.predict.predict_competition``), validated before it is written.
 3. Score it when the test labels lie beside the competition (synthetic data only).
@@ -14,15 +14,26 @@ Reads the run folder's 00-06 outputs and ``<input_dir>/siim-covid19-detection/te
 """
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from covidkit.data.siim import COMPETITION
+import numpy as np
+import pandas as pd
+
+from covidkit.boxes import parse_prediction_string
+from covidkit.data.siim import COMPETITION, SOLUTION_IMAGE_CSV, SOLUTION_STUDY_CSV, read_image_labels
+from covidkit.metrics import format_scores, score_files
 from covidkit.engine.device import default_device
 from covidkit.fresh_tests import FreshTestSets, score_fresh_test_sets
-from covidkit.models_dir import export_models
+from covidkit.export import export_models
 from covidkit.predict import CompetitionPrediction, predict_competition, score_if_labelled
-from covidkit.stages import StageConfig, stage_main
+from covidkit.learning import AP_MARGIN, LearningCheck
+from covidkit.layout import RunLayout
+from covidkit.report import (
+    Missing, examples_figure, figure_html, image_meta, pick_examples, require, table_html,
+)
+from covidkit.stages import StageConfig, stage_main, write_settings
 
 
 @dataclass
@@ -45,6 +56,7 @@ class Result:
 
 
 def run(cfg: Config) -> Result:
+    write_settings(cfg)
     competition = Path(cfg.input_dir) / COMPETITION
     device = cfg.device or str(default_device())
     models = export_models(cfg.run_dir, cfg.models_dir or cfg.layout.submission.models, competition_dir=competition,
@@ -69,6 +81,69 @@ def describe(result: Result) -> str:
     if result.fresh is not None:
         lines.append(result.fresh.summary())
     return "\n".join(lines)
+
+
+def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningCheck]:
+    from covidkit.fresh_tests import read_fresh_test_sets
+
+    fresh = read_fresh_test_sets(layout.submission.fresh_tests)
+    if fresh is None or fresh.per_seed.empty:
+        return []
+    return [LearningCheck("07_make_submission", "submission", f"test score, mean of {len(fresh.per_seed)} fresh "
+                          "test sets", fresh.mean, float(fresh.per_seed["prior_mAP"].mean()), "priors' submission",
+                          AP_MARGIN)]
+
+
+def submission_section(submission_csv: Path | None, solution_dir: Path | None) -> str:
+    """The submission's competition score per class, when its test labels exist."""
+    if submission_csv is None or not Path(submission_csv).is_file():
+        raise Missing(f"not run: no submission ({submission_csv})")
+    if solution_dir is None:
+        raise Missing(f"{submission_csv} written; not scored: no test labels (solution folder)")
+    solution_dir = Path(solution_dir)
+    require(solution_dir / SOLUTION_IMAGE_CSV, solution_dir / SOLUTION_STUDY_CSV)
+    scores = score_files(solution_dir / SOLUTION_IMAGE_CSV, solution_dir / SOLUTION_STUDY_CSV, submission_csv)
+    return f"<p>{html.escape(str(submission_csv))}</p><pre>{html.escape(format_scores(scores))}</pre>"
+
+
+def fresh_tests_section(layout: RunLayout) -> str:
+    """07's scores on fresh test sets (``covidkit.fresh_tests``): per seed, their mean and spread."""
+    from covidkit.fresh_tests import read_fresh_test_sets
+
+    fresh = read_fresh_test_sets(layout.submission.fresh_tests)
+    if fresh is None:
+        raise Missing("not run: no fresh_tests/scores.csv (07's fresh_test_seeds)")
+    return f"<p>{html.escape(fresh.summary())}</p>" + table_html(fresh.per_seed.set_index("seed"), digits=3)
+
+
+def test_examples_section(layout: RunLayout, submission_csv: Path | None, solution_dir: Path | None) -> str:
+    """Test images with the submission's boxes (and the true boxes when the test labels exist)."""
+    if submission_csv is None or not Path(submission_csv).is_file():
+        raise Missing(f"not run: no submission ({submission_csv})")
+    sub = pd.read_csv(submission_csv, dtype=str, keep_default_na=False)
+    sub = sub[sub["id"].str.endswith("_image")]
+    predicted = {row_id[:-len("_image")]: [p for p in parse_prediction_string(text) if p.label == "opacity"]
+                 for row_id, text in zip(sub["id"], sub["PredictionString"])}
+    truth: dict[str, np.ndarray] = {}
+    if solution_dir is not None and (Path(solution_dir) / SOLUTION_IMAGE_CSV).is_file():
+        labels = read_image_labels(Path(solution_dir) / SOLUTION_IMAGE_CSV)
+        truth = dict(zip(labels["image_id"], labels["boxes"]))
+    meta = image_meta(layout)
+    ids = [i for i in pick_examples(sorted(predicted), truth) if layout.prepare.png("test", i).is_file()]
+    if not ids:
+        raise Missing("not run: no prepared test image of the submission")
+    fig = examples_figure(
+        [layout.prepare.png("test", i) for i in ids], [truth.get(i, np.zeros((0, 4))) for i in ids],
+        [np.array([[p.x1, p.y1, p.x2, p.y2] for p in predicted[i]]).reshape(-1, 4) for i in ids],
+        [np.array([p.conf for p in predicted[i]]) for i in ids], [meta[i] for i in ids], [i[:12] for i in ids])
+    return f"<p>Green: truth (when labelled), orange: submitted boxes with score.</p>{figure_html(fig)}"
+
+
+REPORT_SECTIONS = [  # the run report's sections of this stage (covidkit.report)
+    ("Submission score (07)", lambda r: submission_section(r.submission_csv, r.solution_dir)),
+    ("Fresh test sets (07)", lambda r: fresh_tests_section(r.layout)),
+    ("Test examples", lambda r: test_examples_section(r.layout, r.submission_csv, r.solution_dir)),
+]
 
 
 def main(argv: list[str] | None = None) -> None:

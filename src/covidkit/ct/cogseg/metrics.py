@@ -64,11 +64,3 @@ def summarize(cm: ConfusionMatrix, class_names: Sequence[str] = CLASS_NAMES,
         for c, value in enumerate(values):
             out[f"{metric}/{class_names[c]}"] = float(value)
     return out
-
-
-def segmentation_metrics(target: torch.Tensor | np.ndarray, pred: torch.Tensor | np.ndarray,
-                         num_classes: int = len(CLASS_NAMES)) -> dict[str, float]:
-    """The paper's metrics of label maps ``pred`` against ``target`` (any matching shapes)."""
-    cm = ConfusionMatrix(num_classes)
-    cm.update(torch.as_tensor(np.asarray(target)), torch.as_tensor(np.asarray(pred)))
-    return summarize(cm)

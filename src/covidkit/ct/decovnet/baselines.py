@@ -58,17 +58,6 @@ def histogram_baseline_auc(train_hists: np.ndarray, train_labels: np.ndarray, te
     return float(skm.roc_auc_score(test_labels, model.predict_proba(np.asarray(test_hists))[:, 1]))
 
 
-def cross_validated_histogram_auc(hists: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> float:
-    """Out-of-fold ROC AUC of the histogram logistic regression over one labelled set."""
-    labels = np.asarray(labels).astype(int)
-    scores = np.zeros(len(labels))
-    hists = np.asarray(hists)
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(hists, labels):
-        model = _fit(histogram_model(seed, min(5, int(np.bincount(labels[train]).min()))), hists[train], labels[train])
-        scores[test] = model.predict_proba(hists[test])[:, 1]
-    return float(skm.roc_auc_score(labels, scores))
-
-
 def share_auc(shares: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC of a share used as the score (higher share: COVID-19), no training."""
     return float(skm.roc_auc_score(np.asarray(labels).astype(int), np.asarray(shares, float)))

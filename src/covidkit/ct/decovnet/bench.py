@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from covidkit.ct.decovnet.model import DeCoVNet
-from covidkit.ct.decovnet.pipeline import DeCoVNetConfig, classifier_arrays, lung_mask, predict_volume, prepare_volume
+from covidkit.ct.decovnet.method import DeCoVNetConfig, classifier_arrays, lung_mask, predict_volume, prepare_volume
 from covidkit.ct.decovnet.lungmask import LungUNet
 from covidkit.ct.decovnet.volumes import DATASET_DIR, CTVolume, read_cases, read_volume
 

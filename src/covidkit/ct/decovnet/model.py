@@ -20,7 +20,7 @@ widths 16 and 32) with a 1x1x1 projection shortcut; the ProClf's pooled sizes ar
 between them; the temporal pool rounds up (``ceil_mode``), so that a one-slice volume still works.
 
 Batch norm is the standard one, with running statistics for evaluation: the pipeline trains on batches
-of several volumes (see :mod:`covidkit.ct.decovnet.pipeline`). The released code trains with batch 1
+of several volumes (see :mod:`covidkit.ct.decovnet.method`). The released code trains with batch 1
 and normalises every volume by its own statistics, in training and evaluation alike; on the synthetic
 set that network's output stayed the same for every volume (the README has the measurements).
 Initialisation: He (fan-out) for the convolutions with zero biases, as in the released code, and the last
