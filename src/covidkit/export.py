@@ -176,7 +176,10 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
         "sha256": {rel: sha256(out_dir / rel) for rel in hashed},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out_dir
+    if final.exists():
+        shutil.rmtree(final)
+    out_dir.rename(final)
+    return final
 
 
 def read_manifest(models_dir: str | Path, verify: bool = True) -> dict:
@@ -185,7 +188,10 @@ def read_manifest(models_dir: str | Path, verify: bool = True) -> dict:
     path = models_dir / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {models_dir} a folder written by export_models?")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path} is truncated or corrupted (not JSON): export the models folder again") from None
     if manifest.get("format") != MODELS_FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {MODELS_FORMAT!r}")
     for rel, digest in manifest["sha256"].items():
