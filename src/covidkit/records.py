@@ -112,7 +112,7 @@ def stage_outputs(stage: str, run_dir: Path, settings: dict) -> list[Path]:
     """The files and folders a stage writes (``covidkit.layout``); 07 also its submission file."""
     layout = RunLayout(run_dir)
     if stage == "00_prepare_data":
-        return [layout.prepared.dir]
+        return [layout.prepare.dir]
     if stage == "07_make_submission":
         from covidkit.profiles import REPO_ROOT
 
