@@ -23,37 +23,13 @@ from pathlib import Path
 
 from covidkit.atomic import atomic_write_text
 from covidkit.layout import RunLayout
+from covidkit.stages import stage_module
 
 RECORDS_DIR = "records"
 RECORD_FORMAT = "covidkit.stage_record/1"
 
 # Settings that change how a stage runs, not what it computes: a change keeps the record (and the checkpoints).
 RUNNING_SETTINGS = frozenset({"workers", "progress", "device", "resume", "eval_batch_size"})
-
-# The dataset folders of <input_dir> each stage reads (covidkit.data, covidkit.ct); "weights": pretrained files.
-STAGE_DATA = {
-    "00_prepare_data": ["siim-covid19-detection"],
-    "01_pretrain_nih_resnext": ["nih-chest-xrays", "weights"],
-    "02_pretrain_rsna_yolo": ["rsna-pneumonia-detection-challenge", "weights"],
-    "03_train_siim_fasterrcnn": ["siim-covid19-detection"],
-    "04_train_siim_yolo": ["siim-covid19-detection"],
-    "05_ensemble_wbf": ["siim-covid19-detection"],
-    "06_study_level": ["siim-covid19-detection"],
-    "07_make_submission": ["siim-covid19-detection"],
-    "10_ct_cogseg": ["medseg-covid19", "medseg-radiopaedia"],
-    "11_ct_decovnet": ["ct-covid-volumes"],
-}
-# The stages whose outputs each stage reads: a stage that ran again makes these run again.
-UPSTREAM = {
-    "03_train_siim_fasterrcnn": ["00_prepare_data", "01_pretrain_nih_resnext"],
-    "04_train_siim_yolo": ["00_prepare_data", "02_pretrain_rsna_yolo"],
-    "05_ensemble_wbf": ["00_prepare_data", "03_train_siim_fasterrcnn", "04_train_siim_yolo"],
-    "06_study_level": ["00_prepare_data", "01_pretrain_nih_resnext", "03_train_siim_fasterrcnn",
-                       "04_train_siim_yolo", "05_ensemble_wbf"],
-    "07_make_submission": ["00_prepare_data", "01_pretrain_nih_resnext", "02_pretrain_rsna_yolo",
-                           "03_train_siim_fasterrcnn", "04_train_siim_yolo", "05_ensemble_wbf", "06_study_level"],
-}
-
 
 def record_path(run_dir: str | Path, stage: str) -> Path:
     return Path(run_dir) / RECORDS_DIR / f"{stage}.json"
@@ -104,8 +80,9 @@ def folder_fingerprint(folder: Path) -> str | None:
 
 def input_fingerprint(stage: str, input_dir: Path, run_dir: Path) -> dict:
     """The datasets a stage reads, and the records of the stages it reads from."""
-    return {"data": {name: folder_fingerprint(input_dir / name) for name in STAGE_DATA.get(stage, [])},
-            "upstream": {up: record_digest(read_record(run_dir, up)) for up in UPSTREAM.get(stage, [])}}
+    module = stage_module(stage)
+    return {"data": {name: folder_fingerprint(input_dir / name) for name in module.DATASETS},
+            "upstream": {up: record_digest(read_record(run_dir, up)) for up in module.UPSTREAM}}
 
 
 def stage_outputs(stage: str, run_dir: Path, settings: dict) -> list[Path]:

@@ -28,6 +28,12 @@ from covidkit.layout import RunLayout
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 
+# What this stage reads (covidkit.records fingerprints them: a change reruns it): dataset folders of
+# <input_dir> ("weights": pretrained files), and the stages whose outputs it reads.
+DATASETS = ['ct-covid-volumes']
+UPSTREAM = []
+
+
 @dataclass
 class Config(StageConfig):
     seed: int = 42

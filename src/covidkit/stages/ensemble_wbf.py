@@ -43,6 +43,12 @@ TUNED_OOF = "WBF ensemble, parameters tuned on the other folds' images"
 PRIOR_BOXES = "prior boxes"  # the trivial baseline row
 
 
+# What this stage reads (covidkit.records fingerprints them: a change reruns it): dataset folders of
+# <input_dir> ("weights": pretrained files), and the stages whose outputs it reads.
+DATASETS = ['siim-covid19-detection']
+UPSTREAM = ['00_prepare_data', '03_train_siim_fasterrcnn', '04_train_siim_yolo']
+
+
 @dataclass
 class Config(StageConfig):
     weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # Faster R-CNN, YOLO

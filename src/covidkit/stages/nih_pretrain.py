@@ -42,6 +42,12 @@ NOTEBOOK = "01_pretrain_nih_resnext"
 MEAN_ROW = "mean of the counted labels"
 
 
+# What this stage reads (covidkit.records fingerprints them: a change reruns it): dataset folders of
+# <input_dir> ("weights": pretrained files), and the stages whose outputs it reads.
+DATASETS = ['nih-chest-xrays', 'weights']
+UPSTREAM = []
+
+
 @dataclass
 class Config(StageConfig):
     seed: int = 42

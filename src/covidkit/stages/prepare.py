@@ -15,6 +15,12 @@ from covidkit.prepare import PrepareSummary, prepare
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 
+# What this stage reads (covidkit.records fingerprints them: a change reruns it): dataset folders of
+# <input_dir> ("weights": pretrained files), and the stages whose outputs it reads.
+DATASETS = ['siim-covid19-detection']
+UPSTREAM = []
+
+
 @dataclass
 class Config(StageConfig):
     prepared_size: int = 512  # side of the square PNGs

@@ -22,6 +22,12 @@ from covidkit.stages import StageConfig, stage_main, write_settings
 NOTEBOOK = "02_pretrain_rsna_yolo"
 
 
+# What this stage reads (covidkit.records fingerprints them: a change reruns it): dataset folders of
+# <input_dir> ("weights": pretrained files), and the stages whose outputs it reads.
+DATASETS = ['rsna-pneumonia-detection-challenge', 'weights']
+UPSTREAM = []
+
+
 @dataclass
 class Config(StageConfig):
     seed: int = 42  # training seed (ultralytics' deterministic mode) and the validation split

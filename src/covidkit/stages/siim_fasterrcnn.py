@@ -50,6 +50,12 @@ from covidkit.transforms import DetectionAugment, detection_transform
 
 
 
+# What this stage reads (covidkit.records fingerprints them: a change reruns it): dataset folders of
+# <input_dir> ("weights": pretrained files), and the stages whose outputs it reads.
+DATASETS = ['siim-covid19-detection']
+UPSTREAM = ['00_prepare_data', '01_pretrain_nih_resnext']
+
+
 @dataclass
 class Config(StageConfig):
     seed: int = 42

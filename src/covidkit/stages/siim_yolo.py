@@ -32,6 +32,12 @@ from covidkit.layout import RunLayout
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 
+# What this stage reads (covidkit.records fingerprints them: a change reruns it): dataset folders of
+# <input_dir> ("weights": pretrained files), and the stages whose outputs it reads.
+DATASETS = ['siim-covid19-detection']
+UPSTREAM = ['00_prepare_data', '02_pretrain_rsna_yolo']
+
+
 @dataclass
 class Config(StageConfig):
     seed: int = 42

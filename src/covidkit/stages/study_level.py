@@ -56,6 +56,12 @@ from covidkit.study_scores import (
 AFTER_TRAINING = ("stack_boxes", "stack_c", "none_rule")  # not training settings: changing them keeps finished splits
 
 
+# What this stage reads (covidkit.records fingerprints them: a change reruns it): dataset folders of
+# <input_dir> ("weights": pretrained files), and the stages whose outputs it reads.
+DATASETS = ['siim-covid19-detection']
+UPSTREAM = ['00_prepare_data', '01_pretrain_nih_resnext', '03_train_siim_fasterrcnn', '04_train_siim_yolo', '05_ensemble_wbf']
+
+
 @dataclass
 class Config(StageConfig):
     seed: int = 42

@@ -36,6 +36,12 @@ from covidkit.report import (
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 
+# What this stage reads (covidkit.records fingerprints them: a change reruns it): dataset folders of
+# <input_dir> ("weights": pretrained files), and the stages whose outputs it reads.
+DATASETS = ['siim-covid19-detection']
+UPSTREAM = ['00_prepare_data', '01_pretrain_nih_resnext', '02_pretrain_rsna_yolo', '03_train_siim_fasterrcnn', '04_train_siim_yolo', '05_ensemble_wbf', '06_study_level']
+
+
 @dataclass
 class Config(StageConfig):
     models_dir: str | None = None  # where to export the models; None: <run_dir>/models
