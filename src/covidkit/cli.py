@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 
-SYNTH_SIZES = ("seed", "train_studies", "test_studies", "nih_images", "rsna_images", "max_size", "min_size", "ct_volumes")
+SYNTH_SIZES = ("seed", "train_studies", "test_studies", "nih_images", "rsna_images", "max_size", "min_size", "ct_volumes",
+               "external_images", "external_duplicates")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -183,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT volumes for DeCoVNet, half positive (default 140: 98 to train, 42 held out)")
     p.add_argument("--test-only", action="store_true",
                    help="only a SIIM test split (--test-studies) and its solution folder: a fresh test set")
+    p.add_argument("--external", type=int, dest="external_images", metavar="N",
+                   help="also N unlabelled radiographs in external/synthetic/, a share of them near-duplicates of SIIM "
+                        "train and test images (ground truth: external/synthetic_duplicates.csv); default 0")
+    p.add_argument("--external-duplicates", type=float, metavar="SHARE",
+                   help="share of the external images that copy SIIM images (default 0.15)")
     p.add_argument("--weights", action="store_true",
                    help="also pretrained-weight files of the full profile's shapes, random values, in weights/ "
                         "(ResNeXt-101 ImageNet, YOLO11-L): what a dry run loads to test the loading paths")
