@@ -1,0 +1,261 @@
+"""Near-duplicates of the competition's images among external radiographs: found, then dropped or mapped.
+
+Public chest X-ray sets hold copies of the SIIM images (BIMCV and RICORD are its sources): resized,
+re-encoded, re-windowed, flipped, cropped. A copy of a test image in a training set is a leak; a copy of
+a training image is a second, unlabelled view of a labelled one. Two steps, both on prepared folders
+(stage 00's square PNGs, their original aspect restored from ``meta.csv``):
+
+1. **Candidates by perceptual hash.** Each image becomes a thumbnail with its histogram equalised (so that
+   windowing and gamma change little), hashed by ``imagehash.phash``; an external image is hashed as it
+   is and mirrored. Its ``DedupConfig.candidates`` nearest competition images (Hamming distance, the
+   better orientation) go on to step 2. Radiographs look alike, so the hash ranks; it does not decide.
+2. **Pixel check.** The external thumbnail is matched (``cv2.matchTemplate``, normalised cross-correlation)
+   inside each candidate over a grid of crops (up to ``max_crop`` of each axis) and both orientations; the
+   best NCC is the pair's score. A pair scoring ``threshold`` or more is a duplicate.
+
+A duplicate of a test image is dropped; of a training image, dropped or mapped to it (``train_duplicates``).
+``find_duplicates`` writes nothing; ``write_matches`` and ``save_pairs`` (the pairs nearest the threshold,
+side by side, to check by eye) do. ``precision_recall`` scores a table against the synthetic ground truth
+(``covidkit.synth.external``). On real data ``threshold`` is the user's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from covidkit.data.external import read_external_meta
+from covidkit.prepare import META_CSV, png_path
+
+ACTIONS = ("drop", "map")
+MATCH_COLUMNS = ["external_id", "external_path", "siim_image_id", "siim_split", "hash_distance", "flipped",
+                 "crop_x", "crop_y", "ncc", "duplicate", "action", "mapped_to"]
+
+
+@dataclass
+class DedupConfig:
+    threshold: float = 0.9      # NCC of the pixel check at or above which a pair is a duplicate
+    candidates: int = 8         # competition images per external image checked pixel by pixel (nearest by hash)
+    hash_size: int = 8          # phash of hash_size**2 bits
+    side: int = 128             # long side of the thumbnails of the pixel check
+    max_crop: float = 0.2       # the most of an axis a copy may have lost to cropping (both sides together)
+    crop_steps: int = 6         # grid of crops per axis in the pixel check, refined once around the best
+    blur: float = 1.5           # Gaussian sigma (thumbnail pixels) before the check: tolerance to misalignment
+    train_duplicates: str = "drop"  # a copy of a training image: "drop", or "map" it to that image
+
+    def __post_init__(self) -> None:
+        if self.train_duplicates not in ACTIONS:
+            raise ValueError(f"train_duplicates must be one of {ACTIONS}, got {self.train_duplicates!r}")
+        if not 0 <= self.max_crop < 1:
+            raise ValueError(f"max_crop must be in [0, 1), got {self.max_crop}")
+
+
+@dataclass(frozen=True)
+class Signature:
+    """``hashes``: bool ``[2, bits]`` (as is, mirrored); ``image``: the equalised, blurred float32 thumbnail."""
+
+    hashes: np.ndarray
+    image: np.ndarray
+
+
+def thumbnail(image: np.ndarray, side: int, orig_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 grey -> long side ``side`` at the original aspect (``orig_hw``: of a square-stretched PNG),
+    histogram equalised."""
+    h, w = orig_hw or image.shape[:2]
+    scale = side / max(h, w)
+    size = (max(8, round(w * scale)), max(8, round(h * scale)))
+    return cv2.equalizeHist(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
+
+
+def phash_bits(thumb: np.ndarray, hash_size: int) -> np.ndarray:
+    return imagehash.phash(Image.fromarray(thumb), hash_size=hash_size).hash.reshape(-1)
+
+
+def signature(image: np.ndarray, cfg: DedupConfig, orig_hw: tuple[int, int] | None = None) -> Signature:
+    thumb = thumbnail(image, cfg.side, orig_hw)
+    hashes = np.stack([phash_bits(thumb, cfg.hash_size), phash_bits(np.ascontiguousarray(thumb[:, ::-1]),
+                                                                      cfg.hash_size)])
+    smooth = cv2.GaussianBlur(thumb.astype(np.float32), (0, 0), cfg.blur) if cfg.blur else thumb.astype(np.float32)
+    return Signature(hashes=hashes, image=smooth)
+
+
+def hamming(external: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """bool ``[N, 2, B]`` and ``[M, B]`` -> ``[N, 2, M]`` numbers of differing bits."""
+    a = external.astype(np.int32) * 2 - 1
+    b = reference.astype(np.int32) * 2 - 1
+    return (external.shape[-1] - a @ b.T) // 2
+
+
+def _ncc(reference: np.ndarray, moving: np.ndarray, cx: float, cy: float) -> tuple[float, tuple[int, int]]:
+    """Best NCC of ``moving`` scaled to cover ``(1 - cx, 1 - cy)`` of ``reference``, and its offset."""
+    h, w = reference.shape
+    size = (max(4, round((1 - cx) * w)), max(4, round((1 - cy) * h)))
+    template = cv2.resize(moving, (min(size[0], w), min(size[1], h)), interpolation=cv2.INTER_AREA)
+    scores = cv2.matchTemplate(reference, template, cv2.TM_CCOEFF_NORMED)
+    _, best, _, loc = cv2.minMaxLoc(scores)
+    return float(best), loc
+
+
+def pixel_check(external: np.ndarray, reference: np.ndarray, cfg: DedupConfig) -> dict:
+    """Align ``external`` inside ``reference`` (crop grid, both orientations); the best NCC and how."""
+    best = {"ncc": -1.0}
+    grid = np.linspace(0, cfg.max_crop, cfg.crop_steps)
+    step = grid[1] - grid[0] if len(grid) > 1 else 0.0
+    for flipped in (False, True):
+        moving = np.ascontiguousarray(external[:, ::-1]) if flipped else external
+        trials = [(cx, cy) for cy in grid for cx in grid]
+        found = max(((_ncc(reference, moving, cx, cy)[0], cx, cy) for cx, cy in trials))
+        _, cx0, cy0 = found
+        fine = [(min(max(cx0 + dx, 0.0), cfg.max_crop), min(max(cy0 + dy, 0.0), cfg.max_crop))
+                for dx in (-step / 2, 0, step / 2) for dy in (-step / 2, 0, step / 2)]
+        found = max(found, *((_ncc(reference, moving, cx, cy)[0], cx, cy) for cx, cy in fine))
+        if found[0] > best["ncc"]:
+            best = {"ncc": found[0], "flipped": flipped, "crop_x": found[1], "crop_y": found[2]}
+    return best
+
+
+def match(external: list[Signature], reference: list[Signature], cfg: DedupConfig, chunk: int = 512) -> pd.DataFrame:
+    """For each external signature, its best competition image among the hash candidates.
+
+    Columns: ``external, reference`` (indices), ``hash_distance``, ``flipped``, ``crop_x``, ``crop_y``, ``ncc``.
+    """
+    ref_hashes = np.stack([s.hashes[0] for s in reference])
+    rows = []
+    k = min(cfg.candidates, len(reference))
+    for start in range(0, len(external), chunk):
+        block = external[start:start + chunk]
+        dist = hamming(np.stack([s.hashes for s in block]), ref_hashes).min(axis=1)  # [n, M]
+        nearest = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        for i, (sig, cands) in enumerate(zip(block, nearest)):
+            checks = [(pixel_check(sig.image, reference[j].image, cfg), j) for j in cands]
+            best, j = max(checks, key=lambda c: c[0]["ncc"])
+            rows.append({"external": start + i, "reference": int(j), "hash_distance": int(dist[i, j]), **best})
+    return pd.DataFrame(rows, columns=["external", "reference", "hash_distance", "flipped", "crop_x", "crop_y",
+                                       "ncc"])
+
+
+# ------------------------------------------------------------------------------------------ prepared folders
+
+def competition_images(prepared_dir: str | Path) -> pd.DataFrame:
+    """Prepared competition images of both splits: ``image_id, split, orig_height, orig_width, png``."""
+    meta = pd.read_csv(Path(prepared_dir) / META_CSV, dtype={"image_id": str}, keep_default_na=False)
+    meta = meta[meta["status"] != "failed"].sort_values(["split", "image_id"], ignore_index=True)
+    meta["png"] = [str(png_path(prepared_dir, s, i)) for s, i in zip(meta["split"], meta["image_id"])]
+    return meta[["image_id", "split", "orig_height", "orig_width", "png"]]
+
+
+def read_prepared(png: str | Path) -> np.ndarray:
+    image = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise OSError(f"cannot read {png}")
+    return image
+
+
+def signatures(table: pd.DataFrame, cfg: DedupConfig) -> list[Signature]:
+    """Signatures of the PNGs of a table with ``png, orig_height, orig_width`` columns."""
+    return [signature(read_prepared(p), cfg, (int(h), int(w)))
+            for p, h, w in zip(table["png"], table["orig_height"], table["orig_width"])]
+
+
+def decide(matches: pd.DataFrame, cfg: DedupConfig) -> pd.DataFrame:
+    """``duplicate`` (NCC >= threshold), ``action`` (keep, drop or map) and ``mapped_to`` from the scores."""
+    matches = matches.copy()
+    matches["duplicate"] = matches["ncc"] >= cfg.threshold
+    of_test = matches["duplicate"] & (matches["siim_split"] == "test")
+    of_train = matches["duplicate"] & ~of_test
+    matches["action"] = np.where(of_test, "drop", np.where(of_train, cfg.train_duplicates, "keep"))
+    matches["mapped_to"] = np.where(matches["action"] == "map", matches["siim_image_id"], "")
+    return matches
+
+
+def find_duplicates(prepared_dir: str | Path, external_prepared_dir: str | Path,
+                    cfg: DedupConfig = DedupConfig()) -> pd.DataFrame:
+    """One row per external image (``MATCH_COLUMNS``): its best competition match, the scores, the decision.
+
+    ``prepared_dir``: stage 00's folder (``meta.csv``, ``train/``, ``test/``); ``external_prepared_dir``:
+    ``covidkit.data.external.prepare_external``'s.
+    """
+    reference = competition_images(prepared_dir)
+    external = read_external_meta(external_prepared_dir)
+    if reference.empty or external.empty:
+        raise ValueError(f"nothing to compare: {len(reference)} competition and {len(external)} external images")
+    found = match(signatures(external, cfg), signatures(reference, cfg), cfg)
+    table = pd.DataFrame({
+        "external_id": external["image_id"].to_numpy()[found["external"]],
+        "external_path": external["path"].to_numpy()[found["external"]],
+        "siim_image_id": reference["image_id"].to_numpy()[found["reference"]],
+        "siim_split": reference["split"].to_numpy()[found["reference"]],
+    })
+    for col in ("hash_distance", "flipped", "crop_x", "crop_y", "ncc"):
+        table[col] = found[col].to_numpy()
+    return decide(table, cfg)[MATCH_COLUMNS]
+
+
+def kept_images(matches: pd.DataFrame) -> pd.DataFrame:
+    """The external images left to learn from: ``keep`` rows, and ``map`` rows (with ``mapped_to``)."""
+    return matches[matches["action"].isin(["keep", "map"])].reset_index(drop=True)
+
+
+def write_matches(matches: pd.DataFrame, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    matches.to_csv(path, index=False, float_format="%.4f")
+    return path
+
+
+def precision_recall(matches: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    """Pairs found against the planted ones (``truth``: ``path, siim_image_id``, as ``synthetic_duplicates.csv``).
+
+    A found pair is right when it names the right external file and the right competition image.
+    """
+    found = {(p, s) for p, s, d in zip(matches["external_path"], matches["siim_image_id"], matches["duplicate"]) if d}
+    planted = set(zip(truth["path"], truth["siim_image_id"]))
+    tp = len(found & planted)
+    return {"planted": len(planted), "found": len(found), "true_positives": tp,
+            "precision": tp / len(found) if found else 1.0, "recall": tp / len(planted) if planted else 1.0}
+
+
+# ----------------------------------------------------------------------------------------------- by eye
+
+def _restored(png: str, h: int, w: int, side: int = 256) -> np.ndarray:
+    return thumbnail(read_prepared(png), side, (h, w))
+
+
+def save_pairs(matches: pd.DataFrame, prepared_dir: str | Path, external_prepared_dir: str | Path,
+               path: str | Path, n: int = 6) -> Path | None:
+    """A PNG of the pairs nearest the threshold, external image beside its match (mirrored as matched).
+
+    Up to ``n // 2`` duplicates with the lowest scores and the non-duplicates with the highest: the
+    pairs where the threshold decided, the ones to look at. ``None`` when there is no pair.
+    """
+    from covidkit.plots import plt, save
+
+    dups = matches[matches["duplicate"]].nsmallest(n // 2, "ncc")
+    rest = matches[~matches["duplicate"]].nlargest(n - len(dups), "ncc")
+    pairs = pd.concat([dups, rest])
+    if pairs.empty:
+        return None
+    reference = competition_images(prepared_dir).set_index("image_id")
+    external = read_external_meta(external_prepared_dir).set_index("image_id")
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(6, 3 * len(pairs)), squeeze=False)
+    for row, m in zip(axes, pairs.itertuples()):
+        e, r = external.loc[m.external_id], reference.loc[m.siim_image_id]
+        left = _restored(e["png"], e["orig_height"], e["orig_width"])
+        right = _restored(r["png"], r["orig_height"], r["orig_width"])
+        if m.flipped:
+            right = right[:, ::-1]
+        row[0].imshow(left, cmap="gray")
+        row[0].set_title(f"external {m.external_id[-24:]}", fontsize=7)
+        row[1].imshow(right, cmap="gray")
+        verdict = "duplicate" if m.duplicate else "distinct"
+        row[1].set_title(f"{m.siim_split} {m.siim_image_id}{' mirrored' if m.flipped else ''}\n"
+                         f"NCC {m.ncc:.3f}, hash {m.hash_distance}: {verdict}", fontsize=7)
+        for ax in row:
+            ax.axis("off")
+    save(fig, path)
+    return Path(path)
