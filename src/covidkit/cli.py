@@ -40,6 +40,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 1 if args.strict and summary.failed else 0
 
 
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    from covidkit.dedup import DedupConfig, run_dedup
+
+    settings = {k: getattr(args, k) for k in ("threshold", "candidates", "train_duplicates") if getattr(args, k) is not None}
+    cfg = DedupConfig(**settings)  # unset options keep DedupConfig's defaults
+    print(run_dedup(args.external_dir, args.prepared_dir, args.out, cfg, workers=args.workers).line())
+    return 0
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from covidkit.metrics import format_scores, score_files
 
@@ -204,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="seed of the fold assignment")
     p.add_argument("--strict", action="store_true", help="exit 1 when any image failed")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("dedup", help="find the copies of competition images in a folder of external radiographs")
+    p.add_argument("external_dir", help="a folder of DICOM/PNG radiographs, nested any way (input/external/<name>)")
+    p.add_argument("prepared_dir", help="stage 00's prepared competition folder (a run's prepared/)")
+    p.add_argument("--out", required=True, help="folder for prepared/, matches.csv, pairs.png (and scores.json)")
+    p.add_argument("--threshold", type=float, help="NCC at or above which a pair is a copy (default: DedupConfig's)")
+    p.add_argument("--candidates", type=int, help="competition images checked per external image, nearest by hash")
+    p.add_argument("--train-duplicates", choices=["drop", "map"],
+                   help="a copy of a training image: drop it (default), or map it to that image (a copy of a test "
+                        "image is always dropped)")
+    p.add_argument("--workers", type=int, default=None, help="processes preparing the images (default: all cores)")
+    p.set_defaults(func=_cmd_dedup)
 
     p = sub.add_parser("score", help="the competition metric of a submission")
     p.add_argument("--image-level", required=True, help="image-level labels CSV (train_image_level.csv format)")

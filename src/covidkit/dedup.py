@@ -259,3 +259,60 @@ def save_pairs(matches: pd.DataFrame, prepared_dir: str | Path, external_prepare
             ax.axis("off")
     save(fig, path)
     return Path(path)
+
+
+# ------------------------------------------------------------------------------------------- one folder
+
+MATCHES_CSV = "matches.csv"
+PAIRS_PNG = "pairs.png"
+SCORES_JSON = "scores.json"
+PREPARED = "prepared"
+
+
+def ground_truth_csv(external_dir: str | Path) -> Path:
+    """Where ``covidkit synth --external`` puts a folder's planted copies: ``<folder>_duplicates.csv`` beside it."""
+    external_dir = Path(external_dir)
+    return external_dir.parent / f"{external_dir.name}_duplicates.csv"
+
+
+@dataclass
+class DedupResult:
+    matches: pd.DataFrame
+    scores: dict | None         # precision and recall, when the folder has a ground truth
+    out_dir: Path
+
+    def line(self) -> str:
+        counts = self.matches["action"].value_counts()
+        text = (f"{len(self.matches)} external images: {counts.get('keep', 0)} kept, {counts.get('map', 0)} mapped "
+                f"to a training image, {counts.get('drop', 0)} dropped (table: {self.out_dir / MATCHES_CSV})")
+        if self.scores is not None:
+            s = self.scores
+            text += (f"; against the {s['planted']} planted copies: precision {s['precision']:.3f}, "
+                     f"recall {s['recall']:.3f}")
+        return text
+
+
+def run_dedup(external_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path,
+              cfg: DedupConfig = DedupConfig(), workers: int | None = None, progress: bool = True) -> DedupResult:
+    """Prepare ``external_dir`` at the size of stage 00's ``prepared_dir``, match it, write the results.
+
+    ``out_dir`` gets ``prepared/`` (the external PNGs), ``matches.csv``, ``pairs.png`` (the pairs nearest
+    the threshold) and, when a ground truth lies beside the folder (synthetic data), ``scores.json``.
+    """
+    import json
+
+    from covidkit.atomic import atomic_write_text
+    from covidkit.data.external import prepare_external
+    from covidkit.prepare import prepared_size
+
+    out_dir = Path(out_dir)
+    prepare_external(external_dir, out_dir / PREPARED, size=prepared_size(prepared_dir), workers=workers,
+                     progress=progress)
+    matches = find_duplicates(prepared_dir, out_dir / PREPARED, cfg)
+    write_matches(matches, out_dir / MATCHES_CSV)
+    save_pairs(matches, prepared_dir, out_dir / PREPARED, out_dir / PAIRS_PNG)
+    scores = None
+    if ground_truth_csv(external_dir).is_file():
+        scores = precision_recall(matches, pd.read_csv(ground_truth_csv(external_dir), dtype=str))
+        atomic_write_text(out_dir / SCORES_JSON, json.dumps(scores, indent=2) + "\n")
+    return DedupResult(matches, scores, out_dir)
