@@ -34,6 +34,7 @@ NAME = "synthetic"  # input/external/synthetic/
 DUPLICATES_CSV = f"{NAME}_duplicates.csv"
 LABELS_CSV = f"{NAME}_labels.csv"
 DUPLICATE_COLUMNS = ["path", "siim_image_id", "siim_study_id", "siim_split", "transforms"]
+LABEL_COLUMNS = ["path", "study_id", "study_class", "boxes", "label"]  # boxes, label: as train_image_level.csv
 # Formats of every external file, copy or not: DICOM (a SIIM-like style) or PNG.
 FORMATS = {"dicom": 0.6, "png8": 0.2, "png16": 0.2}
 MAX_CROP = 0.1  # of a side
@@ -208,7 +209,8 @@ def write_external(out: Path, cfg: SynthConfig) -> str:
          "siim_study_id": Path(sources[k][2]).parent.parent.name, "siim_split": sources[k][0], "transforms": done}
         for k, (path, done) in zip(picks, copies)], columns=DUPLICATE_COLUMNS).sort_values("path", ignore_index=True)
     truth.to_csv(duplicates_csv(out), index=False)
-    labels = pd.DataFrame([r for rows in new_rows for r in rows]).sort_values("path", ignore_index=True)
+    labels = pd.DataFrame([r for rows in new_rows for r in rows], columns=LABEL_COLUMNS)
+    labels = labels.sort_values("path", ignore_index=True)
     labels.to_csv(labels_csv(out), index=False)
     n_test = int((truth["siim_split"] == "test").sum())
     return (f"{folder}: {cfg.external_images} unlabelled images, {n_copies} of them near-duplicates of SIIM images "
