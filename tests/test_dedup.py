@@ -108,12 +108,12 @@ def test_pixel_check_undoes_crop_flip_and_contrast():
     copy = image[20:290, 30:340][:, ::-1]  # 10 % of the height, 14 % of the width cropped, mirrored
     copy = (255 * (copy / 255.0) ** 1.6).astype(np.uint8)
     cfg = DedupConfig()
-    found = pixel_check(signature(copy, cfg).image, signature(image, cfg).image, cfg)
-    assert found["ncc"] > 0.95 and found["flipped"]
-    assert abs(found["crop_x"] - 50 / 360) <= 0.03 and abs(found["crop_y"] - 30 / 300) <= 0.03
+    found = pixel_check(signature(copy, cfg), signature(image, cfg), cfg)
+    assert found.ncc > 0.95 and found.flipped
+    assert abs(found.crop_x - 50 / 360) <= 0.02 and abs(found.crop_y - 30 / 300) <= 0.02
     other = cv2.normalize(cv2.GaussianBlur(rng.random((300, 360), np.float32), (0, 0), 10), None, 0, 255,
                           cv2.NORM_MINMAX).astype(np.uint8)
-    assert pixel_check(signature(other, cfg).image, signature(image, cfg).image, cfg)["ncc"] < 0.5
+    assert pixel_check(signature(other, cfg), signature(image, cfg), cfg).ncc < 0.5
 
 
 def test_save_pairs_writes_a_figure(folders, matches, tmp_path):

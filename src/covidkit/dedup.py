@@ -10,8 +10,9 @@ a training image is a second, unlabelled view of a labelled one. Two steps, both
    is and mirrored. Its ``DedupConfig.candidates`` nearest competition images (Hamming distance, the
    better orientation) go on to step 2. Radiographs look alike, so the hash ranks; it does not decide.
 2. **Pixel check.** The external thumbnail is matched (``cv2.matchTemplate``, normalised cross-correlation)
-   inside each candidate over a grid of crops (up to ``max_crop`` of each axis) and both orientations; the
-   best NCC is the pair's score. A pair scoring ``threshold`` or more is a duplicate.
+   inside each candidate over a grid of crops (up to ``max_crop`` of each axis) and both orientations, on
+   small thumbnails; the best candidates again, finer, around the alignment found. The best NCC is the
+   pair's score; a pair scoring ``threshold`` or more is a duplicate.
 
 A duplicate of a test image is dropped; of a training image, dropped or mapped to it (``train_duplicates``).
 ``find_duplicates`` writes nothing; ``write_matches`` and ``save_pairs`` (the pairs nearest the threshold,
@@ -42,7 +43,9 @@ class DedupConfig:
     threshold: float = 0.9      # NCC of the pixel check at or above which a pair is a duplicate
     candidates: int = 8         # competition images per external image checked pixel by pixel (nearest by hash)
     hash_size: int = 8          # phash of hash_size**2 bits
-    side: int = 128             # long side of the thumbnails of the pixel check
+    side: int = 128             # long side of the thumbnails of the fine pixel check (and of the hash's)
+    coarse_side: int = 48       # long side of the thumbnails of the coarse one
+    refine: int = 2             # candidates (best by the coarse check) that get the fine check
     max_crop: float = 0.2       # the most of an axis a copy may have lost to cropping (both sides together)
     crop_steps: int = 6         # grid of crops per axis in the pixel check, refined once around the best
     blur: float = 1.5           # Gaussian sigma (thumbnail pixels) before the check: tolerance to misalignment
@@ -57,10 +60,12 @@ class DedupConfig:
 
 @dataclass(frozen=True)
 class Signature:
-    """``hashes``: bool ``[2, bits]`` (as is, mirrored); ``image``: the equalised, blurred float32 thumbnail."""
+    """``hashes``: bool ``[2, bits]`` (as is, mirrored); ``image``: the equalised, blurred float32 thumbnail of
+    the fine check, ``coarse``: the same at ``DedupConfig.coarse_side``."""
 
     hashes: np.ndarray
     image: np.ndarray
+    coarse: np.ndarray
 
 
 def thumbnail(image: np.ndarray, side: int, orig_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -76,12 +81,19 @@ def phash_bits(thumb: np.ndarray, hash_size: int) -> np.ndarray:
     return imagehash.phash(Image.fromarray(thumb), hash_size=hash_size).hash.reshape(-1)
 
 
+def _smooth(image: np.ndarray, sigma: float) -> np.ndarray:
+    image = image.astype(np.float32)
+    return cv2.GaussianBlur(image, (0, 0), sigma) if sigma else image
+
+
 def signature(image: np.ndarray, cfg: DedupConfig, orig_hw: tuple[int, int] | None = None) -> Signature:
     thumb = thumbnail(image, cfg.side, orig_hw)
     hashes = np.stack([phash_bits(thumb, cfg.hash_size), phash_bits(np.ascontiguousarray(thumb[:, ::-1]),
                                                                       cfg.hash_size)])
-    smooth = cv2.GaussianBlur(thumb.astype(np.float32), (0, 0), cfg.blur) if cfg.blur else thumb.astype(np.float32)
-    return Signature(hashes=hashes, image=smooth)
+    scale = cfg.coarse_side / cfg.side
+    coarse = cv2.resize(thumb, (max(8, round(thumb.shape[1] * scale)), max(8, round(thumb.shape[0] * scale))),
+                        interpolation=cv2.INTER_AREA)
+    return Signature(hashes=hashes, image=_smooth(thumb, cfg.blur), coarse=_smooth(coarse, cfg.blur * scale))
 
 
 def hamming(external: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -91,37 +103,53 @@ def hamming(external: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (external.shape[-1] - a @ b.T) // 2
 
 
-def _ncc(reference: np.ndarray, moving: np.ndarray, cx: float, cy: float) -> tuple[float, tuple[int, int]]:
-    """Best NCC of ``moving`` scaled to cover ``(1 - cx, 1 - cy)`` of ``reference``, and its offset."""
+def ncc_at(reference: np.ndarray, moving: np.ndarray, cx: float, cy: float) -> float:
+    """Best NCC of ``moving`` scaled to cover ``(1 - cx, 1 - cy)`` of ``reference``, over its positions."""
     h, w = reference.shape
-    size = (max(4, round((1 - cx) * w)), max(4, round((1 - cy) * h)))
-    template = cv2.resize(moving, (min(size[0], w), min(size[1], h)), interpolation=cv2.INTER_AREA)
-    scores = cv2.matchTemplate(reference, template, cv2.TM_CCOEFF_NORMED)
-    _, best, _, loc = cv2.minMaxLoc(scores)
-    return float(best), loc
+    size = (min(w, max(4, round((1 - cx) * w))), min(h, max(4, round((1 - cy) * h))))
+    template = cv2.resize(moving, size, interpolation=cv2.INTER_AREA)
+    return float(cv2.minMaxLoc(cv2.matchTemplate(reference, template, cv2.TM_CCOEFF_NORMED))[1])
 
 
-def pixel_check(external: np.ndarray, reference: np.ndarray, cfg: DedupConfig) -> dict:
-    """Align ``external`` inside ``reference`` (crop grid, both orientations); the best NCC and how."""
-    best = {"ncc": -1.0}
+@dataclass(frozen=True)
+class Alignment:
+    ncc: float
+    flipped: bool
+    crop_x: float               # share of the reference's width missing from the external image
+    crop_y: float
+
+
+def _best(reference: np.ndarray, moving: np.ndarray, flipped: bool, trials) -> Alignment:
+    moving = np.ascontiguousarray(moving[:, ::-1]) if flipped else moving
+    return max((Alignment(ncc_at(reference, moving, cx, cy), flipped, cx, cy) for cx, cy in trials),
+               key=lambda a: a.ncc)
+
+
+def coarse_check(external: Signature, reference: Signature, cfg: DedupConfig) -> Alignment:
+    """The grid of crops (``crop_steps`` per axis, up to ``max_crop``) in both orientations, on the small thumbnails."""
     grid = np.linspace(0, cfg.max_crop, cfg.crop_steps)
-    step = grid[1] - grid[0] if len(grid) > 1 else 0.0
-    for flipped in (False, True):
-        moving = np.ascontiguousarray(external[:, ::-1]) if flipped else external
-        trials = [(cx, cy) for cy in grid for cx in grid]
-        found = max(((_ncc(reference, moving, cx, cy)[0], cx, cy) for cx, cy in trials))
-        _, cx0, cy0 = found
-        fine = [(min(max(cx0 + dx, 0.0), cfg.max_crop), min(max(cy0 + dy, 0.0), cfg.max_crop))
-                for dx in (-step / 2, 0, step / 2) for dy in (-step / 2, 0, step / 2)]
-        found = max(found, *((_ncc(reference, moving, cx, cy)[0], cx, cy) for cx, cy in fine))
-        if found[0] > best["ncc"]:
-            best = {"ncc": found[0], "flipped": flipped, "crop_x": found[1], "crop_y": found[2]}
-    return best
+    trials = [(cx, cy) for cy in grid for cx in grid]
+    return max((_best(reference.coarse, external.coarse, f, trials) for f in (False, True)), key=lambda a: a.ncc)
+
+
+def fine_check(external: Signature, reference: Signature, start: Alignment, cfg: DedupConfig) -> Alignment:
+    """Around a coarse alignment, on the large thumbnails: the crop refined by half a grid step."""
+    half = cfg.max_crop / max(cfg.crop_steps - 1, 1) / 2
+    steps = (-half, -half / 2, 0.0, half / 2, half)
+    clip = lambda c: min(max(c, 0.0), cfg.max_crop)  # noqa: E731
+    trials = [(clip(start.crop_x + dx), clip(start.crop_y + dy)) for dy in steps for dx in steps]
+    return _best(reference.image, external.image, start.flipped, trials)
+
+
+def pixel_check(external: Signature, reference: Signature, cfg: DedupConfig) -> Alignment:
+    """The best alignment of ``external`` inside ``reference``: coarse grid, then refined."""
+    return fine_check(external, reference, coarse_check(external, reference, cfg), cfg)
 
 
 def match(external: list[Signature], reference: list[Signature], cfg: DedupConfig, chunk: int = 512) -> pd.DataFrame:
     """For each external signature, its best competition image among the hash candidates.
 
+    Every candidate gets the coarse check; the ``refine`` best of them the fine one, whose NCC is the score.
     Columns: ``external, reference`` (indices), ``hash_distance``, ``flipped``, ``crop_x``, ``crop_y``, ``ncc``.
     """
     ref_hashes = np.stack([s.hashes[0] for s in reference])
@@ -132,9 +160,11 @@ def match(external: list[Signature], reference: list[Signature], cfg: DedupConfi
         dist = hamming(np.stack([s.hashes for s in block]), ref_hashes).min(axis=1)  # [n, M]
         nearest = np.argsort(dist, axis=1, kind="stable")[:, :k]
         for i, (sig, cands) in enumerate(zip(block, nearest)):
-            checks = [(pixel_check(sig.image, reference[j].image, cfg), j) for j in cands]
-            best, j = max(checks, key=lambda c: c[0]["ncc"])
-            rows.append({"external": start + i, "reference": int(j), "hash_distance": int(dist[i, j]), **best})
+            coarse = sorted(((coarse_check(sig, reference[j], cfg), j) for j in cands), key=lambda c: -c[0].ncc)
+            fine = [(fine_check(sig, reference[j], a, cfg), j) for a, j in coarse[:cfg.refine]]
+            best, j = max(fine, key=lambda c: c[0].ncc)
+            rows.append({"external": start + i, "reference": int(j), "hash_distance": int(dist[i, j]),
+                         "flipped": best.flipped, "crop_x": best.crop_x, "crop_y": best.crop_y, "ncc": best.ncc})
     return pd.DataFrame(rows, columns=["external", "reference", "hash_distance", "flipped", "crop_x", "crop_y",
                                        "ncc"])
 
