@@ -175,6 +175,7 @@ def competition_images(prepared_dir: str | Path) -> pd.DataFrame:
     """Prepared competition images of both splits: ``image_id, split, orig_height, orig_width, png``."""
     meta = pd.read_csv(Path(prepared_dir) / META_CSV, dtype={"image_id": str}, keep_default_na=False)
     meta = meta[meta["status"] != "failed"].sort_values(["split", "image_id"], ignore_index=True)
+    meta = meta.astype({"orig_height": int, "orig_width": int})
     meta["png"] = [str(png_path(prepared_dir, s, i)) for s, i in zip(meta["split"], meta["image_id"])]
     return meta[["image_id", "split", "orig_height", "orig_width", "png"]]
 

@@ -181,5 +181,6 @@ def read_external_meta(prepared_dir: str | Path) -> pd.DataFrame:
     prepared_dir = Path(prepared_dir)
     meta = pd.read_csv(prepared_dir / META_CSV, dtype={"image_id": str, "path": str}, keep_default_na=False)
     meta = meta[meta["status"] != "failed"].reset_index(drop=True)
+    meta = meta.astype({"orig_height": int, "orig_width": int})
     meta["png"] = [str(external_png(prepared_dir, i)) for i in meta["image_id"]]
     return meta
