@@ -6,13 +6,16 @@ a training image is a second, unlabelled view of a labelled one. Two steps, both
 (stage 00's square PNGs, their original aspect restored from ``meta.csv``):
 
 1. **Candidates by perceptual hash.** Each image becomes a thumbnail with its histogram equalised (so that
-   windowing and gamma change little), hashed by ``imagehash.phash``; an external image is hashed as it
-   is and mirrored. Its ``DedupConfig.candidates`` nearest competition images (Hamming distance, the
-   better orientation) go on to step 2. Radiographs look alike, so the hash ranks; it does not decide.
-2. **Pixel check.** The external thumbnail is matched (``cv2.matchTemplate``, normalised cross-correlation)
-   inside each candidate over a grid of crops (up to ``max_crop`` of each axis) and both orientations, on
-   small thumbnails; the best candidates again, finer, around the alignment found. The best NCC is the
-   pair's score; a pair scoring ``threshold`` or more is a duplicate.
+   windowing and gamma change little), hashed by ``imagehash.phash``: an external image as it is and mirrored,
+   a competition image under every combination of small crops of its sides (``hash_crops``), so that a
+   cropped copy finds a hash near its own. The ``candidates`` nearest competition images go on to step 2.
+   Radiographs look alike, so the hash ranks; it does not decide.
+2. **Pixel check.** Coarse: the external thumbnail is matched (``cv2.matchTemplate``) inside each candidate
+   over a grid of crops (up to ``max_crop`` of each axis) and both orientations, on small blurred thumbnails.
+   Fine, for the ``refine`` best: the alignment refined (an affine warp, ``cv2.findTransformECC``) on larger
+   thumbnails, then the normalised cross-correlation of their detail (a band of a difference of Gaussians)
+   is the pair's score: distinct films share an outline, a copy also its source's texture, vessels and
+   devices. A pair scoring ``threshold`` or more is a duplicate.
 
 A duplicate of a test image is dropped; of a training image, dropped or mapped to it (``train_duplicates``).
 ``find_duplicates`` writes nothing; ``write_matches`` and ``save_pairs`` (the pairs nearest the threshold,
@@ -21,6 +24,7 @@ side by side, to check by eye) do. ``precision_recall`` scores a table against t
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +44,17 @@ MATCH_COLUMNS = ["external_id", "external_path", "siim_image_id", "siim_split", 
 
 @dataclass
 class DedupConfig:
-    threshold: float = 0.9      # NCC of the pixel check at or above which a pair is a duplicate
+    threshold: float = 0.78     # fine NCC at or above which a pair is a duplicate (dev seed 1: copies >= 0.85, others <= 0.71)
     candidates: int = 8         # competition images per external image checked pixel by pixel (nearest by hash)
     hash_size: int = 8          # phash of hash_size**2 bits
-    side: int = 128             # long side of the thumbnails of the fine pixel check (and of the hash's)
-    coarse_side: int = 48       # long side of the thumbnails of the coarse one
+    hash_crops: tuple[float, ...] = (0.0, 0.05, 0.1)  # crops of each side of a competition image hashed (all combinations)
+    side: int = 256             # long side of the thumbnails of the fine check (and of the hashes)
+    coarse_side: int = 48       # long side of the thumbnails of the coarse check
     refine: int = 2             # candidates (best by the coarse check) that get the fine check
     max_crop: float = 0.2       # the most of an axis a copy may have lost to cropping (both sides together)
-    crop_steps: int = 6         # grid of crops per axis in the pixel check, refined once around the best
-    blur: float = 1.5           # Gaussian sigma (thumbnail pixels) before the check: tolerance to misalignment
+    crop_steps: int = 6         # grid of crops per axis in the coarse check
+    blur: float = 1.5           # Gaussian sigma (coarse pixels, scaled) of the coarse check
+    band: tuple[float, float] = (0.7, 4.0)  # difference of Gaussians (fine pixels) the fine NCC compares
     train_duplicates: str = "drop"  # a copy of a training image: "drop", or "map" it to that image
 
     def __post_init__(self) -> None:
@@ -60,8 +66,8 @@ class DedupConfig:
 
 @dataclass(frozen=True)
 class Signature:
-    """``hashes``: bool ``[2, bits]`` (as is, mirrored); ``image``: the equalised, blurred float32 thumbnail of
-    the fine check, ``coarse``: the same at ``DedupConfig.coarse_side``."""
+    """``hashes``: bool ``[K, bits]`` (an external image: as is and mirrored; a competition image: its crops);
+    ``image``: the equalised float32 thumbnail of the fine check; ``coarse``: the blurred one of the coarse check."""
 
     hashes: np.ndarray
     image: np.ndarray
@@ -78,93 +84,139 @@ def thumbnail(image: np.ndarray, side: int, orig_hw: tuple[int, int] | None = No
 
 
 def phash_bits(thumb: np.ndarray, hash_size: int) -> np.ndarray:
-    return imagehash.phash(Image.fromarray(thumb), hash_size=hash_size).hash.reshape(-1)
+    return imagehash.phash(Image.fromarray(np.ascontiguousarray(thumb)), hash_size=hash_size).hash.reshape(-1)
 
 
-def _smooth(image: np.ndarray, sigma: float) -> np.ndarray:
-    image = image.astype(np.float32)
-    return cv2.GaussianBlur(image, (0, 0), sigma) if sigma else image
+def crop_hashes(thumb: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """The hashes of ``thumb`` cropped by every combination of ``hash_crops`` on its four sides."""
+    h, w = thumb.shape
+    return np.stack([phash_bits(thumb[int(top * h): h - int(bottom * h), int(left * w): w - int(right * w)],
+                                cfg.hash_size)
+                     for left, top, right, bottom in itertools.product(cfg.hash_crops, repeat=4)])
 
 
-def signature(image: np.ndarray, cfg: DedupConfig, orig_hw: tuple[int, int] | None = None) -> Signature:
+def signature(image: np.ndarray, cfg: DedupConfig, orig_hw: tuple[int, int] | None = None,
+              reference: bool = False) -> Signature:
+    """An image's hashes and thumbnails; ``reference``: a competition image (its crops hashed)."""
     thumb = thumbnail(image, cfg.side, orig_hw)
-    hashes = np.stack([phash_bits(thumb, cfg.hash_size), phash_bits(np.ascontiguousarray(thumb[:, ::-1]),
-                                                                      cfg.hash_size)])
+    if reference:
+        hashes = crop_hashes(thumb, cfg)
+    else:
+        hashes = np.stack([phash_bits(thumb, cfg.hash_size), phash_bits(thumb[:, ::-1], cfg.hash_size)])
     scale = cfg.coarse_side / cfg.side
     coarse = cv2.resize(thumb, (max(8, round(thumb.shape[1] * scale)), max(8, round(thumb.shape[0] * scale))),
-                        interpolation=cv2.INTER_AREA)
-    return Signature(hashes=hashes, image=_smooth(thumb, cfg.blur), coarse=_smooth(coarse, cfg.blur * scale))
+                        interpolation=cv2.INTER_AREA).astype(np.float32)
+    if cfg.blur:
+        coarse = cv2.GaussianBlur(coarse, (0, 0), cfg.blur * scale * cfg.side / 128)
+    return Signature(hashes=hashes, image=thumb.astype(np.float32), coarse=coarse)
 
 
-def hamming(external: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """bool ``[N, 2, B]`` and ``[M, B]`` -> ``[N, 2, M]`` numbers of differing bits."""
-    a = external.astype(np.int32) * 2 - 1
-    b = reference.astype(np.int32) * 2 - 1
-    return (external.shape[-1] - a @ b.T) // 2
-
-
-def ncc_at(reference: np.ndarray, moving: np.ndarray, cx: float, cy: float) -> float:
-    """Best NCC of ``moving`` scaled to cover ``(1 - cx, 1 - cy)`` of ``reference``, over its positions."""
-    h, w = reference.shape
-    size = (min(w, max(4, round((1 - cx) * w))), min(h, max(4, round((1 - cy) * h))))
-    template = cv2.resize(moving, size, interpolation=cv2.INTER_AREA)
-    return float(cv2.minMaxLoc(cv2.matchTemplate(reference, template, cv2.TM_CCOEFF_NORMED))[1])
+def hash_distances(external: np.ndarray, reference: np.ndarray, budget: int = 2 ** 26) -> np.ndarray:
+    """bool ``[N, 2, B]`` and ``[M, C, B]`` -> ``[N, M]``: the fewest differing bits over orientations and crops."""
+    n, k, bits = external.shape
+    m, c, _ = reference.shape
+    b = reference.reshape(m * c, bits).astype(np.float32) * 2 - 1
+    out = np.empty((n, m), np.int32)
+    step = max(1, budget // (k * m * c))  # external images per block, for a bounded block of float32
+    for start in range(0, n, step):
+        a = external[start:start + step].reshape(-1, bits).astype(np.float32) * 2 - 1
+        agree = (a @ b.T).reshape(-1, k, m, c).max(axis=(1, 3))
+        out[start:start + step] = np.rint((bits - agree) / 2).astype(np.int32)
+    return out
 
 
 @dataclass(frozen=True)
 class Alignment:
+    """``warp``: external thumbnail pixels -> reference thumbnail pixels (``[2, 3]``, after the mirroring)."""
+
     ncc: float
     flipped: bool
-    crop_x: float               # share of the reference's width missing from the external image
-    crop_y: float
+    warp: np.ndarray
+
+    def crops(self, external_shape: tuple[int, int], reference_shape: tuple[int, int]) -> tuple[float, float]:
+        """Shares of the reference's width and height the external image does not show."""
+        (h, w), (rh, rw) = external_shape, reference_shape
+        return 1 - self.warp[0, 0] * w / rw, 1 - self.warp[1, 1] * h / rh
 
 
-def _best(reference: np.ndarray, moving: np.ndarray, flipped: bool, trials) -> Alignment:
-    moving = np.ascontiguousarray(moving[:, ::-1]) if flipped else moving
-    return max((Alignment(ncc_at(reference, moving, cx, cy), flipped, cx, cy) for cx, cy in trials),
-               key=lambda a: a.ncc)
+def _oriented(image: np.ndarray, flipped: bool) -> np.ndarray:
+    return np.ascontiguousarray(image[:, ::-1]) if flipped else image
 
 
 def coarse_check(external: Signature, reference: Signature, cfg: DedupConfig) -> Alignment:
-    """The grid of crops (``crop_steps`` per axis, up to ``max_crop``) in both orientations, on the small thumbnails."""
+    """A grid of crops (``crop_steps`` per axis, up to ``max_crop``) in both orientations, every position
+    (``cv2.matchTemplate``), on the small blurred thumbnails; the warp is returned in fine pixels."""
     grid = np.linspace(0, cfg.max_crop, cfg.crop_steps)
-    trials = [(cx, cy) for cy in grid for cx in grid]
-    return max((_best(reference.coarse, external.coarse, f, trials) for f in (False, True)), key=lambda a: a.ncc)
+    ref = reference.coarse
+    h, w = ref.shape
+    best = (-2.0, False, (w, h), (0, 0))
+    for flipped in (False, True):
+        moving = _oriented(external.coarse, flipped)
+        for cx, cy in itertools.product(grid, grid):
+            size = (min(w, max(4, round((1 - cx) * w))), min(h, max(4, round((1 - cy) * h))))
+            template = cv2.resize(moving, size, interpolation=cv2.INTER_AREA)
+            _, score, _, loc = cv2.minMaxLoc(cv2.matchTemplate(ref, template, cv2.TM_CCOEFF_NORMED))
+            if score > best[0]:
+                best = (score, flipped, size, loc)
+    score, flipped, size, loc = best
+    (eh, ew), (rh, rw) = external.image.shape, reference.image.shape
+    fx, fy = rw / w, rh / h  # coarse -> fine reference pixels
+    warp = np.array([[size[0] * fx / ew, 0, loc[0] * fx], [0, size[1] * fy / eh, loc[1] * fy]], np.float32)
+    return Alignment(float(score), flipped, warp)
+
+
+def band_pass(image: np.ndarray, band: tuple[float, float]) -> np.ndarray:
+    low, high = band
+    return (cv2.GaussianBlur(image, (0, 0), low) if low else image) - cv2.GaussianBlur(image, (0, 0), high)
 
 
 def fine_check(external: Signature, reference: Signature, start: Alignment, cfg: DedupConfig) -> Alignment:
-    """Around a coarse alignment, on the large thumbnails: the crop refined by half a grid step."""
-    half = cfg.max_crop / max(cfg.crop_steps - 1, 1) / 2
-    steps = (-half, -half / 2, 0.0, half / 2, half)
-    clip = lambda c: min(max(c, 0.0), cfg.max_crop)  # noqa: E731
-    trials = [(clip(start.crop_x + dx), clip(start.crop_y + dy)) for dy in steps for dx in steps]
-    return _best(reference.image, external.image, start.flipped, trials)
+    """From a coarse alignment: an affine warp refined by ECC (``cv2.findTransformECC``) on the fine
+    thumbnails, then the NCC of their detail (``band``), a border trimmed, as the score.
+
+    The detail, not the whole image, because distinct chest films share their outline; a copy shares its
+    source's texture, vessels, devices and noise too."""
+    moving = _oriented(external.image, start.flipped)
+    warp = start.warp.copy()
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4)
+    try:
+        _, warp = cv2.findTransformECC(cv2.GaussianBlur(moving, (0, 0), 1.0),
+                                       cv2.GaussianBlur(reference.image, (0, 0), 1.0), warp,
+                                       cv2.MOTION_AFFINE, criteria, None, 1)
+    except cv2.error:  # no convergence: keep the coarse warp
+        warp = start.warp
+    h, w = moving.shape
+    back = cv2.warpAffine(reference.image, warp, (w, h), flags=cv2.INTER_LINEAR + cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REFLECT)
+    margin = max(1, int(0.03 * max(h, w)))
+    a = band_pass(moving, cfg.band)[margin:-margin, margin:-margin].ravel()
+    b = band_pass(back, cfg.band)[margin:-margin, margin:-margin].ravel()
+    ncc = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+    return Alignment(ncc, start.flipped, warp)
 
 
 def pixel_check(external: Signature, reference: Signature, cfg: DedupConfig) -> Alignment:
-    """The best alignment of ``external`` inside ``reference``: coarse grid, then refined."""
+    """The alignment of ``external`` inside ``reference`` and its score: coarse grid, then refined."""
     return fine_check(external, reference, coarse_check(external, reference, cfg), cfg)
 
 
-def match(external: list[Signature], reference: list[Signature], cfg: DedupConfig, chunk: int = 512) -> pd.DataFrame:
+def match(external: list[Signature], reference: list[Signature], cfg: DedupConfig) -> pd.DataFrame:
     """For each external signature, its best competition image among the hash candidates.
 
     Every candidate gets the coarse check; the ``refine`` best of them the fine one, whose NCC is the score.
     Columns: ``external, reference`` (indices), ``hash_distance``, ``flipped``, ``crop_x``, ``crop_y``, ``ncc``.
     """
-    ref_hashes = np.stack([s.hashes[0] for s in reference])
-    rows = []
+    dist = hash_distances(np.stack([s.hashes for s in external]), np.stack([s.hashes for s in reference]))
     k = min(cfg.candidates, len(reference))
-    for start in range(0, len(external), chunk):
-        block = external[start:start + chunk]
-        dist = hamming(np.stack([s.hashes for s in block]), ref_hashes).min(axis=1)  # [n, M]
-        nearest = np.argsort(dist, axis=1, kind="stable")[:, :k]
-        for i, (sig, cands) in enumerate(zip(block, nearest)):
-            coarse = sorted(((coarse_check(sig, reference[j], cfg), j) for j in cands), key=lambda c: -c[0].ncc)
-            fine = [(fine_check(sig, reference[j], a, cfg), j) for a, j in coarse[:cfg.refine]]
-            best, j = max(fine, key=lambda c: c[0].ncc)
-            rows.append({"external": start + i, "reference": int(j), "hash_distance": int(dist[i, j]),
-                         "flipped": best.flipped, "crop_x": best.crop_x, "crop_y": best.crop_y, "ncc": best.ncc})
+    rows = []
+    for i, sig in enumerate(external):
+        candidates = np.argsort(dist[i], kind="stable")[:k]
+        coarse = sorted(((coarse_check(sig, reference[j], cfg), j) for j in candidates), key=lambda c: -c[0].ncc)
+        fine = [(fine_check(sig, reference[j], a, cfg), j) for a, j in coarse[:cfg.refine]]
+        best, j = max(fine, key=lambda c: c[0].ncc)
+        crop_x, crop_y = best.crops(sig.image.shape, reference[j].image.shape)
+        rows.append({"external": i, "reference": int(j), "hash_distance": int(dist[i, j]), "flipped": best.flipped,
+                     "crop_x": round(crop_x, 4), "crop_y": round(crop_y, 4), "ncc": best.ncc})
     return pd.DataFrame(rows, columns=["external", "reference", "hash_distance", "flipped", "crop_x", "crop_y",
                                        "ncc"])
 
@@ -187,9 +239,9 @@ def read_prepared(png: str | Path) -> np.ndarray:
     return image
 
 
-def signatures(table: pd.DataFrame, cfg: DedupConfig) -> list[Signature]:
+def signatures(table: pd.DataFrame, cfg: DedupConfig, reference: bool = False) -> list[Signature]:
     """Signatures of the PNGs of a table with ``png, orig_height, orig_width`` columns."""
-    return [signature(read_prepared(p), cfg, (int(h), int(w)))
+    return [signature(read_prepared(p), cfg, (int(h), int(w)), reference)
             for p, h, w in zip(table["png"], table["orig_height"], table["orig_width"])]
 
 
@@ -215,7 +267,7 @@ def find_duplicates(prepared_dir: str | Path, external_prepared_dir: str | Path,
     external = read_external_meta(external_prepared_dir)
     if reference.empty or external.empty:
         raise ValueError(f"nothing to compare: {len(reference)} competition and {len(external)} external images")
-    found = match(signatures(external, cfg), signatures(reference, cfg), cfg)
+    found = match(signatures(external, cfg), signatures(reference, cfg, reference=True), cfg)
     table = pd.DataFrame({
         "external_id": external["image_id"].to_numpy()[found["external"]],
         "external_path": external["path"].to_numpy()[found["external"]],
