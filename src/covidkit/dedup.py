@@ -177,22 +177,27 @@ def fine_check(external: Signature, reference: Signature, start: Alignment, cfg:
     The detail, not the whole image, because distinct chest films share their outline; a copy shares its
     source's texture, vessels, devices and noise too."""
     moving = _oriented(external.image, start.flipped)
-    warp = start.warp.copy()
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4)
     try:
         _, warp = cv2.findTransformECC(cv2.GaussianBlur(moving, (0, 0), 1.0),
-                                       cv2.GaussianBlur(reference.image, (0, 0), 1.0), warp,
+                                       cv2.GaussianBlur(reference.image, (0, 0), 1.0), start.warp.copy(),
                                        cv2.MOTION_AFFINE, criteria, None, 1)
-    except cv2.error:  # no convergence: keep the coarse warp
+    except cv2.error:  # no convergence: the coarse warp alone
         warp = start.warp
+    # ECC can also converge away from a right coarse warp (strong gamma, JPEG): the better of the two
+    return max((Alignment(detail_ncc(moving, reference.image, w, cfg.band), start.flipped, w)
+                for w in (warp, start.warp)), key=lambda a: a.ncc)
+
+
+def detail_ncc(moving: np.ndarray, reference: np.ndarray, warp: np.ndarray, band: tuple[float, float]) -> float:
+    """NCC of the detail of ``moving`` and of ``reference`` warped onto it, a 3 % border left out."""
     h, w = moving.shape
-    back = cv2.warpAffine(reference.image, warp, (w, h), flags=cv2.INTER_LINEAR + cv2.WARP_INVERSE_MAP,
+    back = cv2.warpAffine(reference, warp, (w, h), flags=cv2.INTER_LINEAR + cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REFLECT)
     margin = max(1, int(0.03 * max(h, w)))
-    a = band_pass(moving, cfg.band)[margin:-margin, margin:-margin].ravel()
-    b = band_pass(back, cfg.band)[margin:-margin, margin:-margin].ravel()
-    ncc = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
-    return Alignment(ncc, start.flipped, warp)
+    a = band_pass(moving, band)[margin:-margin, margin:-margin].ravel()
+    b = band_pass(back, band)[margin:-margin, margin:-margin].ravel()
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
 
 
 def pixel_check(external: Signature, reference: Signature, cfg: DedupConfig) -> Alignment:
