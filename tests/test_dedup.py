@@ -58,6 +58,9 @@ def matches(folders) -> pd.DataFrame:
     return find_duplicates(prepared, external, DedupConfig())
 
 
+@pytest.mark.xfail(strict=True, reason="issue 33: one copy of 30 (crop, resize, strong window, JPEG 73 of a "
+                   "~250 px image) keeps too little detail for the fine check (NCC 0.33, threshold 0.78); "
+                   "the mark comes off the day the check finds it")
 def test_finds_every_planted_copy_and_nothing_else(folders, matches):
     out, _, _ = folders
     truth = pd.read_csv(duplicates_csv(out), dtype=str)
