@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 
-SYNTH_SIZES = ("seed", "train_studies", "test_studies", "nih_images", "rsna_images", "max_size", "min_size", "ct_volumes")
+SYNTH_SIZES = ("seed", "train_studies", "test_studies", "nih_images", "rsna_images", "max_size", "min_size", "ct_volumes",
+               "external_images", "external_duplicates")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -37,6 +38,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     cfg = Config(**{k: v for k, v in given.items() if v is not None})
     summary = prepare_folder(cfg, Path(args.input_dir), Path(args.output_dir), split=args.split)
     return 1 if args.strict and summary.failed else 0
+
+
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    from covidkit.dedup import DedupConfig, run_dedup
+
+    settings = {k: getattr(args, k) for k in ("threshold", "candidates", "train_duplicates") if getattr(args, k) is not None}
+    cfg = DedupConfig(**settings)  # unset options keep DedupConfig's defaults
+    print(run_dedup(args.external_dir, args.prepared_dir, args.out, cfg, workers=args.workers).line())
+    return 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -192,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT volumes for DeCoVNet, half positive (default 140: 98 to train, 42 held out)")
     p.add_argument("--test-only", action="store_true",
                    help="only a SIIM test split (--test-studies) and its solution folder: a fresh test set")
+    p.add_argument("--external", type=int, dest="external_images", metavar="N",
+                   help="also N unlabelled radiographs in external/synthetic/, a share of them near-duplicates of SIIM "
+                        "train and test images (ground truth: external/synthetic_duplicates.csv); default 0")
+    p.add_argument("--external-duplicates", type=float, metavar="SHARE",
+                   help="share of the external images that copy SIIM images (default 0.15)")
     p.add_argument("--weights", action="store_true",
                    help="also pretrained-weight files of the full profile's shapes, random values, in weights/ "
                         "(ResNeXt-101 ImageNet, YOLO11-L): what a dry run loads to test the loading paths")
@@ -208,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the fold assignment (default: stage 00's)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any image failed")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("dedup", help="find the copies of competition images in a folder of external radiographs")
+    p.add_argument("external_dir", help="a folder of DICOM/PNG radiographs, nested any way (input/external/<name>)")
+    p.add_argument("prepared_dir", help="stage 00's prepared competition folder (a run's prepared/)")
+    p.add_argument("--out", required=True, help="folder for prepared/, matches.csv, pairs.png (and scores.json)")
+    p.add_argument("--threshold", type=float, help="NCC at or above which a pair is a copy (default: DedupConfig's)")
+    p.add_argument("--candidates", type=int, help="competition images checked per external image, nearest by hash")
+    p.add_argument("--train-duplicates", choices=["drop", "map"],
+                   help="a copy of a training image: drop it (default), or map it to that image (a copy of a test "
+                        "image is always dropped)")
+    p.add_argument("--workers", type=int, default=None, help="processes preparing the images (default: all cores)")
+    p.set_defaults(func=_cmd_dedup)
 
     p = sub.add_parser("score", help="the competition metric of a submission")
     p.add_argument("--image-level", required=True, help="image-level labels CSV (train_image_level.csv format)")

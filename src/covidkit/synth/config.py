@@ -23,11 +23,14 @@ class SynthConfig:
     ct: bool = True                   # also the CT sets
     ct_volumes: int = 140             # CT volumes for DeCoVNet (half positive): 42 held out in smoke
     test_only: bool = False           # only a SIIM test split and its solution folder (a fresh test set)
+    external_images: int = 0          # unlabelled radiographs in external/synthetic/ (covidkit.synth.external)
+    external_duplicates: float = 0.15  # share of them that are near-duplicates of SIIM train and test images
 
     def __post_init__(self) -> None:
         counts = {k: getattr(self, k) for k in ("train_studies", "test_studies", "nih_images", "rsna_images")}
         counts["rsna_test_images"] = self.rsna_test_images or 0
         counts["ct_volumes"] = self.ct_volumes
+        counts["external_images"] = self.external_images
         negative = [k for k, v in counts.items() if v < 0]
         if negative:
             raise ValueError(f"counts must be >= 0, got {', '.join(f'{k}={counts[k]}' for k in negative)}")
@@ -35,6 +38,8 @@ class SynthConfig:
             raise ValueError("image sizes must be at least 64 pixels")
         if self.ct and self.ct_volumes < 2:
             raise ValueError(f"ct_volumes must be at least 2 (one per class), got {self.ct_volumes}")
+        if not 0 <= self.external_duplicates <= 1:
+            raise ValueError(f"external_duplicates is a share in [0, 1], got {self.external_duplicates}")
         if self.nih_per_folder < 1:
             raise ValueError(f"nih_per_folder must be >= 1, got {self.nih_per_folder}")
 
