@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidkit.ct.decovnet.localize import LocalizationConfig
-from covidkit.ct.decovnet.pipeline import DeCoVNetConfig, DeCoVNetRun, predict_volume, run_decovnet
+from covidkit.ct.decovnet.pipeline import AugmentConfig, DeCoVNetConfig, DeCoVNetRun, predict_volume, run_decovnet
 from covidkit.ct.decovnet.volumes import DATASET_DIR
 from covidkit.stages import StageConfig, stage_main
 
@@ -37,6 +37,9 @@ class Config(StageConfig):
     lr: float = 1e-3  # Adam, cosine decay (the paper: 1e-5 at batch 1; the README says why not here)
     batch_size: int = 8  # volumes per step
     mask_outside_lungs: bool = True  # the image channel is 0 outside the lung mask
+    # intensity augmentation (factors on the 8-bit window): the released code's; [1, 1] turns it off (docs/ct.md)
+    brightness: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    contrast: list[float] = field(default_factory=lambda: [0.7, 1.3])
     test_fraction: float = 0.3  # hold-out when labels.csv has no split column
     workers: int = 0  # DataLoader workers
     localization: str = "density"  # hit_rate's rule: "density" (no CAM; better on every dev seed) or "cam"
@@ -50,6 +53,7 @@ class Config(StageConfig):
             seed=self.seed, lung_size=self.lung_size, lung_width=self.lung_width, lung_epochs=self.lung_epochs,
             lung_slices_per_case=self.lung_slices_per_case, lung_min_dice=self.lung_min_dice, epochs=self.epochs,
             lr=self.lr, batch_size=self.batch_size, mask_outside_lungs=self.mask_outside_lungs,
+            augment=AugmentConfig(brightness=tuple(self.brightness), contrast=tuple(self.contrast)),
             num_workers=self.workers, progress=self.progress, max_cases=self.max_items,
             max_steps=self.max_steps, localization=LocalizationConfig(rule=self.localization),
         )
