@@ -60,11 +60,14 @@ def main() -> None:
     parser.add_argument("--profile", default="smoke")
     parser.add_argument("--input", default="input")
     parser.add_argument("--kill-after-epochs", type=int, default=8, help="03's completed epochs, all splits together")
+    parser.add_argument("--set", action="append", default=[], metavar="[NOTEBOOK.]KEY=VALUE",
+                        help="the reference's own --set (e.g. its fresh test seeds), passed to both runs")
     args = parser.parse_args()
 
     out = Path(args.out).resolve()
     cmd = [sys.executable, "-m", "covidkit.cli", "pipeline", "--profile", args.profile, "--input", args.input,
            "--run-dir", str(out), "--set", f"07.submission={out / 'submission.csv'}"]
+    cmd += [arg for setting in args.set for arg in ("--set", setting)]
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(out.parent / f"{out.name}.first.log", "w") as log:
