@@ -60,5 +60,5 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
     assert f"out-of-fold study mAP: {summary['study_ap']['mAP']:.3f}" in text
     # without 05's boxes the none rule is chosen out of fold among the classifier's own estimates
     assert summary["none_rule"]["chosen"] in ("head", "negative") and "none rule for 07" in text
-    assert params["stack_boxes"] and "no stacker" in text  # the smoke profile stacks, but 05 did not run here
+    assert settings["stack_boxes"] and "no stacker" in text  # the smoke profile stacks, but 05 did not run here
     assert not out.stacker.exists()  # the stale one was removed

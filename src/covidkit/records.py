@@ -23,7 +23,7 @@ from pathlib import Path
 
 from covidkit.atomic import atomic_write_text
 from covidkit.layout import RunLayout
-from covidkit.stages import stage_module
+from covidkit.stages import STAGES, stage_module
 
 RECORDS_DIR = "records"
 RECORD_FORMAT = "covidkit.stage_record/1"
@@ -80,9 +80,9 @@ def folder_fingerprint(folder: Path) -> str | None:
 
 def input_fingerprint(stage: str, input_dir: Path, run_dir: Path) -> dict:
     """The datasets a stage reads, and the records of the stages it reads from."""
-    module = stage_module(stage)
-    return {"data": {name: folder_fingerprint(input_dir / name) for name in module.DATASETS},
-            "upstream": {up: record_digest(read_record(run_dir, up)) for up in module.UPSTREAM}}
+    module = stage_module(stage) if stage in STAGES else None  # a notebook of the user's own reads no stage
+    return {"data": {name: folder_fingerprint(input_dir / name) for name in getattr(module, "DATASETS", [])},
+            "upstream": {up: record_digest(read_record(run_dir, up)) for up in getattr(module, "UPSTREAM", [])}}
 
 
 def stage_outputs(stage: str, run_dir: Path, settings: dict) -> list[Path]:
