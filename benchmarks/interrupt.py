@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="the run folder to interrupt (a new one)")
     parser.add_argument("--profile", default="smoke")
     parser.add_argument("--input", default="input")
+    parser.add_argument("--dry-run", action="store_true", help="both runs with the pipeline's --dry-run sizes")
     parser.add_argument("--kill-after-epochs", type=int, default=8, help="03's completed epochs, all splits together")
     parser.add_argument("--set", action="append", default=[], metavar="[NOTEBOOK.]KEY=VALUE",
                         help="the reference's own --set (e.g. its fresh test seeds), passed to both runs")
@@ -67,7 +68,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     cmd = [sys.executable, "-m", "covidkit.cli", "pipeline", "--profile", args.profile, "--input", args.input,
            "--run-dir", str(out), "--set", f"07.submission={out / 'submission.csv'}"]
-    cmd += [arg for setting in args.set for arg in ("--set", setting)]
+    cmd += [arg for setting in args.set for arg in ("--set", setting)] + (["--dry-run"] if args.dry_run else [])
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(out.parent / f"{out.name}.first.log", "w") as log:
