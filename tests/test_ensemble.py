@@ -14,7 +14,7 @@ from covidkit.ensemble import (
     precision_recall, tuned_out_of_fold,
 )
 from covidkit.stages.ensemble_wbf import markdown_table
-from covidkit.oof import OofPredictions, box_rows, opacity_ap, read_oof, write_oof
+from covidkit.oof import OofPredictions, box_rows, fold_mean_ap, opacity_ap, read_oof, write_oof
 from covidkit.pipeline import load_profile
 
 EMPTY = np.zeros((0, 4))
@@ -147,6 +147,21 @@ def test_parameters_tuned_out_of_fold_are_chosen_on_the_other_folds():
     assert opacity_ap(honest, truth) == 0.0
     with pytest.raises(ValueError, match="two folds"):
         tuned_out_of_fold(grid_fusions([_oof({}, ["i"]), _oof({}, ["i"])], {"i": (100, 200)}, grid), truth)
+
+
+def test_a_score_tuned_per_fold_is_the_mean_of_its_folds_aps():
+    """Fold 0's boxes score on a lower scale than fold 1's (fused with other weights): each fold ranks its hit
+    first (AP 1 each), but over both folds fold 1's false box outranks fold 0's hit. A fold without a true
+    box has no AP and is left out of the mean."""
+    images = pd.DataFrame({"image_id": ["i", "j", "k"], "fold": [0, 1, 2]})
+    truth = {"i": np.array([[0, 0, 10, 10]]), "j": np.array([[0, 0, 10, 10]]), "k": EMPTY}
+    oof = OofPredictions.from_parts([box_rows("i", 0, [[0, 0, 10, 10]], [0.1]),
+                                     box_rows("j", 1, [[0, 0, 10, 10], [50, 50, 60, 60]], [0.9, 0.5]),
+                                     box_rows("k", 2, [[0, 0, 10, 10]], [0.05])], images)
+    assert opacity_ap(oof, truth) == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert fold_mean_ap(oof, truth) == pytest.approx(1.0)
+    table = ap_table({"tuned per fold": oof}, truth)
+    assert table.loc["tuned per fold", "ap50_fold_mean"] == pytest.approx(1.0)
 
 
 def test_precision_recall_points_by_descending_score():

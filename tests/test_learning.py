@@ -261,6 +261,22 @@ def test_the_fusion_against_the_better_detector_and_the_prior_boxes(tmp_path):
     assert rival.learned and baseline.status == "missing" and "prior boxes" in baseline.verdict
 
 
+def test_the_fusion_tuned_per_fold_is_compared_by_the_mean_of_its_folds(tmp_path):
+    """With the honest row (parameters tuned on the other folds), 05's checks read the ``ap50_fold_mean`` column
+    of every row: here a tie with Faster R-CNN there, where the AP over all folds would say "not above"."""
+    from covidkit.stages.ensemble_wbf import ENSEMBLE, FOLD_MEAN_FIGURE, PRIOR_BOXES, TUNED_OOF
+
+    layout = RunLayout(tmp_path)
+    layout.ensemble_wbf.dir.mkdir(parents=True)
+    pd.DataFrame({"model": ["Faster R-CNN", "YOLO", ENSEMBLE, TUNED_OOF, PRIOR_BOXES], "images": 10,
+                  "predicted_boxes": 9, "ap50": [0.656, 0.573, 0.638, 0.596, 0.116],
+                  "ap50_fold_mean": [0.661, 0.580, 0.650, 0.650, 0.120]}).to_csv(layout.ensemble_wbf.ap_table,
+                                                                                 index=False)
+    rival, baseline = check_run(tmp_path)
+    assert (rival.model, rival.figure, rival.value, rival.baseline) == (TUNED_OOF, FOLD_MEAN_FIGURE, 0.650, 0.661)
+    assert rival.status == "tie" and baseline.learned and baseline.baseline == 0.120
+
+
 def test_the_stacker_is_checked_against_the_box_count_rule(tmp_path):
     """06: the study model against the priors only; the stacker against the priors and the box-count rule, which
     fails as missing when the summary lacks it."""

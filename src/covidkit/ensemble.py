@@ -30,7 +30,7 @@ from torchvision.ops import nms
 from covidkit.boxes import EMPTY, as_boxes
 from covidkit.metrics import match_detections
 from covidkit.deprecated import moved
-from covidkit.oof import OofPredictions, opacity_ap
+from covidkit.oof import OofPredictions, fold_mean_ap, opacity_ap
 from covidkit.oof import restrict as _restrict
 
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
@@ -217,9 +217,10 @@ def fuse_oof(oofs: Sequence[OofPredictions], sizes: Mapping[str, tuple[int, int]
 
 
 def ap_table(oofs: Mapping[str, OofPredictions], truth: Mapping[str, np.ndarray]) -> pd.DataFrame:
-    """Opacity AP@0.5 of each named model (index: the names), with image and box counts."""
+    """Opacity AP@0.5 of each named model (index: the names), with image and box counts: ``ap50`` over all its
+    images, ``ap50_fold_mean`` the mean of its folds' (:func:`fold_mean_ap`)."""
     rows = [{"model": name, "images": len(oof.images), "predicted_boxes": len(oof.boxes),
-             "ap50": opacity_ap(oof, truth)} for name, oof in oofs.items()]
+             "ap50": opacity_ap(oof, truth), "ap50_fold_mean": fold_mean_ap(oof, truth)} for name, oof in oofs.items()]
     return pd.DataFrame(rows).set_index("model")
 
 

@@ -8,7 +8,8 @@ threshold of those boxes: what the web page shows by default), ``grid.csv`` (wit
 ``pr_curves.png``. The table's row "prior boxes" is the trivial baseline (``covidkit.baselines.prior_box_oof``: the
 mean training box of each lung zone at a constant score, each fold's from the other folds' images). With a grid,
 the parameters are chosen on the OOF images; the row "tuned on the other folds' images" is the honest score of that
-choice (``covidkit.ensemble.tuned_out_of_fold``).
+choice (``covidkit.ensemble.tuned_out_of_fold``), read as the mean of its folds' APs (the table's ``ap50_fold_mean``,
+``covidkit.oof.fold_mean_ap``): its learning checks compare that column of every row.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ ENSEMBLE = "WBF ensemble"
 TUNED = "WBF ensemble, parameters tuned on these images"
 TUNED_OOF = "WBF ensemble, parameters tuned on the other folds' images"
 PRIOR_BOXES = "prior boxes"  # the trivial baseline row
+FOLD_MEAN_FIGURE = f"{DETECTOR_FIGURE}, mean over 00's folds"
 
 
 # What this stage reads (covidkit.records fingerprints them: a change reruns it): dataset folders of
@@ -153,24 +155,28 @@ def learning_checks(layout: RunLayout, input_dir: Path | None) -> list[LearningC
     if not out.ap_table.is_file():
         return [LearningCheck.absent(stage, ENSEMBLE, DETECTOR_FIGURE, name, f"{out.ap_table.name} not written")
                 for name in ("the better detector alone", PRIOR_BOXES)]
-    table = pd.read_csv(out.ap_table, index_col=0)["ap50"]
+    table = pd.read_csv(out.ap_table, index_col=0)
     row = TUNED_OOF if TUNED_OOF in table.index else ENSEMBLE
+    # the tuned-per-fold row is read per fold (covidkit.oof.fold_mean_ap), and so are the rows it is compared to
+    column, figure = (("ap50_fold_mean", FOLD_MEAN_FIGURE) if row == TUNED_OOF and "ap50_fold_mean" in table
+                      else ("ap50", DETECTOR_FIGURE))
+    table = table[column]
     value = float(table[row])
     singles = table.reindex(["Faster R-CNN", "YOLO"]).dropna()
     if singles.empty:
-        rival = LearningCheck.absent(stage, row, DETECTOR_FIGURE, "the better detector alone",
+        rival = LearningCheck.absent(stage, row, figure, "the better detector alone",
                                      f"no single detector's AP in {out.ap_table.name}")
     else:
         best = singles.idxmax()
-        rival = LearningCheck(stage, row, DETECTOR_FIGURE, value, float(singles[best]), f"{best} alone", RIVAL_MARGIN,
+        rival = LearningCheck(stage, row, figure, value, float(singles[best]), f"{best} alone", RIVAL_MARGIN,
                               rival=True)
     if PRIOR_BOXES in table.index and np.isfinite(table[PRIOR_BOXES]):
         fused = read_oof(out.fused_oof) if out.fused_oof.is_file() else None
         spread = None if fused is None else image_score_spread(fused.boxes, fused.images)
-        prior = LearningCheck(stage, row, DETECTOR_FIGURE, value, float(table[PRIOR_BOXES]), PRIOR_BOXES, AP_MARGIN,
+        prior = LearningCheck(stage, row, figure, value, float(table[PRIOR_BOXES]), PRIOR_BOXES, AP_MARGIN,
                               spread)
     else:
-        prior = LearningCheck.absent(stage, row, DETECTOR_FIGURE, PRIOR_BOXES,
+        prior = LearningCheck.absent(stage, row, figure, PRIOR_BOXES,
                                      f"no row {PRIOR_BOXES!r} in {out.ap_table.name}")
     return [rival, prior]
 
