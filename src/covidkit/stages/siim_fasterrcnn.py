@@ -45,6 +45,7 @@ from covidkit.learning import (
     AP_MARGIN, DETECTOR_FIGURE, LearningCheck, PRIOR_BOXES, image_score_spread, prior_box_check, read_json, training_truth,
 )
 from covidkit.layout import RunLayout
+from covidkit.pseudo import stage_rows
 from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.transforms import DetectionAugment, detection_transform
 
@@ -85,6 +86,8 @@ class Config(StageConfig):
     clip_grad_norm: float | None = 10.0
     fold_groups: int | None = None  # None: one model per fold of folds.csv
     folds: list[int] | None = None  # splits to train; None: every split
+    pseudo_labels: str | None = None  # 08's pseudo_labels.csv (a round, docs/pseudo-labels.md); None: none
+    pseudo_weight: float = 1.0  # sampling weight: how often a pseudo-labelled image is drawn against a labelled one
     eval_every: int = 1  # validation AP every this many epochs (and at the last, which predicts the OOF images)
     eval_batch_size: int = 8
     workers: int = 4  # DataLoader workers
@@ -231,7 +234,7 @@ def run(cfg: Config) -> Result:
     table = training_table(cfg)
     prepared_size = cfg.layout.prepare.size
     folds = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=prepared_size), cfg.folds,
-                      cfg.max_items)
+                      cfg.max_items, extra=stage_rows(cfg, sampling=True))
     oof = OofPredictions.concat([oof for oof, _ in folds])
     evaluated = table[table["image_id"].isin(oof.images["image_id"])]
     baseline = untrained_oof(evaluated, cfg, prepared_size)
