@@ -221,8 +221,48 @@ def pseudo_count(layout: RunLayout) -> int | None:
     return int(len(read_pseudo_labels(path))) if path.is_file() else None
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def round_row(layout: RunLayout) -> dict:
+    """One round's figures: OOF opacity AP of 05's fusion (the row tuned on the other folds' images when 05 had a
+    grid), OOF study mAP of 06 (and of its stacker), the mean test score of 07's fresh test sets, and how many
+    pseudo-labelled images it trained on (the previous round's 08 table)."""
+    from covidkit.fresh_tests import read_fresh_test_sets
+    from covidkit.stages.ensemble_wbf import ENSEMBLE, TUNED_OOF
+
+    row = {"round": layout.round, "pseudo-labelled images": 0}
+    if layout.round:
+        row["pseudo-labelled images"] = pseudo_count(RunLayout(layout.round_dir(layout.round - 1)))
+    if layout.ensemble_wbf.ap_table.is_file():
+        table = pd.read_csv(layout.ensemble_wbf.ap_table, index_col=0)
+        row["OOF opacity AP@0.5 (05)"] = float(table.loc[TUNED_OOF if TUNED_OOF in table.index else ENSEMBLE, "ap50"])
+    study = _read_json(layout.study_level.summary)
+    row["OOF study mAP (06)"] = study.get("study_ap", {}).get("mAP")
+    row["OOF study mAP, stacker (06)"] = study.get("study_ap_stacked", {}).get("mAP")
+    fresh = read_fresh_test_sets(layout.submission.fresh_tests)
+    row["fresh test score (07)"] = fresh.mean if fresh is not None and not fresh.per_seed.empty else None
+    return row
+
+
+def rounds_table(layout: RunLayout) -> pd.DataFrame:
+    """``round_row`` of every round of the run (``RunLayout.rounds``)."""
+    return pd.DataFrame([round_row(r) for r in RunLayout(layout.base).rounds()]).set_index("round")
+
+
+def rounds_section(layout: RunLayout) -> str:
+    from covidkit.report import Missing, table_html
+
+    if len(RunLayout(layout.base).rounds()) < 2:
+        raise Missing("one round (covidkit pipeline --rounds K adds pseudo-label rounds)")
+    return ("<p>Each round's out-of-fold figures are on the competition's labelled images only; the models folder "
+            "and the submission are the last round's.</p>" + table_html(rounds_table(layout), digits=4))
+
+
 REPORT_SECTIONS = [  # the run report's sections of this stage (covidkit.report)
     ("Pseudo-labels (08)", lambda r: pseudo_section(r.layout)),
+    ("Pseudo-label rounds", lambda r: rounds_section(r.layout)),
 ]
 
 
