@@ -211,7 +211,7 @@ def pseudo_section(layout: RunLayout) -> str:
     keys = ("images", "by_source", "dropped_as_duplicates", "mapped_to_training_images", "with_pseudo_boxes",
             "box_threshold", "box_threshold_from")
     items = "".join(f"<li>{k}: {html.escape(str(summary.get(k)))}</li>" for k in keys)
-    figure = png_html(layout.pseudo_label.figure) if layout.pseudo_label.figure.is_file() else ""
+    figure = png_html(layout.pseudo_label.figure.read_bytes()) if layout.pseudo_label.figure.is_file() else ""
     return f"<ul>{items}</ul>{figure}"
 
 
@@ -248,7 +248,9 @@ def round_row(layout: RunLayout) -> dict:
 
 def rounds_table(layout: RunLayout) -> pd.DataFrame:
     """``round_row`` of every round of the run (``RunLayout.rounds``)."""
-    return pd.DataFrame([round_row(r) for r in RunLayout(layout.base).rounds()]).set_index("round")
+    table = pd.DataFrame([round_row(r) for r in RunLayout(layout.base).rounds()]).set_index("round")
+    figures = [c for c in table.columns if c != "pseudo-labelled images"]
+    return table.astype({c: float for c in figures})  # a figure not written: NaN (n/a in the report)
 
 
 def rounds_section(layout: RunLayout) -> str:
