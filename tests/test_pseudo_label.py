@@ -161,3 +161,27 @@ def test_one_round_runs_end_to_end_with_its_own_models_folder(tiny_input, tmp_pa
 
     again = run_pipeline("smoke", **args)
     assert all(r.skipped for r in again) and len(again) == len(runs)
+
+
+def test_the_study_loss_on_soft_labels_and_weights():
+    """One-hot soft labels at weight 1 give the ordinary loss; an image at weight 0 does not count."""
+    import torch
+
+    from covidkit.models.study import study_loss
+
+    torch.manual_seed(0)
+    out = {"study": torch.randn(3, 4), "none": torch.randn(3), "mask": torch.randn(3, 1, 8, 8)}
+    hard = {"label": torch.tensor([0, 2, 1]), "none": torch.tensor([1.0, 0.0, 0.0]),
+            "mask": (torch.rand(3, 1, 16, 16) > 0.7).float()}
+    soft = {**hard, "soft": torch.eye(4)[hard["label"]], "weight": torch.ones(3)}
+    total, parts = study_loss(out, hard, none_weight=0.5)
+    soft_total, soft_parts = study_loss(out, soft, none_weight=0.5)
+    assert soft_total.item() == pytest.approx(total.item(), rel=1e-5)
+    # weight 0 on the last image: the loss of the first two alone
+    dropped = study_loss(out, {**soft, "weight": torch.tensor([1.0, 1.0, 0.0])}, none_weight=0.5)[0]
+    first_two = study_loss({k: v[:2] for k, v in out.items()}, {k: v[:2] for k, v in hard.items()}, none_weight=0.5)[0]
+    assert dropped.item() == pytest.approx(first_two.item(), rel=1e-5)
+    # a soft label pulls towards a mixture: the uniform label's loss is lowest at equal logits
+    uniform = {**soft, "soft": torch.full((3, 4), 0.25)}
+    flat = {**out, "study": torch.zeros(3, 4)}
+    assert study_loss(flat, uniform)[1]["ce"] < study_loss(out, uniform)[1]["ce"]
