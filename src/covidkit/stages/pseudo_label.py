@@ -207,7 +207,7 @@ def pseudo_section(layout: RunLayout) -> str:
         raise Missing("not run: no 08_pseudo_label/summary.json")
     summary = json.loads(path.read_text())
     if not summary.get("enabled"):
-        raise Missing("off (external: [], include_test: false)")
+        return "<p>Off (external: [], include_test: false): no pseudo-labels.</p>"
     keys = ("images", "by_source", "dropped_as_duplicates", "mapped_to_training_images", "with_pseudo_boxes",
             "box_threshold", "box_threshold_from")
     items = "".join(f"<li>{k}: {html.escape(str(summary.get(k)))}</li>" for k in keys)
@@ -254,12 +254,16 @@ def rounds_table(layout: RunLayout) -> pd.DataFrame:
 
 
 def rounds_section(layout: RunLayout) -> str:
+    """``rounds_table``; a run without rounds has its one row (``covidkit pipeline --rounds K`` adds rounds)."""
     from covidkit.report import Missing, table_html
 
-    if len(RunLayout(layout.base).rounds()) < 2:
-        raise Missing("one round (covidkit pipeline --rounds K adds pseudo-label rounds)")
-    return ("<p>Each round's out-of-fold figures are on the competition's labelled images only; the models folder "
-            "and the submission are the last round's.</p>" + table_html(rounds_table(layout), digits=4))
+    table = rounds_table(layout)
+    if table.drop(columns="pseudo-labelled images").isna().all(axis=None):
+        raise Missing("not run: no figure of 05, 06 or 07")
+    text = ("Each round's out-of-fold figures are on the competition's labelled images only; the models folder and "
+            "the submission are the last round's." if len(table) > 1 else
+            "One round: covidkit pipeline --rounds K adds pseudo-label rounds (docs/pseudo-labels.md).")
+    return f"<p>{html.escape(text)}</p>" + table_html(table, digits=4)
 
 
 REPORT_SECTIONS = [  # the run report's sections of this stage (covidkit.report)
