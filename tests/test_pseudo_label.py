@@ -185,3 +185,13 @@ def test_the_study_loss_on_soft_labels_and_weights():
     uniform = {**soft, "soft": torch.full((3, 4), 0.25)}
     flat = {**out, "study": torch.zeros(3, 4)}
     assert study_loss(flat, uniform)[1]["ce"] < study_loss(out, uniform)[1]["ce"]
+
+
+def test_rounds_refuse_to_start_with_nothing_to_pseudo_label(tmp_path):
+    from covidkit.pipeline import PipelineError, run_pipeline
+
+    with pytest.raises(PipelineError, match="08 is off"):
+        run_pipeline("smoke", input_dir=tmp_path, run_dir=tmp_path / "run", rounds=1)
+    with pytest.raises(PipelineError, match="needs the notebooks"):
+        run_pipeline("smoke", input_dir=tmp_path, run_dir=tmp_path / "run", only=["00", "03"], rounds=1)
+    assert not (tmp_path / "run").exists()
