@@ -124,7 +124,8 @@ def test_one_round_runs_end_to_end_with_its_own_models_folder(tiny_input, tmp_pa
     with contextlib.redirect_stdout(io.StringIO()):
         write_external(input_dir, SynthConfig(**{**TINY, "external_images": 8, "external_duplicates": 0.25}))
     args = dict(input_dir=input_dir, run_dir=run_dir, only=[f"0{i}" for i in range(9)], dry_run=True, rounds=1,
-                settings={"08.external": ["synthetic"], "08.include_test": True})
+                settings={"08.external": ["synthetic"], "08.include_test": True,
+                          "07.fresh_test_seeds": []})  # 07's fresh test sets: minutes, tested in test_pipeline
     runs = run_pipeline("smoke", **args)
     layout, last = RunLayout(run_dir), RunLayout(RunLayout(run_dir).round_dir(1))
     assert [r.name for r in runs[9:]] == [f"round1/0{i}_{n}" for i, n in
