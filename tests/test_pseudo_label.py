@@ -13,11 +13,11 @@ import pytest
 
 from covidkit.data.external import external_id
 from covidkit.data.siim import COMPETITION
-from covidkit.engine.kfold import fold_table, run_folds
+from covidkit.engine.kfold import fold_table
 from covidkit.layout import RunLayout
 from covidkit.prepare import prepare
 from covidkit.pseudo import (
-    PSEUDO_COLUMNS, SOFT_COLUMNS, WEIGHT, read_pseudo_labels, sampled, training_rows, with_soft_labels,
+    PSEUDO_COLUMNS, SOFT_COLUMNS, WEIGHT, add_pseudo_rows, read_pseudo_labels, sampled, training_rows, with_soft_labels,
 )
 from covidkit.stages import pseudo_label
 from covidkit.synth import SynthConfig, write_external, write_siim
@@ -79,22 +79,32 @@ def test_copies_of_test_images_are_dropped_and_soft_labels_are_distributions(lab
     assert RunLayout(result.out_dir.parent).pseudo_label.figure.is_file()
 
 
-def test_pseudo_rows_join_every_training_split_and_are_never_held_out(labelled):
+def test_pseudo_rows_are_training_rows_the_datasets_read(labelled):
+    """A split's training rows with the pseudo-labelled ones (what 03, 04 and 06 train on): 03's and 06's datasets
+    read them, with the pseudo-boxes and the soft labels; labelled rows keep their one-hot labels at weight 1."""
+    from covidkit.data.detection import OpacityDataset
+    from covidkit.data.study import StudyImageDataset
+    from covidkit.models.study import StudySpec, train_transform
+    from covidkit.transforms import DetectionAugment, detection_transform
+
     input_dir, result = labelled
     layout = RunLayout(result.out_dir.parent)
     table = fold_table(layout.prepare.train_table(input_dir / COMPETITION), 2)
     pseudo = sampled(training_rows(layout.pseudo_label.table), 1.0, seed=0)
-    seen = run_folds(table, lambda split, train, held: (split, set(train["image_id"]), set(held["image_id"])),
-                     extra=pseudo)
-    ids = set(pseudo["image_id"])
-    assert len(seen) == 2
-    for split, train, held in seen:
-        assert ids <= train and not ids & held
-        assert held == set(table.loc[table["split"] == split, "image_id"])
-    rows = with_soft_labels(pd.concat([table.assign(pseudo=False), pseudo]), 0.5)
-    assert rows.loc[rows["pseudo"], WEIGHT].eq(0.5).all() and rows.loc[~rows["pseudo"], WEIGHT].eq(1.0).all()
-    one_hot = rows.loc[~rows["pseudo"], SOFT_COLUMNS].to_numpy()
+    rows = add_pseudo_rows(table[table["split"] != 0], pseudo)
+    assert rows["pseudo"].sum() == len(pseudo) and (rows.loc[rows["pseudo"], "split"] == -1).all()
+    detection = OpacityDataset(rows, detection_transform(DetectionAugment(), train=False))
+    for i in np.flatnonzero(rows["pseudo"].to_numpy())[:3]:
+        assert len(detection[i][1]["boxes"]) == len(rows["boxes"].iloc[i])
+    soft = with_soft_labels(rows, 0.5)
+    assert soft.loc[soft["pseudo"], WEIGHT].eq(0.5).all() and soft.loc[~soft["pseudo"], WEIGHT].eq(1.0).all()
+    one_hot = soft.loc[~soft["pseudo"], SOFT_COLUMNS].to_numpy()
     assert (one_hot.sum(1) == 1).all() and set(np.unique(one_hot)) == {0.0, 1.0}
+    spec = StudySpec(encoder="plain", width=4, input_size=64, prepared_size=256)
+    first = int(np.flatnonzero(soft["pseudo"].to_numpy())[0])
+    _, target = StudyImageDataset(soft, train_transform(spec))[first]
+    np.testing.assert_allclose(target["soft"].numpy(), soft[SOFT_COLUMNS].iloc[first].to_numpy(float), rtol=1e-6)
+    assert target["weight"] == 0.5
 
 
 def test_a_sampling_weight_draws_each_image_that_often_on_average():
@@ -137,8 +147,9 @@ def test_one_round_runs_end_to_end_with_its_own_models_folder(tiny_input, tmp_pa
     assert pseudo
     for stage in ("03_train_siim_fasterrcnn", "04_train_siim_yolo", "06_study_level"):
         assert f"pseudo_labels: {layout.pseudo_label.table}" in last.settings(stage).read_text()
-    trained = (last.siim_yolo.data / "fold0_train.txt").read_text()
-    assert any(f"/{i}.png" in trained for i in pseudo)  # the pseudo-labelled images are in round 1's training
+    for fold in (0, 1):  # round 1's YOLO lists: the pseudo-labelled images train every split, validate none
+        trained, held = ((last.siim_yolo.data / f"fold{fold}_{part}.txt").read_text() for part in ("train", "val"))
+        assert any(f"/{i}.png" in trained for i in pseudo) and not any(f"/{i}.png" in held for i in pseudo)
     # out of fold: the competition's labelled images only, the same ones in both rounds
     for r in (layout, last):
         scored = [set(read_oof(r.siim_fasterrcnn.oof).images["image_id"]), set(read_oof(r.siim_yolo.oof).images["image_id"]),

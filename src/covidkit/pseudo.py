@@ -99,7 +99,8 @@ def with_soft_labels(rows: pd.DataFrame, pseudo_weight: float) -> pd.DataFrame:
 
 
 def add_pseudo_rows(table: pd.DataFrame, pseudo: pd.DataFrame | None) -> pd.DataFrame:
-    """A split's training rows and the pseudo-labelled ones (``pseudo`` false for the former)."""
+    """A split's training rows and the pseudo-labelled ones (``pseudo`` false for the former): what 03, 04 and 06
+    train each split's model on; never its held-out rows."""
     if pseudo is None or pseudo.empty:
         return table
     return pd.concat([table.assign(pseudo=False), pseudo], ignore_index=True)

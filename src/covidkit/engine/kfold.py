@@ -5,8 +5,7 @@ A table's ``fold`` column holds 00's folds (``folds.csv``); ``fold_table`` adds 
 (``fold_groups`` merges the folds into fewer splits, patients still never cross, ``covidkit.folds``). The stage
 gives ``run_folds`` a ``train_fold(split, train_rows, held_out)`` that trains (``covidkit.engine.fit``) and
 predicts its held-out rows; the driver picks the splits and the training rows (a dry run's few) and collects
-what each split returns, in split order. ``extra`` rows (a round's pseudo-labelled images, ``covidkit.pseudo``)
-join every split's training rows and are never held out: the out-of-fold predictions stay on ``table``'s rows.
+what each split returns, in split order.
 """
 from __future__ import annotations
 
@@ -59,11 +58,7 @@ def splits_to_run(table: pd.DataFrame, only: Sequence[int] | None = None) -> lis
 
 
 def run_folds(table: pd.DataFrame, train_fold: TrainFold, only: Sequence[int] | None = None,
-              max_items: int | None = None, extra: pd.DataFrame | None = None) -> list[T]:
-    """``train_fold(split, training rows, held-out rows)`` for each split to run; their results in split order.
-    ``extra``: rows added to every split's training rows (``covidkit.pseudo.add_pseudo_rows``), never held out."""
-    from covidkit.pseudo import add_pseudo_rows
-
-    return [train_fold(split, add_pseudo_rows(training_rows(table, split, max_items), extra),
-                       table[table["split"] == split])
+              max_items: int | None = None) -> list[T]:
+    """``train_fold(split, training rows, held-out rows)`` for each split to run; their results in split order."""
+    return [train_fold(split, training_rows(table, split, max_items), table[table["split"] == split])
             for split in splits_to_run(table, only)]

@@ -47,7 +47,7 @@ from covidkit.plots import confusion_figure, pr_curves
 from covidkit.prepare import image_sizes
 from covidkit.learning import AP_MARGIN, LearningCheck, finite, read_json
 from covidkit.layout import RunLayout
-from covidkit.pseudo import stage_rows, with_soft_labels
+from covidkit.pseudo import add_pseudo_rows, stage_rows, with_soft_labels
 from covidkit.report import figure_html, png_html, precision_recall_labels, require, table_html
 from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.study_scores import (
@@ -181,8 +181,8 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, s
                cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
     """The K-fold driver's ``train_fold``: train on ``train_table``, the last epoch predicts ``val_table`` (split
     ``split``). Returns (OOF rows, metrics, model file)."""
-    if cfg.pseudo_labels:  # soft labels and loss weights on every row
-        train_table = with_soft_labels(train_table, cfg.pseudo_weight)
+    if cfg.pseudo_labels:  # a round: its pseudo-labelled images join (never val_table); soft labels, loss weights
+        train_table = with_soft_labels(add_pseudo_rows(train_table, stage_rows(cfg, sampling=False)), cfg.pseudo_weight)
     seed_everything(cfg.seed)
     model = build_study_model(spec, cfg.backbone_checkpoint)
     out = cfg.layout.study_level
@@ -282,7 +282,7 @@ def run(cfg: Config) -> Result:
     table = training_table(cfg)
     spec = cfg.spec(cfg.layout.prepare.size)
     pieces, metrics, models = zip(*run_folds(table, functools.partial(train_fold, spec=spec, cfg=cfg),
-                                             max_items=cfg.max_items, extra=stage_rows(cfg, sampling=False)))
+                                             max_items=cfg.max_items))
     columns = ["image_id", "study_id", "split", "fold", "label", "has_box"]
     images = table[columns].merge(pd.concat(pieces, ignore_index=True), on="image_id")
     studies = study_probabilities(images)
