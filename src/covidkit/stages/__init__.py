@@ -9,8 +9,9 @@ so that ``covidkit run STAGE`` and ``python -m covidkit.stages.<module>`` (under
 same code as the notebook. A renamed setting keeps its old name as a deprecated alias: the ``Config``
 declares ``RENAMED: ClassVar[dict[str, str]] = {"old": "new"}`` (``renamed_settings``). Each module's docstring
 says what the stage reads and writes (paths from ``covidkit.layout``); one that writes outside its folder
-``<run_dir>/<notebook>`` says so in ``outputs(layout, settings)`` (``covidkit.records`` hashes them). A stage's ``run`` first records the settings it runs with (``write_settings``:
-``<stage folder>/config.yaml``, which the report shows).
+``<run_dir>/<notebook>`` says so in ``outputs(layout, settings)`` (``covidkit.records`` hashes them). A stage's
+``run`` first records the settings it runs with (``write_settings``: ``<stage folder>/config.yaml``, which the
+report shows).
 """
 from __future__ import annotations
 
