@@ -74,3 +74,23 @@ def test_the_pipeline_passes_the_new_name_to_the_notebook_and_its_record():
     assert params["overrides"]["splits"] == [1] and "folds" not in params["overrides"]
     params = notebook_parameters(books["00"], profile, notebook_overrides(books["00"].stem, {"folds": 3}))
     assert params["overrides"]["folds"] == 3  # 00's folds was not renamed
+
+
+def test_the_old_names_of_the_methods_configs_and_of_the_file_hash_still_work(tmp_path):
+    import hashlib
+
+    from covidkit.ct.cogseg.ablation import AblationConfig
+    from covidkit.ct.decovnet.method import DeCoVNetConfig
+    from covidkit.model_file import file_sha256
+
+    with pytest.warns(DeprecationWarning, match="AblationConfig.size is deprecated: use AblationConfig.output_size"):
+        assert AblationConfig(input_dir="in", run_dir="run", size=96).output_size == 96
+    with pytest.raises(ValueError, match="multiple of 32"):
+        AblationConfig(input_dir="in", run_dir="run", output_size=100)
+    with pytest.warns(DeprecationWarning, match="DeCoVNetConfig.lung_size is deprecated"):
+        assert DeCoVNetConfig(lung_size=48).lung_input_size == 48
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 5000)
+    with pytest.warns(DeprecationWarning, match="export.sha256 is deprecated: use covidkit.model_file.file_sha256"):
+        from covidkit.export import sha256
+    assert sha256 is file_sha256 and file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
