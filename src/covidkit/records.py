@@ -148,10 +148,17 @@ class Decision:
 
 
 def current_names(stage: str | None, settings: dict) -> dict:
-    """A record's settings under their current names (``RENAMED`` of the stage's ``Config``): a renamed setting
-    alone does not run a finished stage again."""
+    """A record's settings (a notebook's parameters: the stage's settings are in ``overrides``) under their current
+    names (``RENAMED`` of the stage's ``Config``): a renamed setting alone does not run a finished stage again."""
     renamed = getattr(stage_module(stage).Config, "RENAMED", {}) if stage in STAGES else {}
-    return {renamed.get(k, k): v for k, v in settings.items()}
+
+    def rename(values: dict) -> dict:
+        return {renamed.get(k, k): v for k, v in values.items()}
+
+    out = rename(settings)
+    if isinstance(out.get("overrides"), dict):
+        out["overrides"] = rename(out["overrides"])
+    return out
 
 
 def setting_changes(saved: dict, current: dict) -> list[str]:
