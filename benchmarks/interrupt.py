@@ -93,7 +93,8 @@ def main() -> None:
     lines = [line for line in (again.stdout + again.stderr).splitlines() if ": skipped" in line or ": runs" in line]
     print("\n".join(lines))
     reference = Path(args.reference)
-    ref_s = sum(r["seconds"] for r in json.loads((reference / "stages.json").read_text()))
+    record = reference / ("dry_run.json" if args.dry_run else "stages.json")  # covidkit.layout.RunLayout's records
+    ref_s = sum(r["seconds"] for r in json.loads(record.read_text()))
     print(f"uninterrupted (reference stages.json): {ref_s:.0f} s; interrupted: {killed_s:.0f} s until the kill + "
           f"{rerun_s:.0f} s restarted = {killed_s + rerun_s:.0f} s")
     for rel in FIGURES:

@@ -26,7 +26,7 @@ def ct_input(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_unet_learns_lesions_and_the_ablation_writes_its_table(ct_input, tmp_path):
     torch.set_num_threads(2)
-    cfg = AblationConfig(input_dir=str(ct_input), run_dir=str(tmp_path / "run"), size=128, base_channels=8,
+    cfg = AblationConfig(input_dir=str(ct_input), run_dir=str(tmp_path / "run"), output_size=128, base_channels=8,
                          epochs=8, batch_size=4, lr=3e-3, augment=False, variants=["U-Net"], max_test_slices=12,
                          progress=False)
     _, test = load_splits(cfg)
@@ -46,7 +46,7 @@ def test_unet_learns_lesions_and_the_ablation_writes_its_table(ct_input, tmp_pat
 def test_every_ablation_variant_learns_maps_that_follow_the_slices(ct_input, tmp_path):
     """Each of the five variants beats its untrained twin on held-out slices, and its maps are not constant."""
     torch.set_num_threads(2)
-    cfg = AblationConfig(input_dir=str(ct_input), run_dir=str(tmp_path / "run"), size=64, base_channels=8,
+    cfg = AblationConfig(input_dir=str(ct_input), run_dir=str(tmp_path / "run"), output_size=64, base_channels=8,
                          epochs=10, batch_size=4, lr=3e-3, augment=False, progress=False)
     result = run_ablation(cfg, device="cpu")
     table = result.table.set_index("variant")

@@ -41,7 +41,7 @@ def test_synth_writes_the_volume_set_unless_ct_is_off(tmp_path, monkeypatch):
 
 
 def test_bench_decovnet_times_every_stage(capsys):
-    table = bench_decovnet(volumes=2, slices=4, size=48, device="cpu", input_size=(32, 48), lung_size=32,
+    table = bench_decovnet(volumes=2, slices=4, size=48, device="cpu", input_size=(32, 48), lung_input_size=32,
                            target_spacing=(8.0, 4.0, 4.0))
     assert len(table) == 2 and (table["input_slices"] >= 1).all()
     stages = ["prepare_s", "lung_mask_s", "crop_s", "classify_cam_localize_s"]
@@ -95,7 +95,7 @@ def _small_set(tmp_path, cases=2):
 
 
 def _small_cfg(**kwargs) -> DeCoVNetConfig:
-    base = dict(target_spacing=(10.0, 4.0, 4.0), input_size=(32, 48), lung_size=32, lung_width=4, lung_epochs=1,
+    base = dict(target_spacing=(10.0, 4.0, 4.0), input_size=(32, 48), lung_input_size=32, lung_width=4, lung_epochs=1,
                 lung_slices_per_case=4, epochs=1, lr=1e-3, augment=None, progress=False)
     return DeCoVNetConfig(**{**base, **kwargs})
 
@@ -213,7 +213,7 @@ def test_decovnet_learns_the_synthetic_volumes_and_beats_its_untrained_twin(tmp_
     network untrained, and the probabilities vary from volume to volume (no constant output)."""
     root = write_ct_volumes(tmp_path / "data", CTVolumeSynthConfig(seed=11, cases=160, min_slices=20, max_slices=28,
                                                                     size=96))
-    cfg = DeCoVNetConfig(target_spacing=(10.0, 3.5, 3.5), input_size=(48, 72), lung_size=64, lung_width=8,
+    cfg = DeCoVNetConfig(target_spacing=(10.0, 3.5, 3.5), input_size=(48, 72), lung_input_size=64, lung_width=8,
                          lung_epochs=4, lung_slices_per_case=8, epochs=30, test_fraction=0.3, progress=False)
     run = run_decovnet(root, tmp_path / "work", cfg, device="cpu")
     seed_everything(cfg.seed)

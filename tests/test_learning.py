@@ -174,8 +174,8 @@ def test_a_constant_segmenter_and_a_chance_ct_classifier_get_the_banner(tmp_path
     from covidkit.synth.ct_slices import CTSynthConfig, write_ct_slices
 
     write_ct_slices(tmp_path / "input", CTSynthConfig(seed=2, medseg_slices=20, medseg_size=64, rp_volumes=0))
-    cfg = AblationConfig(input_dir=str(tmp_path / "input"), run_dir=str(tmp_path / "x"), size=64, base_channels=4,
-                         augment=False, progress=False)
+    cfg = AblationConfig(input_dir=str(tmp_path / "input"), run_dir=str(tmp_path / "x"), output_size=64,
+                         base_channels=4, augment=False, progress=False)
     train, test = (CTSegDataset(s) for s in load_splits(cfg))
     untrained = evaluate_model(build_variant("U-Net", cfg, train)[0].eval(), test)
     cm = ConfusionMatrix(NUM_CLASSES)

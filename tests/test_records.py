@@ -73,3 +73,32 @@ def test_each_stage_declares_what_it_reads():
         module = stage_module(stage)
         assert set(module.UPSTREAM) <= set(STAGES) and all(up < stage for up in module.UPSTREAM), stage
         assert module.DATASETS, stage
+
+
+def test_a_renamed_setting_alone_does_not_rerun_a_finished_stage(tmp_path):
+    """A record written under a setting's old name (03's ``folds``, now ``splits``) matches the new name: in the
+    notebook's ``overrides`` (what the runner records) and at the top (a notebook that declares it)."""
+    stage = "03_train_siim_fasterrcnn"
+    old = {"run_dir": str(tmp_path), "profile": None, "overrides": {"folds": [0], "epochs": 3}}
+    record, _, inputs = _complete_stage(tmp_path, stage, old)
+    new = old | {"overrides": {"splits": [0], "epochs": 3}}
+    assert records.decide(record, new, inputs, tmp_path) == records.Decision(False, "complete")
+    decision = records.decide(record, old | {"overrides": {"splits": [1], "epochs": 3}}, inputs, tmp_path)
+    assert decision.run and decision.reason.startswith("settings changed: overrides")
+    record, _, inputs = _complete_stage(tmp_path / "flat", stage, {"folds": [0]})
+    assert not records.decide(record, {"splits": [0]}, inputs, tmp_path / "flat").run
+
+
+def test_a_stage_declares_what_it_writes_outside_its_folder(tmp_path):
+    from covidkit.layout import RunLayout
+    from covidkit.profiles import REPO_ROOT
+
+    layout = RunLayout(tmp_path)
+    assert records.stage_outputs("00_prepare_data", tmp_path, {}) == [layout.prepare.dir]
+    submission = tmp_path / "out" / "submission.csv"
+    assert records.stage_outputs("07_make_submission", tmp_path, {"submission": str(submission)}) == \
+        [layout.submission.models, layout.submission.fresh_tests, submission]
+    assert records.stage_outputs("07_make_submission", tmp_path, {"submission": "submissions/s.csv"})[-1] == \
+        REPO_ROOT / "submissions" / "s.csv"
+    assert records.stage_outputs("05_ensemble_wbf", tmp_path, {}) == [tmp_path / "05_ensemble_wbf"]
+    assert records.stage_outputs("20_my_notebook", tmp_path, {}) == [tmp_path / "20_my_notebook"]  # no stage

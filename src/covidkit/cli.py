@@ -374,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from covidkit.atomic import DiskFullError
+    from covidkit.deprecated import show_deprecations
     from covidkit.pipeline import PipelineError, PipelineInterrupted
 
+    show_deprecations()
     try:
         return args.func(args)
     except PipelineInterrupted as stop:

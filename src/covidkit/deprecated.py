@@ -2,7 +2,8 @@
 
 ``__getattr__ = moved(__name__, {"old_name": "covidkit.new.module.new_name"})`` at the end of a module makes
 ``from that.module import old_name`` return the new object and warn (``DeprecationWarning``); a module that was
-renamed leaves a shim module behind (``shim_module``).
+renamed leaves a shim module behind (``shim_module``). A renamed stage setting (a profile key, ``--set``) is
+mapped to its new name with ``warn_renamed``'s warning (``covidkit.stages.renamed_settings``).
 """
 from __future__ import annotations
 
@@ -28,8 +29,15 @@ def moved(module_name: str, aliases: dict[str, str]) -> Callable[[str], Any]:
 
 
 def warn_renamed(old: str, new: str) -> None:
-    """The warning of a deprecated method or attribute (its body then calls the new one)."""
+    """The warning of a deprecated method, attribute or setting (its body then calls the new one)."""
     warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
+
+
+def show_deprecations() -> None:
+    """Print covidkit's own deprecation warnings (Python hides a ``DeprecationWarning`` outside ``__main__``):
+    a command line with a renamed setting says so."""
+    warnings.filterwarnings("default", message=r"\S+ is deprecated: use ", category=DeprecationWarning,
+                            module="covidkit")
 
 
 def shim_module(old: str, new: str) -> Any:

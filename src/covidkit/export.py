@@ -16,7 +16,6 @@ reads it back and checks every file against its hash.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covidkit.deprecated import moved
 from covidkit.data.siim import STUDY_CLASSES, read_image_labels, read_study_labels
 from covidkit.ensemble import FusionParams
 from covidkit.layout import RunLayout
@@ -92,14 +92,6 @@ def folds_priors(layout: RunLayout) -> dict:
 # --------------------------------------------------------------------------- export and manifest
 
 
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def package_versions() -> dict[str, str | None]:
     found = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -123,6 +115,7 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
     ``FusionParams`` are written, with a warning. ``out_dir`` is replaced. Returns ``out_dir``.
     """
     from covidkit.engine.yolo import finished_run
+    from covidkit.model_file import file_sha256
 
     layout, out_dir = RunLayout(run_dir), Path(out_dir)
     sources = {"fasterrcnn": layout.siim_fasterrcnn.models(),
@@ -173,7 +166,7 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
         "box_threshold": box_threshold(layout),
         "hflip_tta": hflip_tta,
         "priors": training_priors(competition_dir) if competition_dir else folds_priors(layout),
-        "sha256": {rel: sha256(out_dir / rel) for rel in hashed},
+        "sha256": {rel: file_sha256(out_dir / rel) for rel in hashed},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if final.exists():
@@ -184,6 +177,8 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
 
 def read_manifest(models_dir: str | Path, verify: bool = True) -> dict:
     """The manifest of a models folder; with ``verify``, every listed file is checked against its hash."""
+    from covidkit.model_file import file_sha256
+
     models_dir = Path(models_dir)
     path = models_dir / MANIFEST
     if not path.is_file():
@@ -197,6 +192,9 @@ def read_manifest(models_dir: str | Path, verify: bool = True) -> dict:
     for rel, digest in manifest["sha256"].items():
         if not (models_dir / rel).is_file():
             raise FileNotFoundError(f"{models_dir / rel} (listed in the manifest) is missing")
-        if verify and sha256(models_dir / rel) != digest:
+        if verify and file_sha256(models_dir / rel) != digest:
             raise ValueError(f"{models_dir / rel} does not match its SHA-256 in the manifest (changed or corrupt)")
     return manifest
+
+
+__getattr__ = moved(__name__, {"sha256": "covidkit.model_file.file_sha256"})  # one file hash in the package

@@ -22,7 +22,7 @@ MODEL_SETTINGS = {"01_pretrain_nih_resnext": "arch", "02_pretrain_rsna_yolo": "m
 FIXED_MODELS = {"03_train_siim_fasterrcnn": "Faster R-CNN on 01's backbone", "10_ct_cogseg": "CogSeg U-Net",
                 "11_ct_decovnet": "DeCoVNet", "07_make_submission": "the exported models",
                 "05_ensemble_wbf": "none (box fusion)", "00_prepare_data": "none (image conversion)"}
-SIZE_SETTINGS = ("input_size", "size", "lung_size", "prepared_size")
+SIZE_SETTINGS = ("input_size", "output_size", "lung_input_size", "prepared_size")
 
 
 def _short(stage: str) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from covidkit.layout import ROUND_STAGES, RunLayout
 from covidkit.profiles import REPO_ROOT, load_profile, merge_section, notebooks_dir
-from covidkit.stages import STAGES, field_names, stage_module
+from covidkit.stages import STAGES, field_names, renamed_settings, stage_module
 
 class PipelineError(RuntimeError):
     """A notebook failed, or a profile does not fit the notebooks."""
@@ -54,11 +54,16 @@ def notebook_parameters(notebook: Path, profile: dict, overrides: dict) -> dict:
 
     declared = set(papermill.inspect_notebook(str(notebook)))
     section = profile.get(notebook.stem) or {}
-    known = set(field_names(stage_module(notebook.stem).Config)) if notebook.stem in STAGES else declared
+    known = declared
+    if notebook.stem in STAGES:  # a renamed setting's old name: its new one (covidkit.stages.renamed_settings)
+        config = stage_module(notebook.stem).Config
+        known = set(field_names(config))
+        section = renamed_settings(config, notebook.stem, section)
+        overrides = renamed_settings(config, notebook.stem, overrides)
     unknown = sorted(set(section) - (known if "overrides" in declared else known & declared))
     if unknown:
         raise PipelineError(f"profile section {notebook.stem} sets {unknown}, which {notebook.name} does not declare")
-    merged = merge_section(profile, notebook.stem, overrides)
+    merged = merge_section({**profile, notebook.stem: section}, notebook.stem, overrides)
     params = {k: v for k, v in merged.items() if k in declared}
     if "overrides" in declared:
         params |= {"profile": None, "overrides": {k: v for k, v in merged.items() if k in known - declared}}
@@ -161,12 +166,19 @@ def notebook_overrides(notebook: str, settings: dict) -> dict:
     return out
 
 
+def setting_names(notebook: str) -> set[str]:
+    """A stage's settings, with the old names of renamed ones (none for a notebook that is no stage)."""
+    if notebook not in STAGES:
+        return set()
+    config = stage_module(notebook).Config
+    return set(field_names(config)) | set(getattr(config, "RENAMED", {}))
+
+
 def check_settings(books: list[Path], settings: dict) -> None:
     """Every ``--set`` key is a parameter of a notebook that runs (a typo must not pass silently)."""
     import papermill
 
-    declared = {b.stem: set(papermill.inspect_notebook(str(b)))
-                | (set(field_names(stage_module(b.stem).Config)) if b.stem in STAGES else set()) for b in books}
+    declared = {b.stem: set(papermill.inspect_notebook(str(b))) | setting_names(b.stem) for b in books}
     for key in settings:
         if not any(notebook_overrides(stem, {key: None}).keys() & names for stem, names in declared.items()):
             raise PipelineError(f"--set {key}: no notebook that runs ({', '.join(declared)}) has this parameter")

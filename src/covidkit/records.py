@@ -103,17 +103,11 @@ def input_fingerprint(stage: str, input_dir: Path, run_dir: Path, settings: dict
 
 
 def stage_outputs(stage: str, run_dir: Path, settings: dict) -> list[Path]:
-    """The files and folders a stage writes (``covidkit.layout``); 07 also its submission file."""
-    layout = RunLayout(run_dir)
-    if stage == "00_prepare_data":
-        return [layout.prepare.dir]
-    if stage == "07_make_submission":
-        from covidkit.profiles import REPO_ROOT
-
-        outputs = [layout.submission.models, layout.submission.fresh_tests]
-        if settings.get("submission"):
-            outputs.append(REPO_ROOT / settings["submission"])
-        return outputs
+    """The files and folders a stage writes: what its module's ``outputs(layout, settings)`` declares (00's
+    prepared folder, 07's models and submission), else its folder ``<run_dir>/<stage>``."""
+    module = stage_module(stage) if stage in STAGES else None  # a notebook of the user's own: its folder
+    if hasattr(module, "outputs"):
+        return module.outputs(RunLayout(run_dir), settings)
     return [run_dir / stage]
 
 
@@ -170,6 +164,20 @@ class Decision:
     clean: bool = False  # remove the stage's outputs before it runs (settings or inputs changed, forced)
 
 
+def current_names(stage: str | None, settings: dict) -> dict:
+    """A record's settings (a notebook's parameters: the stage's settings are in ``overrides``) under their current
+    names (``RENAMED`` of the stage's ``Config``): a renamed setting alone does not run a finished stage again."""
+    renamed = getattr(stage_module(stage).Config, "RENAMED", {}) if stage in STAGES else {}
+
+    def rename(values: dict) -> dict:
+        return {renamed.get(k, k): v for k, v in values.items()}
+
+    out = rename(settings)
+    if isinstance(out.get("overrides"), dict):
+        out["overrides"] = rename(out["overrides"])
+    return out
+
+
 def setting_changes(saved: dict, current: dict) -> list[str]:
     keys = sorted((set(saved) | set(current)) - RUNNING_SETTINGS)
     as_json = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples and lists compare equal)
@@ -189,7 +197,7 @@ def decide(record: dict | None, settings: dict, inputs: dict, run_dir: Path, for
         return Decision(True, forced, clean=True)
     if record is None:
         return Decision(True, "no completion record")
-    changes = setting_changes(record["settings"], settings)
+    changes = setting_changes(current_names(record.get("stage"), record["settings"]), settings)
     changed = ("settings changed: " + ", ".join(changes)) if changes else ""
     if not changed and input_changes(record["inputs"], inputs):
         changed = ", ".join(input_changes(record["inputs"], inputs))

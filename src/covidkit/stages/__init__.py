@@ -6,9 +6,12 @@ its field names; the notebook's ``parameters`` cell carries only ``NOTEBOOK_PARA
 the dry-run switch and a dict of overrides, ``StageConfig.from_namespace``), a
 ``run(cfg) -> Result`` that does the work, ``describe(result) -> str`` (what ``main`` prints), and ``main()``,
 so that ``covidkit run STAGE`` and ``python -m covidkit.stages.<module>`` (under ``torchrun`` too) run the
-same code as the notebook. Each module's docstring says what the stage reads and writes (paths from
-``covidkit.layout``). A stage's ``run`` first records the settings it runs with (``write_settings``:
-``<stage folder>/config.yaml``, which the report shows).
+same code as the notebook. A renamed setting keeps its old name as a deprecated alias: the ``Config``
+declares ``RENAMED: ClassVar[dict[str, str]] = {"old": "new"}`` (``renamed_settings``). Each module's docstring
+says what the stage reads and writes (paths from ``covidkit.layout``); one that writes outside its folder
+``<run_dir>/<notebook>`` says so in ``outputs(layout, settings)`` (``covidkit.records`` hashes them). A stage's
+``run`` first records the settings it runs with (``write_settings``: ``<stage folder>/config.yaml``, which the
+report shows).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import sys
 from dataclasses import MISSING, dataclass, fields
 from types import ModuleType
 
-from covidkit.deprecated import moved
+from covidkit.deprecated import moved, show_deprecations, warn_renamed
 from covidkit.profiles import ProfileError, load_profile, merge_section, parse_overrides
 
 STAGES = {  # notebook -> module of covidkit.stages
@@ -83,7 +86,7 @@ class StageConfig:
         and every resolved setting in ``overrides``."""
         notebook = notebook_of(cls.__module__.rsplit(".", 1)[1])
         given = {k: namespace[k] for k in ("input_dir", "run_dir", "dry_run") if namespace.get(k) is not None}
-        settings = {**given, **(namespace.get("overrides") or {})}
+        settings = {**given, **renamed_settings(cls, notebook, namespace.get("overrides") or {})}
         profile = namespace.get("profile")
         if profile:
             return cls.from_params(section_parameters(profile, notebook, settings, drop_none=False))
@@ -151,6 +154,23 @@ def defaults(cls) -> dict:
     return out
 
 
+def renamed_settings(config, notebook: str, settings: dict) -> dict:
+    """``settings`` with each old name of ``config.RENAMED`` (``{old: new}``) replaced by its new one, with a
+    ``DeprecationWarning``; an old name given beside its new one is an error."""
+    renamed = getattr(config, "RENAMED", {})
+    out = {}
+    for key, value in settings.items():
+        if key not in renamed:
+            out[key] = value
+            continue
+        if renamed[key] in settings:
+            raise ProfileError(f"{notebook} sets both {key} and {renamed[key]}: {key} is the deprecated name of "
+                               f"{renamed[key]}, keep {renamed[key]} only")
+        warn_renamed(f"{notebook}.{key}", renamed[key])
+        out[renamed[key]] = value
+    return out
+
+
 def check_settings(config, notebook: str, *settings: dict) -> None:
     """A key that the stage's ``Config`` does not have is an error (a typo must not pass silently)."""
     unknown = sorted({k for d in settings for k in d} - set(field_names(config)))
@@ -164,10 +184,13 @@ def section_parameters(profile: str, stage: str, overrides: dict | None = None, 
     ``drop_none`` is False: a command line's options left out); a key of the section or of ``overrides`` that the
     stage's ``Config`` does not have is an error."""
     notebook = notebook_of(stage)
+    config = stage_module(notebook).Config
     params = load_profile(profile)
-    check_settings(stage_module(notebook).Config, notebook, params.get(notebook) or {}, overrides or {})
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None or not drop_none}
-    return merge_section(params, notebook, overrides)
+    section = renamed_settings(config, notebook, params.get(notebook) or {})
+    overrides = renamed_settings(config, notebook, overrides or {})
+    check_settings(config, notebook, section, overrides)
+    overrides = {k: v for k, v in overrides.items() if v is not None or not drop_none}
+    return merge_section({**params, notebook: section}, notebook, overrides)
 
 
 def run_stage(stage: str, profile: str = "smoke", overrides: dict | None = None):
@@ -197,6 +220,7 @@ def stage_main(module_name: str, argv: list[str] | None = None) -> None:
     if module_name == "__main__":  # python -m covidkit.stages.<stage>, torchrun -m ...: the module's own name
         module_name = sys.modules["__main__"].__spec__.name
     module = importlib.import_module(module_name)
+    show_deprecations()
     args = stage_arguments(argparse.ArgumentParser(description=module.__doc__.splitlines()[0])).parse_args(argv)
     module, result = run_stage(module_name.rsplit(".", 1)[1], args.profile, overrides_of(args))
     if dist_info().is_main:

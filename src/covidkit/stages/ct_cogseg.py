@@ -13,6 +13,7 @@ medicalsegmentation.com). Writes ``<run_dir>/10_ct_cogseg/``: ``<dataset>/<varia
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import pandas as pd
@@ -32,9 +33,10 @@ UPSTREAM = []
 
 @dataclass
 class Config(StageConfig):
+    RENAMED: ClassVar[dict[str, str]] = {"size": "output_size"}  # deprecated setting names (covidkit.stages)
     seed: int = 42
     datasets: list[str] = field(default_factory=lambda: ["medseg", "radiopaedia"])  # the paper's Tables 1 and 2
-    size: int = 512  # output (label) side; the network sees size // 2
+    output_size: int = 512  # output (label) side; the network sees output_size // 2
     base_channels: int = 32  # U-Net width at full resolution
     epochs: int = 40
     batch_size: int = 8

@@ -13,6 +13,7 @@ Reads ``<input_dir>/ct-covid-volumes/`` (``labels.csv``, ``volumes/``, optional 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,10 +37,11 @@ UPSTREAM = []
 
 @dataclass
 class Config(StageConfig):
+    RENAMED: ClassVar[dict[str, str]] = {"lung_size": "lung_input_size"}  # deprecated setting names (covidkit.stages)
     seed: int = 42
     target_spacing: list[float] = field(default_factory=lambda: [5.0, 1.0, 1.0])  # mm (z, y, x)
     input_size: list[int] = field(default_factory=lambda: [224, 336])  # classifier slices (height, width)
-    lung_size: int = 256  # U-Net slice side
+    lung_input_size: int = 256  # U-Net slice side
     lung_width: int = 16  # U-Net channels at full resolution
     lung_epochs: int = 10
     lung_slices_per_case: int = 32  # U-Net training slices per case

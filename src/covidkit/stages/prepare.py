@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covidkit.data.siim import COMPETITION
+from covidkit.layout import RunLayout
 from covidkit.prepare import PrepareSummary, prepare
 from covidkit.stages import StageConfig, stage_main, write_settings
 
@@ -19,6 +20,11 @@ from covidkit.stages import StageConfig, stage_main, write_settings
 # <input_dir> ("weights": pretrained files), and the stages whose outputs it reads.
 DATASETS = ['siim-covid19-detection']
 UPSTREAM = []
+
+
+def outputs(layout: RunLayout, settings: dict) -> list[Path]:
+    """What this stage writes (covidkit.records hashes it; default: the stage's folder): the prepared folder."""
+    return [layout.prepare.dir]
 
 
 @dataclass

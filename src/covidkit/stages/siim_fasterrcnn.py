@@ -4,7 +4,7 @@ One model per validation split of 00's folds, started from the NIH backbone of 0
 ``input_size`` with box-aware augmentations, validated each epoch (opacity AP@0.5 at ``infer_size``), and its
 *last* epoch predicts its held-out images: the epoch count is fixed beforehand, so the out-of-fold AP is not
 tuned on the data it reports on. ``fold_groups`` merges the K folds into fewer splits (patients still never
-cross); ``folds`` restricts the run to some splits (the OOF then covers those only).
+cross); ``splits`` restricts the run to some of them (the OOF then covers those only).
 
 Reads ``<run_dir>/prepared/`` (00), 01's ``backbone.pt`` (or ``backbone``), the training labels. Writes
 ``<run_dir>/03_train_siim_fasterrcnn/``: ``fold<k>/`` (the engine's runs: checkpoints, ``metrics.csv``, plots;
@@ -19,6 +19,7 @@ import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import pandas as pd
@@ -59,6 +60,7 @@ UPSTREAM = ['00_prepare_data', '01_pretrain_nih_resnext']
 
 @dataclass
 class Config(StageConfig):
+    RENAMED: ClassVar[dict[str, str]] = {"folds": "splits"}  # deprecated setting names (covidkit.stages)
     seed: int = 42
     backbone: str | None = None  # NIH backbone checkpoint; None: the one 01 saved in the run folder
     input_size: int = 512  # training resolution
@@ -87,7 +89,7 @@ class Config(StageConfig):
     pseudo_labels: str | None = None  # 08's pseudo_labels.csv (a round, docs/pseudo-labels.md); None: none
     pseudo_weight: float = 1.0  # sampling weight: how often a pseudo-labelled image is drawn against a labelled one
     fold_groups: int | None = None  # None: one model per fold of folds.csv
-    folds: list[int] | None = None  # splits to train; None: every split
+    splits: list[int] | None = None  # splits to train; None: every split
     eval_every: int = 1  # validation AP every this many epochs (and at the last, which predicts the OOF images)
     eval_batch_size: int = 8
     workers: int = 4  # DataLoader workers
@@ -235,7 +237,7 @@ def run(cfg: Config) -> Result:
     out = cfg.layout.siim_fasterrcnn
     table = training_table(cfg)
     prepared_size = cfg.layout.prepare.size
-    folds = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=prepared_size), cfg.folds,
+    folds = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=prepared_size), cfg.splits,
                       cfg.max_items)
     oof = OofPredictions.concat([oof for oof, _ in folds])
     evaluated = table[table["image_id"].isin(oof.images["image_id"])]

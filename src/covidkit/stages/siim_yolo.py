@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ UPSTREAM = ['00_prepare_data', '02_pretrain_rsna_yolo']
 
 @dataclass
 class Config(StageConfig):
+    RENAMED: ClassVar[dict[str, str]] = {"folds": "splits"}  # deprecated setting names (covidkit.stages)
     seed: int = 42
     model: str | None = None  # None: the weights of 02; or another .pt file, or a model YAML
     baseline_model: str | None = "yolo11l.yaml"  # untrained model YAML to compare with; None: skip
@@ -50,7 +52,7 @@ class Config(StageConfig):
     device: str | None = None  # None: every visible GPU, else the CPU; or "cpu", "0", "0,1,2,3"
     workers: int = 8
     fold_groups: int | None = None  # merge the folds of 00 into this many splits (as 03); None: one per fold
-    folds: list[int] | None = None  # splits to train; None: all (OOF over every training image)
+    splits: list[int] | None = None  # splits to train; None: all (OOF over every training image)
     conf: float = PREDICT_CONF  # lowest score kept in the OOF predictions (the AP needs the low ones)
     pseudo_labels: str | None = None  # 08's pseudo_labels.csv (a round, docs/pseudo-labels.md); None: none
     pseudo_weight: float = 1.0  # sampling weight: how often a pseudo-labelled image is drawn against a labelled one
@@ -98,7 +100,7 @@ def run(cfg: Config) -> Result:
     table = fold_table(cfg.layout.prepare.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
                        cfg.max_items)
     prepared_size = cfg.layout.prepare.size
-    splits = splits_to_run(table, cfg.folds)
+    splits = splits_to_run(table, cfg.splits)
     data_root = yolo_format.write_siim_dataset(table, out.data)
     pseudo = stage_rows(cfg, sampling=True)  # a round's pseudo-labelled images: in every split's training list only
     if pseudo is not None:
@@ -129,7 +131,7 @@ def run(cfg: Config) -> Result:
     summary = {"oof_ap50": _number(result.ap), "untrained_ap50": _number(result.baseline_ap),
                "prior_box_ap50": _number(result.prior_box_ap),
                "fold_ap50": {int(k): _number(v) for k, v in result.fold_ap.items()},
-               "folds": splits, "images": len(oof.images), "model": cfg.train_config().model}
+               "splits": splits, "images": len(oof.images), "model": cfg.train_config().model}
     out.summary.write_text(json.dumps(summary, indent=2))
     return result
 

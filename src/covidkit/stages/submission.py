@@ -42,6 +42,15 @@ DATASETS = ['siim-covid19-detection']
 UPSTREAM = ['00_prepare_data', '01_pretrain_nih_resnext', '02_pretrain_rsna_yolo', '03_train_siim_fasterrcnn', '04_train_siim_yolo', '05_ensemble_wbf', '06_study_level']
 
 
+def outputs(layout: RunLayout, settings: dict) -> list[Path]:
+    """What this stage writes (covidkit.records hashes it; default: the stage's folder): the exported models, the
+    fresh test sets, and the submission file of ``settings`` (relative to the repository)."""
+    from covidkit.profiles import REPO_ROOT
+
+    submission = [REPO_ROOT / settings["submission"]] if settings.get("submission") else []
+    return [layout.submission.models, layout.submission.fresh_tests, *submission]
+
+
 @dataclass
 class Config(StageConfig):
     models_dir: str | None = None  # where to export the models; None: <run_dir>/models

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from covidkit.ct.cogseg.model import CogSeg, CogSegConfig
 from covidkit.ct.cogseg.losses import CogSegLoss, CogSegLossConfig
 from covidkit.ct.cogseg.medseg import CLASS_NAMES, NUM_CLASSES, CTSegDataset, CTSlices, augment_paper, load_ct_dataset
 from covidkit.ct.cogseg.metrics import ConfusionMatrix, summarize
+from covidkit.deprecated import warn_renamed
 
 VARIANTS: dict[str, CogSegLossConfig] = {
     "U-Net": CogSegLossConfig(sr=False, feature_scales=0, rmi="none"),
@@ -55,7 +56,7 @@ OUTPUT_COLUMNS = ["lesion % pred", "lesion % true", "lesion % pred sd", "slice r
 
 @dataclass
 class AblationConfig:
-    """What to train and how. ``size`` is the output (and label) side; the network sees ``size // 2``.
+    """What to train and how. ``output_size`` is the output (and label) side; the network sees ``output_size // 2``.
 
     ``augment``: the paper's rotations and scales of the training slices (it used them on the small MedSeg
     set). ``class_balance``: exponent of the cross-entropy's inverse class-frequency weights (0: plain CE).
@@ -65,7 +66,7 @@ class AblationConfig:
     input_dir: str
     run_dir: str
     dataset: str = "medseg"
-    size: int = 512
+    output_size: int = 512
     base_channels: int = 32
     epochs: int = 40
     batch_size: int = 8
@@ -80,14 +81,18 @@ class AblationConfig:
     max_steps: int | None = None  # optimizer steps per variant (a dry run); None: the epochs'
     num_workers: int = 0
     progress: bool = True
+    size: InitVar[int | None] = None  # deprecated name of output_size
 
-
-    def __post_init__(self):
+    def __post_init__(self, size: int | None):
+        if size is not None:
+            warn_renamed("AblationConfig.size", "AblationConfig.output_size")
+            self.output_size = size
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-        if self.size % 32:
-            raise ValueError(f"size must be a multiple of 32 (the input, size // 2, passes 4 poolings), got {self.size}")
+        if self.output_size % 32:
+            raise ValueError(f"output_size must be a multiple of 32 (the input, output_size // 2, passes 4 poolings), "
+                             f"got {self.output_size}")
 
 
 @dataclass
@@ -157,8 +162,8 @@ def _adam(model, lr: float, weight_decay: float):
 
 
 def load_splits(cfg: AblationConfig) -> tuple[CTSlices, CTSlices]:
-    """The train and test slices of ``cfg.dataset`` at ``cfg.size``, capped, the training split augmented."""
-    train, test = load_ct_dataset(Path(cfg.input_dir), cfg.dataset, cfg.size)
+    """The train and test slices of ``cfg.dataset`` at ``cfg.output_size``, capped, the training split augmented."""
+    train, test = load_ct_dataset(Path(cfg.input_dir), cfg.dataset, cfg.output_size)
     if cfg.max_train_slices:
         train = train.subset(slice(0, cfg.max_train_slices))
     if cfg.max_test_slices:
@@ -213,7 +218,7 @@ def train_variant(name: str, cfg: AblationConfig, train: CTSegDataset, test: CTS
         max_steps=cfg.max_steps,
         hparams={"variant": name, "model": asdict(model.cfg), "loss": asdict(loss_fn.cfg), "lr": cfg.lr,
                  "weight_decay": cfg.weight_decay, "class_balance": cfg.class_balance, "dataset": cfg.dataset,
-                 "size": cfg.size, "augment": cfg.augment, "train_slices": len(train)},
+                 "size": cfg.output_size, "augment": cfg.augment, "train_slices": len(train)},
     )
     fit(
         model, train, functools.partial(cogseg_train_step, loss_fn=loss_fn),

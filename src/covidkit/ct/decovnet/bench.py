@@ -42,12 +42,12 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_decovnet(volumes: int = 4, slices: int = 120, size: int = 512, input_dir: Path | None = None,
-                   device: str | None = None, input_size: tuple[int, int] = (224, 336), lung_size: int = 256,
+                   device: str | None = None, input_size: tuple[int, int] = (224, 336), lung_input_size: int = 256,
                    target_spacing: tuple[float, float, float] = (5.0, 1.0, 1.0), seed: int = 0) -> pd.DataFrame:
     """Time the inference stages on ``volumes`` volumes (after one warm-up volume); prints and returns
     one row per volume with the seconds of each stage and the total."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = DeCoVNetConfig(target_spacing=target_spacing, input_size=input_size, lung_size=lung_size)
+    cfg = DeCoVNetConfig(target_spacing=target_spacing, input_size=input_size, lung_input_size=lung_input_size)
     lung_model = LungUNet(width=cfg.lung_width).to(dev).eval()
     model = DeCoVNet(input_size=input_size).to(dev).eval()
     data = _volumes(volumes + 1, slices, size, input_dir, seed)
@@ -73,5 +73,5 @@ def bench_decovnet(volumes: int = 4, slices: int = 120, size: int = 512, input_d
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(table.round(3).to_string(index=False))
     print(f"DeCoVNet inference on {name}: {table['total_s'].mean():.2f} s per volume "
-          f"(input {input_size[0]}x{input_size[1]}, U-Net at {lung_size}; paper: 1.93 s on a GPU)")
+          f"(input {input_size[0]}x{input_size[1]}, U-Net at {lung_input_size}; paper: 1.93 s on a GPU)")
     return table

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import InitVar, asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from covidkit.ct.decovnet.cache import cache_key, data_digest, is_cached, save_npz, source_stamp, weights_digest
 from covidkit.ct.decovnet.model import DeCoVNet
+from covidkit.deprecated import warn_renamed
 from covidkit.ct.decovnet.baselines import hu_histogram, hu_share, histogram_baseline_auc, share_auc
 from covidkit.ct.decovnet.localize import (Localization, LocalizationConfig, class_activation_map, hit_rate, is_hit,
                                   localize)
@@ -77,7 +78,7 @@ class DeCoVNetConfig:
     test_fraction: float = 0.3  # stratified hold-out when labels.csv has no split column
     seed: int = 42
     # lung U-Net
-    lung_size: int = 256
+    lung_input_size: int = 256
     lung_width: int = 16
     lung_epochs: int = 10
     lung_batch_size: int = 16
@@ -97,6 +98,12 @@ class DeCoVNetConfig:
     progress: bool = True
     max_cases: int | None = None  # cases per split, both labels (a dry run); None: all
     max_steps: int | None = None  # optimizer steps per network (a dry run); None: the epochs'
+    lung_size: InitVar[int | None] = None  # deprecated name of lung_input_size
+
+    def __post_init__(self, lung_size: int | None) -> None:
+        if lung_size is not None:
+            warn_renamed("DeCoVNetConfig.lung_size", "DeCoVNetConfig.lung_input_size")
+            self.lung_input_size = lung_size
 
 
 
@@ -270,9 +277,9 @@ def prepare_cases(cases: list[CTCase], out_dir: Path, cfg: DeCoVNetConfig) -> di
 
 
 def lung_training_slices(files: list[Path], cfg: DeCoVNetConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``lung_slices_per_case`` evenly spaced axial slices per case, resized to ``lung_size``."""
+    """Up to ``lung_slices_per_case`` evenly spaced axial slices per case, resized to ``lung_input_size``."""
     images, masks = [], []
-    size = (cfg.lung_size, cfg.lung_size)
+    size = (cfg.lung_input_size, cfg.lung_input_size)
     for path in files:
         with np.load(path) as arrays:
             image, lungs = arrays["image"], arrays["lungs"]
@@ -289,7 +296,7 @@ def train_lung_unet(files: list[Path], run_dir: Path, cfg: DeCoVNetConfig,
     train_cfg = TrainConfig(run_dir=str(run_dir), epochs=cfg.lung_epochs, batch_size=cfg.lung_batch_size,
                             seed=cfg.seed, num_workers=cfg.num_workers, progress=cfg.progress,
                             max_steps=cfg.max_steps,
-                            hparams={"model": "LungUNet", "width": cfg.lung_width, "size": cfg.lung_size,
+                            hparams={"model": "LungUNet", "width": cfg.lung_width, "size": cfg.lung_input_size,
                                      "lr": cfg.lung_lr, "slices": int(len(images)), "data": data_digest(files)})
     seed_everything(cfg.seed)
     model = LungUNet(width=cfg.lung_width)
@@ -302,7 +309,7 @@ def lung_mask(lung_model: LungUNet, image: np.ndarray, unsupervised: np.ndarray 
               device: torch.device | str = "cpu") -> tuple[np.ndarray, bool]:
     """The U-Net lung mask of a windowed volume, or its unsupervised mask where the two disagree grossly
     (:func:`covidkit.ct.decovnet.lungmask.choose_lung_mask`); and whether it fell back."""
-    unet = predict_lung_mask(lung_model, image, cfg.lung_size, device=device)
+    unet = predict_lung_mask(lung_model, image, cfg.lung_input_size, device=device)
     return choose_lung_mask(unet, unsupervised, cfg.lung_min_dice)
 
 
@@ -318,7 +325,8 @@ def make_classifier_inputs(prepared: dict[str, Path], lung_model: LungUNet, out_
         path = out_dir / f"{case_id}.npz"
         paths[case_id] = path
         with np.load(src) as arrays:
-            key = cache_key(prepared=str(arrays["key"]), lung_model=lung_digest, lung_size=cfg.lung_size,
+            # lung_size: the key's name in the caches written before lung_input_size was renamed
+            key = cache_key(prepared=str(arrays["key"]), lung_model=lung_digest, lung_size=cfg.lung_input_size,
                             lung_min_dice=cfg.lung_min_dice, input_size=cfg.input_size)
             if is_cached(path, key):
                 continue

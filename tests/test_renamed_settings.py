@@ -1,0 +1,96 @@
+"""A renamed setting keeps its old name (``Config.RENAMED``): in a profile section, ``--set``, ``NB.KEY`` and a
+notebook's ``overrides`` it maps to the new field with one deprecation warning; old and new together are an error."""
+import warnings
+
+import pytest
+
+from covidkit.profiles import ProfileError, load_profile, notebooks_dir
+from covidkit.stages import notebook_of, section_parameters, stage_module
+
+
+def _deprecations(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)
+            and "is deprecated: use" in str(w.message)]
+
+
+@pytest.fixture
+def old_names_profile(tmp_path, monkeypatch):
+    """A profile that still uses the old names of 10's ``output_size`` and 11's ``lung_input_size``."""
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "old.yaml").write_text(
+        "common:\n  seed: 7\n10_ct_cogseg:\n  size: 96\n  epochs: 2\n11_ct_decovnet:\n  lung_size: 48\n")
+    monkeypatch.setenv("COVIDKIT_NOTEBOOKS", str(tmp_path))
+    return "old"
+
+
+def test_an_old_name_in_a_profile_section_fills_the_new_field_and_warns(old_names_profile):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params = section_parameters(old_names_profile, "10")
+    assert params == {"seed": 7, "output_size": 96, "epochs": 2}
+    assert _deprecations(caught) == ["10_ct_cogseg.size is deprecated: use output_size"]
+    cfg = stage_module("10").Config.from_params(params)
+    assert cfg.output_size == 96 and cfg.ablation("medseg").output_size == 96  # and the method's own config
+    with pytest.warns(DeprecationWarning, match=r"^11_ct_decovnet\.lung_size is deprecated: use lung_input_size$"):
+        decov = stage_module("11").Config.from_params(section_parameters(old_names_profile, "11"))
+    assert decov.lung_input_size == 48 and decov.method().lung_input_size == 48
+
+
+def test_an_old_name_given_with_set_fills_the_new_field_and_warns():
+    for stage in ("03", "04"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            params = section_parameters("smoke", stage, {"folds": [1]})
+        config = stage_module(stage).Config
+        assert params["splits"] == [1] and "folds" not in params and config.from_params(params).splits == [1]
+        assert _deprecations(caught) == [f"{notebook_of(stage)}.folds is deprecated: use splits"]
+    # a notebook's own overrides (its parameters cell)
+    with pytest.warns(DeprecationWarning, match="11_ct_decovnet.lung_size is deprecated"):
+        cfg = stage_module("11").Config.from_namespace({"profile": None, "overrides": {"lung_size": 40}})
+    assert cfg.lung_input_size == 40
+
+
+def test_old_and_new_name_together_are_an_error_naming_both(old_names_profile):
+    with pytest.raises(ProfileError, match=r"03_train_siim_fasterrcnn sets both folds and splits"):
+        section_parameters(old_names_profile, "03", {"folds": [0], "splits": [1]})
+    with pytest.raises(ProfileError, match=r"sets both lung_size and lung_input_size"):
+        stage_module("11").Config.from_namespace({"profile": None, "overrides": {"lung_size": 40,
+                                                                                 "lung_input_size": 40}})
+    # the profile's old name and a --set of the new one: the command line wins, as for any setting
+    with pytest.warns(DeprecationWarning):
+        assert section_parameters(old_names_profile, "10", {"output_size": 64})["output_size"] == 64
+
+
+def test_the_pipeline_passes_the_new_name_to_the_notebook_and_its_record():
+    """``covidkit pipeline --set 03.folds=[1]``: accepted, and the notebook (and the stage's record) gets
+    ``splits``; a plain ``--set folds=...`` still reaches 00's own ``folds`` (how many K folds) unchanged."""
+    from covidkit.pipeline import check_settings, notebook_overrides, notebook_parameters
+
+    books = {b.stem[:2]: b for b in notebooks_dir().glob("0[03]_*.ipynb")}
+    check_settings(list(books.values()), {"03.folds": [1]})
+    profile = load_profile("smoke")
+    with pytest.warns(DeprecationWarning, match="03_train_siim_fasterrcnn.folds is deprecated: use splits"):
+        params = notebook_parameters(books["03"], profile, notebook_overrides(books["03"].stem, {"03.folds": [1]}))
+    assert params["overrides"]["splits"] == [1] and "folds" not in params["overrides"]
+    params = notebook_parameters(books["00"], profile, notebook_overrides(books["00"].stem, {"folds": 3}))
+    assert params["overrides"]["folds"] == 3  # 00's folds was not renamed
+
+
+def test_the_old_names_of_the_methods_configs_and_of_the_file_hash_still_work(tmp_path):
+    import hashlib
+
+    from covidkit.ct.cogseg.ablation import AblationConfig
+    from covidkit.ct.decovnet.method import DeCoVNetConfig
+    from covidkit.model_file import file_sha256
+
+    with pytest.warns(DeprecationWarning, match="AblationConfig.size is deprecated: use AblationConfig.output_size"):
+        assert AblationConfig(input_dir="in", run_dir="run", size=96).output_size == 96
+    with pytest.raises(ValueError, match="multiple of 32"):
+        AblationConfig(input_dir="in", run_dir="run", output_size=100)
+    with pytest.warns(DeprecationWarning, match="DeCoVNetConfig.lung_size is deprecated"):
+        assert DeCoVNetConfig(lung_size=48).lung_input_size == 48
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 5000)
+    with pytest.warns(DeprecationWarning, match="export.sha256 is deprecated: use covidkit.model_file.file_sha256"):
+        from covidkit.export import sha256
+    assert sha256 is file_sha256 and file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
