@@ -4,6 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROFILE ?= smoke
+# pseudo-label rounds after the run, and more options of covidkit pipeline (docs/pseudo-labels.md), e.g.
+# make pipeline ROUNDS=1 PIPELINE_ARGS="--set 08.external=[synthetic]"
+ROUNDS ?= 0
+PIPELINE_ARGS ?=
 INPUT  ?= input
 SIIM   := $(INPUT)/siim-covid19-detection
 
@@ -28,7 +32,7 @@ data: install
 	fi
 
 pipeline: data
-	$(VENV)/bin/covidkit pipeline --profile $(PROFILE) --input $(INPUT)
+	$(VENV)/bin/covidkit pipeline --profile $(PROFILE) --input $(INPUT) --rounds $(ROUNDS) $(PIPELINE_ARGS)
 
 # The prediction wheels a Kaggle bundle holds (tests/test_kaggle.py builds one offline from them).
 $(WHEELS)/.done: $(STAMP)

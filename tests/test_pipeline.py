@@ -204,7 +204,7 @@ def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path, capsys)
 
 @pytest.mark.slow
 def test_a_dry_run_goes_through_every_stage_to_a_valid_submission(tiny_input, tmp_path, capsys):
-    """`covidkit pipeline --dry-run` through all ten notebooks (the smoke profile's models: the full profile's
+    """`covidkit pipeline --dry-run` through all eleven notebooks (the smoke profile's models: the full profile's
     whole dry run takes 29 minutes, README): every stage leaves its outputs, the models folder is exported, the
     submission is valid and in the run folder, and dry_run.json has a row per notebook."""
     from covidkit.data.siim import COMPETITION
@@ -221,7 +221,7 @@ def test_a_dry_run_goes_through_every_stage_to_a_valid_submission(tiny_input, tm
     runs = run_pipeline("smoke", input_dir=input_dir, run_dir=run_dir, dry_run=True)
     layout = RunLayout(run_dir)
     record = json.loads(layout.dry_run_record.read_text())
-    assert [r["stage"] for r in record] == [r.name for r in runs] and len(runs) == 10
+    assert [r["stage"] for r in record] == [r.name for r in runs] and len(runs) == 11
     for path in (layout.prepare.meta_csv, layout.prepare.folds_csv, layout.nih_pretrain.backbone, layout.rsna_yolo.weights,
                  layout.siim_fasterrcnn.oof, layout.siim_fasterrcnn.untrained_oof, layout.siim_yolo.oof, layout.ensemble_wbf.fusion,
                  layout.ensemble_wbf.fused_oof, layout.study_level.oof_images, layout.study_level.summary,

@@ -13,7 +13,7 @@ from covidkit.oof import OofPredictions, box_rows, write_oof
 from covidkit.report import write_report
 
 SECTIONS = ["Did every model learn?", "Stages: wall time", "Settings each stage ran with", "Opacity detectors", "Study classes and none", "Submission score",
-            "Fresh test sets", "Out-of-fold examples", "Test examples"]
+            "Fresh test sets", "Out-of-fold examples", "Test examples", "Pseudo-labels (08)", "Pseudo-label rounds"]
 
 
 def _assert_self_contained(page: str) -> None:
@@ -52,7 +52,7 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
     from covidkit.layout import RunLayout
     from covidkit.pipeline import NotebookRun, write_stage_record
     from covidkit.prepare import prepare
-    from covidkit.stages import ensemble_wbf, write_settings
+    from covidkit.stages import ensemble_wbf, pseudo_label, write_settings
     from covidkit.stages import prepare as prepare_stage
     from covidkit.stages.study_level import Config, write_tables
     from covidkit.study_scores import PROB_COLUMNS, none_comparison, study_probabilities, summarise
@@ -86,6 +86,8 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
     submission = write_submission(run / "submission.csv", predictions, studies_test, order=sample["id"])
     score_fresh_test_sets(models_dir, layout.submission.fresh_tests, seeds=[5], test_studies=2, workers=0,
                           progress=False)
+    pseudo_label.run(pseudo_label.Config(input_dir=str(tiny_input), run_dir=str(run), include_test=True,
+                                         models_dir=str(models_dir), device="cpu", progress=False))
     write_stage_record(layout, [NotebookRun("00_prepare_data", layout.notebooks / "00.ipynb", 12.5, 321.0)], False)
     return run, submission
 
@@ -120,8 +122,10 @@ def test_report_of_a_complete_run(full_run, tiny_input):
     assert re.search(r"<td>YOLO alone</td>|<td>Faster R-CNN alone</td>", page)
     assert "did not learn: 03_train_siim_fasterrcnn Faster R-CNN: OOF opacity AP@0.5 against untrained: missing" in page
     assert "<th>baseline</th><th>baseline value</th>" in page
-    # figures: detector PR, study PR, confusion matrix, OOF examples, test examples
-    assert page.count("data:image/png;base64,") == 5
+    # figures: detector PR, study PR, confusion matrix, OOF examples, test examples, 08's pseudo-boxes
+    assert page.count("data:image/png;base64,") == 6
+    rounds = page.split("<h2>Pseudo-label rounds</h2>")[1]
+    assert "One round" in rounds and "fresh test score (07)" in rounds
     # the submission's score, as covidkit score prints it
     from covidkit.metrics import format_scores, score_files
 

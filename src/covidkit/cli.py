@@ -158,7 +158,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     run_pipeline(
         profile=args.profile, input_dir=Path(args.input),
         run_dir=Path(args.run_dir) if args.run_dir else None, only=args.only, dry_run=args.dry_run,
-        settings=parse_overrides(args.set), start_from=args.start_from, force=args.force,
+        settings=parse_overrides(args.set), start_from=args.start_from, force=args.force, rounds=args.rounds,
     )
     return 0
 
@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this stage and the ones after it again from scratch (e.g. 05); the earlier ones are "
                         "kept as they are. Without it, a stage whose completion record matches is skipped")
     p.add_argument("--force", action="store_true", help="run every stage again from scratch, finished or not")
+    p.add_argument("--rounds", type=int, default=0, metavar="K",
+                   help="then K pseudo-label rounds: 03-07 again on the previous round's 08 table, each round in "
+                        "<run_dir>/round<r>/ (needs 08's external or include_test; docs/pseudo-labels.md)")
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("kaggle", help="a Kaggle dataset (wheels, models, notebook) that submits offline")

@@ -12,7 +12,8 @@ naming that stage's folder and files::
       04_train_siim_yolo/          04: data/, fold<k>/ (ultralytics runs), oof.csv, oof_untrained.csv, summary.json
       05_ensemble_wbf/             05: ap_table.csv/.md, oof.csv (fused), fusion.json, operating_point.json, grid.csv
       06_study_level/              06: fold<k>/study_model.pt, oof_images.csv, oof_studies.csv, summary.json, ...
-      07_make_submission/          07: config.yaml
+      07_make_submission/          07: config.yaml (and, in a run with rounds, the round's submission.csv)
+      08_pseudo_label/             08: pseudo_labels.csv, summary.json, pseudo_boxes.png, external/<name>/ (dedup)
       models/                      07: the exported models folder (covidkit.export)
       fresh_tests/                 07: seed<S>/ test sets and their submissions, scores.csv
       submission.csv               07 of a dry run (a normal run writes the profile's submission path)
@@ -21,15 +22,22 @@ naming that stage's folder and files::
       notebooks/                   the executed notebooks
       stages.json, dry_run.json    each notebook's wall time and peak memory (a run, a dry run)
       report.html
+      round<r>/                    covidkit pipeline --rounds K: round r's 03-08 folders, models/, fresh_tests/,
+                                   records/ and round.json (00-02 stay in the run folder, read by every round)
 
 ``fold<k>/`` holds the model that holds out validation split ``k`` (runs before issue 31 named 03's and 06's
 ``split<k>/``: the readers accept both). A stage's folder is named after its notebook, so the executed notebook
 and what it wrote sit side by side.
 Each stage records the settings it ran with in ``config.yaml`` of its folder (``RunLayout.settings``; 00's in
 ``prepared/``, 07's in ``07_make_submission/``).
+
+A round folder (``RunLayout.round_dir(r)``, marked by its ``round.json``) is a run folder of its own for the stages
+that run in every round (``ROUND_STAGES``): ``RunLayout(<run_dir>/round1)`` names round 1's 03-08 there, and 00,
+01 and 02 (and their completion records) in the run folder above it (``RunLayout.base``).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +51,11 @@ DETECTOR_FILE = "detector.pt"  # 03's fold model, in its fold's engine run folde
 STUDY_MODEL_FILE = "study_model.pt"  # 06's fold model
 SETTINGS_YAML = "config.yaml"  # the resolved settings a stage ran with (covidkit.stages.write_settings)
 PREPARE_NOTEBOOK = "00_prepare_data"  # the one stage whose folder is not named after its notebook
+SHARED_STAGES = ("00_prepare_data", "01_pretrain_nih_resnext", "02_pretrain_rsna_yolo")  # once per run, every round reads them
+ROUND_STAGES = ("03_train_siim_fasterrcnn", "04_train_siim_yolo", "05_ensemble_wbf", "06_study_level",
+                "07_make_submission", "08_pseudo_label")  # again in each round (covidkit pipeline --rounds)
+ROUND_MARKER = "round.json"  # in a round folder: {"round": r}
+ROUND_PREFIX = "round"
 
 
 FOLD_PREFIX = "fold"  # each fold model's folder: fold<k>/ (k: the validation split it holds out)
@@ -301,6 +314,37 @@ class Submission:
         """A dry run's submission: in its run folder, never over a real one in ``submissions/``."""
         return self.run_dir / "submission.csv"
 
+    @property
+    def round_csv(self) -> Path:
+        """In a run with rounds, the submission of a round before the last (the last writes the run's)."""
+        return self.run_dir / "07_make_submission" / "submission.csv"
+
+
+@dataclass(frozen=True)
+class PseudoLabel:
+    """08 (``covidkit.pseudo`` names the table's columns)."""
+
+    dir: Path
+
+    @property
+    def table(self) -> Path:
+        """One row per image predicted: soft study labels, ``none``, pseudo-boxes in original pixels."""
+        return self.dir / "pseudo_labels.csv"
+
+    @property
+    def summary(self) -> Path:
+        """Images predicted, dropped as duplicates, with pseudo-boxes; the box threshold and where it came from."""
+        return self.dir / SUMMARY_JSON
+
+    @property
+    def figure(self) -> Path:
+        """A few external images with their pseudo-boxes."""
+        return self.dir / "pseudo_boxes.png"
+
+    def external(self, name: str) -> Path:
+        """One external folder's deduplication (``covidkit.dedup.run_dedup``: prepared/, matches.csv, pairs.png)."""
+        return self.dir / "external" / name
+
 
 @dataclass(frozen=True)
 class CogSeg:
@@ -364,15 +408,19 @@ class RunLayout:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.root = Path(run_dir)
+        marker = self.root / ROUND_MARKER
+        self.round = int(json.loads(marker.read_text())["round"]) if marker.is_file() else 0
+        self.base = self.root.parent if self.round else self.root  # the run folder: 00, 01, 02
         # one attribute per stage, named like its module of covidkit.stages
-        self.prepare = Prepared(self.root / "prepared")
-        self.nih_pretrain = NihPretrain(self.root / "01_pretrain_nih_resnext")
-        self.rsna_yolo = RsnaYolo(self.root / "02_pretrain_rsna_yolo")
+        self.prepare = Prepared(self.base / "prepared")
+        self.nih_pretrain = NihPretrain(self.base / "01_pretrain_nih_resnext")
+        self.rsna_yolo = RsnaYolo(self.base / "02_pretrain_rsna_yolo")
         self.siim_fasterrcnn = Detector(self.root / "03_train_siim_fasterrcnn")
         self.siim_yolo = Detector(self.root / "04_train_siim_yolo")
         self.ensemble_wbf = Ensemble(self.root / "05_ensemble_wbf")
         self.study_level = StudyLevel(self.root / "06_study_level")
         self.submission = Submission(self.root)
+        self.pseudo_label = PseudoLabel(self.root / "08_pseudo_label")
         self.ct_cogseg = CogSeg(self.root / "10_ct_cogseg")
         self.ct_decovnet = DeCoVNet(self.root / "11_ct_decovnet")
         self.notebooks = self.root / "notebooks"
@@ -382,7 +430,31 @@ class RunLayout:
 
     def stage_dir(self, notebook: str) -> Path:
         """The folder of a stage (given by its notebook name): named after the notebook, but 00's ``prepared/``."""
-        return self.prepare.dir if notebook == PREPARE_NOTEBOOK else self.root / notebook
+        if notebook == PREPARE_NOTEBOOK:
+            return self.prepare.dir
+        return (self.base if notebook in SHARED_STAGES else self.root) / notebook
+
+    def records_dir(self, notebook: str) -> Path:
+        """Where a stage's completion record lies (``covidkit.records``): 00-02's in the run folder."""
+        return (self.base if notebook in SHARED_STAGES else self.root) / "records"
+
+    def round_dir(self, r: int) -> Path:
+        """Round ``r``'s folder (``covidkit pipeline --rounds``); round 0 is the run folder itself."""
+        return self.base / f"{ROUND_PREFIX}{r}" if r else self.base
+
+    def start_round(self, r: int) -> RunLayout:
+        """Round ``r``'s layout, its folder created and marked."""
+        folder = self.round_dir(r)
+        if r:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ROUND_MARKER).write_text(json.dumps({"round": r}) + "\n")
+        return RunLayout(folder)
+
+    def rounds(self) -> list[RunLayout]:
+        """Round 0 (this run folder) and every round folder under it, in order."""
+        found = sorted(int(p.parent.name.removeprefix(ROUND_PREFIX)) for p in self.base.glob(f"{ROUND_PREFIX}*/{ROUND_MARKER}")
+                       if p.parent.name.removeprefix(ROUND_PREFIX).isdigit())
+        return [RunLayout(self.base)] + [RunLayout(self.round_dir(r)) for r in found if r]
 
     def settings(self, notebook: str) -> Path:
         """``config.yaml``: the resolved settings the stage ran with."""

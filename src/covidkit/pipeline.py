@@ -8,6 +8,10 @@ in one line: ``covidkit.faults``).
 A run that is started again skips the stages it finished (``covidkit.records``: their settings, inputs and
 outputs unchanged), says why it runs the others, and resumes the interrupted one inside (its engine runs
 continue from ``last.pt``). Ctrl-C marks the current stage interrupted and says how to continue.
+
+``rounds`` (``--rounds K``): after the run (round 0), K pseudo-label rounds (docs/pseudo-labels.md). Round r runs
+03-07 in its own folder (``RunLayout.round_dir``) with ``pseudo_labels`` = round r - 1's 08 table, then, but in
+the last round, its own 08. The models folder and the submission of the run are the last round's.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from covidkit.layout import RunLayout
+from covidkit.layout import ROUND_STAGES, RunLayout
 from covidkit.profiles import REPO_ROOT, load_profile, merge_section, notebooks_dir
 from covidkit.stages import STAGES, field_names, renamed_settings, stage_module
 
@@ -183,7 +187,7 @@ def check_settings(books: list[Path], settings: dict) -> None:
 def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_dir: Path | None = None,
                  only: list[str] | None = None, dry_run: bool = False,
                  settings: dict | None = None, start_from: str | None = None,
-                 force: bool = False) -> list[NotebookRun]:
+                 force: bool = False, rounds: int = 0) -> list[NotebookRun]:
     """Run the numbered notebooks (all, or ``only``) with ``profile``; stop at the first failure.
 
     ``settings``: values over the profile's (``covidkit pipeline --set``, see ``notebook_overrides``).
@@ -196,6 +200,8 @@ def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_di
     ``dry_run``: every stage with the profile's settings on a few items and one or two steps per model
     (``covidkit.stages.StageConfig``). Each notebook's wall time and its kernel's peak memory go to
     ``<run_dir>/dry_run.json`` (a dry run) or ``stages.json``, and to the report.
+
+    ``rounds``: pseudo-label rounds after the run (see the module docstring).
     """
     from tqdm.auto import tqdm
 
@@ -205,11 +211,14 @@ def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_di
     books = list_notebooks(only)
     check_settings(books, settings or {})
     first = _start_index(books, start_from)
+    if rounds:
+        check_rounds(books, params, settings or {}, overrides)
     runs = []
     with tqdm(books, desc=f"pipeline [{profile}]", unit="notebook") as bar:
         for i, book in enumerate(bar):
             bar.set_postfix_str(book.stem)
-            book_overrides = notebook_overrides(book.stem, settings or {}) | overrides
+            book_overrides = notebook_overrides(book.stem, settings or {}) | overrides | round_overrides(
+                book.stem, RunLayout(run_dir), 0, rounds)
             forced = "--force" if force else f"--from {start_from}" if first is not None and i >= first else None
             if first is not None and i < first:
                 runs.append(_kept(book, run_dir, start_from))
@@ -218,11 +227,52 @@ def run_pipeline(profile: str = "smoke", input_dir: Path = Path("input"), run_di
                 runs.append(run_stage_once(book, params, run_dir, Path(input_dir), book_overrides, forced,
                                            echo=tqdm.write))
             write_stage_record(RunLayout(run_dir), runs, dry_run)
+    for r in range(1, rounds + 1):
+        layout = RunLayout(run_dir).start_round(r)
+        for book in [b for b in books if b.stem in ROUND_STAGES and (b.stem != PSEUDO_NOTEBOOK or r < rounds)]:
+            book_overrides = (notebook_overrides(book.stem, settings or {}) | overrides
+                              | round_overrides(book.stem, layout, r, rounds))
+            run = run_stage_once(book, params, layout.root, Path(input_dir), book_overrides,
+                                 "--force" if force else None, echo=tqdm.write)
+            runs.append(NotebookRun(f"{layout.root.name}/{run.name}", run.output, run.seconds, run.peak_rss_mib,
+                                    run.skipped))
+            write_stage_record(RunLayout(run_dir), runs, dry_run)
     print(f"run folder: {run_dir}")
     print(f"executed notebooks: {RunLayout(run_dir).notebooks}")
     print_outputs(params, run_dir, Path(input_dir), notebook_overrides(SUBMISSION_NOTEBOOK, settings or {}) | overrides,
-                  [b.stem for b in books])
+                  [b.stem for b in books], last_round=rounds)
     return runs
+
+
+PSEUDO_NOTEBOOK = "08_pseudo_label"
+PSEUDO_TRAINED = ("03_train_siim_fasterrcnn", "04_train_siim_yolo", "06_study_level")  # take ``pseudo_labels``
+
+
+def round_overrides(notebook: str, layout: RunLayout, r: int, rounds: int) -> dict:
+    """What round ``r`` of ``rounds`` sets over a stage's settings: its folder; 03, 04 and 06 the previous round's
+    pseudo-label table; 07 of a round before the last, a submission in the round's folder (the last writes the
+    run's). Nothing without rounds."""
+    if not rounds:
+        return {}
+    out = {"run_dir": str(layout.root)} if r else {}
+    if r and notebook in PSEUDO_TRAINED:
+        out["pseudo_labels"] = str(RunLayout(layout.round_dir(r - 1)).pseudo_label.table)
+    if notebook == SUBMISSION_NOTEBOOK and r < rounds:
+        out["submission"] = str(layout.submission.round_csv)
+    return out
+
+
+def check_rounds(books: list[Path], profile: dict, settings: dict, overrides: dict) -> None:
+    """``--rounds`` needs 03-08 among the notebooks that run, and 08 switched on (``external`` or
+    ``include_test``)."""
+    stems = {b.stem for b in books}
+    missing = [s for s in ROUND_STAGES if s not in stems]
+    if missing:
+        raise PipelineError(f"--rounds needs the notebooks {', '.join(missing)} (--only leaves them out)")
+    section = merge_section(profile, PSEUDO_NOTEBOOK, notebook_overrides(PSEUDO_NOTEBOOK, settings) | overrides)
+    if not section.get("external") and not section.get("include_test"):
+        raise PipelineError("--rounds: 08 is off (external: [], include_test: false), so a round has nothing to "
+                            "learn from; e.g. --set 08.external=[synthetic] (docs/pseudo-labels.md)")
 
 
 def _start_index(books: list[Path], start_from: str | None) -> int | None:
@@ -257,7 +307,7 @@ def run_stage_once(book: Path, profile: dict, run_dir: Path, input_dir: Path, ov
 
     stage = book.stem
     params = notebook_parameters(book, profile, overrides)
-    inputs = records.input_fingerprint(stage, input_dir.resolve(), run_dir)
+    inputs = records.input_fingerprint(stage, input_dir.resolve(), run_dir, params)
     saved = records.read_record(run_dir, stage)
     decision = records.decide(saved, params, inputs, run_dir, forced)
     if not decision.run:
@@ -332,8 +382,10 @@ def print_learning(checks: list, ran: list[str]) -> None:
 SUBMISSION_NOTEBOOK = "07_make_submission"
 
 
-def print_outputs(profile: dict, run_dir: Path, input_dir: Path, overrides: dict, ran: list[str]) -> None:
-    """The stages that did not learn; after a run that made a submission, where it, the models and the report are."""
+def print_outputs(profile: dict, run_dir: Path, input_dir: Path, overrides: dict, ran: list[str],
+                  last_round: int = 0) -> None:
+    """The stages that did not learn; after a run that made a submission, where it, the models (the last round's)
+    and the report are."""
     from covidkit.learning import check_run
     from covidkit.report import DRY_RUN_CHECKS
 
@@ -344,7 +396,8 @@ def print_outputs(profile: dict, run_dir: Path, input_dir: Path, overrides: dict
 
         section = merge_section(profile, SUBMISSION_NOTEBOOK, overrides)
         submission = REPO_ROOT / section.get("submission", "submissions/submission.csv")
-        models = REPO_ROOT / (section.get("models_dir") or RunLayout(run_dir).submission.models)
+        models = REPO_ROOT / (section.get("models_dir")
+                              or RunLayout(RunLayout(run_dir).round_dir(last_round)).submission.models)
         report = write_report(run_dir, submission_csv=submission, input_dir=input_dir.resolve(), checks=checks)
         print(f"submission: {submission}")
         print(f"models: {models}")

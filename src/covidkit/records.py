@@ -32,7 +32,8 @@ RECORD_FORMAT = "covidkit.stage_record/1"
 RUNNING_SETTINGS = frozenset({"workers", "progress", "device", "resume", "eval_batch_size"})
 
 def record_path(run_dir: str | Path, stage: str) -> Path:
-    return Path(run_dir) / RECORDS_DIR / f"{stage}.json"
+    """``<run_dir>/records/<stage>.json``; in a round folder, 00-02's are the run folder's (``RunLayout.records_dir``)."""
+    return RunLayout(run_dir).records_dir(stage) / f"{stage}.json"
 
 
 def read_record(run_dir: str | Path, stage: str) -> dict | None:
@@ -78,10 +79,26 @@ def folder_fingerprint(folder: Path) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def input_fingerprint(stage: str, input_dir: Path, run_dir: Path) -> dict:
-    """The datasets a stage reads, and the records of the stages it reads from."""
+# Settings naming a file a stage reads (a round's pseudo-label table): its fingerprint is an input.
+FILE_SETTINGS = ("pseudo_labels",)
+
+
+def file_fingerprint(path: Path) -> str | None:
+    """A file's size and modification time (no reading); None when absent."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def input_fingerprint(stage: str, input_dir: Path, run_dir: Path, settings: dict | None = None) -> dict:
+    """The datasets a stage reads, the records of the stages it reads from, and the files its settings name
+    (``FILE_SETTINGS``, when set)."""
     module = stage_module(stage) if stage in STAGES else None  # a notebook of the user's own reads no stage
-    return {"data": {name: folder_fingerprint(input_dir / name) for name in getattr(module, "DATASETS", [])},
+    data = {name: folder_fingerprint(input_dir / name) for name in getattr(module, "DATASETS", [])}
+    data |= {key: file_fingerprint(Path(settings[key])) for key in FILE_SETTINGS if (settings or {}).get(key)}
+    return {"data": data,
             "upstream": {up: record_digest(read_record(run_dir, up)) for up in getattr(module, "UPSTREAM", [])}}
 
 

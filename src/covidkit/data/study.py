@@ -7,6 +7,7 @@ from torchvision import tv_tensors
 
 from covidkit.data.prepared import PreparedImages
 from covidkit.data.siim import STUDY_CLASSES
+from covidkit.pseudo import SOFT_COLUMNS, WEIGHT
 
 
 def box_mask(shape: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
@@ -30,4 +31,7 @@ class StudyImageDataset(PreparedImages):
         row = self.table.iloc[index]
         target = {"label": STUDY_CLASSES.index(row["label"]), "none": float(len(boxes) == 0),
                   "mask": mask.as_subclass(torch.Tensor).float()}
+        if WEIGHT in self.table:  # a round with pseudo-labels (covidkit.pseudo.with_soft_labels)
+            target["soft"] = torch.tensor([row[c] for c in SOFT_COLUMNS], dtype=torch.float32)
+            target["weight"] = float(row[WEIGHT])
         return image, target

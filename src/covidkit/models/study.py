@@ -98,10 +98,21 @@ class StudyNet(nn.Module):
 
 def study_loss(out: dict[str, torch.Tensor], target: dict[str, torch.Tensor], class_weights: torch.Tensor | None = None,
                none_weight: float = 0.0, mask_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy over the study classes + the weighted heat-map and ``none`` terms; ``(total, parts)``."""
+    """Cross-entropy over the study classes + the weighted heat-map and ``none`` terms; ``(total, parts)``.
+
+    A target with ``soft`` and ``weight`` (a round with pseudo-labels): cross-entropy against the soft labels, each
+    image's terms weighted by ``weight`` (a weighted mean over the batch)."""
+    mask_target = F.adaptive_avg_pool2d(target["mask"], out["mask"].shape[-2:])
+    if "soft" in target:
+        w = target["weight"].float()
+        mean = lambda x: (x * w).sum() / w.sum().clamp_min(1e-12)  # noqa: E731
+        ce = mean(F.cross_entropy(out["study"].float(), target["soft"], weight=class_weights, reduction="none"))
+        none = mean(F.binary_cross_entropy_with_logits(out["none"].float(), target["none"].float(), reduction="none"))
+        mask = mean(F.binary_cross_entropy_with_logits(out["mask"].float(), mask_target, reduction="none")
+                    .flatten(1).mean(1))
+        return ce + none_weight * none + mask_weight * mask, {"ce": ce, "none_bce": none, "mask_bce": mask}
     ce = F.cross_entropy(out["study"].float(), target["label"], weight=class_weights)
     none = F.binary_cross_entropy_with_logits(out["none"].float(), target["none"].float())
-    mask_target = F.adaptive_avg_pool2d(target["mask"], out["mask"].shape[-2:])
     mask = F.binary_cross_entropy_with_logits(out["mask"].float(), mask_target)
     return ce + none_weight * none + mask_weight * mask, {"ce": ce, "none_bce": none, "mask_bce": mask}
 

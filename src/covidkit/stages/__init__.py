@@ -33,6 +33,7 @@ STAGES = {  # notebook -> module of covidkit.stages
     "05_ensemble_wbf": "ensemble_wbf",
     "06_study_level": "study_level",
     "07_make_submission": "submission",
+    "08_pseudo_label": "pseudo_label",
     "10_ct_cogseg": "ct_cogseg",
     "11_ct_decovnet": "ct_decovnet",
 }

@@ -46,6 +46,7 @@ from covidkit.learning import (
     AP_MARGIN, DETECTOR_FIGURE, LearningCheck, PRIOR_BOXES, image_score_spread, prior_box_check, read_json, training_truth,
 )
 from covidkit.layout import RunLayout
+from covidkit.pseudo import add_pseudo_rows, stage_rows
 from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.transforms import DetectionAugment, detection_transform
 
@@ -85,6 +86,8 @@ class Config(StageConfig):
     lr_floor: float = 0.05
     augment: dict = field(default_factory=dict)  # DetectionAugment fields to override (e.g. rotate_degrees)
     clip_grad_norm: float | None = 10.0
+    pseudo_labels: str | None = None  # 08's pseudo_labels.csv (a round, docs/pseudo-labels.md); None: none
+    pseudo_weight: float = 1.0  # sampling weight: how often a pseudo-labelled image is drawn against a labelled one
     fold_groups: int | None = None  # None: one model per fold of folds.csv
     splits: list[int] | None = None  # splits to train; None: every split
     eval_every: int = 1  # validation AP every this many epochs (and at the last, which predicts the OOF images)
@@ -174,8 +177,10 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, c
     """The K-fold driver's ``train_fold``: train on ``train_table``; returns the last epoch's predictions on
     ``val_table`` (split ``split``) and the metrics.
 
-    The split's fold model goes to ``fold<k>/detector.pt`` (weights and what rebuilds the network).
+    The split's fold model goes to ``fold<k>/detector.pt`` (weights and what rebuilds the network). A round's
+    pseudo-labelled images (``pseudo_labels``) join ``train_table``, never ``val_table``.
     """
+    train_table = add_pseudo_rows(train_table, stage_rows(cfg, sampling=True))
     train_set = OpacityDataset(train_table, detection_transform(cfg.augmentations(), train=True, size=cfg.input_size))
     seed_everything(cfg.seed)
     model = build_model(cfg)

@@ -30,6 +30,7 @@ from covidkit.learning import (
     AP_MARGIN, DETECTOR_FIGURE, LearningCheck, PRIOR_BOXES, finite, image_score_spread, prior_box_check, read_json,
 )
 from covidkit.layout import RunLayout
+from covidkit.pseudo import add_pseudo_rows, stage_rows
 from covidkit.stages import StageConfig, stage_main, write_settings
 
 
@@ -53,6 +54,8 @@ class Config(StageConfig):
     fold_groups: int | None = None  # merge the folds of 00 into this many splits (as 03); None: one per fold
     splits: list[int] | None = None  # splits to train; None: all (OOF over every training image)
     conf: float = PREDICT_CONF  # lowest score kept in the OOF predictions (the AP needs the low ones)
+    pseudo_labels: str | None = None  # 08's pseudo_labels.csv (a round, docs/pseudo-labels.md); None: none
+    pseudo_weight: float = 1.0  # sampling weight: how often a pseudo-labelled image is drawn against a labelled one
     save_period: int = -1
     resume: bool = True
     hyp: dict = field(default_factory=dict)  # any other ultralytics training argument
@@ -99,8 +102,12 @@ def run(cfg: Config) -> Result:
     prepared_size = cfg.layout.prepare.size
     splits = splits_to_run(table, cfg.splits)
     data_root = yolo_format.write_siim_dataset(table, out.data)
+    pseudo = stage_rows(cfg, sampling=True)  # a round's pseudo-labelled images: in every split's training list only
+    if pseudo is not None:
+        yolo_format.write_siim_dataset(pseudo.drop_duplicates("image_id"), data_root)
 
     def train_fold(split: int, train_rows: pd.DataFrame, held_out: pd.DataFrame):
+        train_rows = add_pseudo_rows(train_rows, pseudo)
         data_yaml = yolo_format.write_siim_fold(pd.concat([train_rows, held_out]), data_root, split, column="split")
         run = train_yolo(cfg.train_config(), data_yaml, out.fold(split), resume=cfg.resume)
         return run, predict_table(load_model(run.weights), held_out, cfg, cfg.conf, prepared_size)

@@ -47,6 +47,7 @@ from covidkit.plots import confusion_figure, pr_curves
 from covidkit.prepare import image_sizes
 from covidkit.learning import AP_MARGIN, LearningCheck, finite, read_json
 from covidkit.layout import RunLayout
+from covidkit.pseudo import add_pseudo_rows, stage_rows, with_soft_labels
 from covidkit.report import figure_html, png_html, precision_recall_labels, require, table_html
 from covidkit.stages import StageConfig, stage_main, write_settings
 from covidkit.study_scores import (
@@ -84,6 +85,8 @@ class Config(StageConfig):
     stack_boxes: bool = False  # fit the study stacker on the OOF outputs and 05's boxes; 07 applies it
     stack_c: float = 0.3  # the stacker's inverse L2 strength (README: chosen on dev seeds 46 and 47)
     fold_groups: int | None = None  # merge the folds of 00 into this many splits; None: one model per fold
+    pseudo_labels: str | None = None  # 08's pseudo_labels.csv (a round, docs/pseudo-labels.md); None: none
+    pseudo_weight: float = 1.0  # loss weight of a pseudo-labelled image (its soft label's cross-entropy, its mask)
     hflip_tta: bool = False  # OOF prediction also on the flipped image (as 07 predicts)
     eval_every: int = 1  # validation metrics every N epochs (and at the last)
     workers: int = 4  # DataLoader workers
@@ -178,6 +181,8 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, s
                cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
     """The K-fold driver's ``train_fold``: train on ``train_table``, the last epoch predicts ``val_table`` (split
     ``split``). Returns (OOF rows, metrics, model file)."""
+    if cfg.pseudo_labels:  # a round: its pseudo-labelled images join (never val_table); soft labels, loss weights
+        train_table = with_soft_labels(add_pseudo_rows(train_table, stage_rows(cfg, sampling=False)), cfg.pseudo_weight)
     seed_everything(cfg.seed)
     model = build_study_model(spec, cfg.backbone_checkpoint)
     out = cfg.layout.study_level
