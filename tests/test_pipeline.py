@@ -203,12 +203,25 @@ def test_full_profile_dry_run_of_the_stages_that_fit_the_suite(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_a_dry_run_goes_through_every_stage_to_a_valid_submission(tiny_input, tmp_path, capsys):
-    """`covidkit pipeline --dry-run` through all eleven notebooks (the smoke profile's models: the full profile's
-    whole dry run takes 29 minutes, README): every stage leaves its outputs, the models folder is exported, the
-    submission is valid and in the run folder, and dry_run.json has a row per notebook."""
+def test_a_dry_run_with_one_pseudo_label_round_goes_through_every_stage(tiny_input, tmp_path, capsys):
+    """`covidkit pipeline --dry-run --rounds 1` through all eleven notebooks (the smoke profile's models: the full
+    profile's whole dry run takes 29 minutes, README), then round 1 (03-07) on round 0's pseudo-labels of an
+    external folder (issue 33) in its own folder: every stage leaves its outputs; out of fold, both rounds score
+    the competition's labelled images only, the same ones; YOLO's lists hold the pseudo-labelled images in training
+    only; each round exports a complete models folder and a valid submission (the run's is the last round's);
+    dry_run.json has a row per notebook run; run again, every stage of both rounds is skipped."""
+    import contextlib
+    import io
+
+    from conftest import TINY
+
     from covidkit.data.siim import COMPETITION
+    from covidkit.kaggle import check_models
+    from covidkit.oof import read_oof
+    from covidkit.pseudo import read_pseudo_labels
+    from covidkit.stages import pseudo_label
     from covidkit.submission import validate_files
+    from covidkit.synth import SynthConfig, write_external
     from covidkit.synth.ct_slices import CTSynthConfig, write_ct_slices
     from covidkit.synth.ct_volumes import CTVolumeSynthConfig, write_ct_volumes
 
@@ -218,19 +231,57 @@ def test_a_dry_run_goes_through_every_stage_to_a_valid_submission(tiny_input, tm
         (input_dir / dataset.name).symlink_to(dataset)
     write_ct_slices(input_dir, CTSynthConfig(seed=2, medseg_slices=20, medseg_size=64, rp_volumes=0))
     write_ct_volumes(input_dir, CTVolumeSynthConfig(seed=3, cases=10, min_slices=10, max_slices=14, size=64))
-    runs = run_pipeline("smoke", input_dir=input_dir, run_dir=run_dir, dry_run=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        write_external(input_dir, SynthConfig(**{**TINY, "external_images": 8, "external_duplicates": 0.25}))
+    args = dict(input_dir=input_dir, run_dir=run_dir, dry_run=True, rounds=1,
+                settings={"08.external": ["synthetic"], "08.include_test": True})
+    runs = run_pipeline("smoke", **args)
     layout = RunLayout(run_dir)
+    last = RunLayout(layout.round_dir(1))
     record = json.loads(layout.dry_run_record.read_text())
-    assert [r["stage"] for r in record] == [r.name for r in runs] and len(runs) == 11
+    assert [r["stage"] for r in record] == [r.name for r in runs] and len(runs) == 11 + 5
+    assert [r.name for r in runs[11:]] == [f"round1/0{i}_{n}" for i, n in
+                                           [(3, "train_siim_fasterrcnn"), (4, "train_siim_yolo"), (5, "ensemble_wbf"),
+                                            (6, "study_level"), (7, "make_submission")]]
     for path in (layout.prepare.meta_csv, layout.prepare.folds_csv, layout.nih_pretrain.backbone, layout.rsna_yolo.weights,
                  layout.siim_fasterrcnn.oof, layout.siim_fasterrcnn.untrained_oof, layout.siim_yolo.oof, layout.ensemble_wbf.fusion,
                  layout.ensemble_wbf.fused_oof, layout.study_level.oof_images, layout.study_level.summary,
-                 layout.submission.models / "manifest.json", layout.ct_cogseg.ablation, layout.ct_decovnet.metrics,
-                 layout.report):
+                 layout.submission.models / "manifest.json", layout.pseudo_label.table, layout.ct_cogseg.ablation,
+                 layout.ct_decovnet.metrics, layout.report):
         assert path.is_file(), path
     for history in layout.siim_fasterrcnn.dir.glob("fold*/metrics.csv"):
         assert len(pd.read_csv(history)) <= 2  # two optimizer steps in all
+    assert last.round == 1 and last.prepare.dir == layout.prepare.dir and [r.round for r in layout.rounds()] == [0, 1]
+
+    pseudo = set(read_pseudo_labels(layout.pseudo_label.table)["image_id"])
+    assert pseudo
+    for stage in ("03_train_siim_fasterrcnn", "04_train_siim_yolo", "06_study_level"):
+        assert f"pseudo_labels: {layout.pseudo_label.table}" in last.settings(stage).read_text()
+    for fold in (0, 1):  # round 1's YOLO lists: the pseudo-labelled images train every split, validate none
+        trained, held = ((last.siim_yolo.data / f"fold{fold}_{part}.txt").read_text() for part in ("train", "val"))
+        assert any(f"/{i}.png" in trained for i in pseudo) and not any(f"/{i}.png" in held for i in pseudo)
+    for r in (layout, last):  # out of fold: the competition's labelled images only, the same ones in both rounds
+        scored = [set(read_oof(r.siim_fasterrcnn.oof).images["image_id"]), set(read_oof(r.siim_yolo.oof).images["image_id"]),
+                  set(read_oof(r.ensemble_wbf.fused_oof).images["image_id"]),
+                  set(pd.read_csv(r.study_level.oof_images, dtype={"image_id": str})["image_id"])]
+        assert all(ids and not ids & pseudo for ids in scored)
+    assert set(read_oof(last.siim_fasterrcnn.oof).images["image_id"]) == set(
+        read_oof(layout.siim_fasterrcnn.oof).images["image_id"])
+
+    manifest = check_models(last.submission.models)  # complete, every hash checked
+    assert manifest["models"]["fasterrcnn"] and manifest["models"]["study"]
+    sample = input_dir / COMPETITION / "sample_submission.csv"
     submission = layout.submission.dry_run_csv
-    assert validate_files(submission, input_dir / COMPETITION / "sample_submission.csv") == []
+    assert validate_files(submission, sample) == []  # the last round's
+    assert validate_files(layout.submission.round_csv, sample) == []  # round 0's, beside its stage
     out = capsys.readouterr().out
+    assert f"models: {last.submission.models}" in out
     assert f"submission: {submission}" in out and DRY_RUN_CHECKS in out
+
+    rounds = pseudo_label.rounds_table(layout)  # the report's per-round table
+    assert list(rounds.index) == [0, 1] and list(rounds["pseudo-labelled images"]) == [0, len(pseudo)]
+    assert rounds["OOF opacity AP@0.5 (05)"].notna().all() and rounds["OOF study mAP (06)"].notna().all()
+    assert "Pseudo-label rounds" in layout.report.read_text()
+
+    again = run_pipeline("smoke", **args)
+    assert all(r.skipped for r in again) and len(again) == len(runs)

@@ -115,66 +115,6 @@ def test_a_sampling_weight_draws_each_image_that_often_on_average():
     assert len(sampled(rows, 1.5, 0)) == pytest.approx(600, abs=40)
 
 
-@pytest.mark.slow
-def test_one_round_runs_end_to_end_with_its_own_models_folder(tiny_input, tmp_path, capsys):
-    """`covidkit pipeline --dry-run --rounds 1` on the tiny set with an external folder: round 1 trains on round 0's
-    pseudo-labels in its own folder, scores out of fold only the competition's images, exports a complete models
-    folder and writes the run's submission; run again, every stage of both rounds is skipped."""
-    from conftest import TINY
-
-    from covidkit.kaggle import check_models
-    from covidkit.oof import read_oof
-    from covidkit.pipeline import run_pipeline
-    from covidkit.submission import validate_files
-
-    input_dir, run_dir = tmp_path / "input", tmp_path / "run"
-    input_dir.mkdir()
-    for dataset in tiny_input.iterdir():
-        (input_dir / dataset.name).symlink_to(dataset)
-    with contextlib.redirect_stdout(io.StringIO()):
-        write_external(input_dir, SynthConfig(**{**TINY, "external_images": 8, "external_duplicates": 0.25}))
-    args = dict(input_dir=input_dir, run_dir=run_dir, only=[f"0{i}" for i in range(9)], dry_run=True, rounds=1,
-                settings={"08.external": ["synthetic"], "08.include_test": True,
-                          "07.fresh_test_seeds": []})  # 07's fresh test sets: minutes, tested in test_pipeline
-    runs = run_pipeline("smoke", **args)
-    layout, last = RunLayout(run_dir), RunLayout(RunLayout(run_dir).round_dir(1))
-    assert [r.name for r in runs[9:]] == [f"round1/0{i}_{n}" for i, n in
-                                          [(3, "train_siim_fasterrcnn"), (4, "train_siim_yolo"), (5, "ensemble_wbf"),
-                                           (6, "study_level"), (7, "make_submission")]]
-    assert last.round == 1 and last.prepare.dir == layout.prepare.dir and [r.round for r in layout.rounds()] == [0, 1]
-
-    pseudo = set(read_pseudo_labels(layout.pseudo_label.table)["image_id"])
-    assert pseudo
-    for stage in ("03_train_siim_fasterrcnn", "04_train_siim_yolo", "06_study_level"):
-        assert f"pseudo_labels: {layout.pseudo_label.table}" in last.settings(stage).read_text()
-    for fold in (0, 1):  # round 1's YOLO lists: the pseudo-labelled images train every split, validate none
-        trained, held = ((last.siim_yolo.data / f"fold{fold}_{part}.txt").read_text() for part in ("train", "val"))
-        assert any(f"/{i}.png" in trained for i in pseudo) and not any(f"/{i}.png" in held for i in pseudo)
-    # out of fold: the competition's labelled images only, the same ones in both rounds
-    for r in (layout, last):
-        scored = [set(read_oof(r.siim_fasterrcnn.oof).images["image_id"]), set(read_oof(r.siim_yolo.oof).images["image_id"]),
-                  set(read_oof(r.ensemble_wbf.fused_oof).images["image_id"]),
-                  set(pd.read_csv(r.study_level.oof_images, dtype={"image_id": str})["image_id"])]
-        assert all(ids and not ids & pseudo for ids in scored)
-    assert set(read_oof(last.siim_fasterrcnn.oof).images["image_id"]) == set(
-        read_oof(layout.siim_fasterrcnn.oof).images["image_id"])
-
-    manifest = check_models(last.submission.models)  # complete, every hash checked
-    assert manifest["models"]["fasterrcnn"] and manifest["models"]["study"]
-    assert f"models: {last.submission.models}" in capsys.readouterr().out
-    sample = input_dir / COMPETITION / "sample_submission.csv"
-    assert validate_files(layout.submission.dry_run_csv, sample) == []  # the last round's
-    assert validate_files(layout.submission.round_csv, sample) == []  # round 0's, beside its stage
-
-    rounds = pseudo_label.rounds_table(layout)  # the report's per-round table
-    assert list(rounds.index) == [0, 1] and list(rounds["pseudo-labelled images"]) == [0, len(pseudo)]
-    assert rounds["OOF opacity AP@0.5 (05)"].notna().all() and rounds["OOF study mAP (06)"].notna().all()
-    assert "Pseudo-label rounds" in layout.report.read_text()
-
-    again = run_pipeline("smoke", **args)
-    assert all(r.skipped for r in again) and len(again) == len(runs)
-
-
 def test_the_study_loss_on_soft_labels_and_weights():
     """One-hot soft labels at weight 1 give the ordinary loss; an image at weight 0 does not count."""
     import torch
