@@ -196,3 +196,16 @@ def test_the_readme_block_is_rewritten_between_its_markers_only(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="results:begin"):
         write_readme_block(readme, "x")
+
+
+def test_a_run_is_finished_when_every_stage_that_reports_a_figure_ran(tmp_path):
+    """A run of an earlier version that lacks a later stage reporting no figure (08) is finished; one that lacks a
+    stage reporting a figure (03) is not."""
+    from covidkit.bench.seeds import reporting_stages, run_finished
+
+    assert "03_train_siim_fasterrcnn" in reporting_stages() and "08_pseudo_label" not in reporting_stages()
+    layout = RunLayout(tmp_path)
+    for absent, finished in (("08_pseudo_label", True), ("03_train_siim_fasterrcnn", False)):
+        layout.stage_record.write_text(json.dumps([{"stage": b.stem, "seconds": 1.0, "peak_rss_mib": None}
+                                                   for b in list_notebooks() if b.stem != absent]))
+        assert run_finished(tmp_path, dry_run=False) is finished

@@ -110,16 +110,22 @@ def draw_fresh_test_seeds(n: int, avoid: set[int] | list[int] = (), rng: random.
     return drawn
 
 
-def run_finished(run_dir: Path, dry_run: bool) -> bool:
-    """The run folder's stage record lists every numbered notebook: the pipeline went through."""
-    from covidkit.pipeline import list_notebooks
+def reporting_stages() -> set[str]:
+    """The stages whose figures the table holds: those that declare learning checks (``covidkit.learning``)."""
+    from covidkit.stages import STAGES, stage_module
 
+    return {notebook for notebook in STAGES if hasattr(stage_module(notebook), "learning_checks")}
+
+
+def run_finished(run_dir: Path, dry_run: bool) -> bool:
+    """The run folder's stage record lists every stage that reports a figure: the pipeline went through them (a
+    stage added later that reports none, such as 08, does not unfinish an earlier run)."""
     layout = RunLayout(run_dir)
     record = layout.dry_run_record if dry_run else layout.stage_record
     if not record.is_file() or (not dry_run and layout.is_dry_run):
         return False
     ran = {row["stage"] for row in json.loads(record.read_text())}
-    return {book.stem for book in list_notebooks()} <= ran
+    return reporting_stages() <= ran
 
 
 def covidkit_command(*args: str) -> list[str]:
