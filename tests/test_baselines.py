@@ -19,7 +19,7 @@ def _table(boxes_per_image: list[list[list[float]]], sizes: list[tuple[int, int]
     rows = []
     for k, (boxes, (h, w), fold) in enumerate(zip(boxes_per_image, sizes, folds)):
         pixels = np.array(boxes, dtype=float).reshape(-1, 4) * [w, h, w, h]
-        rows.append({"image_id": f"i{k}", "fold": fold, "split": fold, "orig_height": h, "orig_width": w,
+        rows.append({"image_id": f"i{k}", "fold": fold, "model_fold": fold, "orig_height": h, "orig_width": w,
                      "boxes": pixels})
     return pd.DataFrame(rows)
 
@@ -35,7 +35,7 @@ def test_zone_means_are_the_mean_normalised_box_of_each_half():
 def test_prior_boxes_on_images_whose_boxes_sit_at_the_mean_get_ap_one():
     sizes = [(1000, 800), (600, 600), (512, 700), (900, 1200)]
     table = _table([[LEFT, RIGHT]] * 4, sizes, [0, 0, 1, 1])
-    oof = prior_box_oof(table, by="split")
+    oof = prior_box_oof(table, by="model_fold")
     truth = dict(zip(table["image_id"], table["boxes"]))
     assert len(oof.boxes) == 8 and (oof.boxes["score"] == PRIOR_SCORE).all()
     assert oof.images["fold"].tolist() == [0, 0, 1, 1]
@@ -45,16 +45,16 @@ def test_prior_boxes_on_images_whose_boxes_sit_at_the_mean_get_ap_one():
     np.testing.assert_allclose(right, np.array(RIGHT) * [700, 512, 700, 512])
 
 
-def test_prior_boxes_come_from_the_other_splits_only():
-    """Split 0's boxes sit far from split 1's: the held-out images get the other split's mean and miss."""
+def test_prior_boxes_come_from_the_other_folds_only():
+    """Fold 0's boxes sit far from fold 1's: the held-out images get the other fold's mean and miss."""
     far_left = [0.0, 0.0, 0.1, 0.1]
     table = _table([[LEFT], [LEFT], [far_left], [far_left]], [(100, 100)] * 4, [0, 0, 1, 1])
-    oof = prior_box_oof(table, by="split")
+    oof = prior_box_oof(table, by="model_fold")
     truth = dict(zip(table["image_id"], table["boxes"]))
     assert opacity_ap(oof, truth) == 0.0
     np.testing.assert_allclose(oof.boxes[oof.boxes["image_id"] == "i0"][["x1", "y1", "x2", "y2"]].to_numpy(float),
                                [np.array(far_left) * 100])
-    only = prior_box_oof(table, by="split", image_ids=["i3"])  # the held-out images asked for, priors from all
+    only = prior_box_oof(table, by="model_fold", image_ids=["i3"])  # the held-out images asked for, priors from all
     assert only.images["image_id"].tolist() == ["i3"] and len(only.boxes) == 1
 
 
@@ -62,7 +62,7 @@ def _studies():
     """Six single-image studies in two folds; fold 0: counts 0, 1, 2 labelled negative, atypical, typical."""
     images = pd.DataFrame({
         "image_id": [f"i{k}" for k in range(6)], "study_id": [f"s{k}" for k in range(6)],
-        "fold": [0, 0, 0, 1, 1, 1], "split": [0, 0, 0, 1, 1, 1],
+        "fold": [0, 0, 0, 1, 1, 1], "model_fold": [0, 0, 0, 1, 1, 1],
         "label": ["negative", "atypical", "typical", "negative", "typical", "typical"]})
     # boxes above 0.5: i0 none (one below), i1 one, i2 three (capped at 2), i3 none, i4 one, i5 two
     boxes = pd.DataFrame({"image_id": ["i0", "i1", "i2", "i2", "i2", "i4", "i5", "i5"],
@@ -113,7 +113,7 @@ def test_06_scores_the_count_rule_at_the_fused_boxes_best_f1_threshold():
     truth = {"i0": [], "i1": [box], "i2": [box, [60, 10, 100, 50]], "i3": [], "i4": [box], "i5": [box, [60, 60, 90, 90]]}
     truth = {i: np.array(b, dtype=float).reshape(-1, 4) for i, b in truth.items()}
     images = pd.DataFrame({"image_id": list(truth), "study_id": [f"s{k}" for k in range(6)], "fold": [0, 0, 0, 1, 1, 1],
-                           "split": [0, 0, 0, 1, 1, 1],
+                           "model_fold": [0, 0, 0, 1, 1, 1],
                            "label": ["negative", "atypical", "typical"] * 2})
     parts = [box_rows(i, f, b, np.full(len(b), 0.9)) for i, f, b in zip(images["image_id"], images["fold"], truth.values())]
     parts += [box_rows(i, f, [[0, 0, 5, 5]], [0.2]) for i, f in (("i0", 0), ("i3", 1))]

@@ -132,7 +132,7 @@ def test_train_step_and_prediction_in_original_pixels(tmp_path, nih_backbone):
 
 
 def _blob_table(root, n: int, size: int, seed: int = 0) -> pd.DataFrame:
-    """Bright ellipses on noise, boxed in 'original' pixels (2x wider, 3x taller than the PNGs); two splits."""
+    """Bright ellipses on noise, boxed in 'original' pixels (2x wider, 3x taller than the PNGs); two folds."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
@@ -145,7 +145,7 @@ def _blob_table(root, n: int, size: int, seed: int = 0) -> pd.DataFrame:
             boxes.append([2 * x, 3 * y, 2 * (x + w), 3 * (y + h)])
         path = root / f"blob{i}.png"
         cv2.imwrite(str(path), image)
-        rows.append({"image_id": f"blob{i}", "fold": i % 2, "split": i % 2, "path": str(path),
+        rows.append({"image_id": f"blob{i}", "fold": i % 2, "model_fold": i % 2, "path": str(path),
                      "orig_height": 3 * size, "orig_width": 2 * size, "boxes": np.array(boxes, float)})
     return pd.DataFrame(rows)
 
@@ -168,7 +168,7 @@ def _backbone_with_measured_statistics(table: pd.DataFrame, path) -> None:
 
 
 @pytest.mark.slow
-def test_training_beats_the_untrained_detector_on_a_held_out_split(tmp_path):
+def test_training_beats_the_untrained_detector_on_a_held_out_fold(tmp_path):
     table = _blob_table(tmp_path, n=48, size=96)
     _backbone_with_measured_statistics(table, tmp_path / "backbone.pt")
     cfg = FasterRcnnConfig(
@@ -179,8 +179,8 @@ def test_training_beats_the_untrained_detector_on_a_held_out_split(tmp_path):
     )
     [(oof, history)] = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=96), only=[1])
     assert cfg.layout.siim_fasterrcnn.folds(DETECTOR_FILE) == [tmp_path / "run" / "03_train_siim_fasterrcnn" / "fold1"]
-    held_out = table[table["split"] == 1]
-    assert sorted(oof.images["image_id"]) == sorted(held_out["image_id"])  # only the held-out split
+    held_out = table[table["model_fold"] == 1]
+    assert sorted(oof.images["image_id"]) == sorted(held_out["image_id"])  # only the held-out fold
     truth = truth_boxes(held_out)
     trained, untrained = opacity_ap(oof, truth), opacity_ap(untrained_oof(held_out, cfg, 96), truth)
     assert list(history["epoch"]) == [1, 2, 3, 4, 5, 6] and history["val_ap50"].iloc[-1] == pytest.approx(trained)

@@ -63,11 +63,11 @@ def test_notebooks_01_and_03_in_the_smoke_profile(tiny_input, tmp_path):
     assert summary["oof_ap50"] == pytest.approx(opacity_ap(oof, truth_boxes(table)))
     assert 0 <= summary["prior_box_ap50"] <= 1 and 0 <= summary["untrained_ap50"] <= 1
 
-    # per-epoch validation AP of each split's model, logged and plotted
-    for split in (0, 1):
-        metrics = pd.read_csv(det / f"fold{split}" / "metrics.csv")
+    # per-epoch validation AP of each fold's model, logged and plotted
+    for fold in (0, 1):
+        metrics = pd.read_csv(det / f"fold{fold}" / "metrics.csv")
         assert list(metrics["epoch"]) == list(range(1, epochs + 1)) and "val_ap50" in metrics
-        assert (det / f"fold{split}" / "plots" / "val_ap50.png").is_file()
+        assert (det / f"fold{fold}" / "plots" / "val_ap50.png").is_file()
     assert RunLayout(run_dir).siim_fasterrcnn.folds(DETECTOR_FILE) == [det / "fold0", det / "fold1"]
 
     # the notebook reports the AP it wrote

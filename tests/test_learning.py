@@ -58,7 +58,7 @@ def test_a_detector_replaced_by_its_untrained_twin_gets_the_banner(prepared_run,
     assert untrained_check.learned and prior_check.status == "missing" and prior_check.failed
     assert "no prior_box_ap50" in prior_check.verdict
     truth = dict(zip(table["image_id"], table["boxes"]))
-    prior_ap = opacity_ap(prior_box_oof(table.assign(split=table["fold"]), "split"), truth)
+    prior_ap = opacity_ap(prior_box_oof(table.assign(model_fold=table["fold"]), "model_fold"), truth)
     out.summary.write_text(json.dumps({"prior_box_ap50": prior_ap}))
     untrained_check, prior_check = check_run(tmp_path, tiny_input)
     assert untrained_check.stage == "03_train_siim_fasterrcnn" and untrained_check.baseline_name == "untrained"
@@ -89,8 +89,8 @@ def test_a_constant_study_model_gets_the_banner_whatever_its_mean(prepared_run, 
     from covidkit.study_scores import PROB_COLUMNS, none_comparison, study_probabilities, summarise
 
     _, table = prepared_run
-    images = table[["image_id", "study_id", "fold", "label"]].assign(split=table["fold"],
-                                                                  has_box=table["boxes"].map(len) > 0)
+    images = table[["image_id", "study_id", "fold", "label"]].assign(model_fold=table["fold"],
+                                                                       has_box=table["boxes"].map(len) > 0)
     truth = np.eye(4)[[STUDY_CLASSES.index(c) for c in images["label"]]]
     for name, probs in {"learned": 0.7 * truth + 0.075, "constant": np.full_like(truth, 0.25)}.items():
         images[PROB_COLUMNS] = probs

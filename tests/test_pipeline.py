@@ -101,19 +101,19 @@ def test_a_dry_run_writes_its_submission_in_its_run_folder(tmp_path):
                                                    run_overrides(tmp_path, tmp_path / "run", dry_run=True))["overrides"]
 
 
-def test_a_dry_run_keeps_a_few_rows_of_each_split_labels_taking_turns():
-    """``max_items`` rows of each held-out split and of each model's training rows, every label seen."""
+def test_a_dry_run_keeps_a_few_rows_of_each_fold_labels_taking_turns():
+    """``max_items`` rows of each held-out fold and of each model's training rows, every label seen."""
     from covidkit.engine.kfold import limit_rows, training_rows
 
-    table = pd.DataFrame({"split": [0] * 6 + [1] * 6 + [2] * 6,
+    table = pd.DataFrame({"model_fold": [0] * 6 + [1] * 6 + [2] * 6,
                           "label": ["negative"] * 4 + ["typical", "atypical"] + ["typical"] * 12})
     limited = limit_rows(table, 4)
-    assert limited.groupby("split").size().tolist() == [4, 4, 4]
-    assert set(limited[limited["split"] == 0]["label"]) == {"negative", "typical", "atypical"}
+    assert limited.groupby("model_fold").size().tolist() == [4, 4, 4]
+    assert set(limited[limited["model_fold"] == 0]["label"]) == {"negative", "typical", "atypical"}
     train = training_rows(limited, 1, 3)
-    assert len(train) == 3 and 1 not in set(train["split"])
+    assert len(train) == 3 and 1 not in set(train["model_fold"])
     assert set(train["label"]) == {"negative", "typical", "atypical"}
-    assert len(training_rows(limited, 1, None)) == 8  # not a dry run: every other split
+    assert len(training_rows(limited, 1, None)) == 8  # not a dry run: every other fold
 
 
 def test_prepare_notebook_runs_on_synthetic_data(tiny_input, tmp_path):

@@ -91,8 +91,8 @@ def test_pseudo_rows_are_training_rows_the_datasets_read(labelled):
     layout = RunLayout(result.out_dir.parent)
     table = fold_table(layout.prepare.train_table(input_dir / COMPETITION), 2)
     pseudo = sampled(training_rows(layout.pseudo_label.table), 1.0, seed=0)
-    rows = add_pseudo_rows(table[table["split"] != 0], pseudo)
-    assert rows["pseudo"].sum() == len(pseudo) and (rows.loc[rows["pseudo"], "split"] == -1).all()
+    rows = add_pseudo_rows(table[table["model_fold"] != 0], pseudo)
+    assert rows["pseudo"].sum() == len(pseudo) and (rows.loc[rows["pseudo"], "model_fold"] == -1).all()
     detection = OpacityDataset(rows, detection_transform(DetectionAugment(), train=False))
     for i in np.flatnonzero(rows["pseudo"].to_numpy())[:3]:
         assert len(detection[i][1]["boxes"]) == len(rows["boxes"].iloc[i])

@@ -40,10 +40,10 @@ def test_an_old_name_given_with_set_fills_the_new_field_and_warns():
     for stage in ("03", "04"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            params = section_parameters("smoke", stage, {"folds": [1]})
+            params = section_parameters("smoke", stage, {"splits": [1]})
         config = stage_module(stage).Config
-        assert params["splits"] == [1] and "folds" not in params and config.from_params(params).splits == [1]
-        assert _deprecations(caught) == [f"{notebook_of(stage)}.folds is deprecated: use splits"]
+        assert params["folds"] == [1] and "splits" not in params and config.from_params(params).folds == [1]
+        assert _deprecations(caught) == [f"{notebook_of(stage)}.splits is deprecated: use folds"]
     # a notebook's own overrides (its parameters cell)
     with pytest.warns(DeprecationWarning, match="11_ct_decovnet.lung_size is deprecated"):
         cfg = stage_module("11").Config.from_namespace({"profile": None, "overrides": {"lung_size": 40}})
@@ -51,8 +51,8 @@ def test_an_old_name_given_with_set_fills_the_new_field_and_warns():
 
 
 def test_old_and_new_name_together_are_an_error_naming_both(old_names_profile):
-    with pytest.raises(ProfileError, match=r"03_train_siim_fasterrcnn sets both folds and splits"):
-        section_parameters(old_names_profile, "03", {"folds": [0], "splits": [1]})
+    with pytest.raises(ProfileError, match=r"03_train_siim_fasterrcnn sets both splits and folds"):
+        section_parameters(old_names_profile, "03", {"splits": [0], "folds": [1]})
     with pytest.raises(ProfileError, match=r"sets both lung_size and lung_input_size"):
         stage_module("11").Config.from_namespace({"profile": None, "overrides": {"lung_size": 40,
                                                                                  "lung_input_size": 40}})
@@ -62,18 +62,20 @@ def test_old_and_new_name_together_are_an_error_naming_both(old_names_profile):
 
 
 def test_the_pipeline_passes_the_new_name_to_the_notebook_and_its_record():
-    """``covidkit pipeline --set 03.folds=[1]``: accepted, and the notebook (and the stage's record) gets
-    ``splits``; a plain ``--set folds=...`` still reaches 00's own ``folds`` (how many K folds) unchanged."""
+    """``covidkit pipeline --set 03.splits=[1]``: accepted, and the notebook (and the stage's record) gets
+    ``folds``; 00's own ``folds`` (how many K folds) is set as it always was (``--set 00.folds=3``: a plain
+    ``--set folds=...`` reaches 03's and 04's ``folds`` too)."""
     from covidkit.pipeline import check_settings, notebook_overrides, notebook_parameters
 
     books = {b.stem[:2]: b for b in notebooks_dir().glob("0[03]_*.ipynb")}
-    check_settings(list(books.values()), {"03.folds": [1]})
+    check_settings(list(books.values()), {"03.splits": [1]})
     profile = load_profile("smoke")
-    with pytest.warns(DeprecationWarning, match="03_train_siim_fasterrcnn.folds is deprecated: use splits"):
-        params = notebook_parameters(books["03"], profile, notebook_overrides(books["03"].stem, {"03.folds": [1]}))
-    assert params["overrides"]["splits"] == [1] and "folds" not in params["overrides"]
-    params = notebook_parameters(books["00"], profile, notebook_overrides(books["00"].stem, {"folds": 3}))
+    with pytest.warns(DeprecationWarning, match="03_train_siim_fasterrcnn.splits is deprecated: use folds"):
+        params = notebook_parameters(books["03"], profile, notebook_overrides(books["03"].stem, {"03.splits": [1]}))
+    assert params["overrides"]["folds"] == [1] and "splits" not in params["overrides"]
+    params = notebook_parameters(books["00"], profile, notebook_overrides(books["00"].stem, {"00.folds": 3}))
     assert params["overrides"]["folds"] == 3  # 00's folds was not renamed
+    assert notebook_overrides(books["00"].stem, {"folds": 3}) == notebook_overrides(books["03"].stem, {"folds": 3})
 
 
 def test_the_old_names_of_the_methods_configs_and_of_the_file_hash_still_work(tmp_path):
@@ -94,3 +96,48 @@ def test_the_old_names_of_the_methods_configs_and_of_the_file_hash_still_work(tm
     with pytest.warns(DeprecationWarning, match="export.sha256 is deprecated: use covidkit.model_file.file_sha256"):
         from covidkit.export import sha256
     assert sha256 is file_sha256 and file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_splits_in_a_03_profile_section_is_folds_with_one_warning(tmp_path, monkeypatch):
+    """03's and 04's ``splits`` (the fold models to train, last week's name) is ``folds`` again."""
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "old.yaml").write_text(
+        "00_prepare_data:\n  folds: 5\n03_train_siim_fasterrcnn:\n  fold_groups: 2\n  splits: [1]\n"
+        "04_train_siim_yolo:\n  splits: [0]\n")
+    monkeypatch.setenv("COVIDKIT_NOTEBOOKS", str(tmp_path))
+    for stage, folds in (("03", [1]), ("04", [0])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            params = section_parameters("old", stage)
+        assert _deprecations(caught) == [f"{notebook_of(stage)}.splits is deprecated: use folds"]
+        assert params["folds"] == folds and "splits" not in params
+        assert stage_module(stage).Config.from_params(params).folds == folds
+    assert section_parameters("old", "00")["folds"] == 5
+
+
+def test_the_old_names_of_the_fold_functions_still_work():
+    import pandas as pd
+
+    from covidkit import folds
+    from covidkit.engine import kfold
+
+    with pytest.warns(DeprecationWarning, match=r"^covidkit.folds.validation_splits is deprecated: use "
+                                                r"covidkit.folds.model_folds$"):
+        validation_splits = folds.validation_splits
+    assert validation_splits is folds.model_folds
+    assert validation_splits(pd.Series([0, 1, 2, 3, 4]), 2).tolist() == [0, 1, 0, 1, 0]
+    with pytest.warns(DeprecationWarning, match="covidkit.engine.kfold.splits_to_run is deprecated"):
+        from covidkit.engine.kfold import splits_to_run
+    assert splits_to_run is kfold.folds_to_run
+    table = kfold.fold_table(pd.DataFrame({"fold": [0, 1, 2, 3, 4], "label": ["a"] * 5}), 2)
+    assert table["model_fold"].tolist() == [0, 1, 0, 1, 0] and kfold.folds_to_run(table) == [0, 1]
+
+
+def test_a_fold_run_checkpointed_under_splits_resumes_under_folds():
+    """03's engine runs fingerprint every setting (``hparams``): one checkpointed while 03's ``folds`` was named
+    ``splits`` resumes now; the ``split`` key (the fold a run holds out) is unchanged."""
+    from covidkit.engine.config import config_differences
+
+    saved = {"run_dir": "r", "epochs": 2, "hparams": {"lr": 0.01, "splits": None, "split": 1}}
+    assert config_differences(saved, saved | {"hparams": {"lr": 0.01, "folds": None, "split": 1}}) == []
+    assert config_differences(saved, saved | {"hparams": {"lr": 0.01, "folds": None, "split": 0}})

@@ -69,8 +69,8 @@ def full_run(tiny_input, models_dir, tmp_path_factory):
     write_oof(layout.siim_yolo.oof, _detector_oof(table, rng, 6.0))
     ensemble_wbf.run(ensemble_wbf.Config(input_dir=str(tiny_input), run_dir=str(run)))
 
-    images = table[["image_id", "study_id", "fold", "label"]].assign(split=table["fold"],
-                                                                  has_box=table["boxes"].map(len) > 0)
+    images = table[["image_id", "study_id", "fold", "label"]].assign(model_fold=table["fold"],
+                                                                       has_box=table["boxes"].map(len) > 0)
     probs = rng.dirichlet(np.ones(4), len(images)) + 2 * np.eye(4)[[STUDY_CLASSES.index(c) for c in images["label"]]]
     images[PROB_COLUMNS] = probs / probs.sum(1, keepdims=True)
     images["p_none_head"] = np.where(images["has_box"], 0.3, 0.7)

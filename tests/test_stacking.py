@@ -143,7 +143,7 @@ def _fake_06_and_05(run_dir, n: int = 80) -> pd.DataFrame:
     labels = [STUDY_CLASSES[k] for k in np.arange(n) % 4]
     ids = [f"img{i:03d}" for i in range(n)]
     probs = rng.dirichlet(np.ones(4), n)
-    images = pd.DataFrame({"image_id": ids, "study_id": [f"st{i:03d}" for i in range(n)], "split": np.arange(n) % 2,
+    images = pd.DataFrame({"image_id": ids, "study_id": [f"st{i:03d}" for i in range(n)], "model_fold": np.arange(n) % 2,
                            "fold": np.arange(n) % 5, "label": labels, "has_box": [lab != "negative" for lab in labels]})
     for c, col in zip(STUDY_CLASSES, probs.T):
         images[f"p_{c}"] = col
@@ -209,7 +209,7 @@ def test_07_applies_the_exported_stacker_fold_by_fold(tiny_run_dir, tmp_path):
     assert not np.allclose(expected, averaged_first, atol=1e-4)  # averaging after the stacker is not before
 
 
-def test_export_refuses_a_stacker_without_one_model_per_split(tiny_run_dir, tmp_path):
+def test_export_refuses_a_stacker_without_one_model_per_fold(tiny_run_dir, tmp_path):
     from covidkit.export import export_models
 
     run = tmp_path / "run"
@@ -217,5 +217,5 @@ def test_export_refuses_a_stacker_without_one_model_per_split(tiny_run_dir, tmp_
     x, y = _dataset(120, seed=5)
     fit_stacker(x, y).save(RunLayout(run).study_level.stacker)
     shutil.rmtree(RunLayout(run).study_level.fold(1))
-    with pytest.raises(ValueError, match="one model per split"):
+    with pytest.raises(ValueError, match="one model per fold"):
         export_models(run, tmp_path / "models")

@@ -71,8 +71,8 @@ def test_any_size_is_resized_as_the_prepared_pngs(tmp_path):
 
 def test_save_load_round_trip(tmp_path):
     model = _model(3)
-    path = save_study_model(model, SPEC, tmp_path / "06_study_level" / "split1" / "study_model.pt", split=1)
-    save_study_model(_model(4), SPEC, tmp_path / "06_study_level" / "split0" / "study_model.pt", split=0)
+    path = save_study_model(model, SPEC, tmp_path / "06_study_level" / "split1" / "study_model.pt", model_fold=1)
+    save_study_model(_model(4), SPEC, tmp_path / "06_study_level" / "split0" / "study_model.pt", model_fold=0)
     loaded, spec = load_study_model(path)
     assert spec == SPEC and not loaded.training
     for key, value in model.state_dict().items():
@@ -169,7 +169,7 @@ def test_none_probability_properties():
 def test_oof_scoring_matches_the_competition_rules():
     labels = ["negative", "typical", "typical", "atypical", "indeterminate", "negative"]
     images = pd.DataFrame({"image_id": [f"i{k}" for k in range(7)], "study_id": ["s0", "s1", "s2", "s3", "s4", "s5", "s5"],
-                           "split": 0, "label": labels + ["negative"],
+                           "model_fold": 0, "label": labels + ["negative"],
                            "has_box": [False, True, True, True, True, False, True]})
     perfect = np.eye(4)[[STUDY_CLASSES.index(c) for c in images["label"]]]
     images[PROB_COLUMNS] = perfect
@@ -220,7 +220,7 @@ def _blob_table(tmp_path, n: int = 16, size: int = 96) -> pd.DataFrame:
         path = tmp_path / f"im{k}.png"
         cv2.imwrite(str(path), image)
         rows.append({"image_id": f"im{k}", "study_id": f"s{k}", "label": label, "path": str(path),
-                     "orig_height": size * 2, "orig_width": size * 2, "boxes": boxes * 2, "split": k // 2 % 2,
+                     "orig_height": size * 2, "orig_width": size * 2, "boxes": boxes * 2, "model_fold": k // 2 % 2,
                      "has_box": len(boxes) > 0})
     return pd.DataFrame(rows)
 
@@ -253,13 +253,13 @@ def _heat_contrast(model, spec, table) -> float:
 def test_training_learns_the_tiny_task(tmp_path, encoder):
     """A few epochs on 8 synthetic images: the classes separate, and the heat map finds the boxes."""
     table = _blob_table(tmp_path)
-    train, val = table[table["split"] == 0], table[table["split"] == 1]
+    train, val = table[table["model_fold"] == 0], table[table["model_fold"] == 1]
     spec = StudySpec(encoder=encoder, width=8, input_size=64, prepared_size=96, dropout=0.1)
     torch.manual_seed(0)
     model = build_study_model(spec)
 
     def val_aps(m):
-        probs = val[["image_id", "study_id", "split", "label", "has_box"]].merge(
+        probs = val[["image_id", "study_id", "model_fold", "label", "has_box"]].merge(
             predict_table(m, spec, val, torch.device("cpu")), on="image_id")
         return study_aps(study_probabilities(probs)), none_ap(probs, probs["p_none_head"])
 

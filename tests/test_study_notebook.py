@@ -35,7 +35,7 @@ def test_notebook_06_in_the_smoke_profile(tiny_input, tmp_path):
     papermill.execute_notebook(str(book), str(book_out), parameters=params, kernel_name="python3", cwd=str(REPO_ROOT),
                                progress_bar=False)
 
-    # one model per split, loadable, predicting any-size images
+    # one model per fold, loadable, predicting any-size images
     out = RunLayout(run_dir).study_level
     models = out.models()
     assert [p.parent.name for p in models] == ["fold0", "fold1"]

@@ -65,15 +65,15 @@ def test_04_writes_out_of_fold_predictions_in_original_pixels(run_dir, tiny_inpu
     expected = table.set_index("image_id")["fold"].sort_index()
     pd.testing.assert_series_equal(evaluated, expected, check_dtype=False)  # every image once, in its own fold
     groups = load_profile("smoke")["04_train_siim_yolo"]["fold_groups"]
-    splits = sorted(set(table["fold"] % groups))
-    assert sorted(p.name for p in out.glob("fold*") if p.is_dir()) == [f"fold{k}" for k in splits]
-    for split in splits:  # one model per split, trained on the other splits' images only
-        args = yaml.safe_load((out / f"fold{split}" / "args.yaml").read_text())
+    folds = sorted(set(table["fold"] % groups))
+    assert sorted(p.name for p in out.glob("fold*") if p.is_dir()) == [f"fold{k}" for k in folds]
+    for fold in folds:  # one model per fold, trained on the other folds' images only
+        args = yaml.safe_load((out / f"fold{fold}" / "args.yaml").read_text())
         assert Path(args["model"]) == run_dir / "02_pretrain_rsna_yolo" / "train" / "weights" / "best.pt"
-        assert Path(args["data"]).name == f"fold{split}.yaml"
-        trained_on = {Path(line).stem for line in (out / "data" / f"fold{split}_train.txt").read_text().split()}
-        assert trained_on == set(table.loc[table["fold"] % groups != split, "image_id"])
-    assert RunLayout(run_dir).siim_yolo.folds("results.csv") == [out / f"fold{k}" for k in splits]
+        assert Path(args["data"]).name == f"fold{fold}.yaml"
+        trained_on = {Path(line).stem for line in (out / "data" / f"fold{fold}_train.txt").read_text().split()}
+        assert trained_on == set(table.loc[table["fold"] % groups != fold, "image_id"])
+    assert RunLayout(run_dir).siim_yolo.folds("results.csv") == [out / f"fold{k}" for k in folds]
 
     boxes = oof.boxes.merge(table[["image_id", "orig_height", "orig_width"]], on="image_id")
     assert len(boxes) > 0 and (boxes["score"].between(0, 1)).all()
@@ -88,8 +88,8 @@ def test_04_writes_out_of_fold_predictions_in_original_pixels(run_dir, tiny_inpu
     assert summary["untrained_ap50"] == pytest.approx(opacity_ap(read_oof(out / "oof_untrained.csv"), truth))
     assert f"OOF opacity AP@0.5: {summary['oof_ap50']:.4f}" in text
     assert np.isfinite(summary["oof_ap50"])
-    # the prior-box detector on the same images and splits (covidkit.baselines)
+    # the prior-box detector on the same images and folds (covidkit.baselines)
     from covidkit.baselines import prior_box_oof
 
-    prior = prior_box_oof(table.assign(split=table["fold"] % groups), "split")
+    prior = prior_box_oof(table.assign(model_fold=table["fold"] % groups), "model_fold")
     assert summary["prior_box_ap50"] == pytest.approx(opacity_ap(prior, truth))

@@ -2,7 +2,7 @@
 
 - ``prior_box_oof``: the prior-box detector of opacity. Each held-out image gets, for each lung zone (the
   image's left and right half), the mean training box whose centre lies in that zone (normalised x1, y1, x2,
-  y2 from the other splits' images, scaled to the image's size), all at one constant score. A detector must
+  y2 from the other folds' images, scaled to the image's size), all at one constant score. A detector must
   beat it to show it looks at the image rather than at where opacities usually are.
 - ``box_count_rule``: the study classes from the count of a study's fused boxes above an operating score
   (0, 1, 2 or more; more boxes mean typical more often), each count's class frequencies taken from the
@@ -48,7 +48,7 @@ def mean_zone_boxes(table: pd.DataFrame) -> np.ndarray:
                      for z in range(len(ZONES))])
 
 
-def prior_box_oof(table: pd.DataFrame, by: str = "split", score: float = PRIOR_SCORE,
+def prior_box_oof(table: pd.DataFrame, by: str = "model_fold", score: float = PRIOR_SCORE,
                   image_ids: Sequence[str] | None = None) -> OofPredictions:
     """The prior-box detector, out of fold: each image of ``table`` (``image_ids`` only, when given) gets the
     mean zone boxes of the table's images in other ``by`` groups, scaled to its size, at ``score``.
@@ -88,16 +88,16 @@ def count_class_frequencies(counts: np.ndarray, labels: np.ndarray) -> np.ndarra
 
 
 def box_count_rule(images: pd.DataFrame, boxes: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """The box-count rule's out-of-fold study probabilities: ``study_id, split, label, p_<class>...`` (as
+    """The box-count rule's out-of-fold study probabilities: ``study_id, model_fold, label, p_<class>...`` (as
     ``covidkit.study_scores.study_probabilities``), each study scored with the count frequencies of the
     other folds' studies.
 
-    ``images``: ``image_id, study_id, fold, split, label`` (a study's images share one fold); ``boxes``: the
+    ``images``: ``image_id, study_id, fold, model_fold, label`` (a study's images share one fold); ``boxes``: the
     fused OOF boxes (``image_id, score``).
     """
     counts = study_box_counts(images, boxes, threshold)
-    studies = images.groupby("study_id", sort=True).agg(split=("split", "first"), fold=("fold", "first"),
-                                                        label=("label", "first")).reset_index()
+    studies = images.groupby("study_id", sort=True).agg(model_fold=("model_fold", "first"),
+                                                        fold=("fold", "first"), label=("label", "first")).reset_index()
     studies["count"] = studies["study_id"].map(counts).to_numpy()
     probs = np.empty((len(studies), len(STUDY_CLASSES)))
     for fold in studies["fold"].unique():
@@ -106,4 +106,4 @@ def box_count_rule(images: pd.DataFrame, boxes: pd.DataFrame, threshold: float) 
                                               studies.loc[~here, "label"].to_numpy())
         probs[here] = frequencies[studies.loc[here, "count"].to_numpy()]
     columns = [f"p_{c}" for c in STUDY_CLASSES]
-    return studies[["study_id", "split", "label", "count"]].join(pd.DataFrame(probs, columns=columns))
+    return studies[["study_id", "model_fold", "label", "count"]].join(pd.DataFrame(probs, columns=columns))

@@ -147,7 +147,7 @@ def export_models(run_dir: str | Path, out_dir: str | Path, competition_dir: str
         counts = {name: len(paths) for name, paths in sources.items()}
         if len(set(counts.values())) != 1:
             raise ValueError(f"06's study stacker reads each fold's detectors and study model together, as out of "
-                             f"fold: 03, 04 and 06 need one model per split each, got {counts}")
+                             f"fold: 03, 04 and 06 need one model per fold each, got {counts}")
         shutil.copyfile(layout.study_level.stacker, out_dir / stacker)
     hashed = [*sum(files.values(), []), FUSION_JSON, *([stacker] if stacker else [])]
 

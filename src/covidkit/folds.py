@@ -13,6 +13,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
+from covidkit.deprecated import moved
+
 
 def _is_missing(values: pd.Series) -> pd.Series:
     return values.isna() | (values.astype(str).str.strip() == "")
@@ -81,7 +83,11 @@ def make_folds(images: pd.DataFrame, study_labels: pd.DataFrame, k: int = 5, see
     return out.astype({"fold": int})
 
 
-def validation_splits(folds, fold_groups: int | None):
-    """The validation split of each row: its fold, or ``fold % fold_groups`` (fewer, larger splits: a cheap
-    run trains fewer models and still predicts every image out of fold; patients still never cross)."""
+def model_folds(folds, fold_groups: int | None):
+    """The training stages' fold of each row (the fold whose model holds it out): its fold of 00, or
+    ``fold % fold_groups`` (00's folds merged into fewer, larger ones: a cheap run trains fewer models and still
+    predicts every image out of fold; patients still never cross)."""
     return folds % fold_groups if fold_groups else folds
+
+
+__getattr__ = moved(__name__, {"validation_splits": "covidkit.folds.model_folds"})  # deprecated names

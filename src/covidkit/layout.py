@@ -25,7 +25,7 @@ naming that stage's folder and files::
       round<r>/                    covidkit pipeline --rounds K: round r's 03-08 folders, models/, fresh_tests/,
                                    records/ and round.json (00-02 stay in the run folder, read by every round)
 
-``fold<k>/`` holds the model that holds out validation split ``k`` (runs before issue 31 named 03's and 06's
+``fold<k>/`` holds the model that holds out fold ``k`` (runs before issue 31 named 03's and 06's
 ``split<k>/``: the readers accept both). A stage's folder is named after its notebook, so the executed notebook
 and what it wrote sit side by side.
 Each stage records the settings it ran with in ``config.yaml`` of its folder (``RunLayout.settings``; 00's in
@@ -58,7 +58,7 @@ ROUND_MARKER = "round.json"  # in a round folder: {"round": r}
 ROUND_PREFIX = "round"
 
 
-FOLD_PREFIX = "fold"  # each fold model's folder: fold<k>/ (k: the validation split it holds out)
+FOLD_PREFIX = "fold"  # each fold model's folder: fold<k>/ (k: the fold it holds out, covidkit.engine.kfold)
 OLD_FOLD_PREFIX = "split"  # 03's and 06's name before issue 31, still read (an older run folder)
 
 
@@ -178,7 +178,7 @@ class Detector:
         return self.dir / "data"
 
     def fold(self, k: int) -> Path:
-        """The training run of the model that holds out validation split ``k``."""
+        """The training run of the model that holds out fold ``k``."""
         return self.dir / f"{FOLD_PREFIX}{k}"
 
     def folds(self, marker: str) -> list[Path]:
@@ -246,7 +246,7 @@ class StudyLevel:
     dir: Path
 
     def fold(self, k: int) -> Path:
-        """The folder of the model that holds out validation split ``k``."""
+        """The folder of the model that holds out fold ``k``."""
         return self.dir / f"{FOLD_PREFIX}{k}"
 
     def model(self, k: int) -> Path:
@@ -263,7 +263,7 @@ class StudyLevel:
 
     @property
     def oof_images(self) -> Path:
-        """Per image: split, fold, label, has_box, p_<class>..., p_none_head."""
+        """Per image: model_fold, fold, label, has_box, p_<class>..., p_none_head."""
         return self.dir / "oof_images.csv"
 
     @property

@@ -8,7 +8,7 @@
 space separated) and ``mapped_to`` (the competition training image an external copy was mapped to, or empty).
 
 ``training_rows`` turns the table into rows shaped like ``covidkit.prepare.train_table`` (``label``: the most
-probable class; ``boxes``: the pseudo-boxes; ``fold`` and ``split`` -1, so no validation split ever holds one),
+probable class; ``boxes``: the pseudo-boxes; ``fold`` and ``model_fold`` -1, so no fold ever holds one out),
 with ``pseudo`` true and the soft labels. ``sampled`` repeats them by a sampling weight (the detectors);
 ``with_soft_labels`` gives every row a soft label and a loss weight (the study model).
 """
@@ -26,7 +26,7 @@ from covidkit.data.siim import STUDY_CLASSES
 SOFT_COLUMNS = [f"p_{c}" for c in STUDY_CLASSES]
 PSEUDO_COLUMNS = ["image_id", "source", "dataset", "path", "orig_height", "orig_width", *SOFT_COLUMNS, "p_none",
                   "boxes", "scores", "mapped_to"]
-PSEUDO_FOLD = -1  # the fold and split of a pseudo-labelled row: never a held-out split
+PSEUDO_FOLD = -1  # the fold and model_fold of a pseudo-labelled row: never a held-out fold
 WEIGHT = "sample_weight"  # the loss weight of a row (06): 1 for a labelled image, pseudo_weight for a pseudo one
 
 
@@ -68,7 +68,7 @@ def training_rows(path: str | Path, max_items: int | None = None) -> pd.DataFram
     return pd.DataFrame({
         "image_id": table["image_id"], "study_id": table["image_id"], "patient_id": table["image_id"],
         "label": [STUDY_CLASSES[i] for i in probs.argmax(1)] if len(table) else [],
-        "fold": PSEUDO_FOLD, "split": PSEUDO_FOLD, "path": table["path"],
+        "fold": PSEUDO_FOLD, "model_fold": PSEUDO_FOLD, "path": table["path"],
         "orig_height": table["orig_height"].astype(int), "orig_width": table["orig_width"].astype(int),
         "boxes": [as_boxes(b) for b in table["boxes"]], "pseudo": True,
         **{c: table[c].astype(float) for c in SOFT_COLUMNS},
@@ -99,8 +99,8 @@ def with_soft_labels(rows: pd.DataFrame, pseudo_weight: float) -> pd.DataFrame:
 
 
 def add_pseudo_rows(table: pd.DataFrame, pseudo: pd.DataFrame | None) -> pd.DataFrame:
-    """A split's training rows and the pseudo-labelled ones (``pseudo`` false for the former): what 03, 04 and 06
-    train each split's model on; never its held-out rows."""
+    """A fold's training rows and the pseudo-labelled ones (``pseudo`` false for the former): what 03, 04 and 06
+    train each fold's model on; never its held-out rows."""
     if pseudo is None or pseudo.empty:
         return table
     return pd.concat([table.assign(pseudo=False), pseudo], ignore_index=True)

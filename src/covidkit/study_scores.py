@@ -1,8 +1,9 @@
 """The study model's out-of-fold tables and their scores (06): per-image and per-study probabilities, the
 competition's AP of the study classes and of ``none``, and the choice of the ``none`` rule.
 
-Columns of an image table: ``image_id, study_id, split, fold, label, has_box, p_<class>..., p_none_head``;
-a study table: ``study_id, split, label, p_<class>...`` (the mean over the study's images).
+Columns of an image table: ``image_id, study_id, model_fold, fold, label, has_box, p_<class>..., p_none_head``
+(``model_fold``: the fold whose model predicted the image, ``covidkit.engine.kfold``); a study table:
+``study_id, model_fold, label, p_<class>...`` (the mean over the study's images).
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ AUTO = "auto"  # none_rule: chosen on the out-of-fold images
 
 
 def study_probabilities(images: pd.DataFrame) -> pd.DataFrame:
-    """Per study: the mean of its images' probabilities (``study_id, split, label, p_<class>...``)."""
+    """Per study: the mean of its images' probabilities (``study_id, model_fold, label, p_<class>...``)."""
     return (images.groupby("study_id", sort=True)
-            .agg({"split": "first", "label": "first", **{c: "mean" for c in PROB_COLUMNS}})
+            .agg({"model_fold": "first", "label": "first", **{c: "mean" for c in PROB_COLUMNS}})
             .reset_index())
 
 

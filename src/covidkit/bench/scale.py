@@ -88,7 +88,7 @@ def fabricate(n_train: int, n_test: int, boxes: int = BOXES_PER_MODEL, seed: int
         detectors.append(OofPredictions(frame, pd.DataFrame({"image_id": ids, "fold": folds})))
     labels = np.array(STUDY_CLASSES)[rng.permutation(np.arange(n_train) % len(STUDY_CLASSES))]
     probs = rng.dirichlet(np.ones(4), n_train)
-    images = pd.DataFrame({"image_id": ids, "study_id": [f"s{i}" for i in ids], "fold": folds, "split": folds,
+    images = pd.DataFrame({"image_id": ids, "study_id": [f"s{i}" for i in ids], "fold": folds, "model_fold": folds,
                            "label": labels, "has_box": [len(truth[i]) > 0 for i in ids]})
     images[[f"p_{c}" for c in STUDY_CLASSES]] = probs
     images["p_none_head"] = rng.uniform(0, 1, n_train)

@@ -9,7 +9,7 @@ Layout of a YOLO dataset here::
     <name>.yaml              data.yaml: path, train, val, names
 
 ultralytics finds each label by replacing ``/images/`` with ``/labels/`` in the image path, so
-several splits (the K folds) share one ``images/`` + ``labels/`` and differ only in their lists.
+several folds share one ``images/`` + ``labels/`` and differ only in their lists.
 """
 from __future__ import annotations
 

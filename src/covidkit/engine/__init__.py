@@ -65,7 +65,7 @@ What the engine does for each run (``cfg.run_dir``; only rank 0 writes):
   and accumulation; DDP under ``torchrun`` (``WORLD_SIZE > 1``); tqdm bars and one line per epoch.
 
 Around ``fit``: ``optim`` (``make_optimizer``, the one optimizer factory of every stage) and ``kfold`` (the
-K-fold driver: one model per validation split, its last evaluation predicting the held-out rows).
+K-fold driver: one model per fold, its last evaluation predicting the held-out rows).
 
 Modules: ``config`` (TrainConfig), ``loop`` (fit, train_one_epoch, FitResult), ``optim``, ``kfold``, ``checkpoint``,
 ``distributed``, ``loaders`` (samplers, DataLoader, collate), ``schedules``, ``seed``, ``device``,

@@ -11,7 +11,10 @@ SCHEDULER_INTERVALS = ("step", "epoch")
 MONITOR_MODES = ("max", "min")
 # Fields that may change when a run is resumed without changing what it computes.
 RESUMABLE_CHANGES = frozenset({"run_dir", "progress", "plots", "num_workers"})
-RESUMABLE_HPARAMS = frozenset({"run_dir", "progress", "resume", "workers", "num_workers", "eval_batch_size"})
+# "folds" (03's folds to train; "splits" its name for a while, still in the checkpoints of then) picks which fold
+# models a stage trains, not what one of them trains: a fold's run resumes under either name.
+RESUMABLE_HPARAMS = frozenset({"run_dir", "progress", "resume", "workers", "num_workers", "eval_batch_size",
+                               "folds", "splits"})
 
 
 @dataclass

@@ -1,11 +1,12 @@
-"""The K-fold driver: one model per validation split, each trained on every other split, and each split's
-held-out rows predicted by its own model (the out-of-fold predictions). Used by 03, 04 and 06.
+"""The K-fold driver: one model per fold, each trained on every other fold, and each fold's held-out rows
+predicted by its own model (the out-of-fold predictions). Used by 03, 04 and 06.
 
-A table's ``fold`` column holds 00's folds (``folds.csv``); ``fold_table`` adds the validation ``split``
-(``fold_groups`` merges the folds into fewer splits, patients still never cross, ``covidkit.folds``). The stage
-gives ``run_folds`` a ``train_fold(split, train_rows, held_out)`` that trains (``covidkit.engine.fit``) and
-predicts its held-out rows; the driver picks the splits and the training rows (a dry run's few) and collects
-what each split returns, in split order.
+A table's ``fold`` column holds 00's folds (``folds.csv``); ``fold_table`` adds ``model_fold``, the fold a
+training stage holds out: 00's fold, or with ``fold_groups`` 00's folds merged into fewer (``fold % fold_groups``,
+patients still never cross, ``covidkit.folds``). The stage gives ``run_folds`` a
+``train_fold(fold, train_rows, held_out)`` that trains (``covidkit.engine.fit``) and predicts its held-out rows;
+the driver picks the folds and the training rows (a dry run's few) and collects what each fold returns, in fold
+order.
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from typing import TypeVar
 
 import pandas as pd
 
-from covidkit.folds import validation_splits
+from covidkit.deprecated import moved
+from covidkit.folds import model_folds
 
 T = TypeVar("T")
 TrainFold = Callable[[int, pd.DataFrame, pd.DataFrame], T]
+MODEL_FOLD = "model_fold"  # a training table's column: the fold whose model holds the row out
 
 
-def limit_rows(table: pd.DataFrame, n: int | None, by: str = "split") -> pd.DataFrame:
+def limit_rows(table: pd.DataFrame, n: int | None, by: str = MODEL_FOLD) -> pd.DataFrame:
     """``n`` rows of each ``by`` group (the table itself when ``n`` is None): with a ``label`` column, one of each
     label first, so that a dry run still sees every class."""
     if n is None:
@@ -30,35 +33,38 @@ def limit_rows(table: pd.DataFrame, n: int | None, by: str = "split") -> pd.Data
     return order.groupby(by, sort=False, group_keys=False).head(n).drop(columns="_k").sort_index()
 
 
-def training_rows(table: pd.DataFrame, split: int, max_items: int | None) -> pd.DataFrame:
-    """The rows that validation split ``split``'s model trains on (every other split); in a dry run
-    ``max_items`` of them in all (labels taking turns), as the held-out split has."""
-    train = table[table["split"] != split]
+def training_rows(table: pd.DataFrame, fold: int, max_items: int | None) -> pd.DataFrame:
+    """The rows that fold ``fold``'s model trains on (every other fold); in a dry run ``max_items`` of them in
+    all (labels taking turns), as the held-out fold has."""
+    train = table[table[MODEL_FOLD] != fold]
     if max_items is None:
         return train
-    return train.loc[limit_rows(train.assign(split=-1), max_items).index]
+    return train.loc[limit_rows(train.assign(**{MODEL_FOLD: -1}), max_items).index]
 
 
 def fold_table(table: pd.DataFrame, fold_groups: int | None, max_items: int | None = None) -> pd.DataFrame:
-    """``table`` (with 00's ``fold`` column) with its validation ``split`` column; ``max_items`` rows per split."""
+    """``table`` (with 00's ``fold`` column) with its ``model_fold`` column; ``max_items`` rows per fold."""
     table = table.copy()
-    table["split"] = validation_splits(table["fold"], fold_groups)
+    table[MODEL_FOLD] = model_folds(table["fold"], fold_groups)
     return limit_rows(table, max_items)
 
 
-def splits_to_run(table: pd.DataFrame, only: Sequence[int] | None = None) -> list[int]:
-    """The table's validation splits, or those of ``only`` (each must be one of them), in order."""
-    splits = sorted(int(s) for s in table["split"].unique())
+def folds_to_run(table: pd.DataFrame, only: Sequence[int] | None = None) -> list[int]:
+    """The table's model folds, or those of ``only`` (each must be one of them), in order."""
+    folds = sorted(int(f) for f in table[MODEL_FOLD].unique())
     if only is None:
-        return splits
-    unknown = sorted(set(int(s) for s in only) - set(splits))
+        return folds
+    unknown = sorted(set(int(f) for f in only) - set(folds))
     if unknown:
-        raise ValueError(f"folds {unknown} are not among the splits {splits}")
-    return sorted(int(s) for s in only)
+        raise ValueError(f"folds {unknown} are not among the folds {folds}")
+    return sorted(int(f) for f in only)
 
 
 def run_folds(table: pd.DataFrame, train_fold: TrainFold, only: Sequence[int] | None = None,
               max_items: int | None = None) -> list[T]:
-    """``train_fold(split, training rows, held-out rows)`` for each split to run; their results in split order."""
-    return [train_fold(split, training_rows(table, split, max_items), table[table["split"] == split])
-            for split in splits_to_run(table, only)]
+    """``train_fold(fold, training rows, held-out rows)`` for each fold to run; their results in fold order."""
+    return [train_fold(fold, training_rows(table, fold, max_items), table[table[MODEL_FOLD] == fold])
+            for fold in folds_to_run(table, only)]
+
+
+__getattr__ = moved(__name__, {"splits_to_run": "covidkit.engine.kfold.folds_to_run"})  # deprecated names

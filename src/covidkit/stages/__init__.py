@@ -54,7 +54,7 @@ def stage_module(stage: str) -> ModuleType:
 
 # a notebook's parameters cell: the profile, the folders, the dry-run switch, and every other setting in one dict
 NOTEBOOK_PARAMETERS = ("profile", "input_dir", "run_dir", "dry_run", "overrides")
-DRY_RUN_ITEMS = 4  # a dry run's images (or volumes, slices) per split
+DRY_RUN_ITEMS = 4  # a dry run's images (or volumes, slices) per split or fold
 DRY_RUN_STEPS = 2  # a dry run's optimizer steps per model
 
 
@@ -63,7 +63,7 @@ class StageConfig:
     """What every stage takes: the input folder (the datasets), the run folder, and the dry-run switch.
 
     ``dry_run``: every stage runs with its settings as they are (models, sizes, folds, TTA, export) on a few
-    items per split (``max_items``: of each held-out split, and of each fold model's training rows) and one or
+    items per split (``max_items``: of each held-out fold, and of each fold model's training rows) and one or
     two optimizer steps per model (``max_steps``): the whole path of a long run, in minutes
     (``covidkit pipeline --dry-run``).
     """

@@ -1,16 +1,16 @@
 """Stage 03: K-fold Faster R-CNN opacity detector on SIIM, out-of-fold predictions, OOF AP@0.5.
 
-One model per validation split of 00's folds, started from the NIH backbone of 01. Each model is trained at
+One model per fold of 00, started from the NIH backbone of 01. Each model is trained at
 ``input_size`` with box-aware augmentations, validated each epoch (opacity AP@0.5 at ``infer_size``), and its
 *last* epoch predicts its held-out images: the epoch count is fixed beforehand, so the out-of-fold AP is not
-tuned on the data it reports on. ``fold_groups`` merges the K folds into fewer splits (patients still never
-cross); ``splits`` restricts the run to some of them (the OOF then covers those only).
+tuned on the data it reports on. ``fold_groups`` merges the K folds into fewer folds (patients still never
+cross); ``folds`` restricts the run to some of them (the OOF then covers those only).
 
 Reads ``<run_dir>/prepared/`` (00), 01's ``backbone.pt`` (or ``backbone``), the training labels. Writes
 ``<run_dir>/03_train_siim_fasterrcnn/``: ``fold<k>/`` (the engine's runs: checkpoints, ``metrics.csv``, plots;
 ``detector.pt``, the fold model 07 exports), ``oof.csv`` + ``oof_images.csv`` (the shared OOF format, original
 pixels), ``oof_untrained.csv`` (the untrained baseline), ``summary.json`` (OOF AP@0.5 beside its baselines: the
-untrained detector's and the prior-box detector's, ``covidkit.baselines.prior_box_oof``, on the same splits).
+untrained detector's and the prior-box detector's, ``covidkit.baselines.prior_box_oof``, on the same folds).
 Multi-GPU: ``torchrun --nproc_per_node 4 -m covidkit.stages.siim_fasterrcnn --profile full``.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from covidkit.engine import (
     TrainConfig, collate_lists, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device,
 )
 from covidkit.engine.distributed import all_gather_object, barrier, device_for, dist_info
-from covidkit.engine.kfold import fold_table, run_folds
+from covidkit.engine.kfold import MODEL_FOLD, fold_table, run_folds
 from covidkit.engine.optim import optimizer_fn
 from covidkit.models.backbones import backbone_file, load_backbone
 from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, predict_boxes, save_detector
@@ -60,7 +60,7 @@ UPSTREAM = ['00_prepare_data', '01_pretrain_nih_resnext']
 
 @dataclass
 class Config(StageConfig):
-    RENAMED: ClassVar[dict[str, str]] = {"folds": "splits"}  # deprecated setting names (covidkit.stages)
+    RENAMED: ClassVar[dict[str, str]] = {"splits": "folds"}  # deprecated setting names (covidkit.stages)
     seed: int = 42
     backbone: str | None = None  # NIH backbone checkpoint; None: the one 01 saved in the run folder
     input_size: int = 512  # training resolution
@@ -89,7 +89,7 @@ class Config(StageConfig):
     pseudo_labels: str | None = None  # 08's pseudo_labels.csv (a round, docs/pseudo-labels.md); None: none
     pseudo_weight: float = 1.0  # sampling weight: how often a pseudo-labelled image is drawn against a labelled one
     fold_groups: int | None = None  # None: one model per fold of folds.csv
-    splits: list[int] | None = None  # splits to train; None: every split
+    folds: list[int] | None = None  # folds to train (see fold_groups); None: every fold
     eval_every: int = 1  # validation AP every this many epochs (and at the last, which predicts the OOF images)
     eval_batch_size: int = 8
     workers: int = 4  # DataLoader workers
@@ -114,18 +114,18 @@ class Config(StageConfig):
 
 @dataclass
 class Result:
-    oof: OofPredictions  # last-epoch predictions of every split's model on its held-out images
+    oof: OofPredictions  # last-epoch predictions of every fold's model on its held-out images
     untrained_oof: OofPredictions  # the same images, predicted by the detector before training
     oof_ap: float
     untrained_ap: float
-    prior_box_ap: float  # the prior-box detector (mean training box per lung zone), same images and splits
-    fold_ap: pd.DataFrame  # per split: trained and untrained AP
-    metrics: pd.DataFrame  # per split and epoch (the engine's metrics.csv rows)
+    prior_box_ap: float  # the prior-box detector (mean training box per lung zone), same images and folds
+    fold_ap: pd.DataFrame  # per fold: trained and untrained AP
+    metrics: pd.DataFrame  # per fold and epoch (the engine's metrics.csv rows)
     out_dir: Path
 
 
 def training_table(cfg: Config) -> pd.DataFrame:
-    """00's prepared train table with its validation ``split`` column (a dry run's few rows per split)."""
+    """00's prepared train table with its ``model_fold`` column (a dry run's few rows per fold)."""
     return fold_table(cfg.layout.prepare.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
                       cfg.max_items)
 
@@ -158,7 +158,7 @@ def predict_oof(model: nn.Module, table: pd.DataFrame, prepared_size: int, size:
 
 
 def make_evaluate(val_table: pd.DataFrame, cfg: Config, prepared_size: int):
-    """The engine's per-epoch ``evaluate``: opacity AP@0.5 of the held-out split, and its predictions (the last
+    """The engine's per-epoch ``evaluate``: opacity AP@0.5 of the held-out fold, and its predictions (the last
     evaluated epoch's are the OOF: ``FitResult.outputs``)."""
     truth = truth_boxes(val_table)
 
@@ -172,12 +172,12 @@ def build_model(cfg: Config) -> nn.Module:
     return build_fasterrcnn(backbone_checkpoint=cfg.backbone_checkpoint, spec=cfg.detector_spec())
 
 
-def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, cfg: Config,
+def train_fold(fold: int, train_table: pd.DataFrame, val_table: pd.DataFrame, cfg: Config,
                prepared_size: int) -> tuple[OofPredictions, pd.DataFrame]:
     """The K-fold driver's ``train_fold``: train on ``train_table``; returns the last epoch's predictions on
-    ``val_table`` (split ``split``) and the metrics.
+    ``val_table`` (fold ``fold``) and the metrics.
 
-    The split's fold model goes to ``fold<k>/detector.pt`` (weights and what rebuilds the network). A round's
+    The fold's model goes to ``fold<k>/detector.pt`` (weights and what rebuilds the network). A round's
     pseudo-labelled images (``pseudo_labels``) join ``train_table``, never ``val_table``.
     """
     train_table = add_pseudo_rows(train_table, stage_rows(cfg, sampling=True))
@@ -185,10 +185,11 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, c
     seed_everything(cfg.seed)
     model = build_model(cfg)
     train_cfg = TrainConfig(
-        run_dir=str(cfg.layout.siim_fasterrcnn.fold(split)), epochs=cfg.epochs, batch_size=cfg.batch_size,
+        run_dir=str(cfg.layout.siim_fasterrcnn.fold(fold)), epochs=cfg.epochs, batch_size=cfg.batch_size,
         seed=cfg.seed, num_workers=cfg.workers, amp=cfg.amp, clip_grad_norm=cfg.clip_grad_norm, max_steps=cfg.max_steps,
         eval_every=cfg.eval_every, monitor="val_ap50", monitor_mode="max", progress=cfg.progress,
-        hparams={**asdict(cfg), "split": split},
+        # "split": the key a run's checkpoints were fingerprinted with (resume); renaming it would restart them
+        hparams={**asdict(cfg), "split": fold},
     )
     result = fit(
         model, train_set, detection_step, optimizer_fn(cfg, nesterov=False), train_cfg,
@@ -203,8 +204,8 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, c
                           cfg.workers, cfg.progress)
     if dist_info().is_main:
         save_detector(model, load_backbone(cfg.backbone_checkpoint)[0], cfg.detector_spec(), cfg.infer_size,
-                      cfg.layout.siim_fasterrcnn.model(split))
-    return oof, pd.DataFrame(result.history).assign(split=split)
+                      cfg.layout.siim_fasterrcnn.model(fold))
+    return oof, pd.DataFrame(result.history).assign(fold=fold)
 
 
 def untrained_oof(table: pd.DataFrame, cfg: Config, prepared_size: int) -> OofPredictions:
@@ -216,28 +217,28 @@ def untrained_oof(table: pd.DataFrame, cfg: Config, prepared_size: int) -> OofPr
                        cfg.workers, cfg.progress)
 
 
-def split_aps(oof: OofPredictions, baseline: OofPredictions, table: pd.DataFrame) -> pd.DataFrame:
-    """Trained and untrained AP of each validation split (``nan`` where a split has no box)."""
+def fold_aps(oof: OofPredictions, baseline: OofPredictions, table: pd.DataFrame) -> pd.DataFrame:
+    """Trained and untrained AP of each model fold (``nan`` where a fold has no box)."""
     truth = truth_boxes(table)
     rows = []
-    for split, ids in table.groupby("split")["image_id"]:
+    for fold, ids in table.groupby(MODEL_FOLD)["image_id"]:
         if not oof.images["image_id"].isin(ids).any():
             continue
-        rows.append({"split": split, "images": len(ids),
+        rows.append({"fold": fold, "images": len(ids),
                      "boxes": int(sum(len(truth[i]) for i in ids)),
                      "ap50": opacity_ap(restrict(oof, ids), truth),
                      "untrained_ap50": opacity_ap(restrict(baseline, ids), truth)})
-    return pd.DataFrame(rows).set_index("split")
+    return pd.DataFrame(rows).set_index("fold")
 
 
 def run(cfg: Config) -> Result:
-    """Train every split's model, write ``oof.csv`` and ``oof_untrained.csv`` (+ ``_images``), report the APs."""
+    """Train every fold's model, write ``oof.csv`` and ``oof_untrained.csv`` (+ ``_images``), report the APs."""
     write_settings(cfg)
     info = init_distributed()
     out = cfg.layout.siim_fasterrcnn
     table = training_table(cfg)
     prepared_size = cfg.layout.prepare.size
-    folds = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=prepared_size), cfg.splits,
+    folds = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=prepared_size), cfg.folds,
                       cfg.max_items)
     oof = OofPredictions.concat([oof for oof, _ in folds])
     evaluated = table[table["image_id"].isin(oof.images["image_id"])]
@@ -245,14 +246,14 @@ def run(cfg: Config) -> Result:
     truth = truth_boxes(evaluated)
     result = Result(
         oof=oof, untrained_oof=baseline, oof_ap=opacity_ap(oof, truth), untrained_ap=opacity_ap(baseline, truth),
-        prior_box_ap=opacity_ap(prior_box_oof(table, "split", image_ids=oof.images["image_id"]), truth),
-        fold_ap=split_aps(oof, baseline, evaluated), metrics=pd.concat([history for _, history in folds], ignore_index=True), out_dir=out.dir,
+        prior_box_ap=opacity_ap(prior_box_oof(table, MODEL_FOLD, image_ids=oof.images["image_id"]), truth),
+        fold_ap=fold_aps(oof, baseline, evaluated), metrics=pd.concat([history for _, history in folds], ignore_index=True), out_dir=out.dir,
     )
     if info.is_main:
         write_oof(out.oof, oof)
         write_oof(out.untrained_oof, baseline)
         aps = {"oof_ap50": result.oof_ap, "untrained_ap50": result.untrained_ap, "prior_box_ap50": result.prior_box_ap}
-        summary = {k: None if math.isnan(v) else v for k, v in aps.items()}  # JSON has no NaN (a split without box)
+        summary = {k: None if math.isnan(v) else v for k, v in aps.items()}  # JSON has no NaN (a fold without box)
         out.summary.write_text(json.dumps({**summary, "images": len(oof.images)}, indent=2))
     barrier()
     return result

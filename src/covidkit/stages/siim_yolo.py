@@ -1,11 +1,11 @@
-"""Stage 04: YOLO fine-tuned on SIIM, one model per validation split, out-of-fold boxes.
+"""Stage 04: YOLO fine-tuned on SIIM, one model per fold, out-of-fold boxes.
 
 Reads ``<run_dir>/prepared/`` (00), ``<input_dir>/siim-covid19-detection/train_image_level.csv`` and 02's
 weights. Writes ``<run_dir>/04_train_siim_yolo/``: ``data/`` (links to the PNGs, labels, one data YAML per
-split), ``fold<k>/`` (one ultralytics run per split), ``oof.csv`` + ``oof_images.csv`` (the shared OOF
+fold), ``fold<k>/`` (one ultralytics run per fold), ``oof.csv`` + ``oof_images.csv`` (the shared OOF
 format of ``covidkit.oof``, original pixels), ``oof_untrained.csv`` (the untrained baseline), ``summary.json``
-(per-fold and OOF AP@0.5, untrained AP, ``prior_box_ap50``: the prior-box detector's on the same splits). Each
-split's model predicts its held-out images with the weights ultralytics keeps: with ``val: false`` in ``hyp``
+(per-fold and OOF AP@0.5, untrained AP, ``prior_box_ap50``: the prior-box detector's on the same folds). Each
+fold's model predicts its held-out images with the weights ultralytics keeps: with ``val: false`` in ``hyp``
 (both profiles) that is the last epoch, not a checkpoint picked on the images it is scored on.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from covidkit.baselines import prior_box_oof
 from covidkit.data import yolo_format
 from covidkit.images import read_grey
 from covidkit.data.siim import COMPETITION
-from covidkit.engine.kfold import fold_table, run_folds, splits_to_run
+from covidkit.engine.kfold import MODEL_FOLD, fold_table, folds_to_run, run_folds
 from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo
 from covidkit.models.yolo import PREDICT_CONF, load_model, predict_boxes, setup_ultralytics
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, per_fold_ap, write_oof
@@ -42,7 +42,7 @@ UPSTREAM = ['00_prepare_data', '02_pretrain_rsna_yolo']
 
 @dataclass
 class Config(StageConfig):
-    RENAMED: ClassVar[dict[str, str]] = {"folds": "splits"}  # deprecated setting names (covidkit.stages)
+    RENAMED: ClassVar[dict[str, str]] = {"splits": "folds"}  # deprecated setting names (covidkit.stages)
     seed: int = 42
     model: str | None = None  # None: the weights of 02; or another .pt file, or a model YAML
     baseline_model: str | None = "yolo11l.yaml"  # untrained model YAML to compare with; None: skip
@@ -51,8 +51,8 @@ class Config(StageConfig):
     batch_size: int = 16  # total over all GPUs
     device: str | None = None  # None: every visible GPU, else the CPU; or "cpu", "0", "0,1,2,3"
     workers: int = 8
-    fold_groups: int | None = None  # merge the folds of 00 into this many splits (as 03); None: one per fold
-    splits: list[int] | None = None  # splits to train; None: all (OOF over every training image)
+    fold_groups: int | None = None  # merge the folds of 00 into this many folds (as 03); None: 00's folds
+    folds: list[int] | None = None  # folds to train (see fold_groups); None: all (OOF over every training image)
     conf: float = PREDICT_CONF  # lowest score kept in the OOF predictions (the AP needs the low ones)
     pseudo_labels: str | None = None  # 08's pseudo_labels.csv (a round, docs/pseudo-labels.md); None: none
     pseudo_weight: float = 1.0  # sampling weight: how often a pseudo-labelled image is drawn against a labelled one
@@ -71,7 +71,7 @@ class Result:
     fold_ap: pd.Series
     ap: float
     baseline_ap: float | None
-    prior_box_ap: float  # the prior-box detector (mean training box per lung zone), same images and splits
+    prior_box_ap: float  # the prior-box detector (mean training box per lung zone), same images and folds
     out_dir: Path
 
 
@@ -100,38 +100,38 @@ def run(cfg: Config) -> Result:
     table = fold_table(cfg.layout.prepare.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
                        cfg.max_items)
     prepared_size = cfg.layout.prepare.size
-    splits = splits_to_run(table, cfg.splits)
+    folds = folds_to_run(table, cfg.folds)
     data_root = yolo_format.write_siim_dataset(table, out.data)
-    pseudo = stage_rows(cfg, sampling=True)  # a round's pseudo-labelled images: in every split's training list only
+    pseudo = stage_rows(cfg, sampling=True)  # a round's pseudo-labelled images: in every fold's training list only
     if pseudo is not None:
         yolo_format.write_siim_dataset(pseudo.drop_duplicates("image_id"), data_root)
 
-    def train_fold(split: int, train_rows: pd.DataFrame, held_out: pd.DataFrame):
+    def train_fold(fold: int, train_rows: pd.DataFrame, held_out: pd.DataFrame):
         train_rows = add_pseudo_rows(train_rows, pseudo)
-        data_yaml = yolo_format.write_siim_fold(pd.concat([train_rows, held_out]), data_root, split, column="split")
-        run = train_yolo(cfg.train_config(), data_yaml, out.fold(split), resume=cfg.resume)
+        data_yaml = yolo_format.write_siim_fold(pd.concat([train_rows, held_out]), data_root, fold, column=MODEL_FOLD)
+        run = train_yolo(cfg.train_config(), data_yaml, out.fold(fold), resume=cfg.resume)
         return run, predict_table(load_model(run.weights), held_out, cfg, cfg.conf, prepared_size)
 
-    folds = run_folds(table, train_fold, splits, cfg.max_items)
-    runs = {split: run for split, (run, _) in zip(splits, folds)}
-    pieces = [oof for _, oof in folds]
+    trained = run_folds(table, train_fold, folds, cfg.max_items)
+    runs = {fold: run for fold, (run, _) in zip(folds, trained)}
+    pieces = [oof for _, oof in trained]
     oof = OofPredictions.concat(pieces)
     write_oof(out.oof, oof)
 
     truth = dict(zip(table["image_id"], table["boxes"]))
     baseline_ap = None
     if cfg.baseline_model:
-        untrained = untrained_predictions(table[table["split"].isin(splits)], cfg, prepared_size)
+        untrained = untrained_predictions(table[table[MODEL_FOLD].isin(folds)], cfg, prepared_size)
         write_oof(out.untrained_oof, untrained)
         baseline_ap = opacity_ap(untrained, truth)
     result = Result(runs=runs, oof=oof, fold_ap=per_fold_ap(oof, truth), ap=opacity_ap(oof, truth),
                     baseline_ap=baseline_ap,
-                    prior_box_ap=opacity_ap(prior_box_oof(table, "split", image_ids=oof.images["image_id"]), truth),
+                    prior_box_ap=opacity_ap(prior_box_oof(table, MODEL_FOLD, image_ids=oof.images["image_id"]), truth),
                     out_dir=out.dir)
     summary = {"oof_ap50": _number(result.ap), "untrained_ap50": _number(result.baseline_ap),
                "prior_box_ap50": _number(result.prior_box_ap),
                "fold_ap50": {int(k): _number(v) for k, v in result.fold_ap.items()},
-               "splits": splits, "images": len(oof.images), "model": cfg.train_config().model}
+               "folds": folds, "images": len(oof.images), "model": cfg.train_config().model}
     out.summary.write_text(json.dumps(summary, indent=2))
     return result
 

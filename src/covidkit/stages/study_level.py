@@ -1,9 +1,9 @@
 """Stage 06: the K-fold study-level model, its out-of-fold study mAP, the image ``none`` rule and the stacker.
 
-One model per validation split of 00's folds (``covidkit.models.study``: a U-Net whose encoder is 01's NIH
+One model per fold of 00 (``covidkit.models.study``: a U-Net whose encoder is 01's NIH
 backbone, another backbone file, a ResNet-family architecture from random weights, or the small plain
 encoder). Every training image carries its study's label; the loss is cross-entropy over the four study
-classes plus the opacity heat map on the box masks. Each split's *last* epoch predicts its held-out images,
+classes plus the opacity heat map on the box masks. Each fold's *last* epoch predicts its held-out images,
 with the same flip TTA as 07 (``hflip_tta``). The ``none`` rule 07 applies is chosen on the OOF images and
 scored honestly (``covidkit.study_scores.choose_none_rule``); with ``stack_boxes``, a study stacker
 (``covidkit.stacking``) is fitted on the OOF rows and 05's fused boxes and scored on 00's folds. With 05's boxes,
@@ -36,7 +36,7 @@ from covidkit.data.siim import COMPETITION, STUDY_CLASSES
 from covidkit.data.study import StudyImageDataset
 from covidkit.engine import TrainConfig, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device
 from covidkit.engine.distributed import barrier, dist_info
-from covidkit.engine.kfold import fold_table, run_folds
+from covidkit.engine.kfold import MODEL_FOLD, fold_table, run_folds
 from covidkit.engine.optim import check_optimizer, optimizer_fn
 from covidkit.models.backbones import backbone_file, load_backbone
 from covidkit.models.study import (
@@ -54,7 +54,7 @@ from covidkit.study_scores import (
     AUTO, PROB_COLUMNS, choose_none_rule, none_ap, none_comparison, study_aps, study_probabilities, summarise,
 )
 
-AFTER_TRAINING = ("stack_boxes", "stack_c", "none_rule")  # not training settings: changing them keeps finished splits
+AFTER_TRAINING = ("stack_boxes", "stack_c", "none_rule")  # not training settings: changing them keeps finished folds
 
 
 # What this stage reads (covidkit.records fingerprints them: a change reruns it): dataset folders of
@@ -84,14 +84,14 @@ class Config(StageConfig):
     none_rule: str = AUTO  # "auto" (chosen out of fold), or "head", "negative", "boxes"
     stack_boxes: bool = False  # fit the study stacker on the OOF outputs and 05's boxes; 07 applies it
     stack_c: float = 0.3  # the stacker's inverse L2 strength (README: chosen on dev seeds 46 and 47)
-    fold_groups: int | None = None  # merge the folds of 00 into this many splits; None: one model per fold
+    fold_groups: int | None = None  # merge the folds of 00 into this many folds; None: one model per fold of 00
     pseudo_labels: str | None = None  # 08's pseudo_labels.csv (a round, docs/pseudo-labels.md); None: none
     pseudo_weight: float = 1.0  # loss weight of a pseudo-labelled image (its soft label's cross-entropy, its mask)
     hflip_tta: bool = False  # OOF prediction also on the flipped image (as 07 predicts)
     eval_every: int = 1  # validation metrics every N epochs (and at the last)
     workers: int = 4  # DataLoader workers
     amp: bool = True
-    resume: bool = True  # continue an interrupted run, keep finished splits
+    resume: bool = True  # continue an interrupted run, keep finished folds
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -111,7 +111,7 @@ class Config(StageConfig):
                          prepared_size=prepared_size, dropout=self.dropout, equalize=self.equalize)
 
     def training_hparams(self) -> dict:
-        """The settings a split's checkpoints are resumed against (all but ``AFTER_TRAINING``)."""
+        """The settings a fold's checkpoints are resumed against (all but ``AFTER_TRAINING``)."""
         return {k: v for k, v in asdict(self).items() if k not in AFTER_TRAINING}
 
 
@@ -120,7 +120,7 @@ class Result:
     images: pd.DataFrame  # OOF per image
     studies: pd.DataFrame  # OOF per study
     summary: dict  # summary.json
-    metrics: pd.DataFrame  # per split and epoch (the engine's metrics.csv rows)
+    metrics: pd.DataFrame  # per fold and epoch (the engine's metrics.csv rows)
     models: list[Path]
     out_dir: Path
     stacked: pd.DataFrame | None = None  # the stacker's OOF per study (stack_boxes), as ``studies``
@@ -161,7 +161,7 @@ def predict_table(model: nn.Module, spec: StudySpec, table: pd.DataFrame, device
 
 
 def training_table(cfg: Config) -> pd.DataFrame:
-    """00's prepared train table with the validation ``split`` and ``has_box`` columns."""
+    """00's prepared train table with the ``model_fold`` and ``has_box`` columns."""
     table = fold_table(cfg.layout.prepare.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
                        cfg.max_items)
     table["has_box"] = table["boxes"].map(len) > 0
@@ -169,7 +169,7 @@ def training_table(cfg: Config) -> pd.DataFrame:
 
 
 def make_evaluate(val_table: pd.DataFrame, spec: StudySpec):
-    """The engine's ``evaluate``: study mAP and head ``none`` AP of the held-out split."""
+    """The engine's ``evaluate``: study mAP and head ``none`` AP of the held-out fold."""
     def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
         images = val_table.merge(predict_table(model, spec, val_table, device), on="image_id")
         return {"val_map": study_aps(study_probabilities(images))["mAP"],
@@ -177,20 +177,21 @@ def make_evaluate(val_table: pd.DataFrame, spec: StudySpec):
     return evaluate
 
 
-def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, spec: StudySpec,
+def train_fold(fold: int, train_table: pd.DataFrame, val_table: pd.DataFrame, spec: StudySpec,
                cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
-    """The K-fold driver's ``train_fold``: train on ``train_table``, the last epoch predicts ``val_table`` (split
-    ``split``). Returns (OOF rows, metrics, model file)."""
+    """The K-fold driver's ``train_fold``: train on ``train_table``, the last epoch predicts ``val_table`` (fold
+    ``fold``). Returns (OOF rows, metrics, model file)."""
     if cfg.pseudo_labels:  # a round: its pseudo-labelled images join (never val_table); soft labels, loss weights
         train_table = with_soft_labels(add_pseudo_rows(train_table, stage_rows(cfg, sampling=False)), cfg.pseudo_weight)
     seed_everything(cfg.seed)
     model = build_study_model(spec, cfg.backbone_checkpoint)
     out = cfg.layout.study_level
     train_cfg = TrainConfig(
-        run_dir=str(out.fold(split) / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+        run_dir=str(out.fold(fold) / "train"), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
         num_workers=cfg.workers, amp=cfg.amp, eval_every=min(cfg.eval_every, cfg.epochs), max_steps=cfg.max_steps,
         drop_last=len(train_table) >= 2 * cfg.batch_size,  # no 1-image batch for batch norm, unless data is tiny
-        progress=cfg.progress, hparams={**cfg.training_hparams(), "split": split},
+        # "split": the key a run's checkpoints were fingerprinted with (resume); renaming it would restart them
+        progress=cfg.progress, hparams={**cfg.training_hparams(), "split": fold},
     )
     step = functools.partial(study_step, class_weights=class_weights(train_table["label"], cfg.class_weight_power),
                              none_weight=cfg.none_weight, mask_weight=cfg.mask_weight)
@@ -204,9 +205,9 @@ def train_fold(split: int, train_table: pd.DataFrame, val_table: pd.DataFrame, s
     device = next(model.parameters()).device
     oof = predict_table(model, spec, val_table, device, cfg.hflip_tta, progress=cfg.progress)
     if dist_info().is_main:
-        save_study_model(model, spec, out.model(split), split=split, seed=cfg.seed,
+        save_study_model(model, spec, out.model(fold), model_fold=fold, seed=cfg.seed,
                          folds=sorted(val_table["fold"].unique().tolist()))
-    return oof, pd.DataFrame(result.history).assign(split=split), out.model(split)
+    return oof, pd.DataFrame(result.history).assign(fold=fold), out.model(fold)
 
 
 def fused_boxes(cfg: Config) -> OofPredictions | None:
@@ -283,7 +284,7 @@ def run(cfg: Config) -> Result:
     spec = cfg.spec(cfg.layout.prepare.size)
     pieces, metrics, models = zip(*run_folds(table, functools.partial(train_fold, spec=spec, cfg=cfg),
                                              max_items=cfg.max_items))
-    columns = ["image_id", "study_id", "split", "fold", "label", "has_box"]
+    columns = ["image_id", "study_id", MODEL_FOLD, "fold", "label", "has_box"]
     images = table[columns].merge(pd.concat(pieces, ignore_index=True), on="image_id")
     studies = study_probabilities(images)
     summary = summarise(images, studies)
