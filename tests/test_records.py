@@ -76,21 +76,21 @@ def test_each_stage_declares_what_it_reads():
 
 
 def test_a_renamed_setting_alone_does_not_rerun_a_finished_stage(tmp_path):
-    """A record written under a setting's old name (03's ``splits``, now ``folds`` again) matches the new name: in
-    the notebook's ``overrides`` (what the runner records) and at the top (a notebook that declares it); a record
-    of before ``splits`` (``folds``) is current again."""
+    """A record written under a setting's old name (03's ``splits`` and ``folds``, now ``train_folds``) matches
+    the new name: in the notebook's ``overrides`` (what the runner records) and at the top (a notebook that
+    declares it)."""
     for stage in ("03_train_siim_fasterrcnn", "04_train_siim_yolo"):
         run = tmp_path / stage
         old = {"run_dir": str(run), "profile": None, "overrides": {"splits": [0], "epochs": 3}}
         record, _, inputs = _complete_stage(run, stage, old)
-        new = old | {"overrides": {"folds": [0], "epochs": 3}}
+        new = old | {"overrides": {"train_folds": [0], "epochs": 3}}
         assert records.decide(record, new, inputs, run) == records.Decision(False, "complete")
-        decision = records.decide(record, old | {"overrides": {"folds": [1], "epochs": 3}}, inputs, run)
+        decision = records.decide(record, old | {"overrides": {"train_folds": [1], "epochs": 3}}, inputs, run)
         assert decision.run and decision.reason.startswith("settings changed: overrides")
         record, _, inputs = _complete_stage(run / "flat", stage, {"splits": [0]})
-        assert not records.decide(record, {"folds": [0]}, inputs, run / "flat").run
+        assert not records.decide(record, {"train_folds": [0]}, inputs, run / "flat").run
         record, _, inputs = _complete_stage(run / "older", stage, {"folds": [0]})
-        assert not records.decide(record, {"folds": [0]}, inputs, run / "older").run
+        assert not records.decide(record, {"train_folds": [0]}, inputs, run / "older").run
 
 
 def test_a_stage_declares_what_it_writes_outside_its_folder(tmp_path):

@@ -42,8 +42,8 @@ def test_an_old_name_given_with_set_fills_the_new_field_and_warns():
             warnings.simplefilter("always")
             params = section_parameters("smoke", stage, {"splits": [1]})
         config = stage_module(stage).Config
-        assert params["folds"] == [1] and "splits" not in params and config.from_params(params).folds == [1]
-        assert _deprecations(caught) == [f"{notebook_of(stage)}.splits is deprecated: use folds"]
+        assert params["train_folds"] == [1] and "splits" not in params and config.from_params(params).train_folds == [1]
+        assert _deprecations(caught) == [f"{notebook_of(stage)}.splits is deprecated: use train_folds"]
     # a notebook's own overrides (its parameters cell)
     with pytest.warns(DeprecationWarning, match="11_ct_decovnet.lung_size is deprecated"):
         cfg = stage_module("11").Config.from_namespace({"profile": None, "overrides": {"lung_size": 40}})
@@ -51,8 +51,8 @@ def test_an_old_name_given_with_set_fills_the_new_field_and_warns():
 
 
 def test_old_and_new_name_together_are_an_error_naming_both(old_names_profile):
-    with pytest.raises(ProfileError, match=r"03_train_siim_fasterrcnn sets both splits and folds"):
-        section_parameters(old_names_profile, "03", {"splits": [0], "folds": [1]})
+    with pytest.raises(ProfileError, match=r"03_train_siim_fasterrcnn sets both splits and train_folds"):
+        section_parameters(old_names_profile, "03", {"splits": [0], "train_folds": [1]})
     with pytest.raises(ProfileError, match=r"sets both lung_size and lung_input_size"):
         stage_module("11").Config.from_namespace({"profile": None, "overrides": {"lung_size": 40,
                                                                                  "lung_input_size": 40}})
@@ -63,19 +63,17 @@ def test_old_and_new_name_together_are_an_error_naming_both(old_names_profile):
 
 def test_the_pipeline_passes_the_new_name_to_the_notebook_and_its_record():
     """``covidkit pipeline --set 03.splits=[1]``: accepted, and the notebook (and the stage's record) gets
-    ``folds``; 00's own ``folds`` (how many K folds) is set as it always was (``--set 00.folds=3``: a plain
-    ``--set folds=...`` reaches 03's and 04's ``folds`` too)."""
+    ``train_folds``; 00's own ``folds`` (how many K folds) is set as it always was."""
     from covidkit.pipeline import check_settings, notebook_overrides, notebook_parameters
 
     books = {b.stem[:2]: b for b in notebooks_dir().glob("0[03]_*.ipynb")}
     check_settings(list(books.values()), {"03.splits": [1]})
     profile = load_profile("smoke")
-    with pytest.warns(DeprecationWarning, match="03_train_siim_fasterrcnn.splits is deprecated: use folds"):
+    with pytest.warns(DeprecationWarning, match="03_train_siim_fasterrcnn.splits is deprecated: use train_folds"):
         params = notebook_parameters(books["03"], profile, notebook_overrides(books["03"].stem, {"03.splits": [1]}))
-    assert params["overrides"]["folds"] == [1] and "splits" not in params["overrides"]
+    assert params["overrides"]["train_folds"] == [1] and "splits" not in params["overrides"]
     params = notebook_parameters(books["00"], profile, notebook_overrides(books["00"].stem, {"00.folds": 3}))
     assert params["overrides"]["folds"] == 3  # 00's folds was not renamed
-    assert notebook_overrides(books["00"].stem, {"folds": 3}) == notebook_overrides(books["03"].stem, {"folds": 3})
 
 
 def test_the_old_names_of_the_methods_configs_and_of_the_file_hash_still_work(tmp_path):
@@ -98,20 +96,20 @@ def test_the_old_names_of_the_methods_configs_and_of_the_file_hash_still_work(tm
     assert sha256 is file_sha256 and file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_splits_in_a_03_profile_section_is_folds_with_one_warning(tmp_path, monkeypatch):
-    """03's and 04's ``splits`` (the fold models to train, last week's name) is ``folds`` again."""
+def test_splits_and_folds_in_a_03_profile_section_are_train_folds_with_one_warning(tmp_path, monkeypatch):
+    """03's and 04's fold models to train: ``train_folds``, named ``folds`` and then ``splits`` before."""
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "old.yaml").write_text(
         "00_prepare_data:\n  folds: 5\n03_train_siim_fasterrcnn:\n  fold_groups: 2\n  splits: [1]\n"
-        "04_train_siim_yolo:\n  splits: [0]\n")
+        "04_train_siim_yolo:\n  folds: [0]\n")
     monkeypatch.setenv("COVIDKIT_NOTEBOOKS", str(tmp_path))
-    for stage, folds in (("03", [1]), ("04", [0])):
+    for stage, old, folds in (("03", "splits", [1]), ("04", "folds", [0])):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             params = section_parameters("old", stage)
-        assert _deprecations(caught) == [f"{notebook_of(stage)}.splits is deprecated: use folds"]
-        assert params["folds"] == folds and "splits" not in params
-        assert stage_module(stage).Config.from_params(params).folds == folds
+        assert _deprecations(caught) == [f"{notebook_of(stage)}.{old} is deprecated: use train_folds"]
+        assert params["train_folds"] == folds and old not in params
+        assert stage_module(stage).Config.from_params(params).train_folds == folds
     assert section_parameters("old", "00")["folds"] == 5
 
 
@@ -133,11 +131,23 @@ def test_the_old_names_of_the_fold_functions_still_work():
     assert table["model_fold"].tolist() == [0, 1, 0, 1, 0] and kfold.folds_to_run(table) == [0, 1]
 
 
-def test_a_fold_run_checkpointed_under_splits_resumes_under_folds():
-    """03's engine runs fingerprint every setting (``hparams``): one checkpointed while 03's ``folds`` was named
-    ``splits`` resumes now; the ``split`` key (the fold a run holds out) is unchanged."""
+def test_a_fold_run_checkpointed_under_an_old_name_resumes_under_train_folds():
+    """03's engine runs fingerprint every setting (``hparams``): one checkpointed while 03's ``train_folds`` was
+    named ``splits`` (or ``folds``) resumes now; the ``split`` key (the fold a run holds out) is unchanged."""
     from covidkit.engine.config import config_differences
 
     saved = {"run_dir": "r", "epochs": 2, "hparams": {"lr": 0.01, "splits": None, "split": 1}}
-    assert config_differences(saved, saved | {"hparams": {"lr": 0.01, "folds": None, "split": 1}}) == []
-    assert config_differences(saved, saved | {"hparams": {"lr": 0.01, "folds": None, "split": 0}})
+    assert config_differences(saved, saved | {"hparams": {"lr": 0.01, "train_folds": None, "split": 1}}) == []
+    assert config_differences(saved, saved | {"hparams": {"lr": 0.01, "train_folds": None, "split": 0}})
+
+
+def test_a_number_for_train_folds_is_an_error_that_points_at_00s_folds():
+    """``--set folds=3`` reaches 00's ``folds`` (how many) and, by its old name, 03's ``train_folds`` (which): the
+    stage says so before it trains, instead of failing deep inside."""
+    for stage in ("03", "04"):
+        config = stage_module(stage).Config
+        with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"--set 00\.folds=N"):
+            config.from_params(section_parameters("smoke", stage, {"folds": 3}))
+        with pytest.raises(ValueError, match="list of folds to train"):
+            config(train_folds=[0, "1"])
+        assert config(train_folds=[1, 0]).train_folds == [1, 0] and config().train_folds is None

@@ -11,10 +11,10 @@ SCHEDULER_INTERVALS = ("step", "epoch")
 MONITOR_MODES = ("max", "min")
 # Fields that may change when a run is resumed without changing what it computes.
 RESUMABLE_CHANGES = frozenset({"run_dir", "progress", "plots", "num_workers"})
-# "folds" (03's folds to train; "splits" its name for a while, still in the checkpoints of then) picks which fold
-# models a stage trains, not what one of them trains: a fold's run resumes under either name.
+# "train_folds" (03's folds to train; "folds" and "splits" its earlier names, still in the checkpoints of then) picks
+# which fold models a stage trains, not what one of them trains: a fold's run resumes under any of the names.
 RESUMABLE_HPARAMS = frozenset({"run_dir", "progress", "resume", "workers", "num_workers", "eval_batch_size",
-                               "folds", "splits"})
+                               "train_folds", "folds", "splits"})
 
 
 @dataclass

@@ -49,6 +49,15 @@ def fold_table(table: pd.DataFrame, fold_groups: int | None, max_items: int | No
     return limit_rows(table, max_items)
 
 
+def check_train_folds(train_folds) -> None:
+    """A stage's ``train_folds`` is a list of model folds or None; a number is most likely 00's ``folds`` (how
+    many folds) given to every stage, so the error says so before anything trains."""
+    if train_folds is not None and (isinstance(train_folds, (int, str)) or
+                                    not all(isinstance(f, int) and not isinstance(f, bool) for f in train_folds)):
+        raise ValueError(f"train_folds is the list of folds to train (e.g. [0, 1]) or null for all, got "
+                         f"{train_folds!r}; the number of folds is 00's setting: --set 00.folds=N")
+
+
 def folds_to_run(table: pd.DataFrame, only: Sequence[int] | None = None) -> list[int]:
     """The table's model folds, or those of ``only`` (each must be one of them), in order."""
     folds = sorted(int(f) for f in table[MODEL_FOLD].unique())

@@ -4,7 +4,7 @@ One model per fold of 00, started from the NIH backbone of 01. Each model is tra
 ``input_size`` with box-aware augmentations, validated each epoch (opacity AP@0.5 at ``infer_size``), and its
 *last* epoch predicts its held-out images: the epoch count is fixed beforehand, so the out-of-fold AP is not
 tuned on the data it reports on. ``fold_groups`` merges the K folds into fewer folds (patients still never
-cross); ``folds`` restricts the run to some of them (the OOF then covers those only).
+cross); ``train_folds`` restricts the run to some of them (the OOF then covers those only).
 
 Reads ``<run_dir>/prepared/`` (00), 01's ``backbone.pt`` (or ``backbone``), the training labels. Writes
 ``<run_dir>/03_train_siim_fasterrcnn/``: ``fold<k>/`` (the engine's runs: checkpoints, ``metrics.csv``, plots;
@@ -37,7 +37,7 @@ from covidkit.engine import (
     TrainConfig, collate_lists, cosine_with_floor, fit, init_distributed, load_weights, seed_everything, to_device,
 )
 from covidkit.engine.distributed import all_gather_object, barrier, device_for, dist_info
-from covidkit.engine.kfold import MODEL_FOLD, fold_table, run_folds
+from covidkit.engine.kfold import MODEL_FOLD, check_train_folds, fold_table, run_folds
 from covidkit.engine.optim import optimizer_fn
 from covidkit.models.backbones import backbone_file, load_backbone
 from covidkit.models.fasterrcnn import DetectorSpec, build_fasterrcnn, predict_boxes, save_detector
@@ -60,7 +60,7 @@ UPSTREAM = ['00_prepare_data', '01_pretrain_nih_resnext']
 
 @dataclass
 class Config(StageConfig):
-    RENAMED: ClassVar[dict[str, str]] = {"splits": "folds"}  # deprecated setting names (covidkit.stages)
+    RENAMED: ClassVar[dict[str, str]] = {"folds": "train_folds", "splits": "train_folds"}  # deprecated setting names (covidkit.stages)
     seed: int = 42
     backbone: str | None = None  # NIH backbone checkpoint; None: the one 01 saved in the run folder
     input_size: int = 512  # training resolution
@@ -89,13 +89,16 @@ class Config(StageConfig):
     pseudo_labels: str | None = None  # 08's pseudo_labels.csv (a round, docs/pseudo-labels.md); None: none
     pseudo_weight: float = 1.0  # sampling weight: how often a pseudo-labelled image is drawn against a labelled one
     fold_groups: int | None = None  # None: one model per fold of folds.csv
-    folds: list[int] | None = None  # folds to train (see fold_groups); None: every fold
+    train_folds: list[int] | None = None  # folds to train (see fold_groups); None: every fold
     eval_every: int = 1  # validation AP every this many epochs (and at the last, which predicts the OOF images)
     eval_batch_size: int = 8
     workers: int = 4  # DataLoader workers
     amp: bool = True
     resume: bool = True
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_train_folds(self.train_folds)
 
     def augmentations(self) -> DetectionAugment:
         return DetectionAugment(**self.augment)
@@ -238,7 +241,7 @@ def run(cfg: Config) -> Result:
     out = cfg.layout.siim_fasterrcnn
     table = training_table(cfg)
     prepared_size = cfg.layout.prepare.size
-    folds = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=prepared_size), cfg.folds,
+    folds = run_folds(table, functools.partial(train_fold, cfg=cfg, prepared_size=prepared_size), cfg.train_folds,
                       cfg.max_items)
     oof = OofPredictions.concat([oof for oof, _ in folds])
     evaluated = table[table["image_id"].isin(oof.images["image_id"])]

@@ -22,7 +22,7 @@ from covidkit.baselines import prior_box_oof
 from covidkit.data import yolo_format
 from covidkit.images import read_grey
 from covidkit.data.siim import COMPETITION
-from covidkit.engine.kfold import MODEL_FOLD, fold_table, folds_to_run, run_folds
+from covidkit.engine.kfold import MODEL_FOLD, check_train_folds, fold_table, folds_to_run, run_folds
 from covidkit.engine.yolo import YoloRun, YoloTrainConfig, train_yolo
 from covidkit.models.yolo import PREDICT_CONF, load_model, predict_boxes, setup_ultralytics
 from covidkit.oof import OofPredictions, from_prepared, opacity_ap, per_fold_ap, write_oof
@@ -42,7 +42,7 @@ UPSTREAM = ['00_prepare_data', '02_pretrain_rsna_yolo']
 
 @dataclass
 class Config(StageConfig):
-    RENAMED: ClassVar[dict[str, str]] = {"splits": "folds"}  # deprecated setting names (covidkit.stages)
+    RENAMED: ClassVar[dict[str, str]] = {"folds": "train_folds", "splits": "train_folds"}  # deprecated setting names (covidkit.stages)
     seed: int = 42
     model: str | None = None  # None: the weights of 02; or another .pt file, or a model YAML
     baseline_model: str | None = "yolo11l.yaml"  # untrained model YAML to compare with; None: skip
@@ -52,13 +52,16 @@ class Config(StageConfig):
     device: str | None = None  # None: every visible GPU, else the CPU; or "cpu", "0", "0,1,2,3"
     workers: int = 8
     fold_groups: int | None = None  # merge the folds of 00 into this many folds (as 03); None: 00's folds
-    folds: list[int] | None = None  # folds to train (see fold_groups); None: all (OOF over every training image)
+    train_folds: list[int] | None = None  # folds to train (see fold_groups); None: all (OOF over every training image)
     conf: float = PREDICT_CONF  # lowest score kept in the OOF predictions (the AP needs the low ones)
     pseudo_labels: str | None = None  # 08's pseudo_labels.csv (a round, docs/pseudo-labels.md); None: none
     pseudo_weight: float = 1.0  # sampling weight: how often a pseudo-labelled image is drawn against a labelled one
     save_period: int = -1
     resume: bool = True
     hyp: dict = field(default_factory=dict)  # any other ultralytics training argument
+
+    def __post_init__(self) -> None:
+        check_train_folds(self.train_folds)
 
     def train_config(self) -> YoloTrainConfig:
         return YoloTrainConfig.from_stage(self, self.model or str(self.layout.rsna_yolo.weights))
@@ -100,7 +103,7 @@ def run(cfg: Config) -> Result:
     table = fold_table(cfg.layout.prepare.train_table(Path(cfg.input_dir) / COMPETITION), cfg.fold_groups,
                        cfg.max_items)
     prepared_size = cfg.layout.prepare.size
-    folds = folds_to_run(table, cfg.folds)
+    folds = folds_to_run(table, cfg.train_folds)
     data_root = yolo_format.write_siim_dataset(table, out.data)
     pseudo = stage_rows(cfg, sampling=True)  # a round's pseudo-labelled images: in every fold's training list only
     if pseudo is not None:
