@@ -1,6 +1,6 @@
 """Stage 06: the K-fold study-level model, its out-of-fold study mAP, the image ``none`` rule and the stacker.
 
-One model per fold of 00 (``covidkit.models.study``: a U-Net whose encoder is 01's NIH
+One model per fold (00's folds, merged by ``fold_groups``; ``covidkit.models.study``: a U-Net whose encoder is 01's NIH
 backbone, another backbone file, a ResNet-family architecture from random weights, or the small plain
 encoder). Every training image carries its study's label; the loss is cross-entropy over the four study
 classes plus the opacity heat map on the box masks. Each fold's *last* epoch predicts its held-out images,
