@@ -74,6 +74,10 @@ def test_the_pipeline_passes_the_new_name_to_the_notebook_and_its_record():
     assert params["overrides"]["train_folds"] == [1] and "splits" not in params["overrides"]
     params = notebook_parameters(books["00"], profile, notebook_overrides(books["00"].stem, {"00.folds": 3}))
     assert params["overrides"]["folds"] == 3  # 00's folds was not renamed
+    # a plain --set folds=N is 00's (its current name), not 03's old name of train_folds; splits is no stage's now
+    assert notebook_overrides(books["00"].stem, {"folds": 3}) == {"folds": 3}
+    assert notebook_overrides(books["03"].stem, {"folds": 3}) == {}
+    assert notebook_overrides(books["03"].stem, {"splits": [1]}) == {"splits": [1]}
 
 
 def test_the_old_names_of_the_methods_configs_and_of_the_file_hash_still_work(tmp_path):

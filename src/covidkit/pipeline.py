@@ -160,10 +160,19 @@ def notebook_overrides(notebook: str, settings: dict) -> dict:
     for key, value in settings.items():
         scope, dot, name = key.rpartition(".")
         if not dot:
-            out[key] = value
+            if not _old_name_of_another_setting(notebook, key):
+                out[key] = value
         elif notebook_of(scope) == notebook:
             out[name] = value
     return out
+
+
+def _old_name_of_another_setting(notebook: str, key: str) -> bool:
+    """A plain ``--set key`` that is only a deprecated name in ``notebook`` but a current setting of another stage
+    (``folds``: 00's number of folds, 03's and 04's old name of ``train_folds``) goes to the current one only."""
+    if notebook not in STAGES or key not in getattr(stage_module(notebook).Config, "RENAMED", {}):
+        return False
+    return any(key in field_names(stage_module(other).Config) for other in STAGES if other != notebook)
 
 
 def setting_names(notebook: str) -> set[str]:
