@@ -209,3 +209,43 @@ def test_a_run_is_finished_when_every_stage_that_reports_a_figure_ran(tmp_path):
         layout.stage_record.write_text(json.dumps([{"stage": b.stem, "seconds": 1.0, "peak_rss_mib": None}
                                                    for b in list_notebooks() if b.stem != absent]))
         assert run_finished(tmp_path, dry_run=False) is finished
+
+
+def test_only_runs_the_named_notebooks_on_every_seed_and_tables_their_figures(tmp_path):
+    """``--only 11``: the pipeline gets ``--only 11`` and no submission settings (07 does not run, and a ``--set``
+    for a notebook that does not run is an error); the run is finished with 11 alone and the table holds 11's
+    figures; the same seed asked for the whole pipeline later is run again, not taken for finished."""
+    from covidkit.bench.seeds import run_finished
+
+    calls = []
+
+    def step(cmd, log, echo):
+        calls.append(cmd)
+        args = cmd[cmd.index("covidkit.cli") + 1:]
+        if args[0] == "synth":
+            Path(args[args.index("--out") + 1]).mkdir(parents=True)
+            return 0, 2.0
+        run_dir = Path(args[args.index("--run-dir") + 1])
+        notebooks = list_notebooks(args[args.index("--only") + 1:] if "--only" in args else None)
+        check_settings(notebooks, dict(a.split("=", 1) for i, a in enumerate(args) if i and args[i - 1] == "--set"))
+        layout = RunLayout(run_dir)
+        layout.ct_decovnet.dir.mkdir(parents=True)
+        layout.ct_decovnet.metrics.write_text(json.dumps({"roc_auc": 0.81, "hist_auc": 0.62, "n": 42}))
+        pd.DataFrame({"prob": [0.1, 0.6, 0.4, 0.9]}).to_csv(layout.ct_decovnet.predictions, index=False)
+        layout.stage_record.write_text(json.dumps([{"stage": b.stem, "seconds": 1.0, "peak_rss_mib": None}
+                                                   for b in notebooks]))
+        return 0, 30.0
+
+    cfg = SeedsConfig(seeds=[4, 5], out=tmp_path / "out", speed_script=None, only=["11"])
+    md = run_seeds(cfg, step=step, say=lambda line: None).read_text()
+    pipelines = [c for c in calls if "pipeline" in c]
+    assert len(pipelines) == 2 and all(c[-2:] == ["--only", "11"] and "--set" not in c for c in pipelines)
+    figures = pd.read_csv(tmp_path / "out" / "seeds.csv")
+    assert set(figures["stage"]) == {"11_ct_decovnet"} and sorted(figures["seed"]) == [4, 5]
+    assert figures["value"].tolist() == [0.81, 0.81] and set(figures["verdict"].str.split().str[0]) == {"learned"}
+    assert "Only notebooks 11 ran" in md and SeedFolder(cfg.out, 4).read().only == ["11"]
+    assert run_finished(SeedFolder(cfg.out, 4).run, False, ["11"]) and not run_finished(SeedFolder(cfg.out, 4).run, False)
+    calls.clear()
+    run_seeds(SeedsConfig(seeds=[4], out=tmp_path / "out", speed_script=None, only=["10", "11"]), step=step,
+              say=lambda line: None)
+    assert [c for c in calls if "pipeline" in c][0][-3:] == ["--only", "10", "11"]  # asked for more: run again

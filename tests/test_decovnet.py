@@ -9,7 +9,7 @@ import torch
 from covidkit.ct.decovnet import volumes as V
 from covidkit.ct.decovnet.model import DeCoVNet, scaled_pools
 from covidkit.ct.decovnet.method import (AugmentConfig, augment_volume, classification_metrics, classifier_arrays,
-                                        lung_box)
+                                        lung_box, to_input)
 from covidkit.ct.decovnet.localize import (LocalizationConfig, class_activation_map, hit_rate, hu_to_level, is_hit,
                                            localize, localize_lesion)
 from covidkit.ct.decovnet.lungmask import LungUNet, choose_lung_mask, dice, predict_lung_mask, unsupervised_lung_mask
@@ -179,6 +179,21 @@ def test_classifier_input_is_cropped_to_the_lungs_and_resized():
     per_slice = arrays["lungs"].any(axis=(1, 2))
     assert per_slice[1:-1].all() and not per_slice[0] and not per_slice[-1]  # one slice of margin in z
     assert arrays["lungs"][4, 8, 12] and not arrays["lungs"][4, 0, 0]  # a few pixels of margin in-plane
+
+
+def test_the_input_window_maps_hu_to_0_1_inside_the_lungs_and_clips():
+    """Aerated lung (-850 HU) and the masked-out body read 0, ground glass (-500) about half, consolidation and
+    vessels (above -200) 1; without a window, the 8-bit image over 255."""
+    hu = np.array([[[-850.0, -500.0, -200.0, 40.0]]])
+    arrays = {"image": V.window(hu), "lungs": np.array([[[1, 1, 1, 0]]], np.uint8)}
+    image, lungs = to_input(arrays, input_window=(-800.0, -200.0))
+    np.testing.assert_allclose(image[0, 0].numpy(), [0.0, 0.5, 1.0, 0.0], atol=0.02)
+    assert lungs[0, 0].tolist() == [1, 1, 1, 0]
+    paper = to_input(arrays)[0, 0, 0].numpy()
+    np.testing.assert_allclose(paper, arrays["image"][0, 0] * np.array([1, 1, 1, 0]) / 255.0, atol=1e-6)
+    assert to_input(arrays, mask_outside_lungs=False, input_window=(-800.0, -200.0))[0, 0, 0, 3] == 1.0
+    with pytest.raises(ValueError, match="must rise"):
+        to_input(arrays, input_window=(-200.0, -800.0))
 
 
 def test_augmentation_moves_both_channels_together_and_keeps_the_image_range():

@@ -116,7 +116,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         else:
             cfg = SeedsConfig(seeds=args.seeds, out=Path(args.out), profile=args.profile, fresh_tests=args.fresh_tests,
                               speed_script=Path(args.speed_script or DEFAULT_SPEED_SCRIPT),
-                              dry_run=args.dry_run, synth_args=shlex.split(args.synth_args))
+                              dry_run=args.dry_run, synth_args=shlex.split(args.synth_args), only=args.only)
             path = run_seeds(cfg)
             print(path.read_text())
         if args.readme:
@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the repository root; missing: no workload units, a warning)")
     b.add_argument("--synth-args", default="", help='more options of covidkit synth, e.g. "--train-studies 40"')
     b.add_argument("--dry-run", action="store_true", help="covidkit pipeline --dry-run: the whole path in minutes")
+    b.add_argument("--only", nargs="+", default=None,
+                   help="only these notebooks (covidkit pipeline --only, e.g. 11): one method over the seeds")
     b.add_argument("--table-only", action="store_true",
                    help="only rebuild the tables from the run folders in --out (all seed<S>/ without --seeds)")
     b.add_argument("--readme", default=None,

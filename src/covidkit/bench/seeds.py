@@ -50,6 +50,7 @@ class SeedsConfig:
     speed_script: Path | None = DEFAULT_SPEED_SCRIPT
     dry_run: bool = False  # covidkit pipeline --dry-run: the whole path in minutes, figures meaningless
     synth_args: list[str] = field(default_factory=list)  # more options of covidkit synth (sizes)
+    only: list[str] | None = None  # covidkit pipeline --only: these notebooks (prefixes, e.g. ["11"]); None: all
 
 
 @dataclass
@@ -64,6 +65,7 @@ class SeedRun:
     pipeline_s: float | None = None
     dry_run: bool = False
     error: str | None = None
+    only: list[str] | None = None  # the notebooks run (covidkit pipeline --only); None: all
 
     @property
     def total_s(self) -> float | None:
@@ -117,15 +119,18 @@ def reporting_stages() -> set[str]:
     return {notebook for notebook in STAGES if hasattr(stage_module(notebook), "learning_checks")}
 
 
-def run_finished(run_dir: Path, dry_run: bool) -> bool:
-    """The run folder's stage record lists every stage that reports a figure: the pipeline went through them (a
-    stage added later that reports none, such as 08, does not unfinish an earlier run)."""
+def run_finished(run_dir: Path, dry_run: bool, only: list[str] | None = None) -> bool:
+    """The run folder's stage record lists every stage that reports a figure (of the notebooks ``only`` names, as
+    ``covidkit pipeline --only``): the pipeline went through them (a stage added later that reports none, such as
+    08, does not unfinish an earlier run)."""
+    from covidkit.pipeline import list_notebooks
+
     layout = RunLayout(run_dir)
     record = layout.dry_run_record if dry_run else layout.stage_record
     if not record.is_file() or (not dry_run and layout.is_dry_run):
         return False
     ran = {row["stage"] for row in json.loads(record.read_text())}
-    return reporting_stages() <= ran
+    return reporting_stages() & {b.stem for b in list_notebooks(only)} <= ran
 
 
 def covidkit_command(*args: str) -> list[str]:
@@ -175,8 +180,11 @@ def run_seed(cfg: SeedsConfig, seed: int, say: Callable[[str], None], step: Step
     folder = SeedFolder(cfg.out, seed)
     for path in (folder.input, folder.run):  # an unfinished attempt: start clean
         shutil.rmtree(path, ignore_errors=True)
-    run = SeedRun(seed, fresh_test_seeds=draw_fresh_test_seeds(cfg.fresh_tests, avoid=cfg.seeds),
-                  dry_run=cfg.dry_run)
+    from covidkit.pipeline import list_notebooks
+
+    submits = SUBMISSION_STAGE in {b.stem for b in list_notebooks(cfg.only)}
+    run = SeedRun(seed, fresh_test_seeds=draw_fresh_test_seeds(cfg.fresh_tests, avoid=cfg.seeds) if submits else [],
+                  dry_run=cfg.dry_run, only=cfg.only)
     run.workload_s = machine_speed(cfg.speed_script, folder.log("machine_speed"), lambda m: say(f"warning: {m}"))
     if run.workload_s is not None:
         say(f"machine speed: workload {run.workload_s:.2f} s")
@@ -189,15 +197,18 @@ def run_seed(cfg: SeedsConfig, seed: int, say: Callable[[str], None], step: Step
         return _failed(folder, run, f"synth exit {rc} (see {folder.log('synth')})", say)
     say(f"synth done in {run.synth_s:.0f} s")
 
-    say(f"pipeline --profile {cfg.profile}{' --dry-run' if cfg.dry_run else ''}, fresh test seeds "
+    only = f" --only {' '.join(cfg.only)}" if cfg.only else ""
+    say(f"pipeline --profile {cfg.profile}{' --dry-run' if cfg.dry_run else ''}{only}, fresh test seeds "
         f"{run.fresh_test_seeds} -> {folder.run}")
-    args = ["pipeline", "--profile", cfg.profile, "--input", str(folder.input), "--run-dir", str(folder.run),
-            "--set", f"{SUBMISSION_STAGE}.fresh_test_seeds={json.dumps(run.fresh_test_seeds)}",
-            # not the profile's submissions/submission.csv: each seed's submission stays in its run folder
-            "--set", f"{SUBMISSION_STAGE}.submission={RunLayout(folder.run).submission.dry_run_csv}"]
+    args = ["pipeline", "--profile", cfg.profile, "--input", str(folder.input), "--run-dir", str(folder.run)]
+    if submits:
+        args += ["--set", f"{SUBMISSION_STAGE}.fresh_test_seeds={json.dumps(run.fresh_test_seeds)}",
+                 # not the profile's submissions/submission.csv: each seed's submission stays in its run folder
+                 "--set", f"{SUBMISSION_STAGE}.submission={RunLayout(folder.run).submission.dry_run_csv}"]
+    args += ["--only", *cfg.only] if cfg.only else []
     rc, run.pipeline_s = step(covidkit_command(*args, *(["--dry-run"] if cfg.dry_run else [])),
                               folder.log("pipeline"), lambda line: say(f"  {line}"))
-    if rc != 0 or not run_finished(folder.run, cfg.dry_run):
+    if rc != 0 or not run_finished(folder.run, cfg.dry_run, cfg.only):
         why = f"exit {rc}" if rc != 0 else "not every notebook in the run's stage record"
         return _failed(folder, run, f"pipeline {why} (see {folder.log('pipeline')})", say)
     run.status = "done"
@@ -222,7 +233,8 @@ def run_seeds(cfg: SeedsConfig, step: Step = run_logged, say: Callable[[str], No
         tell = lambda line, i=i, seed=seed: say(f"[seed {seed}, {i}/{len(cfg.seeds)}] {line}")  # noqa: E731
         folder = SeedFolder(cfg.out, seed)
         done = folder.read()
-        if run_finished(folder.run, cfg.dry_run) and (done is None or done.status == "done"):
+        if (run_finished(folder.run, cfg.dry_run, cfg.only) and (done is None or done.status == "done")
+                and (done is None or done.only == cfg.only)):
             tell(f"finished run in {folder.run}: not rerun")
             continue
         try:
@@ -261,7 +273,8 @@ def collect(out: Path, seeds: list[int]) -> tuple[pd.DataFrame, list[SeedRun]]:
     for seed in seeds:
         folder = SeedFolder(out, seed)
         run = folder.read()
-        finished = run_finished(folder.run, dry_run=False) or run_finished(folder.run, dry_run=True)
+        only = run.only if run is not None else None
+        finished = run_finished(folder.run, dry_run=False, only=only) or run_finished(folder.run, dry_run=True, only=only)
         if run is None:
             run = SeedRun(seed, status="done" if finished else "not run",
                           dry_run=finished and RunLayout(folder.run).is_dry_run)
@@ -346,6 +359,10 @@ def _markdown(table: pd.DataFrame, float_format: str = "{:.3f}") -> str:
 def summary_markdown(figures: pd.DataFrame, runs: list[SeedRun]) -> str:
     done = [r for r in runs if r.status == "done"]
     lines = [f"# Results over seeds {', '.join(str(r.seed) for r in runs)}", ""]
+    only = sorted({" ".join(r.only) for r in done if r.only})
+    if only:
+        lines += [f"Only notebooks {', '.join(only)} ran (`covidkit bench seeds --only`); the synth and pipeline "
+                  "times are those of that part.", ""]
     if any(r.dry_run for r in done):
         lines += ["Dry runs (a few items per split, 1-2 steps per model): the figures say nothing about the "
                   "methods.", ""]

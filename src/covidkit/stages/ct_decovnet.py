@@ -54,6 +54,7 @@ class Config(StageConfig):
     weight_decay: float = 0.0  # classifier
     batch_size: int = 8  # volumes per step
     mask_outside_lungs: bool = True  # the image channel is 0 outside the lung mask
+    input_window: list[float] | None = field(default_factory=lambda: [-800.0, -200.0])  # HU to 0-1; None: 8-bit window
     augment: dict | None = field(default_factory=dict)  # AugmentConfig fields to override; None: no augmentation
     test_fraction: float = 0.3  # hold-out when labels.csv has no split column
     workers: int = 0  # DataLoader workers

@@ -91,6 +91,9 @@ class DeCoVNetConfig:
     batch_size: int = 8  # volumes per step; batch norm needs several (the paper: 1)
     weight_decay: float = 0.0
     mask_outside_lungs: bool = True  # the image channel is 0 outside the lung mask (the paper: the whole box)
+    # HU mapped to 0-1 in the image channel, clipped (the paper: its 8-bit window, -1200 to 600; None keeps it).
+    # Narrow, the aerated lung is 0 like the masked-out body, and what is left is the density above it
+    input_window: tuple[float, float] | None = (-800.0, -200.0)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None: no augmentation
     localization: LocalizationConfig = field(default_factory=LocalizationConfig)
     unsupervised: UnsupervisedLungConfig = field(default_factory=UnsupervisedLungConfig)
@@ -160,10 +163,17 @@ def classifier_arrays(image: np.ndarray, lungs: np.ndarray, lesions: np.ndarray 
     return out
 
 
-def to_input(arrays: dict[str, np.ndarray], mask_outside_lungs: bool = True) -> torch.Tensor:
-    """``[2, T, H, W]`` float: the 8-bit image scaled to 0-1 (0 outside the lungs when asked) and the lung
-    mask. Masked, the strongest responses the network max-pools are in the lungs, not at the chest wall."""
+def to_input(arrays: dict[str, np.ndarray], mask_outside_lungs: bool = True,
+             input_window: tuple[float, float] | None = None) -> torch.Tensor:
+    """``[2, T, H, W]`` float: the image in 0-1 (0 outside the lungs when asked) and the lung mask. The image is
+    the 8-bit window (:data:`LUNG_WINDOW`) scaled to 0-1, or ``input_window`` (HU) mapped to 0-1 and clipped.
+    Masked, the strongest responses the network max-pools are in the lungs, not at the chest wall."""
     image = torch.from_numpy(arrays["image"]).float().div(255.0)
+    if input_window is not None:
+        lo, hi = ((v - LUNG_WINDOW[0]) / (LUNG_WINDOW[1] - LUNG_WINDOW[0]) for v in input_window)
+        if not hi > lo:
+            raise ValueError(f"input_window must rise, got {input_window}")
+        image = ((image - lo) / (hi - lo)).clamp(0.0, 1.0)
     lungs = torch.from_numpy(arrays["lungs"]).float()
     return torch.stack([image * lungs if mask_outside_lungs else image, lungs])
 
@@ -200,18 +210,19 @@ class VolumeDataset(Dataset):
     """Classifier inputs saved by :func:`run_decovnet` (``inputs/<case>.npz``) with their labels."""
 
     def __init__(self, files: list[Path], labels: list[int], augment: AugmentConfig | None = None,
-                 mask_outside_lungs: bool = True) -> None:
+                 mask_outside_lungs: bool = True, input_window: tuple[float, float] | None = None) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files for {len(labels)} labels")
         self.files, self.labels, self.augment = list(files), list(labels), augment
-        self.mask_outside_lungs = mask_outside_lungs
+        self.mask_outside_lungs, self.input_window = mask_outside_lungs, input_window
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         with np.load(self.files[i]) as arrays:
-            x = to_input({"image": arrays["image"], "lungs": arrays["lungs"]}, self.mask_outside_lungs)
+            x = to_input({"image": arrays["image"], "lungs": arrays["lungs"]}, self.mask_outside_lungs,
+                         self.input_window)
         if self.augment is not None:
             x = augment_volume(x, self.augment)
         return x, torch.tensor(self.labels[i])
@@ -343,7 +354,7 @@ def predict_volume(model: DeCoVNet, arrays: dict[str, np.ndarray], cfg: DeCoVNet
                    device: torch.device | str | None = None) -> tuple[float, np.ndarray, Localization]:
     """COVID probability, CAM and localized lesion of one classifier input (on the model's device by default)."""
     model.eval()
-    x = to_input(arrays, cfg.mask_outside_lungs)[None].to(device or model_device(model))
+    x = to_input(arrays, cfg.mask_outside_lungs, cfg.input_window)[None].to(device or model_device(model))
     features = model.forward_features(x)  # once, for the probability and the CAM
     prob = float(torch.softmax(model.classifier(features), dim=1)[0, 1])
     cam = class_activation_map(model, x, target=1, features=features)
@@ -377,6 +388,7 @@ def train_decovnet(train: VolumeDataset, held_out: VolumeDataset | None, run_dir
                             hparams={"model": "DeCoVNet", "input_size": list(cfg.input_size), "lr": cfg.lr,
                                      "batch_size": batch_size, "schedule": "cosine_with_floor",
                                      "mask_outside_lungs": cfg.mask_outside_lungs, "weight_decay": cfg.weight_decay,
+                                     "input_window": list(train.input_window) if train.input_window else None,
                                      "augment": asdict(cfg.augment) if cfg.augment else None,
                                      "data": data_digest(train.files, train.labels)})
     seed_everything(cfg.seed)
@@ -496,9 +508,9 @@ def run_decovnet(dataset_dir: Path | str, work_dir: Path | str, cfg: DeCoVNetCon
     lung_model = train_lung_unet([prepared[c.case_id] for c in train], work / "lung_unet", cfg, device)
     inputs = make_classifier_inputs(prepared, lung_model, work / "inputs", cfg, device)
     train_set = VolumeDataset([inputs[c.case_id] for c in train], [c.label for c in train], cfg.augment,
-                              cfg.mask_outside_lungs)
+                              cfg.mask_outside_lungs, cfg.input_window)
     test_set = VolumeDataset([inputs[c.case_id] for c in test], [c.label for c in test],
-                             mask_outside_lungs=cfg.mask_outside_lungs)
+                             mask_outside_lungs=cfg.mask_outside_lungs, input_window=cfg.input_window)
     model = train_decovnet(train_set, test_set, work / "classifier", cfg, device)
     predictions, metrics = evaluate_cases(model, inputs, test, cfg, device)
     metrics["train_cases"] = len(train)
