@@ -9,11 +9,12 @@ folder (see :mod:`covidkit.ct.decovnet.volumes`) it
    segments every volume with it, slice by slice;
 3. crops each volume and its U-Net lung mask to the lung bounding box and resizes the slices to
    ``input_size`` (224 x 336 in the paper), keeping all slices: the classifier's two input channels, the
-   image set to 0 outside the lung mask (``mask_outside_lungs``) and the mask;
+   image mapped to 0-1 over ``input_window`` and set to 0 outside the lung mask (``mask_outside_lungs``),
+   and the mask;
 4. trains DeCoVNet (cross-entropy, Adam with cosine decay, batches of ``batch_size`` volumes padded with
-   empty slices to the longest, classes balanced by sampling; the released code's augmentation: rotation
-   up to 10 degrees, translation up to 10 %, scale 0.8-1.2, shear up to 10 degrees, brightness 0.5-1.5,
-   contrast 0.7-1.3, no flip);
+   empty slices to the longest, classes balanced by sampling; by default the released code's augmentation:
+   rotation up to 10 degrees, translation up to 10 %, scale 0.8-1.2, shear up to 10 degrees, brightness
+   0.5-1.5, contrast 0.7-1.3, no flip; stage 11 uses a milder one, ``covidkit.stages.ct_decovnet.MILD_AUGMENT``);
 5. scores the held-out cases (ROC and precision-recall curves with their AUCs, accuracy, sensitivity,
    specificity at 0.5) and localizes the lesion of each one (:mod:`covidkit.ct.decovnet.localize`), with the
    hit rate where lesion masks exist.
