@@ -274,7 +274,7 @@ def collect(out: Path, seeds: list[int]) -> tuple[pd.DataFrame, list[SeedRun]]:
         folder = SeedFolder(out, seed)
         run = folder.read()
         only = run.only if run is not None else None
-        finished = run_finished(folder.run, dry_run=False, only=only) or run_finished(folder.run, dry_run=True, only=only)
+        finished = any(run_finished(folder.run, dry_run, only) for dry_run in (False, True))
         if run is None:
             run = SeedRun(seed, status="done" if finished else "not run",
                           dry_run=finished and RunLayout(folder.run).is_dry_run)

@@ -60,7 +60,8 @@ UPSTREAM = ['00_prepare_data', '01_pretrain_nih_resnext']
 
 @dataclass
 class Config(StageConfig):
-    RENAMED: ClassVar[dict[str, str]] = {"folds": "train_folds", "splits": "train_folds"}  # deprecated setting names (covidkit.stages)
+    # deprecated setting names (covidkit.stages)
+    RENAMED: ClassVar[dict[str, str]] = {"folds": "train_folds", "splits": "train_folds"}
     seed: int = 42
     backbone: str | None = None  # NIH backbone checkpoint; None: the one 01 saved in the run folder
     input_size: int = 512  # training resolution

@@ -42,7 +42,8 @@ UPSTREAM = ['00_prepare_data', '02_pretrain_rsna_yolo']
 
 @dataclass
 class Config(StageConfig):
-    RENAMED: ClassVar[dict[str, str]] = {"folds": "train_folds", "splits": "train_folds"}  # deprecated setting names (covidkit.stages)
+    # deprecated setting names (covidkit.stages)
+    RENAMED: ClassVar[dict[str, str]] = {"folds": "train_folds", "splits": "train_folds"}
     seed: int = 42
     model: str | None = None  # None: the weights of 02; or another .pt file, or a model YAML
     baseline_model: str | None = "yolo11l.yaml"  # untrained model YAML to compare with; None: skip
